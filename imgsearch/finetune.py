@@ -1,0 +1,827 @@
+"""Contrastive fine-tuning of a feature extractor, early-stopped on validation retrieval.
+
+Methods (``FinetuneConfig.method``):
+
+- ``supcon`` (Khosla et al. 2020), item-aware: batches are P items x K images (PK sampling); the
+  other images of the same item are the positives (:func:`imgsearch.losses.supcon_loss`). An
+  item with fewer than K images is topped up with repeats of its images, which differ by their
+  augmentation. Uses the item labels of the train split, which is what a catalogue of items
+  with several images gives for free.
+- ``simclr`` (Chen et al. 2020): two augmented views per image, NT-Xent; no labels.
+- ``moco`` (MoCo v2): two views, queries from the trained encoder, keys from a momentum copy,
+  negatives from a queue; no labels.
+
+Only the ``train`` split trains. Before training (epoch 0) and after every epoch the backbone
+embeddings - the ones retrieval uses, without the projection head - of the ``val`` split are
+ranked (each val image queries the other val images, relevant = same item; the protocol of
+:mod:`imgsearch.evaluate`) and the epoch's row of the history gets ``val_map_at_r``,
+``val_map``, ``val_recall_at_1`` (top-1 hit rate, the metric-learning "Recall@1"),
+``val_embedding_std`` (mean per-dimension std of the L2-normalised embeddings: 0 when they
+collapse to a point, about ``1/sqrt(D)`` when spread), the same MAP@R through the projection head
+(``val_map_at_r_head``, to show that dropping the head is right), the mean ``loss``, ``lr`` and
+``images_per_s`` (augmented views through the network per second of training). The best epoch by
+``val_map_at_r`` is kept - epoch 0 included, so a fine-tuning that does not help returns the
+extractor unchanged - and training stops after ``patience`` epochs without improvement, or when
+the next epoch would overrun ``max_minutes``.
+
+The projection head is dropped from the returned extractor: on the emoji demo the backbone
+embedding ranks better than the head's output at every epoch (the head is trained to be invariant
+to what the loss ignores, and throws away information retrieval can use; SimCLR's appendix finds
+the same), and a saved extractor then stays a plain backbone that
+:func:`imgsearch.backbones.load_extractor` rebuilds.
+
+Training resolution: ``train_size`` (e.g. 96 px) replaces the extractor's input size; the
+returned extractor's ``spec.preprocess.size`` says so, and extraction then preprocesses at that
+size. Images are read once into memory as uint8 at that size: from ``pre_path`` when the cached
+array was made with exactly that preprocessing (its cache folder is that config's key), else by
+decoding ``path`` (:func:`imgsearch.imageio.open_rgb` + :func:`imgsearch.preprocess.to_uint8`),
+which is what extraction will do. An unreadable image is logged and counted (``n_unreadable``).
+
+Checkpoints: with ``checkpoint_dir`` set, ``last.pt`` is written atomically after each epoch
+(model, projection head, MoCo state, optimizer, scheduler, RNG states, history, best state so far)
+with ``torch.save`` of plain tensors and containers, and read back with
+``torch.load(weights_only=True)``: a checkpoint that needs arbitrary unpickling is refused with
+:class:`CheckpointError`. Calling :func:`finetune` again with the same config, extractor and
+``checkpoint_dir`` resumes after the last finished epoch; a finished run returns its result.
+Resumed training reproduces an uninterrupted run (same data order, augmentations and updates) up
+to floating-point non-determinism of the kernels.
+
+The library never logs to a tracker: ``on_epoch(epoch, row)`` is how a caller records curves.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from imgsearch import imageio, schema
+from imgsearch import metrics as M
+from imgsearch.augment import AugmentConfig, as_augment_config, augment_batch, train_transform
+from imgsearch.backbones import Extractor, fingerprint
+from imgsearch.errors import ConfigError, ImgsearchError
+from imgsearch.evaluate import rank_relevance
+from imgsearch.losses import MoCo, nt_xent_loss, supcon_loss
+from imgsearch.preprocess import PreprocessConfig, load_uint8, to_uint8
+
+log = logging.getLogger(__name__)
+
+METHODS = ("supcon", "simclr", "moco")
+OPTIMIZERS = ("adamw", "sgd")
+CHECKPOINT_FILE = "last.pt"
+CHECKPOINT_FORMAT = 1
+#: Config fields that may change between a run and its resumption.
+_RESUMABLE_FIELDS = ("checkpoint_dir", "max_minutes")
+
+
+class CheckpointError(ImgsearchError):
+    """A fine-tuning checkpoint cannot be used (not plain tensors/containers, or not ours)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """How to fine-tune. See the module docstring for what each method does.
+
+    - ``method``: ``supcon`` | ``simclr`` | ``moco``; ``temperature`` of its loss.
+    - ``epochs``, ``batch_size`` (images per step; for supcon ``batch_size // images_per_item``
+      items of ``images_per_item`` images each), ``lr``, ``weight_decay`` (not on biases and
+      norm weights), ``optimizer`` (``adamw`` | ``sgd`` with momentum 0.9), a linear
+      ``warmup_epochs`` then cosine decay to 0, stepped every batch.
+    - ``head_dims``: the projection head's layer widths, e.g. ``[512, 128]`` = Linear(D, 512),
+      BN, ReLU, Linear(512, 128); ``[]`` puts the loss on the backbone embedding itself.
+    - ``freeze_blocks``: the first k blocks of the backbone (``features[:k]`` of MobileNetV2)
+      stay fixed; ``freeze_bn``: BatchNorm statistics of the backbone stay fixed (small
+      batches make poor statistics; MoCo needs it in place of shuffled BN).
+    - ``train_size``: training and (then) extraction resolution; ``None`` keeps the extractor's.
+    - ``patience``/``min_delta``: early stopping on ``val_map_at_r``; ``val_max_queries``: rank
+      only this many seeded val queries (against all val images) on large val splits.
+    - ``moco_queue_size``/``moco_momentum``: MoCo's queue length and key-encoder momentum.
+    - ``images_per_item``: K of PK sampling (supcon).
+    - ``augment``: :class:`~imgsearch.augment.AugmentConfig` fields overriding the paper preset of
+      ``method`` (``None`` = the preset as published).
+    - ``seed``; ``checkpoint_dir`` (``None`` = no checkpoints); ``max_minutes`` (``None`` = no
+      time budget); ``eval_batch_size``; ``channels_last`` (NHWC convs, faster on CPU).
+    """
+
+    method: str = "supcon"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    warmup_epochs: float = 1.0
+    temperature: float = 0.1
+    head_dims: Sequence[int] = (512, 128)
+    freeze_blocks: int = 0
+    freeze_bn: bool = True
+    train_size: int | None = None
+    patience: int = 5
+    min_delta: float = 0.0
+    val_max_queries: int | None = None
+    moco_queue_size: int = 4096
+    moco_momentum: float = 0.99
+    images_per_item: int = 4
+    augment: dict[str, Any] | None = None
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    max_minutes: float | None = None
+    eval_batch_size: int = 128
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"finetune.method must be one of {METHODS}, got {self.method!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"finetune.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name, low in (("epochs", 1), ("batch_size", 2), ("images_per_item", 1), ("eval_batch_size", 1)):
+            _check_int(self, name, low)
+        for name in ("freeze_blocks", "patience", "seed"):
+            _check_int(self, name, 0)
+        _check_int(self, "moco_queue_size", 1)
+        if self.train_size is not None:
+            _check_int(self, "train_size", 8)
+        if self.val_max_queries is not None:
+            _check_int(self, "val_max_queries", 1)
+        for name in ("lr", "temperature"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"finetune.{name} must be > 0, got {value}")
+            setattr(self, name, value)
+        for name in ("weight_decay", "warmup_epochs", "min_delta"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"finetune.{name} must be >= 0, got {value}")
+            setattr(self, name, value)
+        self.moco_momentum = float(self.moco_momentum)
+        if not 0.0 <= self.moco_momentum < 1.0:
+            raise ConfigError(f"finetune.moco_momentum must be in [0, 1), got {self.moco_momentum}")
+        if self.max_minutes is not None:
+            self.max_minutes = float(self.max_minutes)
+            if not self.max_minutes > 0:
+                raise ConfigError(f"finetune.max_minutes must be > 0 or null, got {self.max_minutes}")
+        self.head_dims = tuple(int(d) for d in self.head_dims)
+        if any(d < 1 for d in self.head_dims):
+            raise ConfigError(f"finetune.head_dims must be positive, got {self.head_dims}")
+        if self.method == "supcon" and self.batch_size // self.images_per_item < 2:
+            raise ConfigError(
+                "finetune: supcon needs at least 2 items per batch "
+                f"(batch_size {self.batch_size} // images_per_item {self.images_per_item} < 2)"
+            )
+        if self.augment is not None and not isinstance(self.augment, dict):
+            raise ConfigError("finetune.augment must be a mapping of AugmentConfig fields or null")
+        self.augment_config()  # validate now, not at the first epoch
+
+    def augment_config(self) -> AugmentConfig:
+        return as_augment_config(self.augment, self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists, not tuples): what a checkpoint stores and compares on resume."""
+        out = dataclasses.asdict(self)
+        out["head_dims"] = list(self.head_dims)
+        out["augment"] = self.augment_config().to_dict()
+        return out
+
+
+def _check_int(cfg: FinetuneConfig, name: str, low: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"finetune.{name} must be an int >= {low}, got {value!r}")
+
+
+@dataclass
+class FinetuneResult:
+    """``extractor``: the best epoch's backbone (eval mode, projection head dropped, spec with the
+    training resolution). ``history``: one row per epoch (0 = before training). ``metrics``: the
+    summary (``best_epoch``, ``best_val_map_at_r``, ``initial_val_map_at_r``, ...)."""
+
+    extractor: Extractor
+    history: pd.DataFrame
+    metrics: dict[str, float]
+    stop_reason: str = ""
+    failures: pd.DataFrame = field(default_factory=schema.empty_quarantine)
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+def load_images(manifest: pd.DataFrame, cfg: PreprocessConfig) -> tuple[torch.Tensor, np.ndarray, pd.DataFrame]:
+    """Read every row as uint8 ``(3, S, S)`` with preprocessing ``cfg``.
+
+    Returns ``(images (N_ok, 3, S, S) uint8, ok mask (N,), failures)`` where failures is a
+    quarantine table (stage ``finetune``) of the unreadable rows. ``pre_path`` is used only when
+    its cache folder is ``cfg``'s cache key (the same preprocessing), else ``path`` is decoded.
+    """
+    size = cfg.size
+    key = cfg.cache_key()
+    out = torch.empty((len(manifest), 3, size, size), dtype=torch.uint8)
+    ok = np.zeros(len(manifest), dtype=bool)
+    failures: list[dict[str, object]] = []
+    pre_paths = manifest[schema.PRE_PATH].tolist() if schema.PRE_PATH in manifest.columns else [None] * len(manifest)
+    paths = manifest[schema.PATH].tolist() if schema.PATH in manifest.columns else [None] * len(manifest)
+    for i, (pre, path) in enumerate(zip(pre_paths, paths, strict=True)):
+        arr: np.ndarray | None = None
+        if isinstance(pre, str) and pre and Path(pre).parent.parent.name == key:
+            try:
+                cached = load_uint8(pre)
+                if cached.dtype == np.uint8 and cached.shape == (size, size, 3):
+                    arr = cached
+            except (OSError, ValueError) as exc:
+                log.debug("pre_path %s unreadable (%s); decoding the image", pre, exc)
+        if arr is None:
+            try:
+                if not isinstance(path, str) or not path:
+                    raise FileNotFoundError("no path in the manifest")
+                arr = to_uint8(imageio.open_rgb(path), cfg)
+            except Exception as exc:  # noqa: BLE001 - one bad file is a failure row, training goes on
+                row = manifest.iloc[i]
+                failures.append(
+                    {
+                        schema.IMAGE_ID: row.get(schema.IMAGE_ID),
+                        schema.ITEM_ID: row.get(schema.ITEM_ID),
+                        schema.URI: row.get(schema.URI),
+                        schema.STAGE: "finetune",
+                        schema.REASON: getattr(exc, "reason", "finetune_read_failed"),
+                        schema.DETAIL: f"{type(exc).__name__}: {exc}",
+                        schema.DETECTED_FORMAT: getattr(exc, "detected_format", None),
+                    }
+                )
+                log.warning("finetune: cannot read %s (%s)", row.get(schema.IMAGE_ID), exc)
+                continue
+        arr = np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()  # torch refuses read-only
+        out[i] = torch.from_numpy(arr).permute(2, 0, 1)
+        ok[i] = True
+    return out[torch.from_numpy(ok)], ok, schema.quarantine_rows(failures)
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+
+def pk_batches(codes: np.ndarray, p: int, k: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch of PK batches: every item once, in random order, P items x K images per batch.
+
+    ``codes`` (N,) are the item codes of the images. An item with >= K images gives K distinct
+    ones at random; one with fewer gives all of them plus random repeats. The last batch is
+    dropped when it has fewer than P items (unless it is the only one).
+    """
+    codes = np.asarray(codes)
+    members = [torch.from_numpy(np.flatnonzero(codes == c)) for c in np.unique(codes)]
+    order = torch.randperm(len(members), generator=generator).tolist()
+    p = min(p, len(members))
+    batches = []
+    for start in range(0, len(order) - p + 1, p):
+        picks = []
+        for item in order[start : start + p]:
+            m = members[item]
+            if len(m) >= k:
+                picks.append(m[torch.randperm(len(m), generator=generator)[:k]])
+            else:
+                extra = m[torch.randint(len(m), (k - len(m),), generator=generator)]
+                picks.append(torch.cat([m, extra]))
+        batches.append(torch.cat(picks))
+    return batches
+
+
+def random_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch of shuffled batches of ``batch_size`` images (the last partial batch dropped)."""
+    perm = torch.randperm(n, generator=generator)
+    size = min(batch_size, n)
+    return [perm[i : i + size] for i in range(0, n - size + 1, size)]
+
+
+# --- model parts ----------------------------------------------------------------------------------
+
+
+def projection_head(dim: int, dims: Sequence[int]) -> nn.Module:
+    """``Linear, BN, ReLU`` for each hidden width, then a ``Linear`` (SimCLR v2 / MoCo v2 style)."""
+    if not dims:
+        return nn.Identity()
+    layers: list[nn.Module] = []
+    width = dim
+    for hidden in dims[:-1]:
+        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        width = hidden
+    layers.append(nn.Linear(width, dims[-1]))
+    return nn.Sequential(*layers)
+
+
+def backbone_blocks(extractor: Extractor) -> list[nn.Module]:
+    """The backbone's blocks from input to output, for ``freeze_blocks``.
+
+    torchvision MobileNetV2 / EfficientNet: ``features[i]``; ResNet: stem, layer1..layer4;
+    efficientnet-pytorch: stem, each of ``_blocks``, head. Raises :class:`ConfigError` otherwise.
+    """
+    body = extractor.body
+    features = getattr(body, "features", None)
+    if isinstance(features, nn.Sequential):
+        return list(features)
+    if all(hasattr(body, n) for n in ("conv1", "bn1", "layer1", "layer4")):
+        stem = nn.ModuleList([body.conv1, body.bn1])
+        return [stem, body.layer1, body.layer2, body.layer3, body.layer4]
+    blocks = getattr(body, "_blocks", None)
+    if isinstance(blocks, nn.ModuleList):
+        stem = nn.ModuleList([m for m in (getattr(body, "_conv_stem", None), getattr(body, "_bn0", None)) if m])
+        head = nn.ModuleList([m for m in (getattr(body, "_conv_head", None), getattr(body, "_bn1", None)) if m])
+        return [stem, *blocks, head]
+    raise ConfigError(f"freeze_blocks: do not know the blocks of backbone {extractor.spec.name!r}")
+
+
+def _freeze(extractor: Extractor, n_blocks: int) -> list[nn.Module]:
+    """Freeze the first ``n_blocks`` blocks; return them (to be kept in eval mode)."""
+    if n_blocks == 0:
+        return []
+    blocks = backbone_blocks(extractor)
+    if n_blocks > len(blocks):
+        raise ConfigError(f"freeze_blocks={n_blocks} but {extractor.spec.name} has {len(blocks)} blocks")
+    for block in blocks[:n_blocks]:
+        block.requires_grad_(False)
+    return blocks[:n_blocks]
+
+
+def _set_train_mode(extractor: Extractor, frozen: Iterable[nn.Module], freeze_bn: bool) -> None:
+    extractor.train()
+    for block in frozen:
+        block.eval()
+    if freeze_bn:
+        for module in extractor.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def _param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and norm weights (1-D parameters), the usual practice."""
+    decay, no_decay = [], []
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _embed(
+    extractor: Extractor,
+    head: nn.Module,
+    images: torch.Tensor,
+    transform: v2.Compose,
+    batch_size: int,
+    channels_last: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    extractor.eval()
+    head.eval()
+    embs, heads = [], []
+    for start in range(0, len(images), batch_size):
+        x = transform(images[start : start + batch_size])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        emb = extractor(x)
+        embs.append(emb)
+        heads.append(head(emb))
+    dim = extractor.spec.embedding_dim
+    if not embs:
+        return np.zeros((0, dim), np.float32), np.zeros((0, 1), np.float32)
+    return torch.cat(embs).numpy(), torch.cat(heads).float().numpy()
+
+
+def _sample_queries(n: int, max_queries: int | None, seed: int) -> np.ndarray | None:
+    if max_queries is None or max_queries >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_queries, replace=False))
+
+
+def retrieval_summary(
+    emb: np.ndarray, labels: np.ndarray, max_queries: int | None = None, seed: int = 0
+) -> dict[str, float]:
+    """``map_at_r``, ``map`` (full ranking), ``recall_at_1`` (top-1 hit rate), ``embedding_std``.
+
+    The protocol of :mod:`imgsearch.evaluate`: each image queries all the others, relevant =
+    same label, cosine similarity; queries without a relevant image are left out.
+    """
+    x = M.l2_normalise(emb)
+    labels = np.asarray(labels).astype(str)
+    out = {"map_at_r": float("nan"), "map": float("nan"), "recall_at_1": float("nan")}
+    out["embedding_std"] = float(np.mean(np.std(x, axis=0))) if len(x) else float("nan")
+    if len(x) < 2:
+        return out
+    parts, n_rel = [], []
+    for _, _, rel, n in rank_relevance(x, labels, _sample_queries(len(x), max_queries, seed)):
+        parts.append(M.per_query_metrics(rel, n, ks=(1,)))
+        n_rel.append(n)
+    per_query = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    agg = M.aggregate(per_query, np.concatenate(n_rel))
+    out.update(map_at_r=agg["map_at_r"], map=agg["map"], recall_at_1=agg["hit_at_1"])
+    return out
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` into a temporary file beside ``path``, fsync, then ``os.replace``: a crash
+    leaves the previous checkpoint or the new one, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``: tensors and plain containers only.
+
+    Raises :class:`CheckpointError` for anything else (a pickle that would run code on load, a
+    truncated file, a file that is not one of our checkpoints).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # UnpicklingError for a forbidden global, RuntimeError for a bad zip
+        raise CheckpointError(
+            f"refusing checkpoint {path}: not loadable with torch.load(weights_only=True) "
+            f"({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an imgsearch fine-tuning checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """Everything that trains, in one place (and what a checkpoint holds)."""
+
+    model: Extractor
+    head: nn.Module
+    key_model: Extractor | None
+    key_head: nn.Module | None
+    moco: MoCo | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    frozen: list[nn.Module]
+
+
+def _build_run(extractor: Extractor, cfg: FinetuneConfig, spec_size: int, steps_per_epoch: int) -> _Run:
+    model = copy.deepcopy(extractor)
+    model.requires_grad_(True)
+    spec = extractor.spec
+    model.spec = dataclasses.replace(
+        spec,
+        weights=f"{spec.weights}+{cfg.method}",
+        preprocess=dataclasses.replace(spec.preprocess, size=spec_size),
+    )
+    frozen = _freeze(model, cfg.freeze_blocks)
+    head = projection_head(spec.embedding_dim, cfg.head_dims)
+    key_model = key_head = moco = None
+    if cfg.method == "moco":
+        key_model = copy.deepcopy(model).requires_grad_(False).eval()
+        key_head = copy.deepcopy(head).requires_grad_(False)
+        out_dim = cfg.head_dims[-1] if cfg.head_dims else spec.embedding_dim
+        moco = MoCo(out_dim, cfg.moco_queue_size, cfg.moco_momentum, cfg.temperature, seed=cfg.seed)
+    groups = _param_groups([model, head], cfg.weight_decay)
+    optimizer: torch.optim.Optimizer
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(warmup, cfg.epochs * steps_per_epoch)
+    )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return _Run(model, head, key_model, key_head, moco, optimizer, scheduler, generator, frozen)
+
+
+def _train_epoch(
+    run: _Run,
+    cfg: FinetuneConfig,
+    images: torch.Tensor,
+    codes: np.ndarray,
+    transform: v2.Compose,
+) -> tuple[float, int]:
+    """One pass over the train split; returns (mean loss, views processed)."""
+    if cfg.method == "supcon":
+        batches = pk_batches(codes, cfg.batch_size // cfg.images_per_item, cfg.images_per_item, run.generator)
+    else:
+        batches = random_batches(len(images), cfg.batch_size, run.generator)
+    labels_all = torch.from_numpy(codes.astype(np.int64))
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    _set_train_mode(run.model, run.frozen, cfg.freeze_bn)
+    run.head.train()
+    total, views = 0.0, 0
+    for idx in batches:
+        batch = images[idx]
+        if cfg.method == "supcon":
+            x = augment_batch(batch, transform).contiguous(memory_format=memory_format)
+            loss = supcon_loss(run.head(run.model(x)), labels_all[idx], cfg.temperature)
+            views += len(idx)
+        else:
+            x1 = augment_batch(batch, transform).contiguous(memory_format=memory_format)
+            x2 = augment_batch(batch, transform).contiguous(memory_format=memory_format)
+            views += 2 * len(idx)
+            if cfg.method == "simclr":
+                z = run.head(run.model(torch.cat([x1, x2])))
+                loss = nt_xent_loss(z[: len(idx)], z[len(idx) :], cfg.temperature)
+            else:
+                assert run.moco is not None and run.key_model is not None and run.key_head is not None
+                q = run.head(run.model(x1))
+                with torch.no_grad():
+                    run.key_head.eval()
+                    keys = run.key_head(run.key_model(x2))
+                loss = run.moco(q, keys)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise ImgsearchError(f"fine-tuning diverged: loss {value} (lower lr or raise temperature)")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        if run.moco is not None:
+            assert run.key_model is not None and run.key_head is not None
+            run.moco.enqueue(keys)
+            run.moco.momentum_update(run.model, run.key_model)
+            run.moco.momentum_update(run.head, run.key_head)
+        total += value
+    return total / max(1, len(batches)), views
+
+
+def _checkpoint_state(
+    run: _Run, cfg: FinetuneConfig, start_fp: str, epoch: int, best: dict[str, Any],
+    bad_epochs: int, history: list[dict[str, float]], elapsed_s: float, stop_reason: str,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.to_dict(),
+        "start_fingerprint": start_fp,
+        "epoch": epoch,
+        "model": _plain_state(run.model),
+        "head": _plain_state(run.head),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "sampler": run.generator.get_state()},
+        "best": best,
+        "bad_epochs": bad_epochs,
+        "history": history,
+        "elapsed_s": elapsed_s,
+        "stop_reason": stop_reason,
+    }
+    if run.moco is not None:
+        assert run.key_model is not None and run.key_head is not None
+        state["moco"] = _plain_state(run.moco)
+        state["key_model"] = _plain_state(run.key_model)
+        state["key_head"] = _plain_state(run.key_head)
+    return state
+
+
+def _restore(run: _Run, state: dict[str, Any]) -> None:
+    run.model.load_state_dict(state["model"])
+    run.head.load_state_dict(state["head"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    run.generator.set_state(state["rng"]["sampler"])
+    if run.moco is not None:
+        assert run.key_model is not None and run.key_head is not None
+        run.moco.load_state_dict(state["moco"])
+        run.key_model.load_state_dict(state["key_model"])
+        run.key_head.load_state_dict(state["key_head"])
+
+
+def _check_resumable(state: dict[str, Any], cfg: FinetuneConfig, start_fp: str, path: Path) -> None:
+    saved, now = dict(state["config"]), cfg.to_dict()
+    for name in _RESUMABLE_FIELDS:
+        saved.pop(name, None)
+        now.pop(name, None)
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differ:
+        raise ConfigError(
+            f"checkpoint {path} was made with another config (differs in {differ}); "
+            "use another checkpoint_dir or remove the checkpoint to start over"
+        )
+    if state["start_fingerprint"] != start_fp:
+        raise CheckpointError(f"checkpoint {path} was made from another starting extractor")
+
+
+def _split_rows(manifest: pd.DataFrame, name: str) -> pd.DataFrame:
+    return manifest[manifest[schema.SPLIT].astype(str) == name].reset_index(drop=True)
+
+
+def finetune(
+    extractor: Extractor,
+    manifest: pd.DataFrame,
+    cfg: FinetuneConfig,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``extractor`` on the ``train`` rows of ``manifest``, early-stopped on ``val``.
+
+    ``manifest`` needs ``image_id``, ``item_id``, ``split`` and ``path`` (or ``pre_path``).
+    ``extractor`` is not modified. ``on_epoch(epoch, row)`` is called after epoch 0 (before
+    training) and after each epoch, once its checkpoint is written (an exception raised there
+    stops the run, which resumes from that checkpoint).
+
+    Raises :class:`ConfigError` (bad config; missing columns; fewer than 2 train items; a
+    checkpoint made with another config), :class:`CheckpointError` (a checkpoint that is not
+    plain data or comes from another starting extractor), :class:`ImgsearchError` when the loss
+    diverges.
+    """
+    wall_start = time.perf_counter()
+    missing = [c for c in (schema.IMAGE_ID, schema.ITEM_ID, schema.SPLIT) if c not in manifest.columns]
+    if missing:
+        raise ConfigError(f"finetune: manifest lacks columns {missing}")
+    if schema.PATH not in manifest.columns and schema.PRE_PATH not in manifest.columns:
+        raise ConfigError("finetune: manifest has neither 'path' nor 'pre_path'")
+
+    size = cfg.train_size or extractor.spec.preprocess.size
+    pre_cfg = dataclasses.replace(extractor.spec.preprocess, size=size)
+    train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
+    load_start = time.perf_counter()
+    train_images, train_ok, train_fail = load_images(train_rows, pre_cfg)
+    val_images, val_ok, val_fail = load_images(val_rows, pre_cfg)
+    load_s = time.perf_counter() - load_start
+    codes = pd.factorize(train_rows.loc[train_ok, schema.ITEM_ID].astype(str))[0]
+    val_labels = val_rows.loc[val_ok, schema.ITEM_ID].astype(str).to_numpy()
+    n_items = int(codes.max()) + 1 if len(codes) else 0
+    if n_items < 2:
+        raise ConfigError(f"finetune needs at least 2 train items with readable images, got {n_items}")
+
+    if cfg.method == "supcon":
+        steps_per_epoch = max(1, n_items // min(n_items, cfg.batch_size // cfg.images_per_item))
+    else:
+        steps_per_epoch = max(1, len(train_images) // min(cfg.batch_size, len(train_images)))
+    mean, std = pre_cfg.mean, pre_cfg.std
+    transform = train_transform(cfg.augment_config(), size, mean, std)
+    eval_tf = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    log.info(
+        "finetune %s: %d train images of %d items, %d val images, %d px, %d steps/epoch (read in %.1fs)",
+        cfg.method, len(train_images), n_items, len(val_images), size, steps_per_epoch, load_s,
+    )
+
+    start_fp = fingerprint(extractor)
+    ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_FILE if cfg.checkpoint_dir else None
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+        torch.manual_seed(cfg.seed)
+        run = _build_run(extractor, cfg, size, steps_per_epoch)
+        history: list[dict[str, float]] = []
+        best: dict[str, Any] = {"epoch": -1, "metric": float("-inf"), "state": {}}
+        bad_epochs, first_epoch, elapsed_before, stop_reason = 0, 1, 0.0, ""
+
+        def evaluate_epoch(epoch: int, loss: float, views: int, train_s: float) -> dict[str, float]:
+            emb, head_emb = _embed(run.model, run.head, val_images, eval_tf, cfg.eval_batch_size, cfg.channels_last)
+            val = retrieval_summary(emb, val_labels, cfg.val_max_queries, cfg.seed)
+            head_val = (
+                retrieval_summary(head_emb, val_labels, cfg.val_max_queries, cfg.seed)
+                if cfg.head_dims
+                else val
+            )
+            return {
+                "epoch": float(epoch),
+                "loss": loss,
+                "lr": float(run.optimizer.param_groups[0]["lr"]),
+                "val_map_at_r": val["map_at_r"],
+                "val_map": val["map"],
+                "val_recall_at_1": val["recall_at_1"],
+                "val_embedding_std": val["embedding_std"],
+                "val_map_at_r_head": head_val["map_at_r"],
+                "images_per_s": views / train_s if train_s > 0 else float("nan"),
+                "epoch_seconds": train_s,
+            }
+
+        def consider(row: dict[str, float], epoch: int) -> bool:
+            """Record the epoch as best when it improves; True when it did."""
+            metric = row["val_map_at_r"]
+            if not math.isfinite(metric):  # no val queries: the last epoch is the best
+                metric = float(epoch)
+            if metric > best["metric"] + (cfg.min_delta if best["epoch"] >= 0 else 0.0):
+                best.update(epoch=epoch, metric=metric, state=_plain_state(run.model))
+                return True
+            return False
+
+        state = None
+        if ckpt_path is not None and ckpt_path.exists():
+            state = load_checkpoint(ckpt_path)
+            _check_resumable(state, cfg, start_fp, ckpt_path)
+            _restore(run, state)
+            history = list(state["history"])
+            best = dict(state["best"])
+            bad_epochs = int(state["bad_epochs"])
+            first_epoch = int(state["epoch"]) + 1
+            elapsed_before = float(state["elapsed_s"])
+            stop_reason = str(state["stop_reason"])
+            log.info("finetune: resuming from %s after epoch %d", ckpt_path, first_epoch - 1)
+        else:
+            row = evaluate_epoch(0, float("nan"), 0, 0.0)
+            consider(row, 0)
+            history.append(row)
+            log.info("finetune epoch 0 (before training): val MAP@R %.4f", row["val_map_at_r"])
+            if on_epoch is not None:
+                on_epoch(0, dict(row))
+
+        budget_s = cfg.max_minutes * 60.0 if cfg.max_minutes is not None else math.inf
+        last_epoch_s = 0.0
+        epoch = first_epoch
+        while not stop_reason and epoch <= cfg.epochs:
+            elapsed = elapsed_before + (time.perf_counter() - wall_start)
+            if elapsed + last_epoch_s > budget_s:
+                stop_reason = "time_budget"
+                log.info("finetune: stopping before epoch %d (time budget %.1f min)", epoch, cfg.max_minutes)
+                break
+            t0 = time.perf_counter()
+            loss, views = _train_epoch(run, cfg, train_images, codes, transform)
+            train_s = time.perf_counter() - t0
+            row = evaluate_epoch(epoch, loss, views, train_s)
+            last_epoch_s = time.perf_counter() - t0
+            if consider(row, epoch):
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            history.append(row)
+            log.info(
+                "finetune epoch %d: loss %.4f, val MAP@R %.4f (head %.4f), std %.4f, %.1f img/s, %.0fs",
+                epoch, loss, row["val_map_at_r"], row["val_map_at_r_head"], row["val_embedding_std"],
+                row["images_per_s"], last_epoch_s,
+            )
+            if bad_epochs >= cfg.patience > 0 and math.isfinite(row["val_map_at_r"]):
+                stop_reason = "early_stopping"
+            elif epoch == cfg.epochs:
+                stop_reason = "epochs"
+            if ckpt_path is not None:
+                elapsed = elapsed_before + (time.perf_counter() - wall_start)
+                save_checkpoint(
+                    _checkpoint_state(run, cfg, start_fp, epoch, best, bad_epochs, history, elapsed, stop_reason),
+                    ckpt_path,
+                )
+            if on_epoch is not None:
+                on_epoch(epoch, dict(row))
+            epoch += 1
+        if not stop_reason:
+            stop_reason = "epochs"
+
+    model = run.model
+    model.load_state_dict(best["state"])
+    model.requires_grad_(True)
+    model.eval()
+    frame = pd.DataFrame(history)
+    trained = frame[frame["epoch"] > 0]
+    initial = float(frame.loc[frame["epoch"] == 0, "val_map_at_r"].iloc[0]) if (frame["epoch"] == 0).any() else float("nan")
+    best_row = frame.loc[frame["epoch"] == best["epoch"]]
+    metrics: dict[str, float] = {
+        "best_epoch": float(best["epoch"]),
+        "best_val_map_at_r": float(best_row["val_map_at_r"].iloc[0]) if len(best_row) else float("nan"),
+        "best_val_map": float(best_row["val_map"].iloc[0]) if len(best_row) else float("nan"),
+        "best_val_recall_at_1": float(best_row["val_recall_at_1"].iloc[0]) if len(best_row) else float("nan"),
+        "initial_val_map_at_r": initial,
+        "epochs_run": float(len(trained)),
+        "early_stopped": float(stop_reason == "early_stopping"),
+        "time_budget_hit": float(stop_reason == "time_budget"),
+        "train_images_per_s": float(trained["images_per_s"].mean()) if len(trained) else float("nan"),
+        "wall_seconds": time.perf_counter() - wall_start,
+        "n_train_images": float(len(train_images)),
+        "n_train_items": float(n_items),
+        "n_val_images": float(len(val_images)),
+        "n_unreadable": float(len(train_fail) + len(val_fail)),
+        "train_size": float(size),
+    }
+    failures = pd.concat([train_fail, val_fail], ignore_index=True) if len(train_fail) or len(val_fail) else schema.empty_quarantine()
+    return FinetuneResult(model, frame, metrics, stop_reason, failures)

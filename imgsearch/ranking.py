@@ -1,0 +1,479 @@
+"""Ranking on top of the index: filters, popularity, diversity (MMR), one image per item, tuning.
+
+For a query, :func:`rank` fetches ``candidates`` nearest neighbours from the index, drops the
+ones the filters refuse (``exclude_nsfw``, ``categories``, ``exclude_ids``; when too few survive
+it fetches more, up to every row, with an exact scan of the allowed rows as the last resort),
+then scores each survivor::
+
+    score = similarity + popularity_weight * popularity
+
+``similarity`` is the cosine from the index; ``popularity`` in [0, 1] is the mean of
+``log1p(downloads)`` and ``log1p(likes)``, each min-max normalised over the index's metadata
+(missing values count 0; a column that is absent, all-missing or constant is left out, and with
+none left popularity is 0, so ``score == similarity`` exactly).
+
+``one_per_item`` keeps the best-scored image of each item. ``mmr_lambda`` re-orders the survivors
+by maximal marginal relevance (Carbonell & Goldstein, SIGIR 1998)::
+
+    next = argmax_{d not in S}  lambda * score(d) - (1 - lambda) * max_{s in S} cos(d, s)
+
+on the stored candidate vectors; ``mmr_lambda = 1`` is pure relevance (the same order as
+``None``), smaller values trade relevance for diversity.
+
+:func:`tune` grid-searches these settings on validation queries, maximising mAP@k where relevant
+means "same item" and the query image itself is excluded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from imgsearch import schema
+from imgsearch.errors import ConfigError
+from imgsearch.index import ImageIndex
+
+log = logging.getLogger(__name__)
+
+POPULARITY_COLUMNS = (schema.DOWNLOADS, schema.LIKES)
+QUERY = "query"
+RANK = "rank"
+SCORE = "score"
+SIMILARITY = "similarity"
+POPULARITY = "popularity"
+#: Leading columns of :func:`rank`'s output (``query`` and ``rank`` only for 2-D queries).
+RESULT_COLUMNS = (QUERY, RANK, schema.IMAGE_ID, schema.ITEM_ID, SCORE, SIMILARITY, POPULARITY)
+_EXACT_CHUNK = 65_536
+_TRUE_STRINGS = frozenset({"1", "true", "t", "yes", "y"})
+
+
+def _default_grid() -> dict[str, list[Any]]:
+    return {"popularity_weight": [0.0, 0.02, 0.05, 0.1, 0.2, 0.5], "mmr_lambda": [None]}
+
+
+@dataclass
+class RankingConfig:
+    """How search results are filtered and ordered (see the module docstring).
+
+    popularity_weight: weight of popularity (in [0, 1]) added to the cosine similarity.
+    exclude_nsfw: drop rows whose ``nsfw`` is true (rows with an unknown value are kept).
+    categories: keep only rows whose ``category_column`` is one of these (``None``: all).
+    mmr_lambda: ``None`` for no MMR; in [0, 1], 1.0 = pure relevance.
+    one_per_item: at most one image (the best) per item.
+    candidates: neighbours fetched from the index before re-ranking (at least ``k``).
+    category_column: the metadata column ``categories`` filters on.
+    tune_grid: what :func:`tune` searches when given no grid: RankingConfig field -> values.
+    """
+
+    popularity_weight: float = 0.0
+    exclude_nsfw: bool = False
+    categories: list[str] | None = None
+    mmr_lambda: float | None = None
+    one_per_item: bool = False
+    candidates: int = 100
+    category_column: str = schema.CATEGORY
+    tune_grid: dict[str, list[Any]] = field(default_factory=_default_grid)
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.popularity_weight) or self.popularity_weight < 0:
+            raise ConfigError(
+                f"popularity_weight must be finite and >= 0, got {self.popularity_weight}"
+            )
+        if self.mmr_lambda is not None and not 0.0 <= float(self.mmr_lambda) <= 1.0:
+            raise ConfigError(f"mmr_lambda must be in [0, 1] or null, got {self.mmr_lambda}")
+        if int(self.candidates) < 1:
+            raise ConfigError(f"candidates must be >= 1, got {self.candidates}")
+        if isinstance(self.categories, str):
+            self.categories = [self.categories]
+        names = {f.name for f in dataclasses.fields(self)} - {"tune_grid"}
+        unknown = sorted(set(self.tune_grid or {}) - names)
+        if unknown:
+            raise ConfigError(f"tune_grid: unknown RankingConfig fields {unknown}")
+
+
+# --- per-row signals ----------------------------------------------------------------------------
+def popularity(meta: pd.DataFrame) -> np.ndarray:
+    """Popularity in [0, 1] per row (module docstring); zeros when no popularity column is usable."""
+    parts = []
+    for column in POPULARITY_COLUMNS:
+        if column not in meta.columns:
+            continue
+        values = pd.to_numeric(meta[column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        values = np.log1p(np.clip(values, 0.0, None))
+        if np.isnan(values).all():
+            continue
+        low, high = np.nanmin(values), np.nanmax(values)
+        if high <= low:
+            continue
+        parts.append(np.nan_to_num((values - low) / (high - low), nan=0.0))
+    if not parts:
+        return np.zeros(len(meta), dtype=np.float64)
+    return np.mean(parts, axis=0)
+
+
+def _truthy(series: pd.Series) -> np.ndarray:
+    def one(value: Any) -> bool:
+        if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+            return False
+        if isinstance(value, str):
+            return value.strip().lower() in _TRUE_STRINGS
+        try:
+            return bool(value)
+        except (TypeError, ValueError):
+            return False
+
+    return np.fromiter((one(v) for v in series), dtype=bool, count=len(series))
+
+
+def allowed_mask(meta: pd.DataFrame, cfg: RankingConfig) -> np.ndarray:
+    """Boolean mask of the rows the filters of ``cfg`` keep.
+
+    Raises ConfigError when ``categories`` is set and the index has no ``category_column``.
+    """
+    mask = np.ones(len(meta), dtype=bool)
+    if cfg.exclude_nsfw and schema.NSFW in meta.columns:
+        mask &= ~_truthy(meta[schema.NSFW])
+    if cfg.categories is not None:
+        if cfg.category_column not in meta.columns:
+            raise ConfigError(
+                f"cannot filter on categories: the index has no {cfg.category_column!r} column"
+            )
+        wanted = {str(c) for c in cfg.categories}
+        mask &= (
+            meta[cfg.category_column]
+            .astype("string")
+            .isin(wanted)
+            .fillna(False)
+            .to_numpy(dtype=bool)
+        )
+    return mask
+
+
+def _ids_of(index: ImageIndex, column: str) -> np.ndarray:
+    """``column`` of the index metadata as a str array, computed once per index state."""
+    return np.asarray(
+        index.cached(f"ranking.str:{column}", lambda: index.meta[column].astype(str).to_numpy())
+    )
+
+
+def _popularity_of(index: ImageIndex) -> np.ndarray:
+    return np.asarray(index.cached("ranking.popularity", lambda: popularity(index.meta)))
+
+
+def _mask_of(index: ImageIndex, cfg: RankingConfig) -> np.ndarray:
+    key = f"ranking.mask:{cfg.exclude_nsfw}:{cfg.category_column}:{sorted(map(str, cfg.categories or []))}:{cfg.categories is None}"
+    return np.asarray(index.cached(key, lambda: allowed_mask(index.meta, cfg)))
+
+
+# --- MMR -----------------------------------------------------------------------------------------
+def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> np.ndarray:
+    """Maximal marginal relevance selection (Carbonell & Goldstein 1998).
+
+    relevance: (C,) relevance of each candidate to the query; vectors: (C, D) unit vectors of the
+    candidates (diversity = cosine between them). Returns the indices (into the candidates) of
+    ``min(k, C)`` picks in selection order; the first pick is the most relevant (the diversity
+    term of an empty selection is 0); ties go to the lower index.
+    """
+    rel = np.asarray(relevance, dtype=np.float64)
+    vec = np.asarray(vectors, dtype=np.float64)
+    if rel.ndim != 1 or vec.ndim != 2 or len(rel) != len(vec):
+        raise ValueError(
+            f"mmr: relevance (C,) and vectors (C, D) expected, got {rel.shape}, {vec.shape}"
+        )
+    n = min(int(k), len(rel))
+    picked: list[int] = []
+    available = np.ones(len(rel), dtype=bool)
+    max_sim = np.zeros(len(rel), dtype=np.float64)
+    for step in range(n):
+        value = lam * rel - (1.0 - lam) * max_sim if step else lam * rel
+        value = np.where(available, value, -np.inf)
+        best = int(np.argmax(value))
+        picked.append(best)
+        available[best] = False
+        sims = vec @ vec[best]
+        max_sim = sims if step == 0 else np.maximum(max_sim, sims)
+    return np.asarray(picked, dtype=np.int64)
+
+
+# --- candidate retrieval with filters ----------------------------------------------------------
+def _exclusions(exclude_ids: Any, n_queries: int, per_query_ok: bool) -> list[frozenset[str]]:
+    """One set of excluded image ids per query, from None, ids, or (2-D queries) one list per query."""
+    if exclude_ids is None:
+        return [frozenset()] * n_queries
+    if isinstance(exclude_ids, str):
+        return [frozenset({exclude_ids})] * n_queries
+    items = list(exclude_ids)
+    nested = [not isinstance(x, str) and isinstance(x, Iterable) for x in items]
+    if items and all(nested):
+        if not per_query_ok or len(items) != n_queries:
+            raise ValueError(f"exclude_ids: {len(items)} per-query lists for {n_queries} queries")
+        return [frozenset(str(i) for i in x) for x in items]
+    if any(nested):
+        raise ValueError("exclude_ids: mix of ids and lists of ids")
+    return [frozenset(str(i) for i in items)] * n_queries
+
+
+def _survivors(positions: np.ndarray, items: np.ndarray, one_per_item: bool) -> int:
+    return len(pd.unique(items[positions])) if one_per_item else len(positions)
+
+
+def _exact_allowed(
+    index: ImageIndex, query: np.ndarray, keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine of ``query`` with every row where ``keep``, by a chunked scan of stored vectors."""
+    rows = np.flatnonzero(keep)
+    sims = np.empty(len(rows), dtype=np.float32)
+    for start in range(0, len(rows), _EXACT_CHUNK):
+        block = rows[start : start + _EXACT_CHUNK]
+        sims[start : start + len(block)] = index.vectors(block) @ query
+    order = np.argsort(-sims, kind="stable")
+    return rows[order], sims[order]
+
+
+def _candidates(
+    index: ImageIndex,
+    queries: np.ndarray,
+    k: int,
+    cfg: RankingConfig,
+    allowed: np.ndarray,
+    exclusions: list[frozenset[str]],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query, (positions, similarities) of allowed, non-excluded rows, best first.
+
+    Asks the index for ``candidates`` neighbours, then 4x more while fewer than ``k`` survive
+    the filters and rows remain; when the index cannot return more (an IVF probes only some
+    cells) it scans the allowed rows exactly.
+    """
+    n = index.count
+    image_ids = _ids_of(index, schema.IMAGE_ID)
+    items = _ids_of(index, schema.ITEM_ID)
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(queries)
+    pending = list(range(len(queries)))
+    fetch = min(max(int(cfg.candidates), k), n)
+    while pending and n:
+        scores, positions = index.search(queries[pending], fetch)
+        still: list[int] = []
+        for row, j in enumerate(pending):
+            valid = positions[row] >= 0
+            pos, sim = positions[row][valid], scores[row][valid]
+            keep = allowed[pos]
+            if exclusions[j]:
+                keep &= ~np.isin(image_ids[pos], list(exclusions[j]))
+            pos, sim = pos[keep], sim[keep]
+            if _survivors(pos, items, cfg.one_per_item) >= k or fetch >= n and valid.all():
+                out[j] = (pos, sim)
+            elif valid.sum() < fetch or fetch >= n:
+                # the index returned all it can reach: scan the allowed rows exactly
+                mask = allowed.copy()
+                if exclusions[j]:
+                    mask &= ~np.isin(image_ids, list(exclusions[j]))
+                out[j] = _exact_allowed(index, queries[j], mask)
+            else:
+                still.append(j)
+        pending = still
+        fetch = min(fetch * 4, n)
+    empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+    return [o if o is not None else empty for o in out]
+
+
+# --- rank ----------------------------------------------------------------------------------------
+def _order(
+    index: ImageIndex,
+    pos: np.ndarray,
+    sim: np.ndarray,
+    k: int,
+    cfg: RankingConfig,
+    pop_all: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    pop = pop_all[pos] if len(pos) else np.zeros(0)
+    score = sim.astype(np.float64) + cfg.popularity_weight * pop
+    order = np.lexsort((pos, -sim, -score))  # score desc, then similarity desc, then position
+    pos, sim, pop, score = pos[order], sim[order], pop[order], score[order]
+    if cfg.one_per_item and len(pos):
+        items = _ids_of(index, schema.ITEM_ID)[pos]
+        first = ~pd.Series(items).duplicated().to_numpy()
+        pos, sim, pop, score = pos[first], sim[first], pop[first], score[first]
+    pool = max(int(cfg.candidates), k)
+    pos, sim, pop, score = pos[:pool], sim[:pool], pop[:pool], score[:pool]
+    if cfg.mmr_lambda is not None and len(pos):
+        pick = mmr(score, index.vectors(pos), k, float(cfg.mmr_lambda))
+    else:
+        pick = np.arange(min(k, len(pos)))
+    return pos[pick], sim[pick], pop[pick], score[pick]
+
+
+def rank(
+    index: ImageIndex,
+    query_emb: np.ndarray,
+    k: int,
+    cfg: RankingConfig | None = None,
+    exclude_ids: Iterable[str] | Sequence[Iterable[str]] | None = None,
+) -> pd.DataFrame:
+    """The top-``k`` gallery rows for each query, filtered and re-ranked by ``cfg``.
+
+    query_emb: (D,) for one query or (M, D), L2-normalised float32 from the index's extractor.
+    exclude_ids: image ids never returned: one collection for every query, or (2-D queries) a
+        sequence of M collections, one per query.
+    Returns one row per hit, best first: for 2-D queries columns ``query`` (0-based row of
+    ``query_emb``) and ``rank`` (1-based) lead; for a 1-D query they are left out (the rows are
+    in rank order). Then ``image_id, item_id, score, similarity, popularity`` and the index's
+    other metadata columns. Fewer than ``k`` rows when fewer rows pass the filters.
+    """
+    cfg = cfg or RankingConfig()
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    single = np.ndim(query_emb) == 1
+    queries = np.ascontiguousarray(np.atleast_2d(query_emb), dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != index.dim:
+        raise ValueError(
+            f"queries must be (D,) or (M, D) with D={index.dim}, got {np.shape(query_emb)}"
+        )
+    exclusions = _exclusions(exclude_ids, len(queries), per_query_ok=not single)
+    allowed = _mask_of(index, cfg)
+    pop_all = _popularity_of(index)
+    found = _candidates(index, queries, k, cfg, allowed, exclusions)
+
+    frames = []
+    for j, (pos, sim) in enumerate(found):
+        pos, sim, pop, score = _order(index, pos, sim, k, cfg, pop_all)
+        frame = pd.DataFrame(
+            {
+                QUERY: np.full(len(pos), j, dtype=np.int64),
+                RANK: np.arange(1, len(pos) + 1, dtype=np.int64),
+                "_pos": pos,
+                SCORE: score,
+                SIMILARITY: sim.astype(np.float64),
+                POPULARITY: pop.astype(np.float64),
+            }
+        )
+        frames.append(frame)
+    empty = pd.DataFrame(
+        {QUERY: [], RANK: [], "_pos": [], SCORE: [], SIMILARITY: [], POPULARITY: []}
+    ).astype({QUERY: np.int64, RANK: np.int64, "_pos": np.int64})
+    hits = pd.concat(frames, ignore_index=True) if frames else empty
+    meta = index.meta.iloc[hits["_pos"].to_numpy()].reset_index(drop=True)
+    out = pd.concat([hits.drop(columns="_pos"), meta], axis=1)
+    leading = [c for c in RESULT_COLUMNS if c in out.columns]
+    out = out[leading + [c for c in out.columns if c not in leading]]
+    if single:
+        out = out.drop(columns=[QUERY, RANK])
+    return out
+
+
+# --- tuning --------------------------------------------------------------------------------------
+def average_precision_at_k(relevant: np.ndarray, n_relevant: int) -> float:
+    """AP@k of one ranked list: ``sum_i P@i * rel_i / min(n_relevant, k)`` with k = len(list).
+
+    relevant: (k,) booleans in rank order; n_relevant: relevant rows in the whole gallery.
+    Equals scikit-learn's ``average_precision_score`` when the list ranks the whole gallery.
+    """
+    rel = np.asarray(relevant, dtype=bool)
+    if n_relevant <= 0:
+        raise ValueError("average precision needs at least one relevant row")
+    if not len(rel):
+        return 0.0
+    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+    return float((precision * rel).sum() / min(n_relevant, len(rel)))
+
+
+def _grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [
+        dict(zip(keys, values, strict=True))
+        for values in itertools.product(*(grid[k] for k in keys))
+    ]
+
+
+def tune(
+    index: ImageIndex,
+    val_queries_emb: np.ndarray,
+    val_query_items: Sequence[Any] | np.ndarray,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    *,
+    base: RankingConfig | None = None,
+    query_ids: Sequence[Any] | np.ndarray | None = None,
+    k: int = 100,
+) -> tuple[RankingConfig, pd.DataFrame]:
+    """Grid-search ranking settings on validation queries, maximising mAP@k.
+
+    index: the validation gallery; val_queries_emb (M, D) and val_query_items (M,): the queries
+    and their items (relevant = a gallery row of the same item that passes the filters);
+    query_ids (M,): the queries' own image ids, excluded from their results (pass them when the
+    queries are gallery images). grid: RankingConfig field -> values (default ``base.tune_grid``);
+    without usable popularity columns ``popularity_weight`` collapses to ``[0.0]``.
+    Queries with no relevant row are skipped (counted in ``n_skipped``).
+    Returns the best config (ties go to the earlier grid point) and a table with one row per
+    grid point: the grid values, ``map``, ``hit_at_1``, ``recall_at_k``, ``n_queries``, ``n_skipped``.
+    """
+    base = base or RankingConfig()
+    grid = dict(grid if grid is not None else base.tune_grid)
+    fields = {f.name for f in dataclasses.fields(RankingConfig)} - {"tune_grid"}
+    unknown = sorted(set(grid) - fields)
+    if unknown or any(len(v) == 0 for v in grid.values()):
+        raise ConfigError(f"tune: bad grid (unknown keys {unknown} or empty value lists)")
+    if "popularity_weight" in grid and not _popularity_of(index).any():
+        grid["popularity_weight"] = [0.0]
+    queries = np.ascontiguousarray(np.atleast_2d(val_queries_emb), dtype=np.float32)
+    q_items = np.asarray([str(i) for i in val_query_items], dtype=object)
+    if len(q_items) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(q_items)} query items")
+    q_ids = None if query_ids is None else [str(i) for i in query_ids]
+    if q_ids is not None and len(q_ids) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(q_ids)} query ids")
+    exclusions = [[i] for i in q_ids] if q_ids is not None else None
+    gallery_items = _ids_of(index, schema.ITEM_ID)
+    gallery_ids = _ids_of(index, schema.IMAGE_ID)
+    depth = max(1, min(int(k), index.count))
+
+    rows = []
+    configs = []
+    for point in _grid_points(grid):
+        cfg = dataclasses.replace(base, **point)
+        configs.append(cfg)
+        allowed = _mask_of(index, cfg)
+        hits = rank(index, queries, depth, cfg, exclude_ids=exclusions)
+        by_query = {q: g for q, g in hits.groupby(QUERY, sort=False)}
+        aps, top1, recalls, skipped = [], [], [], 0
+        for j in range(len(queries)):
+            relevant_rows = allowed & (gallery_items == q_items[j])
+            if q_ids is not None:
+                relevant_rows &= gallery_ids != q_ids[j]
+            n_rel = int(relevant_rows.sum())
+            if cfg.one_per_item:
+                n_rel = min(n_rel, 1)
+            if n_rel == 0:
+                skipped += 1
+                continue
+            got = by_query.get(j)
+            rel = (
+                (got[schema.ITEM_ID].astype(str).to_numpy() == q_items[j])
+                if got is not None
+                else np.zeros(0, dtype=bool)
+            )
+            aps.append(average_precision_at_k(rel, n_rel))
+            top1.append(bool(rel[:1].any()))
+            recalls.append(rel.sum() / n_rel)
+        row = {key: (value if value is not None else np.nan) for key, value in point.items()}
+        row.update(
+            {
+                "map": float(np.mean(aps)) if aps else float("nan"),
+                "hit_at_1": float(np.mean(top1)) if top1 else float("nan"),
+                "recall_at_k": float(np.mean(recalls)) if recalls else float("nan"),
+                "n_queries": len(aps),
+                "n_skipped": skipped,
+            }
+        )
+        rows.append(row)
+        log.info("tune %s: mAP@%d %.4f", point, depth, row["map"])
+    table = pd.DataFrame(rows)
+    scores = table["map"].fillna(-np.inf).to_numpy()
+    best = int(np.argmax(scores))  # first maximum: the earlier grid point wins ties
+    table["best"] = np.arange(len(table)) == best
+    return configs[best], table

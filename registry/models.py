@@ -1,0 +1,377 @@
+"""MLflow pyfunc wrappers: the feature extractor and the search index as servable models.
+
+Both take a DataFrame with one column, ``image``, one query per row. A cell holds the image as
+base64 text (optionally a ``data:image/...;base64,`` URI), raw ``bytes``, or, only when the loader
+opted in with ``model_config={"allow_paths": True}``, a local file path. Paths are off by default
+because a served model must not read files named by whoever sends the request.
+
+Bad input policy (the server keeps serving in every case):
+
+* one bad image in a batch: that query gets one row with an ``error`` reason (``ImageRejected``'s
+  stable code plus detail) and no results; the other queries are answered;
+* every image in the request bad (a single garbage upload, say), or a bad ``params`` value:
+  :class:`mlflow.exceptions.MlflowException` with ``INVALID_PARAMETER_VALUE``, which the scoring
+  server turns into an HTTP 400 carrying the reason.
+
+:class:`IndexModel` loads its index with the fingerprint of the extractor it is logged with, so a
+pair that does not belong together is refused at load time (``ExtractorMismatchError``), and a
+tampered index file is refused before FAISS reads it (``IndexIntegrityError``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+from PIL import Image
+
+from imgsearch import schema
+from imgsearch.backbones import fingerprint, load_extractor
+from imgsearch.config import from_dict
+from imgsearch.errors import ImageRejected
+from imgsearch.extract import embed_images
+from imgsearch.imageio import open_rgb
+from imgsearch.index import ImageIndex
+from imgsearch.ranking import RankingConfig, rank
+
+log = logging.getLogger(__name__)
+
+IMAGE_COLUMN = "image"
+QUERY = "query"
+RANK = "rank"
+SCORE = "score"
+SIMILARITY = "similarity"
+ERROR = "error"
+EMBEDDING = "embedding"
+#: The leading output columns of :class:`IndexModel`; index metadata columns follow, then ``error``.
+RESULT_COLUMNS = (
+    QUERY,
+    RANK,
+    schema.IMAGE_ID,
+    schema.ITEM_ID,
+    SCORE,
+    SIMILARITY,
+    schema.ITEM_NAME,
+    schema.CATEGORY,
+)
+
+ARTIFACT_EXTRACTOR = "extractor"
+ARTIFACT_INDEX = "index"
+ARTIFACT_RANKING = "ranking"
+
+MAX_K = 1000
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # a query image; the decoder has its own pixel limit
+_PATH_ERRORS = (OSError, ValueError)
+
+
+def _invalid(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# --- input decoding ----------------------------------------------------------------------------
+
+
+def image_bytes(value: Any, *, allow_paths: bool = False) -> bytes:
+    """The raw bytes of one ``image`` cell. Raises :class:`ImageRejected` with a stable reason."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if allow_paths and len(text) < 4096 and _is_file(text):
+            data = Path(text).read_bytes()
+        else:
+            if text.startswith("data:") and "," in text:
+                text = text.split(",", 1)[1]
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                hint = "" if allow_paths else " (file paths are disabled for this model)"
+                raise ImageRejected("bad_base64", f"not base64-encoded image data{hint}") from exc
+    elif value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ImageRejected("missing_image", "empty image cell")
+    else:
+        raise ImageRejected(
+            "bad_input_type", f"unsupported image value of type {type(value).__name__}"
+        )
+    if not data:
+        raise ImageRejected("empty_file", "zero bytes")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageRejected("too_large", f"{len(data)} bytes > {MAX_IMAGE_BYTES}")
+    return data
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return os.path.isfile(text)
+    except _PATH_ERRORS:
+        return False
+
+
+def _image_values(model_input: Any) -> list[Any]:
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN in model_input.columns:
+            return list(model_input[IMAGE_COLUMN])
+        if model_input.shape[1] == 1:
+            return list(model_input.iloc[:, 0])
+        raise _invalid(
+            f"input must have a column {IMAGE_COLUMN!r}; got {list(model_input.columns)}"
+        )
+    if isinstance(model_input, pd.Series):
+        return list(model_input)
+    if isinstance(model_input, Mapping) and IMAGE_COLUMN in model_input:
+        values = model_input[IMAGE_COLUMN]
+        return (
+            list(values) if isinstance(values, (list, tuple, np.ndarray, pd.Series)) else [values]
+        )
+    if isinstance(model_input, (list, tuple, np.ndarray)):
+        return list(model_input)
+    if isinstance(model_input, (str, bytes)):
+        return [model_input]
+    raise _invalid(f"unsupported input type {type(model_input).__name__}")
+
+
+def decode_images(
+    values: list[Any], *, allow_paths: bool = False
+) -> tuple[list[Image.Image | None], list[str | None]]:
+    """Decode every cell safely; a failure becomes an error string for that row, never a raise."""
+    images: list[Image.Image | None] = []
+    errors: list[str | None] = []
+    for value in values:
+        try:
+            images.append(open_rgb(image_bytes(value, allow_paths=allow_paths)))
+            errors.append(None)
+        except ImageRejected as exc:
+            images.append(None)
+            errors.append(str(exc))
+        except OSError as exc:  # an unreadable path
+            images.append(None)
+            errors.append(f"unreadable: {exc.__class__.__name__}")
+    if values and all(e is not None for e in errors):
+        reasons = "; ".join(f"row {i}: {e}" for i, e in enumerate(errors[:5]))
+        raise _invalid(f"no usable image in the request ({reasons})")
+    return images, errors
+
+
+def _embed(extractor: Any, images: list[Image.Image | None]) -> tuple[np.ndarray, list[int]]:
+    """Embeddings of the decoded images and the row numbers they belong to."""
+    rows = [i for i, img in enumerate(images) if img is not None]
+    emb = embed_images(extractor, [images[i] for i in rows])  # type: ignore[misc]
+    return np.asarray(emb, dtype=np.float32), rows
+
+
+def _jsonable(df: pd.DataFrame) -> pd.DataFrame:
+    """Missing values as ``None`` so the scoring server writes valid JSON (``null``, not ``NaN``)."""
+    out = df.astype(object)
+    return out.where(pd.notna(out), None)
+
+
+def _allow_paths(context: Any) -> bool:
+    config = getattr(context, "model_config", None) or {}
+    return bool(config.get("allow_paths", False))
+
+
+# --- the extractor -----------------------------------------------------------------------------
+
+
+class ExtractorModel(PythonModel):
+    """Image -> L2-normalised embedding, preprocessed the way the extractor's spec says.
+
+    Output: a DataFrame with ``embedding`` (list of float, or ``None``) and ``error`` per input row.
+    """
+
+    def load_context(self, context):
+        self.extractor = load_extractor(Path(context.artifacts[ARTIFACT_EXTRACTOR]))
+        self.extractor.eval()
+        self.fingerprint = fingerprint(self.extractor)
+        self.allow_paths = _allow_paths(context)
+
+    def predict(self, context, model_input, params=None):
+        images, errors = decode_images(_image_values(model_input), allow_paths=self.allow_paths)
+        emb, rows = _embed(self.extractor, images)
+        vectors: list[list[float] | None] = [None] * len(images)
+        for row, vec in zip(rows, emb, strict=True):
+            vectors[row] = vec.tolist()
+        return _jsonable(pd.DataFrame({EMBEDDING: vectors, ERROR: errors}))
+
+
+def extractor_signature() -> ModelSignature:
+    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]))
+
+
+# --- the index ---------------------------------------------------------------------------------
+
+#: Request params: name -> (MLflow type, RankingConfig field it sets or None for k/category).
+PARAM_TYPES: dict[str, str] = {
+    "k": "long",
+    "popularity_weight": "double",
+    "exclude_nsfw": "boolean",
+    "category": "string",
+    "mmr_lambda": "double",
+    "one_per_item": "boolean",
+}
+DEFAULT_K = 10
+
+
+def index_signature(ranking: RankingConfig, k: int = DEFAULT_K) -> ModelSignature:
+    """Input ``image`` (string) and ranking params whose defaults are the logged ranking config.
+
+    ``category`` is a comma-separated list of categories to keep ('' = all); ``mmr_lambda`` is
+    the relevance/diversity trade-off of maximal marginal relevance (see :mod:`imgsearch.ranking`).
+    """
+    defaults = param_defaults(ranking, k)
+    params = ParamSchema(
+        [ParamSpec(name, PARAM_TYPES[name], defaults[name]) for name in PARAM_TYPES]
+    )
+    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), params=params)
+
+
+def param_defaults(ranking: RankingConfig, k: int = DEFAULT_K) -> dict[str, Any]:
+    categories = getattr(ranking, "categories", None) or []
+    if isinstance(categories, str):
+        categories = [categories]
+    mmr = getattr(ranking, "mmr_lambda", None)
+    return {
+        "k": int(k),
+        "popularity_weight": float(getattr(ranking, "popularity_weight", 0.0) or 0.0),
+        "exclude_nsfw": bool(getattr(ranking, "exclude_nsfw", False)),
+        "category": ",".join(str(c) for c in categories),
+        # None (MMR off) cannot be a param default; 1.0 is pure relevance, the same ranking.
+        "mmr_lambda": 1.0 if mmr is None else float(mmr),
+        "one_per_item": bool(getattr(ranking, "one_per_item", False)),
+    }
+
+
+def ranking_for_request(
+    base: RankingConfig, params: Mapping[str, Any] | None, default_k: int = DEFAULT_K
+) -> tuple[int, RankingConfig]:
+    """``(k, config)`` for one request: ``base`` with the request's params applied, validated."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(PARAM_TYPES))
+    if unknown:
+        raise _invalid(f"unknown params {unknown}; known: {sorted(PARAM_TYPES)}")
+    k = _as_int(params.get("k", default_k), "k")
+    if not 1 <= k <= MAX_K:
+        raise _invalid(f"k must be in [1, {MAX_K}], got {k}")
+    changes: dict[str, Any] = {}
+    if "popularity_weight" in params:
+        changes["popularity_weight"] = _as_float(params["popularity_weight"], "popularity_weight")
+    if "mmr_lambda" in params:
+        value = _as_float(params["mmr_lambda"], "mmr_lambda")
+        if not 0.0 <= value <= 1.0:
+            raise _invalid(f"mmr_lambda must be in [0, 1], got {value}")
+        # 1.0 is pure relevance, the same order as no MMR: skip the re-ranking work
+        changes["mmr_lambda"] = None if value >= 1.0 else value
+    for flag in ("exclude_nsfw", "one_per_item"):
+        if flag in params:
+            changes[flag] = _as_bool(params[flag], flag)
+    if "category" in params:
+        raw = params["category"]
+        items = raw if isinstance(raw, (list, tuple)) else str(raw or "").split(",")
+        changes["categories"] = [str(c).strip() for c in items if str(c).strip()] or None
+    fields = {f.name for f in dataclasses.fields(base)}
+    missing = sorted(set(changes) - fields)
+    if missing:
+        raise _invalid(f"this index's ranking does not support {missing}")
+    try:
+        return k, dataclasses.replace(base, **changes)
+    except (TypeError, ValueError) as exc:
+        raise _invalid(f"bad ranking params: {exc}") from exc
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise _invalid(f"{name} must be an integer, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise _invalid(f"{name} must be an integer, got {value!r}") from exc
+    if not number.is_integer():
+        raise _invalid(f"{name} must be an integer, got {value!r}")
+    return int(number)
+
+
+def _as_float(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise _invalid(f"{name} must be a number, got {value!r}") from exc
+    if not math.isfinite(number):
+        raise _invalid(f"{name} must be finite, got {value!r}")
+    return number
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    raise _invalid(f"{name} must be a boolean, got {value!r}")
+
+
+def read_ranking(path: Path | None) -> RankingConfig:
+    if path is None or not Path(path).exists():
+        return RankingConfig()
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return from_dict(RankingConfig, data)
+
+
+class IndexModel(PythonModel):
+    """Image queries -> ranked gallery hits, one output row per (query, rank).
+
+    Columns: ``query`` (input row number), ``rank`` (1-based), ``image_id``, ``item_id``,
+    ``score`` (after ranking), ``similarity`` (cosine), ``item_name``, ``category``, the index's
+    other metadata columns, and ``error`` (``None``, or why that query has no results).
+    """
+
+    def load_context(self, context):
+        self.extractor = load_extractor(Path(context.artifacts[ARTIFACT_EXTRACTOR]))
+        self.extractor.eval()
+        self.fingerprint = fingerprint(self.extractor)
+        # Refuses an index made by another extractor, and a tampered file before FAISS reads it.
+        self.index = ImageIndex.load(
+            Path(context.artifacts[ARTIFACT_INDEX]), expected_extractor_fingerprint=self.fingerprint
+        )
+        ranking_path = context.artifacts.get(ARTIFACT_RANKING)
+        self.ranking = read_ranking(Path(ranking_path) if ranking_path else None)
+        self.allow_paths = _allow_paths(context)
+        config = getattr(context, "model_config", None) or {}
+        self.default_k = int(config.get("default_k", DEFAULT_K))
+
+    def predict(self, context, model_input, params=None):
+        k, cfg = ranking_for_request(self.ranking, params, self.default_k)
+        images, errors = decode_images(_image_values(model_input), allow_paths=self.allow_paths)
+        emb, rows = _embed(self.extractor, images)
+        frames: list[pd.DataFrame] = []
+        if rows:
+            hits = rank(self.index, emb, k, cfg)  # 2-D queries: `query` is the row of `emb`
+            hits[QUERY] = np.asarray(rows, dtype=np.int64)[hits[QUERY].to_numpy(dtype=np.int64)]
+            hits[ERROR] = None
+            frames.append(hits)
+        failed = [i for i, err in enumerate(errors) if err is not None]
+        if failed:
+            frames.append(pd.DataFrame({QUERY: failed, ERROR: [errors[i] for i in failed]}))
+        out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        for column in (*RESULT_COLUMNS, ERROR):
+            if column not in out.columns:
+                out[column] = None
+        out = out.sort_values([QUERY, RANK], kind="stable", na_position="first")
+        leading = [*RESULT_COLUMNS]
+        rest = [c for c in out.columns if c not in leading and c != ERROR]
+        return _jsonable(out[[*leading, *rest, ERROR]].reset_index(drop=True))

@@ -1,0 +1,117 @@
+"""Evaluate: retrieval metrics and feature quality of an extract run's embeddings on one split.
+
+Inputs: ``--extract-run-id`` (its ``embeddings.parquet``, written by ``imgsearch.extract.save_embeddings``),
+``--split-run-id`` (its ``manifest.parquet`` with ``split``), ``configs/evaluate.yaml``
+(``--split`` and ``--max-queries`` override it). The gallery protocol is in
+:mod:`imgsearch.evaluate`: each image of the split queries all the other images of the split;
+relevant = same item.
+
+Produces: metrics ``hit_at_{k}``, ``precision_at_{k}``, ``recall_at_{k}``, ``map``, ``map_at_r``,
+``r_precision``, ``n_queries``..., ``fq_*`` (names are stable: baseline and fine-tuned runs are
+compared by them), ``per_category.csv``, ``per_query.parquet`` and, with ``plots: true``,
+``plots/embeddings_tsne.png`` and ``plots/embeddings_umap.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from imgsearch import schema
+from imgsearch.config import from_dict
+from imgsearch.evaluate import EvaluateConfig, embedding_plots, evaluate
+from imgsearch.extract import load_embeddings
+from steps.common import (
+    artifact_path,
+    base_parser,
+    log_df,
+    log_metrics,
+    read_df,
+    setup_logging,
+    stage_run,
+)
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS_ARTIFACT = "embeddings.parquet"
+
+
+def run(
+    extract_run_id: str,
+    split_run_id: str,
+    overrides: dict[str, Any] | None = None,
+    profile: str | None = None,
+    embeddings_artifact: str = EMBEDDINGS_ARTIFACT,
+) -> str:
+    with stage_run("evaluate", overrides, profile) as (active, all_cfg):
+        mlflow.set_tags(
+            {
+                "imgsearch.input.extract_run_id": extract_run_id,
+                "imgsearch.input.split_run_id": split_run_id,
+            }
+        )
+        cfg = from_dict(EvaluateConfig, all_cfg.get("evaluate"))
+        ids, emb = load_embeddings(artifact_path(extract_run_id, embeddings_artifact))
+        manifest = read_df(split_run_id, "manifest.parquet")
+        result = evaluate(ids, emb, manifest, cfg)
+        log_metrics(result.metrics)
+        log_df(result.per_query, "per_query.parquet")
+        with tempfile.TemporaryDirectory() as tmp:
+            csv = Path(tmp) / "per_category.csv"
+            result.per_category.to_csv(csv, index=False)
+            mlflow.log_artifact(str(csv))
+            if cfg.plots:
+                rows = (
+                    result.per_query
+                )  # the queries, i.e. the split's embedded images (or a sample)
+                lookup = {image_id: i for i, image_id in enumerate(ids)}
+                positions = [lookup[str(i)] for i in rows[schema.IMAGE_ID]]
+                categories = (
+                    rows[cfg.category_column] if cfg.category_column in rows.columns else None
+                )
+                plot_dir = Path(tmp) / "plots"
+                embedding_plots(
+                    emb[positions],
+                    categories,
+                    plot_dir,
+                    max_points=cfg.plot_max_points,
+                    seed=cfg.seed,
+                    methods=cfg.plot_methods,
+                )
+                mlflow.log_artifacts(str(plot_dir), "plots")
+        return active.info.run_id
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--extract-run-id", required=True, help="run holding embeddings.parquet")
+    parser.add_argument(
+        "--split-run-id", required=True, help="run holding manifest.parquet with split"
+    )
+    parser.add_argument("--split", default="", help="train | val | test | all (default: config)")
+    parser.add_argument(
+        "--max-queries", default="", help="sample this many queries (default: config)"
+    )
+    parser.add_argument(
+        "--embeddings-artifact",
+        default=EMBEDDINGS_ARTIFACT,
+        help="artifact name in the extract run",
+    )
+    args = parser.parse_args()
+    setup_logging()
+    run_id = run(
+        args.extract_run_id,
+        args.split_run_id,
+        overrides={"evaluate.split": args.split, "evaluate.max_queries": args.max_queries},
+        profile=args.profile or None,
+        embeddings_artifact=args.embeddings_artifact,
+    )
+    print(run_id)
+
+
+if __name__ == "__main__":
+    main()

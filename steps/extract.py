@@ -1,0 +1,158 @@
+"""Extract: embed every image with a feature extractor (a pretrained CNN without its classifier).
+
+Inputs: ``--preprocess-run-id`` (its ``manifest.parquet``: ``pre_path`` arrays are reused when they
+were made with the extractor's own preprocessing), optionally ``--split-run-id`` (its manifest is
+used instead, since it carries ``split``; ``pre_path`` is taken from the preprocess run when the
+split manifest lacks it), and the extractor: ``--extractor-uri`` (a saved extractor directory, or an
+MLflow artifact URI such as ``runs:/<id>/extractor``) or else ``--backbone``/``--weights``
+(``configs/extract.yaml``).
+
+Produces: ``embeddings.parquet`` (``image_id`` + float32 L2-normalised ``embedding``; see
+``imgsearch.extract.save_embeddings``), ``extractor/`` (``weights.pt`` + ``spec.json``, reload with
+``imgsearch.backbones.load_extractor``), ``manifest.parquet`` (the embedded rows of the input
+manifest), ``quarantine.parquet`` (this stage's failures, stage="extract"), param
+``extractor_fingerprint`` and metrics ``n``, ``n_ok``, ``n_failed``, ``n_from_cache``,
+``images_per_s``, ``seconds``, ``bf16_used``, ``compile_used``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from imgsearch import schema
+from imgsearch.backbones import (
+    Extractor,
+    create_extractor,
+    fingerprint,
+    load_extractor,
+    save_extractor,
+)
+from imgsearch.config import from_dict
+from imgsearch.extract import ExtractConfig, extract, save_embeddings
+from steps.common import base_parser, log_df, log_metrics, read_df, setup_logging, stage_run
+
+log = logging.getLogger(__name__)
+
+
+def read_manifest(preprocess_run_id: str, split_run_id: str | None = None) -> pd.DataFrame:
+    """The split run's manifest when given (with ``pre_path`` filled in from the preprocess run)."""
+    pre = read_df(preprocess_run_id, "manifest.parquet")
+    if not split_run_id:
+        return pre
+    manifest = read_df(split_run_id, "manifest.parquet")
+    if schema.PRE_PATH not in manifest.columns and schema.PRE_PATH in pre.columns:
+        manifest = manifest.merge(
+            pre[[schema.IMAGE_ID, schema.PRE_PATH]], on=schema.IMAGE_ID, how="left"
+        )
+    return manifest
+
+
+def load_extractor_uri(uri: str) -> Extractor:
+    """A local directory, or any MLflow artifact URI (``runs:/<id>/extractor``, ``s3://...``)."""
+    local = Path(uri).expanduser()
+    if not local.is_dir():
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    return load_extractor(local)
+
+
+def run(
+    preprocess_run_id: str,
+    split_run_id: str | None = None,
+    extractor_uri: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    profile: str | None = None,
+) -> str:
+    with stage_run("extract", overrides, profile) as (active, all_cfg):
+        mlflow.set_tag("imgsearch.input.preprocess_run_id", preprocess_run_id)
+        if split_run_id:
+            mlflow.set_tag("imgsearch.input.split_run_id", split_run_id)
+        cfg = from_dict(ExtractConfig, all_cfg.get("extract"))
+        manifest = read_manifest(preprocess_run_id, split_run_id)
+        if extractor_uri:
+            mlflow.log_param("extractor_uri", extractor_uri)
+            extractor = load_extractor_uri(extractor_uri)
+        else:
+            extractor = create_extractor(cfg.backbone, cfg.weights)
+        fp = fingerprint(extractor)
+        mlflow.log_param("extractor_fingerprint", fp)
+        mlflow.set_tags(
+            {
+                "imgsearch.extractor.name": extractor.spec.name,
+                "imgsearch.extractor.weights": extractor.spec.weights,
+            }
+        )
+
+        with tempfile.TemporaryDirectory() as tmp:
+            # embeddings stream into a memmap, so memory stays flat however large the manifest is
+            result = extract(extractor, manifest, cfg, out=Path(tmp) / "embeddings.npy")
+            log_metrics(result.metrics)
+            path = save_embeddings(
+                Path(tmp) / "embeddings.parquet",
+                result.ids,
+                result.embeddings,
+                metadata={"extractor_fingerprint": fp, "extractor_name": extractor.spec.name},
+            )
+            mlflow.log_artifact(str(path))
+            mlflow.log_artifacts(
+                str(save_extractor(extractor, Path(tmp) / "extractor")), "extractor"
+            )
+        log_df(
+            manifest[manifest[schema.IMAGE_ID].isin(set(result.ids))].reset_index(drop=True),
+            "manifest.parquet",
+        )
+        log_df(result.failures, "quarantine.parquet")
+        return active.info.run_id
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument(
+        "--preprocess-run-id", required=True, help="run whose manifest.parquet (pre_path) to embed"
+    )
+    parser.add_argument(
+        "--split-run-id",
+        default="",
+        help="run whose manifest.parquet (with split) to embed instead",
+    )
+    parser.add_argument(
+        "--extractor-uri",
+        default="",
+        help="saved extractor dir or MLflow artifact URI (runs:/<id>/extractor)",
+    )
+    parser.add_argument(
+        "--backbone",
+        default="",
+        help="resnet50 | mobilenet_v2 | efficientnet_b0 | efficientnet_lite0",
+    )
+    parser.add_argument(
+        "--weights", default="", help="imagenet | none | checkpoint path (default: config)"
+    )
+    parser.add_argument(
+        "--batch-size", default="", help="images per forward pass (default: config)"
+    )
+    parser.add_argument("--precision", default="", help="fp32 | bf16 (default: config)")
+    args = parser.parse_args()
+    setup_logging()
+    run_id = run(
+        args.preprocess_run_id,
+        split_run_id=args.split_run_id or None,
+        extractor_uri=args.extractor_uri or None,
+        overrides={
+            "extract.backbone": args.backbone,
+            "extract.weights": args.weights,
+            "extract.batch_size": args.batch_size,
+            "extract.precision": args.precision,
+        },
+        profile=args.profile or None,
+    )
+    print(run_id)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The whole pipeline, each stage a nested MLflow run under this one.
+
+ingest -> validate -> preprocess -> eda -> split -> extract -> index -> evaluate -> register -> promote
+
+Inputs: the catalog named by configs/ingest.yaml (default: the emoji demo catalog, fetched when
+absent). Each stage reads the previous stages' artifacts by run id; the parent run records every
+child's run id as a tag ``imgsearch.run.<stage>`` and the headline metrics of the evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import mlflow
+
+from steps import eda, evaluate, extract, index, ingest, preprocess, promote, register, split, validate
+from steps.common import base_parser, log_metrics, setup_logging
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("hit_at_1", "hit_at_10", "precision_at_1", "map", "map_at_r", "recall_at_10")
+
+
+def run(
+    profile: str | None = None, overrides: dict[str, Any] | None = None, promote_: bool = True
+) -> str:
+    kw: dict[str, Any] = {"overrides": overrides or {}, "profile": profile or None}
+    with mlflow.start_run(run_name="main", nested=mlflow.active_run() is not None) as parent:
+        mlflow.set_tag("imgsearch.stage", "main")
+        mlflow.log_params({k: v for k, v in (overrides or {}).items() if v not in (None, "")})
+        ids: dict[str, str] = {}
+
+        def done(stage: str, run_id: str) -> str:
+            ids[stage] = run_id
+            mlflow.set_tag(f"imgsearch.run.{stage}", run_id)
+            log.info("stage %s: run %s", stage, run_id)
+            return run_id
+
+        done("ingest", ingest.run(**kw))
+        done("validate", validate.run(ids["ingest"], **kw))
+        done("preprocess", preprocess.run(ids["validate"], **kw))
+        done("eda", eda.run(ids["validate"], ids["preprocess"], **kw))
+        done("split", split.run(preprocess_run_id=ids["preprocess"], **kw))
+        done("extract", extract.run(ids["preprocess"], split_run_id=ids["split"], **kw))
+        done("index", index.run(ids["extract"], split_run_id=ids["split"], **kw))
+        done("evaluate", evaluate.run(ids["extract"], ids["split"], **kw))
+        done("register", register.run(ids["extract"], ids["index"], ids["evaluate"], **kw))
+        if promote_:
+            done("promote", promote.run(**kw))
+
+        metrics = mlflow.get_run(ids["evaluate"]).data.metrics
+        log_metrics({f"test.{k}": metrics[k] for k in HEADLINE if k in metrics})
+        return parent.info.run_id
+
+
+def main() -> None:
+    setup_logging()
+    parser = base_parser(__doc__)
+    parser.add_argument("--limit", default="", help="demo: number of emoji (default: all)")
+    parser.add_argument("--backbone", default="", help="resnet50 | mobilenet_v2 | efficientnet_b0 | efficientnet_lite0")
+    parser.add_argument("--weights", default="", help="imagenet | none | checkpoint path")
+    parser.add_argument("--factory", default="", help="FAISS index factory string, or auto")
+    parser.add_argument("--no-promote", action="store_true", help="register the challenger only")
+    args = parser.parse_args()
+    overrides = {
+        "demo.limit": args.limit,
+        "extract.backbone": args.backbone,
+        "extract.weights": args.weights,
+        "index.factory": args.factory,
+    }
+    print(run(args.profile or None, overrides, promote_=not args.no_promote))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Promotion gate: move ``champion`` to the ``challenger`` pair when it matches or beats it.
+
+Inputs: the registry (``imgsearch-index@challenger`` and its extractor version), thresholds from
+``configs/promote.yaml`` (``--metric``, ``--min-delta`` override them). ``--rollback`` instead
+re-points ``champion`` at the previous champion (or ``--to-version``).
+
+Produces: tags ``promote.promoted`` / ``promote.reason`` / versions, metrics
+``promote.challenger_value`` / ``promote.champion_value`` / ``promote.delta`` / ``promote.promoted``
+and ``decision.json``. A refused promotion is a normal outcome (exit 0); an unreachable or locked
+store fails the step, with nothing changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import mlflow
+
+from imgsearch.config import from_dict
+from registry.promote import PromoteConfig, promote_with_config, rollback
+from steps.common import base_parser, log_metrics, setup_logging, stage_run
+
+log = logging.getLogger(__name__)
+
+
+def run(
+    overrides: dict[str, Any] | None = None,
+    profile: str | None = None,
+    do_rollback: bool = False,
+    to_version: str | None = None,
+) -> str:
+    with stage_run("promote", overrides, profile) as (active, all_cfg):
+        cfg = from_dict(PromoteConfig, all_cfg.get("promote"))
+        if do_rollback:
+            result = rollback(
+                to_version=to_version or None,
+                index_name=cfg.index_name,
+                extractor_name=cfg.extractor_name,
+            )
+            mlflow.set_tags(
+                {
+                    "promote.action": "rollback",
+                    "promote.from_version": result.from_version,
+                    "promote.to_version": result.to_version,
+                    "promote.reason": result.reason,
+                }
+            )
+            mlflow.log_dict(result.__dict__, "decision.json")
+            return active.info.run_id
+        decision = promote_with_config(cfg)
+        mlflow.set_tags(
+            {
+                "promote.action": "promote",
+                "promote.promoted": str(decision.promoted).lower(),
+                "promote.reason": decision.reason[:5000],
+                "promote.challenger_version": str(decision.challenger_version),
+                "promote.champion_version": str(decision.champion_version),
+                "promote.extractor_version": str(decision.extractor_version),
+            }
+        )
+        log_metrics(
+            {
+                "promote.promoted": float(decision.promoted),
+                "promote.challenger_value": decision.challenger_value,
+                "promote.champion_value": decision.champion_value,
+                "promote.delta": decision.delta,
+                **{f"promote.smoke.{k}": v for k, v in decision.smoke.items()},
+            }
+        )
+        mlflow.log_dict(decision.as_dict(), "decision.json")
+        log.info("promotion %s: %s", "done" if decision.promoted else "refused", decision.reason)
+        return active.info.run_id
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--metric", default="", help="version metric to compare (default: config)")
+    parser.add_argument("--min-delta", default="", help="required improvement (default: config)")
+    parser.add_argument("--rollback", action="store_true", help="roll champion back instead")
+    parser.add_argument("--to-version", default="", help="with --rollback: the index version")
+    args = parser.parse_args()
+    setup_logging()
+    run(
+        overrides={"promote.metric": args.metric, "promote.min_delta": args.min_delta},
+        profile=args.profile or None,
+        do_rollback=args.rollback,
+        to_version=args.to_version or None,
+    )
+
+
+if __name__ == "__main__":
+    main()
