@@ -391,7 +391,8 @@ def embedding_plots(
                 ax.scatter(
                     xy[mask, 0], xy[mask, 1], s=6, color=colour, label=f"{name} ({int(mask.sum())})"
                 )
-        ax.set_title(f"{method.upper()} of {len(x)} embeddings, coloured by category")
+        title = {"tsne": "t-SNE", "umap": "UMAP"}.get(method, method)
+        ax.set_title(f"{title} of {len(x)} embeddings, coloured by category")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(

@@ -192,7 +192,12 @@ def load_uint8(path: str | Path) -> np.ndarray:
 
 
 def cache_path(cache_dir: Path, cfg: PreprocessConfig, sha256: str) -> Path:
-    return Path(cache_dir) / cfg.cache_key() / sha256[:2] / f"{sha256}.npy"
+    """Where the preprocessed array of the image with ``sha256`` lives."""
+    return _entry(Path(cache_dir) / cfg.cache_key(), sha256)
+
+
+def _entry(root: Path, sha256: str) -> Path:
+    return root / sha256[:2] / f"{sha256}.npy"
 
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
@@ -244,8 +249,9 @@ def _sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _one(path: str | None, sha: str | None, cfg: PreprocessConfig, cache_dir: Path) -> _Outcome:
-    """Preprocess one file into the cache; never raises (a failure is an outcome with a reason)."""
+def _one(path: str | None, sha: str | None, cfg: PreprocessConfig, root: Path) -> _Outcome:
+    """Preprocess one file into the cache folder ``root`` of ``cfg``; never raises (a failure is
+    an outcome with a reason)."""
     if path is None:
         return _Outcome(reason="missing_file", detail="no path in the manifest")
     try:
@@ -253,7 +259,7 @@ def _one(path: str | None, sha: str | None, cfg: PreprocessConfig, cache_dir: Pa
         if not sha:
             source = imageio.read_bytes(path)  # read once: hashed here, decoded below
             sha = _sha256_of(source)
-        target = cache_path(cache_dir, cfg, sha)
+        target = _entry(root, sha)
         if target.exists():
             return _Outcome(pre_path=str(target), hit=True)
         arr = to_uint8(imageio.open_rgb(source), cfg)
@@ -270,7 +276,7 @@ def _one(path: str | None, sha: str | None, cfg: PreprocessConfig, cache_dir: Pa
 
 
 def _run_all(
-    jobs: list[tuple[str | None, str | None]], cfg: PreprocessConfig, cache_dir: Path, workers: int
+    jobs: list[tuple[str | None, str | None]], cfg: PreprocessConfig, root: Path, workers: int
 ) -> Iterator[_Outcome]:
     """Outcomes of ``jobs`` (path, sha) in order: in this process, or in ``workers`` processes.
 
@@ -281,7 +287,7 @@ def _run_all(
     """
     if workers <= 1 or len(jobs) < 4 * workers:
         for path, sha in jobs:
-            yield _one(path, sha, cfg, cache_dir)
+            yield _one(path, sha, cfg, root)
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -292,7 +298,7 @@ def _run_all(
             [p for p, _ in jobs],
             [s for _, s in jobs],
             [cfg] * len(jobs),
-            [cache_dir] * len(jobs),
+            [root] * len(jobs),
             chunksize=chunk,
         )
 
@@ -315,8 +321,8 @@ def preprocess(
     for column in (schema.IMAGE_ID, schema.PATH):
         if column not in manifest.columns:
             raise ValueError(f"manifest has no {column!r} column")
-    cache_dir = Path(cache_dir)
-    _write_cache_description(cache_dir / cfg.cache_key(), cfg)
+    root = Path(cache_dir) / cfg.cache_key()
+    _write_cache_description(root, cfg)
     workers = workers or os.cpu_count() or 1
 
     paths = [None if pd.isna(p) else str(p) for p in manifest[schema.PATH]]
@@ -340,7 +346,7 @@ def preprocess(
         total=len(keys), desc="preprocess", unit="img", disable=not progress, mininterval=1.0
     ) as bar:
         for key, outcome in zip(
-            keys, _run_all([tasks[k] for k in keys], cfg, cache_dir, workers), strict=True
+            keys, _run_all([tasks[k] for k in keys], cfg, root, workers), strict=True
         ):
             outcomes[key] = outcome
             bar.update()

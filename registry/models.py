@@ -9,6 +9,8 @@ Bad input policy (the server keeps serving in every case):
 
 * one bad image in a batch: that query gets one row with an ``error`` reason (``ImageRejected``'s
   stable code plus detail) and no results; the other queries are answered;
+* a good image that no gallery row passes the filters for (``category``, ``exclude_nsfw``): one
+  row with ``error`` = ``no_results: ...``;
 * every image in the request bad (a single garbage upload, say), or a bad ``params`` value:
   :class:`mlflow.exceptions.MlflowException` with ``INVALID_PARAMETER_VALUE``, which the scoring
   server turns into an HTTP 400 carrying the reason.
@@ -43,7 +45,7 @@ from PIL import Image
 from imgsearch import schema
 from imgsearch.backbones import fingerprint, load_extractor
 from imgsearch.config import from_dict
-from imgsearch.errors import ImageRejected
+from imgsearch.errors import ConfigError, ImageRejected
 from imgsearch.extract import embed_images
 from imgsearch.imageio import open_rgb
 from imgsearch.index import ImageIndex
@@ -194,13 +196,15 @@ class ExtractorModel(PythonModel):
     Output: a DataFrame with ``embedding`` (list of float, or ``None``) and ``error`` per input row.
     """
 
-    def load_context(self, context):
+    def load_context(self, context: Any) -> None:
         self.extractor = load_extractor(Path(context.artifacts[ARTIFACT_EXTRACTOR]))
         self.extractor.eval()
         self.fingerprint = fingerprint(self.extractor)
         self.allow_paths = _allow_paths(context)
 
-    def predict(self, context, model_input, params=None):
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         images, errors = decode_images(_image_values(model_input), allow_paths=self.allow_paths)
         emb, rows = _embed(self.extractor, images)
         vectors: list[list[float] | None] = [None] * len(images)
@@ -340,7 +344,7 @@ class IndexModel(PythonModel):
     other metadata columns, and ``error`` (``None``, or why that query has no results).
     """
 
-    def load_context(self, context):
+    def load_context(self, context: Any) -> None:
         self.extractor = load_extractor(Path(context.artifacts[ARTIFACT_EXTRACTOR]))
         self.extractor.eval()
         self.fingerprint = fingerprint(self.extractor)
@@ -354,16 +358,26 @@ class IndexModel(PythonModel):
         config = getattr(context, "model_config", None) or {}
         self.default_k = int(config.get("default_k", DEFAULT_K))
 
-    def predict(self, context, model_input, params=None):
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         k, cfg = ranking_for_request(self.ranking, params, self.default_k)
         images, errors = decode_images(_image_values(model_input), allow_paths=self.allow_paths)
         emb, rows = _embed(self.extractor, images)
         frames: list[pd.DataFrame] = []
         if rows:
-            hits = rank(self.index, emb, k, cfg)  # 2-D queries: `query` is the row of `emb`
+            try:
+                hits = rank(self.index, emb, k, cfg)  # 2-D queries: `query` is the row of `emb`
+            except (
+                ConfigError,
+                ValueError,
+            ) as exc:  # e.g. a category filter on an index without one
+                raise _invalid(f"cannot rank: {exc}") from exc
             hits[QUERY] = np.asarray(rows, dtype=np.int64)[hits[QUERY].to_numpy(dtype=np.int64)]
             hits[ERROR] = None
             frames.append(hits)
+            for i in sorted(set(rows) - set(hits[QUERY])):  # a query the filters left empty
+                errors[i] = "no_results: no gallery image passes the ranking filters"
         failed = [i for i, err in enumerate(errors) if err is not None]
         if failed:
             frames.append(pd.DataFrame({QUERY: failed, ERROR: [errors[i] for i in failed]}))

@@ -21,6 +21,7 @@ checksums verify: a mismatched pair or a tampered index is refused before anythi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -28,7 +29,8 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,15 +349,16 @@ def log_extractor_model(
     tags = {**metric_tags(metrics or {}), **dict(extra_tags or {})}
 
     def _log() -> Any:
-        return mlflow.pyfunc.log_model(
-            name="extractor",
-            python_model=models.ExtractorModel(),
-            artifacts={models.ARTIFACT_EXTRACTOR: str(extractor_dir)},
-            code_paths=code_paths(),
-            signature=models.extractor_signature(),
-            pip_requirements=pip_requirements(),
-            model_config={"allow_paths": False},
-        )
+        with _quiet_input_example():
+            return mlflow.pyfunc.log_model(
+                name="extractor",
+                python_model=models.ExtractorModel(),
+                artifacts={models.ARTIFACT_EXTRACTOR: str(extractor_dir)},
+                code_paths=code_paths(),
+                signature=models.extractor_signature(),
+                pip_requirements=pip_requirements(),
+                model_config={"allow_paths": False},
+            )
 
     version, _ = _register(client, name, source, data_hash, fp, tags, alias, _log)
     return version
@@ -407,22 +410,32 @@ def log_index_model(
         with tempfile.TemporaryDirectory() as tmp:
             ranking_path = Path(tmp) / "ranking.yaml"
             ranking_path.write_text(yaml.safe_dump(_plain(asdict(ranking_cfg)), sort_keys=True))
-            return mlflow.pyfunc.log_model(
-                name="index",
-                python_model=models.IndexModel(),
-                artifacts={
-                    models.ARTIFACT_EXTRACTOR: str(extractor_dir),
-                    models.ARTIFACT_INDEX: str(index_dir),
-                    models.ARTIFACT_RANKING: str(ranking_path),
-                },
-                code_paths=code_paths(),
-                signature=models.index_signature(ranking_cfg, default_k),
-                pip_requirements=pip_requirements(),
-                model_config={"allow_paths": False, "default_k": int(default_k)},
-            )
+            with _quiet_input_example():
+                return mlflow.pyfunc.log_model(
+                    name="index",
+                    python_model=models.IndexModel(),
+                    artifacts={
+                        models.ARTIFACT_EXTRACTOR: str(extractor_dir),
+                        models.ARTIFACT_INDEX: str(index_dir),
+                        models.ARTIFACT_RANKING: str(ranking_path),
+                    },
+                    code_paths=code_paths(),
+                    signature=models.index_signature(ranking_cfg, default_k),
+                    pip_requirements=pip_requirements(),
+                    model_config={"allow_paths": False, "default_k": int(default_k)},
+                )
 
     version, _ = _register(client, name, source, hash_, fp, tags, alias, _log)
     return version
+
+
+@contextlib.contextmanager
+def _quiet_input_example() -> Iterator[None]:
+    """No input example on purpose: MLflow would run the model on it while logging (the
+    promotion gate's smoke check does that, once, where it matters)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        yield
 
 
 def _plain(value: Any) -> Any:

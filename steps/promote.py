@@ -81,12 +81,13 @@ def main() -> None:
     parser.add_argument("--to-version", default="", help="with --rollback: the index version")
     args = parser.parse_args()
     setup_logging()
-    run(
+    run_id = run(
         overrides={"promote.metric": args.metric, "promote.min_delta": args.min_delta},
         profile=args.profile or None,
         do_rollback=args.rollback,
         to_version=args.to_version or None,
     )
+    print(run_id)
 
 
 if __name__ == "__main__":

@@ -134,13 +134,14 @@ def main() -> None:
     parser.add_argument("--alias", default="", help="alias to set (default: configs/register.yaml)")
     args = parser.parse_args()
     setup_logging()
-    run(
+    run_id = run(
         args.extract_run_id,
         args.index_run_id,
         args.evaluate_run_id,
         overrides={"register.alias": args.alias},
         profile=args.profile or None,
     )
+    print(run_id)
 
 
 if __name__ == "__main__":

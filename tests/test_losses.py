@@ -34,7 +34,11 @@ def ref_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
 
 def ref_supcon(features: torch.Tensor, labels: list[int], t: float) -> float:
     """features (N, V, D): every (image, view) is an anchor; positives share the label."""
-    samples = [(_unit(features[i, v]), labels[i]) for v in range(features.shape[1]) for i in range(features.shape[0])]
+    samples = [
+        (_unit(features[i, v]), labels[i])
+        for v in range(features.shape[1])
+        for i in range(features.shape[0])
+    ]
     per_anchor = []
     for i, (zi, li) in enumerate(samples):
         positives = [p for p, (_, lp) in enumerate(samples) if p != i and lp == li]
@@ -42,7 +46,8 @@ def ref_supcon(features: torch.Tensor, labels: list[int], t: float) -> float:
             continue
         denom = sum(math.exp(_dot(zi, za) / t) for a, (za, _) in enumerate(samples) if a != i)
         per_anchor.append(
-            -sum(math.log(math.exp(_dot(zi, samples[p][0]) / t) / denom) for p in positives) / len(positives)
+            -sum(math.log(math.exp(_dot(zi, samples[p][0]) / t) / denom) for p in positives)
+            / len(positives)
         )
     return sum(per_anchor) / len(per_anchor)
 
@@ -67,7 +72,10 @@ def gen() -> torch.Generator:
 
 @pytest.mark.parametrize("n,d,t", [(2, 3, 0.5), (5, 8, 0.1), (7, 4, 1.0)])
 def test_nt_xent_matches_reference(gen: torch.Generator, n: int, d: int, t: float) -> None:
-    z1, z2 = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen, dtype=torch.float64)
+    z1, z2 = (
+        torch.randn(n, d, generator=gen, dtype=torch.float64),
+        torch.randn(n, d, generator=gen, dtype=torch.float64),
+    )
     assert float(nt_xent_loss(z1, z2, t)) == pytest.approx(ref_nt_xent(z1, z2, t), rel=1e-9)
 
 
@@ -108,16 +116,26 @@ def test_nt_xent_edge_cases() -> None:
 
 @pytest.mark.parametrize(
     "labels,views,t",
-    [([0, 0, 1, 1, 2, 2], 1, 0.1), ([0, 1, 0, 2, 1, 3], 2, 0.5), ([4, 4, 4, 9], 3, 0.07), ([0, 1, 2], 2, 1.0)],
+    [
+        ([0, 0, 1, 1, 2, 2], 1, 0.1),
+        ([0, 1, 0, 2, 1, 3], 2, 0.5),
+        ([4, 4, 4, 9], 3, 0.07),
+        ([0, 1, 2], 2, 1.0),
+    ],
 )
-def test_supcon_matches_reference(gen: torch.Generator, labels: list[int], views: int, t: float) -> None:
+def test_supcon_matches_reference(
+    gen: torch.Generator, labels: list[int], views: int, t: float
+) -> None:
     f = torch.randn(len(labels), views, 5, generator=gen, dtype=torch.float64)
     got = supcon_loss(f if views > 1 else f[:, 0], torch.tensor(labels), t)
     assert float(got) == pytest.approx(ref_supcon(f, labels, t), rel=1e-9)
 
 
 def test_supcon_without_labels_is_nt_xent_for_two_views(gen: torch.Generator) -> None:
-    z1, z2 = torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    z1, z2 = (
+        torch.randn(6, 5, generator=gen, dtype=torch.float64),
+        torch.randn(6, 5, generator=gen, dtype=torch.float64),
+    )
     assert float(supcon_loss(torch.stack([z1, z2], dim=1), None, 0.3)) == pytest.approx(
         float(nt_xent_loss(z1, z2, 0.3)), rel=1e-9
     )
@@ -159,7 +177,10 @@ def test_supcon_edge_cases() -> None:
 
 @pytest.mark.parametrize("n,k,t", [(1, 5, 0.2), (4, 7, 0.07), (3, 1, 1.0)])
 def test_moco_matches_reference(gen: torch.Generator, n: int, k: int, t: float) -> None:
-    q, key = torch.randn(n, 6, generator=gen, dtype=torch.float64), torch.randn(n, 6, generator=gen, dtype=torch.float64)
+    q, key = (
+        torch.randn(n, 6, generator=gen, dtype=torch.float64),
+        torch.randn(n, 6, generator=gen, dtype=torch.float64),
+    )
     queue = torch.randn(k, 6, generator=gen, dtype=torch.float64)
     assert float(moco_loss(q, key, queue, t)) == pytest.approx(ref_moco(q, key, queue, t), rel=1e-9)
 
@@ -202,7 +223,9 @@ def test_moco_queue_is_fifo_and_wraps() -> None:
     moco.enqueue(first)
     assert int(moco.ptr) == 3
     assert torch.allclose(moco.queue[:3], torch.nn.functional.normalize(first, dim=1))
-    moco.enqueue(torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]]))  # two fit, the third wraps to 0
+    moco.enqueue(
+        torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])
+    )  # two fit, the third wraps to 0
     assert int(moco.ptr) == 1
     assert torch.allclose(moco.queue[0], torch.tensor([-1.0, 0.0]))
     assert torch.allclose(moco.queue[3:], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))

@@ -382,10 +382,13 @@ def test_index_model_all_bad_or_bad_params_is_a_400(env: Env, index_model) -> No
 
 
 def test_index_model_params_filter_by_category(env: Env, index_model) -> None:
-    out = index_model.predict(
-        pd.DataFrame({"image": [b64(env.images[0])]}), params={"k": 5, "category": "a"}
-    )
-    assert len(out) and set(out["category"]) == {"a"}
+    query = pd.DataFrame({"image": [b64(env.images[0])]})
+    out = index_model.predict(query, params={"k": 5, "category": "a"})
+    assert len(out) == 3 and set(out["category"]) == {"a"}  # 3 of the 6 images are in "a"
+    assert list(out["rank"]) == [1, 2, 3]
+    assert len(index_model.predict(query, params={"k": 5})) == 5
+    none = index_model.predict(query, params={"k": 5, "category": "no-such-category"})
+    assert len(none) == 1 and none.iloc[0]["error"].startswith("no_results")
 
 
 def test_paths_are_refused_unless_the_loader_opts_in(

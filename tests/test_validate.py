@@ -412,7 +412,9 @@ def test_fifo_and_non_utf8_paths_from_a_manifest(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     raw_name = os.fsencode(tmp_path) + b"/caf\xe9.png"
     rng = np.random.default_rng(7)
-    PILImage.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(os.fsdecode(raw_name))
+    PILImage.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+        os.fsdecode(raw_name)
+    )
     manifest = pd.DataFrame(
         {
             "image_id": ["fifo", "latin1"],
