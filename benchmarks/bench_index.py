@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--clusters", type=int, default=1000)
-    parser.add_argument("--noise", type=float, default=1.0)
+    parser.add_argument("--noise", type=float, default=1.5)
     parser.add_argument(
         "--queries", type=int, default=500, help="sample queries (half tune, half report)"
     )

@@ -3,8 +3,8 @@
 Generates synthetic 64-px PNGs (noise + shapes; every third one RGBA with transparency, which
 validate fixes into a clean copy) once, then, for each N, times ``imgsearch.validate.validate`` and
 ``imgsearch.preprocess.preprocess`` (cold cache, then warm). Each N runs in a fresh process so
-its memory is its own: the figure is the peak PSS of the process and its worker processes,
-sampled every 10 ms, above the PSS just before the work. CPU ms/image (user + system, workers
+its memory is its own: the figure is the peak anonymous PSS (heap, not shared libraries) of the
+process and its worker processes, sampled every 10 ms, above its value just before the work. CPU ms/image (user + system, workers
 included) is printed beside wall-clock images/s, because on a shared machine wall-clock
 throughput says as much about the neighbours as about the code. Memory that is flat in N gives a growth ratio near 1.
 
@@ -74,23 +74,30 @@ def manifest_of(root: Path, n: int) -> pd.DataFrame:
     )
 
 
-def _memory_bytes(pid: int | None = None) -> int:
-    """PSS of ``pid`` (default: this process) plus all its descendants (the worker processes).
+def _memory_bytes(pid: int | None = None) -> tuple[int, frozenset[int]]:
+    """Anonymous PSS of ``pid`` (default: this process) plus its descendants (the workers), and
+    the set of processes counted.
 
     PSS, not RSS: forked workers share the parent's pages (torch alone is hundreds of MB), and
-    summing RSS would count those once per worker.
+    summing RSS would count those once per worker. Anonymous only: the file-backed part (shared
+    libraries) moves whenever another process on the machine maps or unmaps the same libraries.
     """
     pid = pid or os.getpid()
     try:
         with open(f"/proc/{pid}/smaps_rollup") as fh:
-            total = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("Pss:"))
+            total = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("Pss_Anon:"))
         children: list[int] = []
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children") as fh:
                 children += [int(c) for c in fh.read().split()]
     except (FileNotFoundError, ProcessLookupError, StopIteration):
-        return 0  # the process ended between two reads
-    return total + sum(_memory_bytes(c) for c in children)
+        return 0, frozenset()  # the process ended between two reads
+    pids = {pid}
+    for child in children:
+        size, below = _memory_bytes(child)
+        total += size
+        pids |= below
+    return total, frozenset(pids)
 
 
 def _cpu_seconds() -> float:
@@ -103,7 +110,7 @@ def _cpu_seconds() -> float:
 
 
 class PeakMemory:
-    """Peak memory (PSS) of this process and its workers while the block runs (sampled)."""
+    """Peak memory (anonymous PSS) of this process and its workers while the block runs (sampled)."""
 
     def __init__(self, interval: float = 0.01) -> None:
         self.interval = interval
@@ -112,19 +119,25 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
+        # A sample taken while a worker forks or exits reads the parent and the child at
+        # different instants and counts shared pages twice: only samples whose process set is
+        # the same as the previous sample's count.
+        previous: frozenset[int] = frozenset()
         while not self._stop.is_set():
-            self.peak = max(self.peak, _memory_bytes())
+            size, pids = _memory_bytes()
+            if pids == previous:
+                self.peak = max(self.peak, size)
+            previous = pids
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakMemory:
-        self.start = self.peak = _memory_bytes()
+        self.start = self.peak = _memory_bytes()[0]
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _memory_bytes())
 
     @property
     def growth_mb(self) -> float:
@@ -219,8 +232,8 @@ def main() -> None:
         ("warm cache hits", "cache_hits_warm", "{:.0f}"),
         ("validate CPU ms/image", "validate_cpu_ms", "{:.2f}"),
         ("preprocess CPU ms/image", "preprocess_cpu_ms", "{:.2f}"),
-        ("memory before work (PSS MB)", "mem_start_mb", "{:.1f}"),
-        ("peak memory growth (PSS MB)", "mem_growth_mb", "{:.1f}"),
+        ("memory before work (anon PSS MB)", "mem_start_mb", "{:.1f}"),
+        ("peak memory growth (anon PSS MB)", "mem_growth_mb", "{:.1f}"),
         ("cache on disk (MB)", "cache_mb", "{:.1f}"),
     ]
     width = 34

@@ -68,11 +68,17 @@ class AugmentConfig:
         self.crop_ratio = _pair(self.crop_ratio, "crop_ratio")
         self.blur_sigma = _pair(self.blur_sigma, "blur_sigma")
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
-            raise ConfigError(f"augment.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+            raise ConfigError(
+                f"augment.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}"
+            )
         if not (0 < self.crop_ratio[0] <= self.crop_ratio[1]):
-            raise ConfigError(f"augment.crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+            raise ConfigError(
+                f"augment.crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}"
+            )
         if not (0 < self.blur_sigma[0] <= self.blur_sigma[1]):
-            raise ConfigError(f"augment.blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}")
+            raise ConfigError(
+                f"augment.blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}"
+            )
         for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p"):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
@@ -121,7 +127,9 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
 def paper_augment(method: str) -> AugmentConfig:
     """The augmentation recipe of ``method``'s paper (``simclr``, ``moco``, ``supcon``)."""
     if method not in PAPER_PRESETS:
-        raise ConfigError(f"no augmentation preset for method {method!r}; known: {sorted(PAPER_PRESETS)}")
+        raise ConfigError(
+            f"no augmentation preset for method {method!r}; known: {sorted(PAPER_PRESETS)}"
+        )
     return AugmentConfig(**PAPER_PRESETS[method])
 
 

@@ -176,6 +176,19 @@ def _barh(counts: pd.Series, xlabel: str, *, top: int = TOP_BARS) -> Figure:
     return fig
 
 
+def _bars_or_sentence(counts: pd.Series, unit: str, out_dir: Path, key: str, total: int) -> str:
+    """A bar chart, or one sentence when there is a single value (a lone 100% bar says less)."""
+    if len(counts) == 1:
+        value, count = str(counts.index[0]), int(counts.iloc[0])
+        share = (
+            f"all {total:,}"
+            if count == total
+            else f"{count:,} of {total:,} ({_pct(count / total)})"
+        )
+        return _note(f"{value}: {share} {unit}.")
+    return _png(_barh(counts, unit), out_dir, key)
+
+
 def _log_axis(axis: Any) -> None:
     """Log scale with plain tick labels (1, 10, 1,000): mathtext, used by the default labels, is off."""
     axis.axes.set_xscale("log") if axis.axis_name == "x" else axis.axes.set_yscale("log")
@@ -373,15 +386,15 @@ def _formats(manifest: pd.DataFrame, out_dir: Path) -> _Section:
         return _Section(
             "formats", "File formats", _note("Not in this manifest (the validate stage adds it).")
         )
-    body = _png(
-        _barh(_labels(manifest[schema.FORMAT]).value_counts(), "images"), out_dir, "formats"
-    )
+    formats = _labels(manifest[schema.FORMAT]).value_counts()
+    body = _bars_or_sentence(formats, "images", out_dir, "formats", len(manifest))
     if _present(manifest, schema.FIXES):
         codes = manifest[schema.FIXES].dropna().astype(str).str.split(";").explode().str.strip()
         codes = codes[codes != ""]
+        body += "<h3>Fixes applied by validation</h3>"
         if len(codes):
-            body += "<h3>Fixes applied by validation</h3>" + _png(
-                _barh(codes.value_counts(), "images"), out_dir, "fixes"
+            body += _bars_or_sentence(
+                codes.value_counts(), "images", out_dir, "fixes", len(manifest)
             )
         else:
             body += _note("No image needed a fix during validation.")
@@ -495,8 +508,9 @@ def _attributes(manifest: pd.DataFrame, out_dir: Path) -> _Section:
     body = ""
     for column in columns:
         key = f"attribute_{''.join(c if c.isalnum() else '_' for c in column)}"
-        body += f"<h3>{html.escape(column)}</h3>" + _png(
-            _barh(_labels(manifest[column]).value_counts(), "images"), out_dir, key
+        counts = _labels(manifest[column]).value_counts()
+        body += f"<h3>{html.escape(column)}</h3>" + _bars_or_sentence(
+            counts, "images", out_dir, key, len(manifest)
         )
     return _Section("attributes", title, body)
 

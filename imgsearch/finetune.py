@@ -146,8 +146,15 @@ class FinetuneConfig:
         if self.method not in METHODS:
             raise ConfigError(f"finetune.method must be one of {METHODS}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"finetune.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name, low in (("epochs", 1), ("batch_size", 2), ("images_per_item", 1), ("eval_batch_size", 1)):
+            raise ConfigError(
+                f"finetune.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+            )
+        for name, low in (
+            ("epochs", 1),
+            ("batch_size", 2),
+            ("images_per_item", 1),
+            ("eval_batch_size", 1),
+        ):
             _check_int(self, name, low)
         for name in ("freeze_blocks", "patience", "seed"):
             _check_int(self, name, 0)
@@ -172,7 +179,9 @@ class FinetuneConfig:
         if self.max_minutes is not None:
             self.max_minutes = float(self.max_minutes)
             if not self.max_minutes > 0:
-                raise ConfigError(f"finetune.max_minutes must be > 0 or null, got {self.max_minutes}")
+                raise ConfigError(
+                    f"finetune.max_minutes must be > 0 or null, got {self.max_minutes}"
+                )
         self.head_dims = tuple(int(d) for d in self.head_dims)
         if any(d < 1 for d in self.head_dims):
             raise ConfigError(f"finetune.head_dims must be positive, got {self.head_dims}")
@@ -218,7 +227,9 @@ class FinetuneResult:
 # --- images ---------------------------------------------------------------------------------------
 
 
-def load_images(manifest: pd.DataFrame, cfg: PreprocessConfig) -> tuple[torch.Tensor, np.ndarray, pd.DataFrame]:
+def load_images(
+    manifest: pd.DataFrame, cfg: PreprocessConfig
+) -> tuple[torch.Tensor, np.ndarray, pd.DataFrame]:
     """Read every row as uint8 ``(3, S, S)`` with preprocessing ``cfg``.
 
     Returns ``(images (N_ok, 3, S, S) uint8, ok mask (N,), failures)`` where failures is a
@@ -230,8 +241,16 @@ def load_images(manifest: pd.DataFrame, cfg: PreprocessConfig) -> tuple[torch.Te
     out = torch.empty((len(manifest), 3, size, size), dtype=torch.uint8)
     ok = np.zeros(len(manifest), dtype=bool)
     failures: list[dict[str, object]] = []
-    pre_paths = manifest[schema.PRE_PATH].tolist() if schema.PRE_PATH in manifest.columns else [None] * len(manifest)
-    paths = manifest[schema.PATH].tolist() if schema.PATH in manifest.columns else [None] * len(manifest)
+    pre_paths = (
+        manifest[schema.PRE_PATH].tolist()
+        if schema.PRE_PATH in manifest.columns
+        else [None] * len(manifest)
+    )
+    paths = (
+        manifest[schema.PATH].tolist()
+        if schema.PATH in manifest.columns
+        else [None] * len(manifest)
+    )
     for i, (pre, path) in enumerate(zip(pre_paths, paths, strict=True)):
         arr: np.ndarray | None = None
         if isinstance(pre, str) and pre and Path(pre).parent.parent.name == key:
@@ -261,7 +280,9 @@ def load_images(manifest: pd.DataFrame, cfg: PreprocessConfig) -> tuple[torch.Te
                 )
                 log.warning("finetune: cannot read %s (%s)", row.get(schema.IMAGE_ID), exc)
                 continue
-        arr = np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()  # torch refuses read-only
+        arr = (
+            np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()
+        )  # torch refuses read-only
         out[i] = torch.from_numpy(arr).permute(2, 0, 1)
         ok[i] = True
     return out[torch.from_numpy(ok)], ok, schema.quarantine_rows(failures)
@@ -325,16 +346,22 @@ def backbone_blocks(extractor: Extractor) -> list[nn.Module]:
     efficientnet-pytorch: stem, each of ``_blocks``, head. Raises :class:`ConfigError` otherwise.
     """
     body = extractor.body
-    features = getattr(body, "features", None)
+
+    def child(name: str) -> nn.Module | None:
+        module = getattr(body, name, None)
+        return module if isinstance(module, nn.Module) else None
+
+    features = child("features")
     if isinstance(features, nn.Sequential):
         return list(features)
-    if all(hasattr(body, n) for n in ("conv1", "bn1", "layer1", "layer4")):
-        stem = nn.ModuleList([body.conv1, body.bn1])
-        return [stem, body.layer1, body.layer2, body.layer3, body.layer4]
-    blocks = getattr(body, "_blocks", None)
+    resnet = [child(n) for n in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")]
+    if all(m is not None for m in resnet):
+        parts = [m for m in resnet if m is not None]
+        return [nn.ModuleList(parts[:2]), *parts[2:]]
+    blocks = child("_blocks")
     if isinstance(blocks, nn.ModuleList):
-        stem = nn.ModuleList([m for m in (getattr(body, "_conv_stem", None), getattr(body, "_bn0", None)) if m])
-        head = nn.ModuleList([m for m in (getattr(body, "_conv_head", None), getattr(body, "_bn1", None)) if m])
+        stem = nn.ModuleList([m for m in (child("_conv_stem"), child("_bn0")) if m is not None])
+        head = nn.ModuleList([m for m in (child("_conv_head"), child("_bn1")) if m is not None])
         return [stem, *blocks, head]
     raise ConfigError(f"freeze_blocks: do not know the blocks of backbone {extractor.spec.name!r}")
 
@@ -345,7 +372,9 @@ def _freeze(extractor: Extractor, n_blocks: int) -> list[nn.Module]:
         return []
     blocks = backbone_blocks(extractor)
     if n_blocks > len(blocks):
-        raise ConfigError(f"freeze_blocks={n_blocks} but {extractor.spec.name} has {len(blocks)} blocks")
+        raise ConfigError(
+            f"freeze_blocks={n_blocks} but {extractor.spec.name} has {len(blocks)} blocks"
+        )
     for block in blocks[:n_blocks]:
         block.requires_grad_(False)
     return blocks[:n_blocks]
@@ -363,7 +392,8 @@ def _set_train_mode(extractor: Extractor, frozen: Iterable[nn.Module], freeze_bn
 
 def _param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and norm weights (1-D parameters), the usual practice."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for module in modules:
         for param in module.parameters():
             if param.requires_grad:
@@ -477,7 +507,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"({type(exc).__name__}: {str(exc)[:300]})"
         ) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an imgsearch fine-tuning checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"{path} is not an imgsearch fine-tuning checkpoint (format {CHECKPOINT_FORMAT})"
+        )
     return state
 
 
@@ -503,7 +535,9 @@ class _Run:
     frozen: list[nn.Module]
 
 
-def _build_run(extractor: Extractor, cfg: FinetuneConfig, spec_size: int, steps_per_epoch: int) -> _Run:
+def _build_run(
+    extractor: Extractor, cfg: FinetuneConfig, spec_size: int, steps_per_epoch: int
+) -> _Run:
     model = copy.deepcopy(extractor)
     model.requires_grad_(True)
     spec = extractor.spec
@@ -543,7 +577,9 @@ def _train_epoch(
 ) -> tuple[float, int]:
     """One pass over the train split; returns (mean loss, views processed)."""
     if cfg.method == "supcon":
-        batches = pk_batches(codes, cfg.batch_size // cfg.images_per_item, cfg.images_per_item, run.generator)
+        batches = pk_batches(
+            codes, cfg.batch_size // cfg.images_per_item, cfg.images_per_item, run.generator
+        )
     else:
         batches = random_batches(len(images), cfg.batch_size, run.generator)
     labels_all = torch.from_numpy(codes.astype(np.int64))
@@ -565,7 +601,9 @@ def _train_epoch(
                 z = run.head(run.model(torch.cat([x1, x2])))
                 loss = nt_xent_loss(z[: len(idx)], z[len(idx) :], cfg.temperature)
             else:
-                assert run.moco is not None and run.key_model is not None and run.key_head is not None
+                assert (
+                    run.moco is not None and run.key_model is not None and run.key_head is not None
+                )
                 q = run.head(run.model(x1))
                 with torch.no_grad():
                     run.key_head.eval()
@@ -573,7 +611,9 @@ def _train_epoch(
                 loss = run.moco(q, keys)
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise ImgsearchError(f"fine-tuning diverged: loss {value} (lower lr or raise temperature)")
+            raise ImgsearchError(
+                f"fine-tuning diverged: loss {value} (lower lr or raise temperature)"
+            )
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -588,8 +628,15 @@ def _train_epoch(
 
 
 def _checkpoint_state(
-    run: _Run, cfg: FinetuneConfig, start_fp: str, epoch: int, best: dict[str, Any],
-    bad_epochs: int, history: list[dict[str, float]], elapsed_s: float, stop_reason: str,
+    run: _Run,
+    cfg: FinetuneConfig,
+    start_fp: str,
+    epoch: int,
+    best: dict[str, Any],
+    bad_epochs: int,
+    history: list[dict[str, float]],
+    elapsed_s: float,
+    stop_reason: str,
 ) -> dict[str, Any]:
     state: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
@@ -667,7 +714,9 @@ def finetune(
     diverges.
     """
     wall_start = time.perf_counter()
-    missing = [c for c in (schema.IMAGE_ID, schema.ITEM_ID, schema.SPLIT) if c not in manifest.columns]
+    missing = [
+        c for c in (schema.IMAGE_ID, schema.ITEM_ID, schema.SPLIT) if c not in manifest.columns
+    ]
     if missing:
         raise ConfigError(f"finetune: manifest lacks columns {missing}")
     if schema.PATH not in manifest.columns and schema.PRE_PATH not in manifest.columns:
@@ -684,7 +733,9 @@ def finetune(
     val_labels = val_rows.loc[val_ok, schema.ITEM_ID].astype(str).to_numpy()
     n_items = int(codes.max()) + 1 if len(codes) else 0
     if n_items < 2:
-        raise ConfigError(f"finetune needs at least 2 train items with readable images, got {n_items}")
+        raise ConfigError(
+            f"finetune needs at least 2 train items with readable images, got {n_items}"
+        )
 
     if cfg.method == "supcon":
         steps_per_epoch = max(1, n_items // min(n_items, cfg.batch_size // cfg.images_per_item))
@@ -692,10 +743,18 @@ def finetune(
         steps_per_epoch = max(1, len(train_images) // min(cfg.batch_size, len(train_images)))
     mean, std = pre_cfg.mean, pre_cfg.std
     transform = train_transform(cfg.augment_config(), size, mean, std)
-    eval_tf = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    eval_tf = v2.Compose(
+        [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    )
     log.info(
         "finetune %s: %d train images of %d items, %d val images, %d px, %d steps/epoch (read in %.1fs)",
-        cfg.method, len(train_images), n_items, len(val_images), size, steps_per_epoch, load_s,
+        cfg.method,
+        len(train_images),
+        n_items,
+        len(val_images),
+        size,
+        steps_per_epoch,
+        load_s,
     )
 
     start_fp = fingerprint(extractor)
@@ -708,7 +767,9 @@ def finetune(
         bad_epochs, first_epoch, elapsed_before, stop_reason = 0, 1, 0.0, ""
 
         def evaluate_epoch(epoch: int, loss: float, views: int, train_s: float) -> dict[str, float]:
-            emb, head_emb = _embed(run.model, run.head, val_images, eval_tf, cfg.eval_batch_size, cfg.channels_last)
+            emb, head_emb = _embed(
+                run.model, run.head, val_images, eval_tf, cfg.eval_batch_size, cfg.channels_last
+            )
             val = retrieval_summary(emb, val_labels, cfg.val_max_queries, cfg.seed)
             head_val = (
                 retrieval_summary(head_emb, val_labels, cfg.val_max_queries, cfg.seed)
@@ -765,7 +826,11 @@ def finetune(
             elapsed = elapsed_before + (time.perf_counter() - wall_start)
             if elapsed + last_epoch_s > budget_s:
                 stop_reason = "time_budget"
-                log.info("finetune: stopping before epoch %d (time budget %.1f min)", epoch, cfg.max_minutes)
+                log.info(
+                    "finetune: stopping before epoch %d (time budget %.1f min)",
+                    epoch,
+                    cfg.max_minutes,
+                )
                 break
             t0 = time.perf_counter()
             loss, views = _train_epoch(run, cfg, train_images, codes, transform)
@@ -779,8 +844,13 @@ def finetune(
             history.append(row)
             log.info(
                 "finetune epoch %d: loss %.4f, val MAP@R %.4f (head %.4f), std %.4f, %.1f img/s, %.0fs",
-                epoch, loss, row["val_map_at_r"], row["val_map_at_r_head"], row["val_embedding_std"],
-                row["images_per_s"], last_epoch_s,
+                epoch,
+                loss,
+                row["val_map_at_r"],
+                row["val_map_at_r_head"],
+                row["val_embedding_std"],
+                row["images_per_s"],
+                last_epoch_s,
             )
             if bad_epochs >= cfg.patience > 0 and math.isfinite(row["val_map_at_r"]):
                 stop_reason = "early_stopping"
@@ -789,7 +859,9 @@ def finetune(
             if ckpt_path is not None:
                 elapsed = elapsed_before + (time.perf_counter() - wall_start)
                 save_checkpoint(
-                    _checkpoint_state(run, cfg, start_fp, epoch, best, bad_epochs, history, elapsed, stop_reason),
+                    _checkpoint_state(
+                        run, cfg, start_fp, epoch, best, bad_epochs, history, elapsed, stop_reason
+                    ),
                     ckpt_path,
                 )
             if on_epoch is not None:
@@ -804,18 +876,28 @@ def finetune(
     model.eval()
     frame = pd.DataFrame(history)
     trained = frame[frame["epoch"] > 0]
-    initial = float(frame.loc[frame["epoch"] == 0, "val_map_at_r"].iloc[0]) if (frame["epoch"] == 0).any() else float("nan")
+    initial = (
+        float(frame.loc[frame["epoch"] == 0, "val_map_at_r"].iloc[0])
+        if (frame["epoch"] == 0).any()
+        else float("nan")
+    )
     best_row = frame.loc[frame["epoch"] == best["epoch"]]
     metrics: dict[str, float] = {
         "best_epoch": float(best["epoch"]),
-        "best_val_map_at_r": float(best_row["val_map_at_r"].iloc[0]) if len(best_row) else float("nan"),
+        "best_val_map_at_r": float(best_row["val_map_at_r"].iloc[0])
+        if len(best_row)
+        else float("nan"),
         "best_val_map": float(best_row["val_map"].iloc[0]) if len(best_row) else float("nan"),
-        "best_val_recall_at_1": float(best_row["val_recall_at_1"].iloc[0]) if len(best_row) else float("nan"),
+        "best_val_recall_at_1": float(best_row["val_recall_at_1"].iloc[0])
+        if len(best_row)
+        else float("nan"),
         "initial_val_map_at_r": initial,
         "epochs_run": float(len(trained)),
         "early_stopped": float(stop_reason == "early_stopping"),
         "time_budget_hit": float(stop_reason == "time_budget"),
-        "train_images_per_s": float(trained["images_per_s"].mean()) if len(trained) else float("nan"),
+        "train_images_per_s": float(trained["images_per_s"].mean())
+        if len(trained)
+        else float("nan"),
         "wall_seconds": time.perf_counter() - wall_start,
         "n_train_images": float(len(train_images)),
         "n_train_items": float(n_items),
@@ -823,5 +905,9 @@ def finetune(
         "n_unreadable": float(len(train_fail) + len(val_fail)),
         "train_size": float(size),
     }
-    failures = pd.concat([train_fail, val_fail], ignore_index=True) if len(train_fail) or len(val_fail) else schema.empty_quarantine()
+    failures = (
+        pd.concat([train_fail, val_fail], ignore_index=True)
+        if len(train_fail) or len(val_fail)
+        else schema.empty_quarantine()
+    )
     return FinetuneResult(model, frame, metrics, stop_reason, failures)

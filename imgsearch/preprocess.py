@@ -7,9 +7,10 @@ purpose: the uint8 array is what the cache stores (4x smaller than float32, inde
 dtype a model runs in), normalisation is cheap and done at batch time.
 
 :func:`preprocess` runs :func:`to_uint8` over a manifest and caches each result under
-``cache_dir/<cfg_key>/<sha[:2]>/<sha>.npy`` (``sha`` = the image's sha256, ``cfg_key`` = a short hash
-of the config and of this module's algorithm version), so a re-run or another stage with the same
-config skips decoding. A file that fails becomes a quarantine row; the batch goes on.
+``cache_dir/<cfg_key>/<sha[:2]>/<sha>.npy`` (``sha`` = the image's sha256, ``cfg_key`` =
+:meth:`PreprocessConfig.cache_key`, a short hash of the fields that shape the uint8 array and of this
+module's algorithm version), so a re-run, or an extractor with the same geometry, skips decoding.
+A file that fails becomes a quarantine row; the batch goes on.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
+#: Fields that do not change what :func:`to_uint8` produces (only :func:`to_tensor` uses them).
+UINT8_INDEPENDENT_FIELDS = ("mean", "std")
+
 #: Bump when :func:`to_uint8` changes what it produces for the same config: it is part of the
 #: cache key, so old cache entries are never served for new code.
 ALGORITHM_VERSION = 1
@@ -63,8 +67,9 @@ class PreprocessConfig:
     """How an image becomes model input.
 
     ``resize``: ``resize_center_crop`` scales the shorter side to ``size`` and crops the centre;
-    ``letterbox`` scales the longer side to ``size`` and pads to a square with the mean colour
-    (which normalises to ~0); ``squash`` resizes to ``size x size`` ignoring the aspect ratio.
+    ``letterbox`` scales the longer side to ``size`` and pads to a square with
+    :data:`imgsearch.imageio.BACKGROUND`, the colour transparency is composited on, so padding
+    looks like "nothing there"; ``squash`` resizes to ``size x size`` ignoring the aspect ratio.
     ``brightness``/``contrast`` are :mod:`PIL.ImageEnhance` factors (1.0 = unchanged).
     """
 
@@ -110,8 +115,12 @@ class PreprocessConfig:
         return _config_from_dict(cls, data)
 
     def cache_key(self) -> str:
-        """Short hash of the canonical JSON of this config (plus :data:`ALGORITHM_VERSION`)."""
+        """Short hash of the canonical JSON of the fields :func:`to_uint8` depends on (plus
+        :data:`ALGORITHM_VERSION`). ``mean``/``std`` are left out on purpose: they act in
+        :func:`to_tensor`, at batch time, so extractors that differ only there share cached arrays."""
         payload = {"algorithm_version": ALGORITHM_VERSION, **self.to_dict()}
+        for name in UINT8_INDEPENDENT_FIELDS:
+            del payload[name]
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -155,8 +164,7 @@ def to_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         scale = size / max(width, height)
         new_w = min(size, max(1, round(width * scale)))
         new_h = min(size, max(1, round(height * scale)))
-        fill = tuple(int(round(m * 255)) for m in cfg.mean)
-        out = Image.new("RGB", (size, size), fill)
+        out = Image.new("RGB", (size, size), imageio.BACKGROUND)
         out.paste(img.resize((new_w, new_h), resample), ((size - new_w) // 2, (size - new_h) // 2))
 
     if cfg.brightness != 1.0:

@@ -113,6 +113,19 @@ def test_mobilenet_imagenet_offline_seeds_hub_cache_and_loads_strictly(hub: Path
         torch.testing.assert_close(ext(x), torch.nn.functional.normalize(pooled, dim=1))
 
 
+def test_mobilenet_imagenet_with_unwritable_hub_cache_reads_the_package_file(
+    hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(backbones, "seed_offline_weights", read_only)
+    ext = create_extractor("mobilenet_v2", weights="imagenet")
+    shipped = torch.load(_offline_mobilenet_file(), weights_only=True)
+    assert torch.equal(ext.state_dict()["body.features.0.0.weight"], shipped["features.0.0.weight"])
+    assert not (hub / "checkpoints" / "mobilenet_v2-b0353104.pth").exists()
+
+
 def test_imagenet_without_offline_file_or_network_raises_clearly(hub: Path) -> None:
     start = time.perf_counter()
     with pytest.raises(WeightsUnavailableError) as info:

@@ -251,10 +251,15 @@ def test_config_validation_and_parallelism() -> None:
         ExtractConfig(num_workers=-1)
     with pytest.raises(ConfigError):
         ExtractConfig(batch_size=0)
+    with pytest.raises(ConfigError):
+        ExtractConfig(device="gpu0")
     assert resolve_parallelism(ExtractConfig(num_workers=2, threads=3), cores=8) == (2, 3)
-    for cores in (1, 2, 4, 16):
+    assert resolve_parallelism(ExtractConfig(), cores=2) == (0, 2)
+    assert resolve_parallelism(ExtractConfig(), cores=16) == (2, 14)
+    assert resolve_parallelism(ExtractConfig(num_workers=1), cores=2) == (1, 1)
+    for cores in (1, 2, 3, 4, 8, 64):
         workers, threads = resolve_parallelism(ExtractConfig(), cores=cores)
-        assert workers >= 0 and threads >= 1 and workers + threads <= max(cores, 2)
+        assert workers >= 0 and threads >= 1 and workers + threads == cores
 
 
 def test_embeddings_file_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,7 +52,9 @@ def moco_loss(
             f"q, k, queue must be 2-D, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(queue.shape)}"
         )
     if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if q.shape[0] < 1:
         raise ValueError("MoCo needs at least one query")
     if queue.shape[0] < 1 or queue.shape[1] != q.shape[1]:
@@ -98,7 +100,9 @@ class MoCo(nn.Module):
         self.temperature = check_temperature(temperature)
         self.momentum = float(momentum)
         generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim, generator=generator), dim=1))
+        self.register_buffer(
+            "queue", F.normalize(torch.randn(queue_size, dim, generator=generator), dim=1)
+        )
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

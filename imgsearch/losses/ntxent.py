@@ -51,7 +51,9 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     if z1.ndim != 2 or z2.ndim != 2:
         raise ValueError(f"z1 and z2 must be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(
+            f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
     n = z1.shape[0]
     if n < 2:
         raise ValueError(f"NT-Xent needs a batch of at least 2 images (negatives), got {n}")

@@ -1,0 +1,155 @@
+"""Finetune: contrastive fine-tuning of the feature extractor on the train split.
+
+Inputs: ``--split-run-id`` (its ``manifest.parquet`` with ``split``; ``pre_path`` is filled in from
+``--preprocess-run-id`` when given and the split manifest lacks it), the starting extractor:
+``--extractor-uri`` (a saved extractor directory or an MLflow artifact URI such as
+``runs:/<id>/extractor``) or else ``--backbone``/``--weights`` (default: ``configs/extract.yaml``),
+and ``configs/finetune.yaml`` (``--method``, ``--epochs``, ``--train-size``, ``--max-minutes``
+override it). See :mod:`imgsearch.finetune` for the training itself.
+
+Produces: per-epoch metrics with ``step=epoch`` (epoch 0 = before training): ``loss``, ``lr``,
+``val_map_at_r``, ``val_map``, ``val_recall_at_1``, ``val_embedding_std``, ``val_map_at_r_head``,
+``images_per_s``, ``epoch_seconds``; summary metrics (``best_epoch``, ``best_val_map_at_r``,
+``initial_val_map_at_r``, ``epochs_run``, ``train_images_per_s``, ``wall_seconds``...);
+``extractor/`` (the best epoch's extractor, ``weights.pt`` + ``spec.json``, reload with
+``imgsearch.backbones.load_extractor``) with param ``extractor_fingerprint``; ``history.csv``;
+``quarantine.parquet`` (images that could not be read, stage="finetune").
+
+Checkpoints go to ``checkpoint_dir`` or, when it is null, to
+``$IMGSEARCH_HOME/checkpoints/finetune/<key>`` where the key hashes the split run, the starting
+extractor and the config: running the same step again after a crash resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from imgsearch.backbones import create_extractor, fingerprint, save_extractor
+from imgsearch.config import from_dict, home_dir
+from imgsearch.finetune import FinetuneConfig, finetune
+from steps.common import base_parser, log_df, log_metrics, setup_logging, stage_run
+from steps.extract import load_extractor_uri, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_key(split_run_id: str, start_fingerprint: str, cfg: FinetuneConfig) -> str:
+    """A stable name for the checkpoints of one (data, starting extractor, config) combination."""
+    settings = {
+        k: v for k, v in cfg.to_dict().items() if k not in ("checkpoint_dir", "max_minutes")
+    }
+    text = json.dumps([split_run_id, start_fingerprint, settings], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run(
+    split_run_id: str,
+    preprocess_run_id: str | None = None,
+    extractor_uri: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    profile: str | None = None,
+) -> str:
+    with stage_run("finetune", overrides, profile) as (active, all_cfg):
+        mlflow.set_tag("imgsearch.input.split_run_id", split_run_id)
+        if preprocess_run_id:
+            mlflow.set_tag("imgsearch.input.preprocess_run_id", preprocess_run_id)
+        cfg = from_dict(FinetuneConfig, all_cfg.get("finetune"))
+        manifest = (
+            read_manifest(preprocess_run_id, split_run_id)
+            if preprocess_run_id
+            else read_manifest(split_run_id)
+        )
+        if extractor_uri:
+            mlflow.log_param("extractor_uri", extractor_uri)
+            start = load_extractor_uri(extractor_uri)
+        else:
+            extract_cfg = all_cfg.get("extract", {})
+            start = create_extractor(
+                str(extract_cfg.get("backbone", "mobilenet_v2")),
+                str(extract_cfg.get("weights", "imagenet")),
+            )
+        start_fp = fingerprint(start)
+        mlflow.log_param("start_extractor_fingerprint", start_fp)
+        if cfg.checkpoint_dir is None:
+            key = checkpoint_key(split_run_id, start_fp, cfg)
+            cfg.checkpoint_dir = str(home_dir() / "checkpoints" / "finetune" / key)
+        mlflow.set_tag("imgsearch.finetune.checkpoint_dir", cfg.checkpoint_dir)
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+
+        result = finetune(start, manifest, cfg, on_epoch=on_epoch)
+        log_metrics(result.metrics)
+        mlflow.set_tag("imgsearch.finetune.stop_reason", result.stop_reason)
+        fp = fingerprint(result.extractor)
+        mlflow.log_param("extractor_fingerprint", fp)
+        mlflow.set_tags(
+            {
+                "imgsearch.extractor.name": result.extractor.spec.name,
+                "imgsearch.extractor.weights": result.extractor.spec.weights,
+            }
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            history = Path(tmp) / "history.csv"
+            result.history.to_csv(history, index=False)
+            mlflow.log_artifact(str(history))
+            mlflow.log_artifacts(
+                str(save_extractor(result.extractor, Path(tmp) / "extractor")), "extractor"
+            )
+        log_df(result.failures, "quarantine.parquet")
+        return active.info.run_id
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument(
+        "--split-run-id", required=True, help="run whose manifest.parquet has split"
+    )
+    parser.add_argument(
+        "--preprocess-run-id", default="", help="run whose manifest.parquet has pre_path (optional)"
+    )
+    parser.add_argument(
+        "--extractor-uri",
+        default="",
+        help="saved extractor dir or MLflow artifact URI (runs:/<id>/extractor)",
+    )
+    parser.add_argument(
+        "--backbone", default="", help="starting backbone (default: extract config)"
+    )
+    parser.add_argument(
+        "--weights", default="", help="imagenet | none | checkpoint path (default: extract config)"
+    )
+    parser.add_argument("--method", default="", help="supcon | simclr | moco (default: config)")
+    parser.add_argument("--epochs", default="", help="maximum epochs (default: config)")
+    parser.add_argument(
+        "--train-size", default="", help="training resolution in px (default: config)"
+    )
+    parser.add_argument("--max-minutes", default="", help="time budget (default: config)")
+    args = parser.parse_args()
+    setup_logging()
+    run_id = run(
+        args.split_run_id,
+        preprocess_run_id=args.preprocess_run_id or None,
+        extractor_uri=args.extractor_uri or None,
+        overrides={
+            "extract.backbone": args.backbone,
+            "extract.weights": args.weights,
+            "finetune.method": args.method,
+            "finetune.epochs": args.epochs,
+            "finetune.train_size": args.train_size,
+            "finetune.max_minutes": args.max_minutes,
+        },
+        profile=args.profile or None,
+    )
+    print(run_id)
+
+
+if __name__ == "__main__":
+    main()
