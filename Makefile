@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-all lint bench ui clean
+.PHONY: setup demo test test-all lint bench ui serve clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: setup
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+# Serve search over HTTP: POST images to http://127.0.0.1:5001/invocations (see the README).
+serve: setup
+	MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(BIN)/mlflow models serve \
+		-m models:/imgsearch-index@champion --env-manager local --host 127.0.0.1 -p 5001
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -8,7 +8,9 @@ import pandas as pd
 IMAGE_ID = "image_id"  # str, unique
 ITEM_ID = "item_id"  # str; an item has one or more images
 URI = "uri"  # str, as the catalog gave it (relative to the data root, or absolute inside it)
-PATH = "path"  # str, absolute path resolved inside the data root (ingest) or the fixed copy (validate)
+PATH = (
+    "path"  # str, absolute path resolved inside the data root (ingest) or the fixed copy (validate)
+)
 
 # optional item attributes (kept when the source has them; left empty, never invented)
 ITEM_NAME = "item_name"

@@ -29,7 +29,9 @@ PROFILE_ENV = "IMGSEARCH_PROFILE"
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 @contextlib.contextmanager
@@ -51,7 +53,10 @@ def stage_run(
         section = cfg.get(stage, {})
         if isinstance(section, Mapping):
             mlflow.log_params({k: _param(_mask(k, v)) for k, v in flatten(section).items()})
-        masked = {s: ({k: _mask(k, v) for k, v in sec.items()} if isinstance(sec, Mapping) else sec) for s, sec in cfg.items()}
+        masked = {
+            s: ({k: _mask(k, v) for k, v in sec.items()} if isinstance(sec, Mapping) else sec)
+            for s, sec in cfg.items()
+        }
         mlflow.log_text(yaml.safe_dump(masked, sort_keys=True), "config.yaml")
         yield run, cfg
 
@@ -109,6 +114,8 @@ def read_df(run_id: str, name: str) -> pd.DataFrame:
 
 
 def base_parser(doc: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--profile", default="", help="config profile (configs/profiles/NAME.yaml)")
     return parser

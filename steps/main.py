@@ -14,7 +14,18 @@ from typing import Any
 
 import mlflow
 
-from steps import eda, evaluate, extract, index, ingest, preprocess, promote, register, split, validate
+from steps import (
+    eda,
+    evaluate,
+    extract,
+    index,
+    ingest,
+    preprocess,
+    promote,
+    register,
+    split,
+    validate,
+)
 from steps.common import base_parser, log_metrics, setup_logging
 
 log = logging.getLogger(__name__)
@@ -58,7 +69,11 @@ def main() -> None:
     setup_logging()
     parser = base_parser(__doc__)
     parser.add_argument("--limit", default="", help="demo: number of emoji (default: all)")
-    parser.add_argument("--backbone", default="", help="resnet50 | mobilenet_v2 | efficientnet_b0 | efficientnet_lite0")
+    parser.add_argument(
+        "--backbone",
+        default="",
+        help="resnet50 | mobilenet_v2 | efficientnet_b0 | efficientnet_lite0",
+    )
     parser.add_argument("--weights", default="", help="imagenet | none | checkpoint path")
     parser.add_argument("--factory", default="", help="FAISS index factory string, or auto")
     parser.add_argument("--no-promote", action="store_true", help="register the challenger only")

@@ -299,8 +299,7 @@ def test_step_logs_embeddings_extractor_and_failures(
     from steps.common import artifact_path, log_df
 
     monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("test-extract")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the Default experiment
     try:
         with mlflow.start_run() as pre_run:
             log_df(manifest, "manifest.parquet")

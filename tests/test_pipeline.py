@@ -15,7 +15,15 @@ from mlflow import MlflowClient
 from PIL import Image, ImageDraw
 
 STAGES = (
-    "ingest", "validate", "preprocess", "eda", "split", "extract", "index", "evaluate", "register",
+    "ingest",
+    "validate",
+    "preprocess",
+    "eda",
+    "split",
+    "extract",
+    "index",
+    "evaluate",
+    "register",
     "promote",
 )
 
@@ -33,7 +41,10 @@ def _catalog(root: Path, n_items: int = 15, per_item: int = 3) -> Path:
             cx, cy, r = 32 + j * 2, 32 - j, 12 + i % 4 * 4
             angle = np.pi * i / 7
             pts = [
-                (cx + r * np.cos(angle + 2 * np.pi * k / sides), cy + r * np.sin(angle + 2 * np.pi * k / sides))
+                (
+                    cx + r * np.cos(angle + 2 * np.pi * k / sides),
+                    cy + r * np.sin(angle + 2 * np.pi * k / sides),
+                )
                 for k in range(sides)
             ]
             draw.polygon(pts, fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
@@ -82,9 +93,11 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, private_mlfl
     # nothing silently dropped: the broken file is in quarantine, the rest is clean
     validate_run = client.get_run(parent.data.tags["imgsearch.run.validate"])
     assert validate_run.data.metrics["n_clean"] == 45
-    assert validate_run.data.metrics["quarantine.corrupt"] + validate_run.data.metrics.get(
-        "quarantine.truncated", 0
-    ) == 1
+    assert (
+        validate_run.data.metrics["quarantine.corrupt"]
+        + validate_run.data.metrics.get("quarantine.truncated", 0)
+        == 1
+    )
 
     assert "test.map_at_r" in parent.data.metrics
     assert 0.0 <= parent.data.metrics["test.map_at_r"] <= 1.0
