@@ -227,6 +227,10 @@ def extractor_fingerprint(extractor_dir: Path) -> str:
     return _fingerprint_cached(str(directory), stamp)
 
 
+#: models-from-code files: MLflow stores and runs them at load time instead of unpickling a model.
+MODEL_CODE = Path(__file__).resolve().parent / "model_code"
+
+
 def code_paths() -> list[str]:
     """The ``imgsearch`` and ``registry`` package directories, shipped inside every model so it
     loads from any working directory, with or without ``pip install`` of the project."""
@@ -352,7 +356,7 @@ def log_extractor_model(
         with _quiet_input_example():
             return mlflow.pyfunc.log_model(
                 name="extractor",
-                python_model=models.ExtractorModel(),
+                python_model=str(MODEL_CODE / "extractor_model.py"),
                 artifacts={models.ARTIFACT_EXTRACTOR: str(extractor_dir)},
                 code_paths=code_paths(),
                 signature=models.extractor_signature(),
@@ -413,7 +417,7 @@ def log_index_model(
             with _quiet_input_example():
                 return mlflow.pyfunc.log_model(
                     name="index",
-                    python_model=models.IndexModel(),
+                    python_model=str(MODEL_CODE / "index_model.py"),
                     artifacts={
                         models.ARTIFACT_EXTRACTOR: str(extractor_dir),
                         models.ARTIFACT_INDEX: str(index_dir),

@@ -276,6 +276,18 @@ def test_register_tags_aliases_and_idempotent_retry(env: Env, pair) -> None:
     assert len(client.search_model_versions(f"name = '{cfg.extractor_name}'")) == 1
 
 
+def test_registered_models_are_code_not_pickles(env: Env, pair) -> None:
+    """Both pyfuncs are stored as models-from-code: loading one unpickles no Python object."""
+    cfg, first = pair
+    for name, version in (
+        (cfg.index_name, first.index.version),
+        (cfg.extractor_name, first.extractor.version),
+    ):
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
+        assert not list(local.rglob("*.pkl")), name
+        assert "python_model.pkl" not in (local / "MLmodel").read_text()
+
+
 def test_data_hash_ignores_row_order_and_sees_changes() -> None:
     meta = pd.DataFrame({"image_id": ["a", "b", "c"], "sha256": ["1", "2", "3"], "x": [1, 2, 3]})
     assert data_hash_of(meta) == data_hash_of(meta.iloc[::-1])
