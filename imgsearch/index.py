@@ -737,3 +737,23 @@ def refresh_current(
             raise
         log.error("refused the current index under %s, keeping the serving one: %s", root, exc)
         return serving
+
+
+#: Manifest columns not carried into an index's metadata (local cache paths).
+NON_META_COLUMNS = (schema.PRE_PATH,)
+
+
+def gallery_meta(ids: np.ndarray, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest rows of the embedded images ``ids``, in embedding order (index metadata).
+
+    Raises ``ValueError`` when an embedded image is not in the manifest.
+    """
+    table = manifest.drop(columns=[c for c in NON_META_COLUMNS if c in manifest.columns])
+    table = table.assign(**{schema.IMAGE_ID: table[schema.IMAGE_ID].astype(str)})
+    table = table.drop_duplicates(schema.IMAGE_ID).set_index(schema.IMAGE_ID)
+    missing = [i for i in ids if i not in table.index]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} embedded images are not in the manifest, e.g. {missing[:3]}"
+        )
+    return table.loc[[str(i) for i in ids]].reset_index()

@@ -38,7 +38,7 @@ import pandas as pd
 
 from imgsearch import schema
 from imgsearch.errors import ConfigError
-from imgsearch.index import ImageIndex
+from imgsearch.index import ImageIndex, IndexConfig
 
 log = logging.getLogger(__name__)
 
@@ -477,3 +477,37 @@ def tune(
     best = int(np.argmax(scores))  # first maximum: the earlier grid point wins ties
     table["best"] = np.arange(len(table)) == best
     return configs[best], table
+
+
+def tune_on_split(
+    emb: np.ndarray,
+    meta: pd.DataFrame,
+    base: RankingConfig,
+    extractor_fingerprint: str,
+    split: str = "val",
+    max_queries: int = 2000,
+    seed: int = 0,
+) -> tuple[RankingConfig, pd.DataFrame]:
+    """Tune ``base`` on one split: its images form an exact (Flat) gallery and a seeded sample of
+    at most ``max_queries`` of them query it (each query's own image excluded).
+
+    ``emb`` (N, D) and ``meta`` (N rows, with ``split`` and ``item_id``) are aligned. Raises
+    ``ValueError`` when the split has no rows.
+    """
+    if schema.SPLIT not in meta.columns or not (meta[schema.SPLIT] == split).any():
+        raise ValueError(f"the manifest has no split=={split!r} rows to tune the ranking on")
+    rows = (meta[schema.SPLIT] == split).to_numpy()
+    gallery = ImageIndex.build(
+        emb[rows], meta[rows], IndexConfig(factory="Flat"), extractor_fingerprint
+    )
+    pick = np.arange(gallery.count)
+    if len(pick) > max_queries:
+        pick = np.sort(np.random.default_rng(seed).choice(len(pick), max_queries, replace=False))
+    return tune(
+        gallery,
+        emb[rows][pick],
+        gallery.meta[schema.ITEM_ID].to_numpy()[pick],
+        base=base,
+        query_ids=gallery.meta[schema.IMAGE_ID].to_numpy()[pick],
+        k=min(base.candidates, gallery.count),
+    )

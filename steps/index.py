@@ -25,16 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 import yaml
 from mlflow.exceptions import MlflowException
 
-from imgsearch import schema
 from imgsearch.config import from_dict
 from imgsearch.extract import embeddings_metadata, load_embeddings
-from imgsearch.index import ImageIndex, IndexConfig, build_index
-from imgsearch.ranking import RankingConfig, tune
+from imgsearch.index import IndexConfig, build_index, gallery_meta
+from imgsearch.ranking import RankingConfig, tune_on_split
 from steps.common import (
     artifact_path,
     base_parser,
@@ -50,8 +48,6 @@ log = logging.getLogger(__name__)
 EMBEDDINGS_ARTIFACT = "embeddings.parquet"
 MANIFEST_ARTIFACT = "manifest.parquet"
 FINGERPRINT_KEY = "extractor_fingerprint"
-#: Manifest columns not carried into the index metadata (local cache paths).
-DROP_COLUMNS = (schema.PRE_PATH,)
 
 
 def _fingerprint(extract_run_id: str, embeddings_file: Path) -> str:
@@ -80,44 +76,6 @@ def _manifest(
     raise ValueError(f"no {MANIFEST_ARTIFACT} in runs {candidates}; pass --manifest-run-id")
 
 
-def _gallery_meta(ids: np.ndarray, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Manifest rows of the embedded images, in embedding order."""
-    table = manifest.drop(columns=[c for c in DROP_COLUMNS if c in manifest.columns])
-    table = table.assign(**{schema.IMAGE_ID: table[schema.IMAGE_ID].astype(str)})
-    table = table.drop_duplicates(schema.IMAGE_ID).set_index(schema.IMAGE_ID)
-    missing = [i for i in ids if i not in table.index]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} embedded images are not in the manifest, e.g. {missing[:3]}"
-        )
-    return table.loc[list(ids)].reset_index()
-
-
-def _tune_on_val(
-    emb: np.ndarray,
-    meta: pd.DataFrame,
-    ranking_cfg: RankingConfig,
-    fingerprint: str,
-    max_queries: int,
-    seed: int,
-) -> tuple[RankingConfig, pd.DataFrame]:
-    val = (meta[schema.SPLIT] == "val").to_numpy() if schema.SPLIT in meta.columns else None
-    if val is None or not val.any():
-        raise ValueError("the manifest has no split=='val' rows to tune the ranking on")
-    gallery = ImageIndex.build(emb[val], meta[val], IndexConfig(factory="Flat"), fingerprint)
-    pick = np.arange(gallery.count)
-    if len(pick) > max_queries:
-        pick = np.sort(np.random.default_rng(seed).choice(len(pick), max_queries, replace=False))
-    return tune(
-        gallery,
-        emb[val][pick],
-        gallery.meta[schema.ITEM_ID].to_numpy()[pick],
-        base=ranking_cfg,
-        query_ids=gallery.meta[schema.IMAGE_ID].to_numpy()[pick],
-        k=min(ranking_cfg.candidates, gallery.count),
-    )
-
-
 def run(
     extract_run_id: str,
     split_run_id: str | None = None,
@@ -136,7 +94,7 @@ def run(
         ids, emb = load_embeddings(emb_file)
         fingerprint = _fingerprint(extract_run_id, emb_file)
         manifest = _manifest(extract_run_id, split_run_id, manifest_run_id)
-        meta = _gallery_meta(np.asarray([str(i) for i in ids]), manifest)
+        meta = gallery_meta(ids, manifest)
 
         index, metrics = build_index(emb, meta, cfg, fingerprint)
         metrics["n_manifest_not_embedded"] = int(len(manifest) - len(meta))
@@ -146,8 +104,8 @@ def run(
             mlflow.log_artifacts(str(index.save(Path(tmp) / "index")), "index")
 
         if split_run_id:
-            ranking_cfg, table = _tune_on_val(
-                emb, meta, ranking_cfg, fingerprint, tune_max_queries, cfg.seed
+            ranking_cfg, table = tune_on_split(
+                emb, meta, ranking_cfg, fingerprint, "val", tune_max_queries, cfg.seed
             )
             best = table[table["best"]].iloc[0]
             log_df(table, "ranking_tune.parquet")

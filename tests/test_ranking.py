@@ -323,3 +323,25 @@ def test_config_validation() -> None:
     with pytest.raises(ConfigError):
         RankingConfig(tune_grid={"no_such": [1]})
     assert RankingConfig(categories="cats").categories == ["cats"]  # type: ignore[arg-type]
+
+
+def test_tune_on_split_uses_only_that_split_and_refuses_a_missing_one() -> None:
+    from imgsearch.ranking import tune_on_split
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(6, 8))
+    emb = np.repeat(centres, 3, axis=0) + 0.05 * rng.normal(size=(18, 8))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    meta = pd.DataFrame(
+        {
+            "image_id": [f"i{n}" for n in range(18)],
+            "item_id": [f"t{n // 3}" for n in range(18)],
+            "split": ["train"] * 9 + ["val"] * 9,
+        }
+    )
+    cfg, table = tune_on_split(emb, meta, RankingConfig(), "fp", "val")
+    assert cfg.popularity_weight == 0.0  # no popularity columns: the grid collapses
+    assert int(table["n_queries"].iloc[0]) == 9  # only val images queried
+    assert table["map"].iloc[0] > 0.9  # tight clusters: the other two drawings come first
+    with pytest.raises(ValueError, match="split=='test'"):
+        tune_on_split(emb, meta, RankingConfig(), "fp", "test")

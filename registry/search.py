@@ -1,0 +1,264 @@
+"""Search for people: query the registered index (``imgsearch-index@champion``) in-process.
+
+The command line::
+
+    python -m registry.search QUERY.png [MORE.jpg ...] --k 10 --popularity-weight 0.1 \\
+        --mmr-lambda 0.7 --exclude-nsfw --category "Animals & Nature" --format table|csv|json
+
+prints one row per (query, rank): ``query, rank, image_id, item_id, score, similarity,
+item_name, category`` and the answering model versions. A query image that cannot be used is
+reported on stderr with its reason (``ImageRejected``: ``not_an_image``, ``decompression_bomb``,
+``too_large``, ``empty_file``...) and the others are still answered; the exit code is 0 when
+every query was answered, 1 when some were rejected, 2 when none could be.
+
+The Streamlit page (``app/search_page.py``) uses the same functions: :func:`load_served`
+resolves the alias to a version (so the versions shown are the ones that answer) and loads that
+version with ``model_config={"allow_paths": ...}``; :func:`read_query` checks a query's bytes
+before the model sees them; :func:`search` runs the model.
+
+Settings: ``configs/search.yaml`` (:class:`SearchConfig`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from imgsearch import schema
+from imgsearch.config import from_dict, load_config
+from imgsearch.errors import ImageRejected
+from imgsearch.imageio import open_rgb, read_bytes
+from registry import models
+from registry.register import CHAMPION, EXTRACTOR_MODEL, INDEX_MODEL, TAG_EXTRACTOR_VERSION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchConfig:
+    """How the CLI and the search page find the served model and what they allow.
+
+    index_name / alias: the registered index model and the alias that is served.
+    extractor_name: the registered extractor (its version is read from the index version's tag).
+    k: results per query by default.
+    allow_paths: let the in-process model read image paths (the page and CLI are local tools;
+      the HTTP server keeps paths off).
+    max_upload_mb: uploads larger than this are refused before decoding.
+    feedback_url: SQLAlchemy URL of the feedback store ('' = SQLite under IMGSEARCH_HOME).
+    catalog_limit: how many catalog images the page offers to pick from.
+    grid_columns: results per row on the page.
+    """
+
+    index_name: str = INDEX_MODEL
+    alias: str = CHAMPION
+    extractor_name: str = EXTRACTOR_MODEL
+    k: int = models.DEFAULT_K
+    allow_paths: bool = True
+    max_upload_mb: float = 20.0
+    feedback_url: str = ""
+    catalog_limit: int = 500
+    grid_columns: int = 5
+
+    def __post_init__(self) -> None:
+        if not 1 <= int(self.k) <= models.MAX_K:
+            raise ValueError(f"k must be in [1, {models.MAX_K}], got {self.k}")
+        if self.max_upload_mb <= 0:
+            raise ValueError("max_upload_mb must be positive")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return min(int(self.max_upload_mb * 1024 * 1024), models.MAX_IMAGE_BYTES)
+
+
+def load_search_config(
+    profile: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> SearchConfig:
+    cfg = load_config(profile, overrides)
+    return from_dict(SearchConfig, cfg.get("search"))
+
+
+@dataclass
+class Served:
+    """The loaded model and which registry versions answer."""
+
+    model: Any  # mlflow.pyfunc.PyFuncModel
+    index_name: str
+    index_version: str
+    alias: str
+    extractor_version: str | None
+    param_defaults: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        ext = self.extractor_version or "?"
+        return f"{self.index_name} v{self.index_version} (@{self.alias}), extractor v{ext}"
+
+    def catalog(self) -> pd.DataFrame:
+        """The index's metadata table (one row per gallery image), empty when unavailable."""
+        try:
+            inner = self.model.unwrap_python_model()
+            return inner.index.meta.copy()
+        except (AttributeError, MlflowException):
+            return pd.DataFrame(columns=[schema.IMAGE_ID, schema.ITEM_ID])
+
+
+def load_served(cfg: SearchConfig, client: MlflowClient | None = None) -> Served:
+    """Resolve ``cfg.alias`` to a version and load exactly that version."""
+    client = client or MlflowClient()
+    version = client.get_model_version_by_alias(cfg.index_name, cfg.alias)
+    uri = f"models:/{cfg.index_name}/{version.version}"
+    model = mlflow.pyfunc.load_model(uri, model_config={"allow_paths": bool(cfg.allow_paths)})
+    params_schema = model.metadata.get_params_schema()
+    defaults = {p.name: p.default for p in params_schema.params} if params_schema else {}
+    log.info("loaded %s", uri)
+    return Served(
+        model=model,
+        index_name=cfg.index_name,
+        index_version=str(version.version),
+        alias=cfg.alias,
+        extractor_version=(version.tags or {}).get(TAG_EXTRACTOR_VERSION),
+        param_defaults=defaults,
+    )
+
+
+def read_query(source: bytes | str | Path, max_bytes: int = models.MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a query image, checked: raises :class:`ImageRejected` with a clear reason
+    (``empty_file``, ``too_large``, ``not_an_image``/the detected type, ``decompression_bomb``,
+    ``truncated``...) before the model is asked. ``OSError`` for an unreadable path."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) > max_bytes:
+            raise ImageRejected("too_large", f"{len(data)} bytes > {max_bytes}")
+    else:
+        data = read_bytes(source, max_bytes)
+    if not data:
+        raise ImageRejected("empty_file", "zero bytes")
+    open_rgb(data)  # decode fully once: a bad file is refused here, with its reason
+    return data
+
+
+def preview(data: bytes) -> Image.Image:
+    """The normalised RGB image of checked query bytes (what the model sees before resizing)."""
+    return open_rgb(data)
+
+
+def search(
+    served: Served, queries: Sequence[bytes], params: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
+    """Ranked results for checked query bytes (one output row per (query, rank))."""
+    frame = pd.DataFrame({models.IMAGE_COLUMN: [base64.b64encode(q).decode() for q in queries]})
+    clean = {k: v for k, v in dict(params or {}).items() if v is not None}
+    return served.model.predict(frame, params=clean)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+_OUTPUT_COLUMNS = (
+    "query",
+    "file",
+    "rank",
+    schema.IMAGE_ID,
+    schema.ITEM_ID,
+    "score",
+    "similarity",
+    schema.ITEM_NAME,
+    schema.CATEGORY,
+    "error",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m registry.search",
+        description="Search the registered image index with one or more query images.",
+    )
+    p.add_argument("images", nargs="+", type=Path, help="query image files")
+    p.add_argument("--k", type=int, default=None, help="results per query (default: config)")
+    p.add_argument("--popularity-weight", type=float, default=None)
+    p.add_argument("--mmr-lambda", type=float, default=None, help="diversity; 1.0 = none")
+    p.add_argument("--exclude-nsfw", action="store_true", default=None)
+    p.add_argument("--category", action="append", default=None, help="keep only (repeatable)")
+    p.add_argument("--one-per-item", action="store_true", default=None)
+    p.add_argument("--alias", default=None, help="registry alias to query (default: champion)")
+    p.add_argument("--index-name", default=None)
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--profile", default=None, help="configs/profiles/NAME.yaml")
+    return p
+
+
+def request_params(args: argparse.Namespace, cfg: SearchConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"k": int(args.k if args.k is not None else cfg.k)}
+    if args.popularity_weight is not None:
+        params["popularity_weight"] = float(args.popularity_weight)
+    if args.mmr_lambda is not None:
+        params["mmr_lambda"] = float(args.mmr_lambda)
+    if args.exclude_nsfw:
+        params["exclude_nsfw"] = True
+    if args.one_per_item:
+        params["one_per_item"] = True
+    if args.category:
+        params["category"] = ",".join(args.category)
+    return params
+
+
+def _render(df: pd.DataFrame, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(df.to_dict(orient="records"), default=str, indent=1)
+    if fmt == "csv":
+        return str(df.to_csv(index=False))
+    return str(df.to_string(index=False, na_rep="", float_format=lambda x: f"{x:.4f}"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {
+        "search.alias": args.alias,
+        "search.index_name": args.index_name,
+    }
+    cfg = load_search_config(args.profile, overrides)
+    params = request_params(args, cfg)
+
+    good: list[bytes] = []
+    good_files: list[str] = []
+    rejected = 0
+    for path in args.images:
+        try:
+            good.append(read_query(path, cfg.max_upload_bytes))
+            good_files.append(str(path))
+        except ImageRejected as exc:
+            rejected += 1
+            print(f"{path}: rejected: {exc}", file=sys.stderr)
+        except OSError as exc:
+            rejected += 1
+            print(f"{path}: unreadable: {exc.strerror or exc}", file=sys.stderr)
+    if not good:
+        print("no usable query image", file=sys.stderr)
+        return 2
+    try:
+        served = load_served(cfg)
+        out = search(served, good, params)
+    except MlflowException as exc:
+        print(f"search failed: {exc.message}", file=sys.stderr)
+        return 2
+    out.insert(1, "file", [good_files[int(q)] for q in out["query"]])
+    columns = [c for c in _OUTPUT_COLUMNS if c in out.columns]
+    print(f"# {served.label}", file=sys.stderr)
+    print(_render(out[columns], args.format))
+    return 1 if rejected else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
