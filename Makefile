@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-all lint bench ui serve clean
+.PHONY: setup demo test test-all lint bench ui serve search-ui clean
 
 setup: $(STAMP)
 
@@ -29,14 +29,15 @@ test-all: setup
 	$(BIN)/python -m pytest -q -m ''
 
 lint: setup
-	$(BIN)/ruff check imgsearch steps registry monitoring tests benchmarks
-	$(BIN)/ruff format --check imgsearch steps registry monitoring tests benchmarks
+	$(BIN)/ruff check imgsearch steps registry monitoring app tests benchmarks
+	$(BIN)/ruff format --check imgsearch steps registry monitoring app tests benchmarks
 	$(BIN)/mypy imgsearch
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_validate_preprocess
 	$(BIN)/python -m benchmarks.bench_extract
 	$(BIN)/python -m benchmarks.bench_index
+	$(BIN)/python -m benchmarks.bench_serving
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
@@ -45,6 +46,10 @@ ui: setup
 serve: setup
 	MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(BIN)/mlflow models serve \
 		-m models:/imgsearch-index@champion --env-manager local --host 127.0.0.1 -p 5001
+
+# The search page: upload or pick an image, see ranked results, vote on them.
+search-ui: setup
+	MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(BIN)/streamlit run app/search_page.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

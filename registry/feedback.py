@@ -108,7 +108,11 @@ class FeedbackStore:
                 parsed = make_url(self.url)
             except sa.exc.ArgumentError as exc:
                 raise ConfigError(f"bad feedback store URL {self.url!r}: {exc}") from exc
-            if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            if parsed.get_backend_name() == "sqlite" and parsed.database not in (
+                None,
+                "",
+                ":memory:",
+            ):
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             engine = sa.create_engine(parsed)
         self.engine = engine

@@ -8,7 +8,7 @@ The command line::
 prints one row per (query, rank): ``query, rank, image_id, item_id, score, similarity,
 item_name, category`` and the answering model versions. A query image that cannot be used is
 reported on stderr with its reason (``ImageRejected``: ``not_an_image``, ``decompression_bomb``,
-``too_large``, ``empty_file``...) and the others are still answered; the exit code is 0 when
+``file_too_large``, ``empty_file``...) and the others are still answered; the exit code is 0 when
 every query was answered, 1 when some were rejected, 2 when none could be.
 
 The Streamlit page (``app/search_page.py``) uses the same functions: :func:`load_served`
@@ -100,11 +100,14 @@ class Served:
     alias: str
     extractor_version: str | None
     param_defaults: dict[str, Any]
+    extractor_name: str = EXTRACTOR_MODEL
 
     @property
     def label(self) -> str:
         ext = self.extractor_version or "?"
-        return f"{self.index_name} v{self.index_version} (@{self.alias}), extractor v{ext}"
+        return (
+            f"{self.index_name} v{self.index_version} (@{self.alias}), {self.extractor_name} v{ext}"
+        )
 
     def catalog(self) -> pd.DataFrame:
         """The index's metadata table (one row per gallery image), empty when unavailable."""
@@ -115,11 +118,21 @@ class Served:
             return pd.DataFrame(columns=[schema.IMAGE_ID, schema.ITEM_ID])
 
 
-def load_served(cfg: SearchConfig, client: MlflowClient | None = None) -> Served:
-    """Resolve ``cfg.alias`` to a version and load exactly that version."""
+def champion_version(cfg: SearchConfig, client: MlflowClient | None = None) -> str:
+    """The version ``cfg.alias`` points at now (a cheap registry read, no model load)."""
     client = client or MlflowClient()
-    version = client.get_model_version_by_alias(cfg.index_name, cfg.alias)
-    uri = f"models:/{cfg.index_name}/{version.version}"
+    return str(client.get_model_version_by_alias(cfg.index_name, cfg.alias).version)
+
+
+def load_served(
+    cfg: SearchConfig, client: MlflowClient | None = None, version: str | None = None
+) -> Served:
+    """Load ``version`` of the index model, by default the one ``cfg.alias`` points at now."""
+    client = client or MlflowClient()
+    if version is None:
+        version = champion_version(cfg, client)
+    mv = client.get_model_version(cfg.index_name, str(version))
+    uri = f"models:/{cfg.index_name}/{mv.version}"
     model = mlflow.pyfunc.load_model(uri, model_config={"allow_paths": bool(cfg.allow_paths)})
     params_schema = model.metadata.get_params_schema()
     defaults = {p.name: p.default for p in params_schema.params} if params_schema else {}
@@ -127,21 +140,22 @@ def load_served(cfg: SearchConfig, client: MlflowClient | None = None) -> Served
     return Served(
         model=model,
         index_name=cfg.index_name,
-        index_version=str(version.version),
+        index_version=str(mv.version),
         alias=cfg.alias,
-        extractor_version=(version.tags or {}).get(TAG_EXTRACTOR_VERSION),
+        extractor_version=(mv.tags or {}).get(TAG_EXTRACTOR_VERSION),
         param_defaults=defaults,
+        extractor_name=cfg.extractor_name,
     )
 
 
 def read_query(source: bytes | str | Path, max_bytes: int = models.MAX_IMAGE_BYTES) -> bytes:
     """The bytes of a query image, checked: raises :class:`ImageRejected` with a clear reason
-    (``empty_file``, ``too_large``, ``not_an_image``/the detected type, ``decompression_bomb``,
+    (``empty_file``, ``file_too_large``, ``not_an_image``/the detected type, ``decompression_bomb``,
     ``truncated``...) before the model is asked. ``OSError`` for an unreadable path."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > max_bytes:
-            raise ImageRejected("too_large", f"{len(data)} bytes > {max_bytes}")
+            raise ImageRejected("file_too_large", f"{len(data)} bytes > {max_bytes}")
     else:
         data = read_bytes(source, max_bytes)
     if not data:
@@ -255,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out.insert(1, "file", [good_files[int(q)] for q in out["query"]])
     columns = [c for c in _OUTPUT_COLUMNS if c in out.columns]
+    if "error" in columns and out["error"].isna().all():
+        columns.remove("error")
     print(f"# {served.label}", file=sys.stderr)
     print(_render(out[columns], args.format))
     return 1 if rejected else 0

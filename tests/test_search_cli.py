@@ -1,0 +1,108 @@
+"""``python -m registry.search``: queries the champion in-process, prints ranked results, reports
+a bad query file with its reason and still answers the others."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imgsearch.errors import ImageRejected
+from registry import search as search_mod
+from registry.search import SearchConfig, load_search_config, read_query
+from tests.search_env import SearchEnv, get_env, tracking
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchEnv]:
+    e = get_env(tmp_path_factory)
+    with tracking(e.uri):
+        yield e
+
+
+def test_cli_json_output(env: SearchEnv, capsys: pytest.CaptureFixture[str]) -> None:
+    code = search_mod.main([str(env.paths[3]), "--k", "3", "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    assert rows[0]["image_id"] == "img3" and rows[0]["item_name"] == "thing 1"
+    assert rows[0]["file"] == str(env.paths[3])
+    assert rows[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert f"imgsearch-index v{env.pair.index.version}" in err
+
+
+def test_cli_filters_and_bad_files(
+    env: SearchEnv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    args = [str(text), str(env.paths[0]), str(empty), str(tmp_path / "missing.png")]
+    code = search_mod.main([*args, "--category", "dogs", "--exclude-nsfw", "--format", "csv"])
+    out, err = capsys.readouterr()
+    assert code == 1  # some queries rejected, the rest answered
+    assert "notes.jpg: rejected: not_an_image" in err
+    assert "empty.png: rejected: empty_file" in err
+    assert "missing.png: unreadable" in err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("query,file,rank,image_id")
+    assert len(lines) == 2 and ",img4," in lines[1]  # dogs = img4, img5; img5 is NSFW
+
+    assert search_mod.main([str(text)]) == 2  # nothing usable
+    assert "no usable query image" in capsys.readouterr().err
+
+
+def test_cli_unknown_alias_fails_cleanly(
+    env: SearchEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert search_mod.main([str(env.paths[0]), "--alias", "nobody"]) == 2
+    assert "search failed" in capsys.readouterr().err
+
+
+def test_read_query_limits(tmp_path: Path) -> None:
+    with pytest.raises(ImageRejected) as info:
+        read_query(b"\x89PNG" + b"\0" * 100, max_bytes=50)
+    assert info.value.reason == "file_too_large"
+    with pytest.raises(ImageRejected) as info:
+        read_query(b"")
+    assert info.value.reason == "empty_file"
+
+
+def test_config_keys_match_the_dataclass() -> None:
+    cfg = load_search_config()
+    assert cfg == SearchConfig(**vars(cfg))
+    assert cfg.index_name == "imgsearch-index" and cfg.alias == "champion"
+
+
+@pytest.mark.slow  # a fresh interpreter importing MLflow: ~10 s on a busy machine
+def test_module_runs_as_a_script() -> None:
+    """``python -m registry.search`` from the repository root (a subprocess: the real entry)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "registry.search", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "--popularity-weight" in proc.stdout
+
+
+def test_imgsearch_command_dispatches_without_importing_mlflow(
+    env: SearchEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from imgsearch import cli
+
+    assert cli.main(["search", str(env.paths[1]), "--k", "1", "--format", "csv"]) == 0
+    assert ",img1," in capsys.readouterr().out
+    assert cli.main([]) == 2 and cli.main(["--help"]) == 0
+    probe = "import sys, imgsearch.cli; assert 'mlflow' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
