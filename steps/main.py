@@ -1,6 +1,9 @@
 """The whole pipeline, each stage a nested MLflow run under this one.
 
 ingest -> validate -> preprocess -> eda -> split -> extract -> index -> evaluate -> register -> promote
+then, unless ``--no-finetune``: finetune (from the baseline extractor, on train, early-stopped on
+val) -> extract -> index -> evaluate -> register -> promote. The gate promotes the fine-tuned
+models only when they match or beat the baseline on the frozen test split.
 
 Inputs: the catalog named by configs/ingest.yaml (default: the emoji demo catalog, fetched when
 absent). Each stage reads the previous stages' artifacts by run id; the parent run records every
@@ -18,6 +21,7 @@ from steps import (
     eda,
     evaluate,
     extract,
+    finetune,
     index,
     ingest,
     preprocess,
@@ -34,7 +38,10 @@ HEADLINE = ("hit_at_1", "hit_at_10", "precision_at_1", "map", "map_at_r", "recal
 
 
 def run(
-    profile: str | None = None, overrides: dict[str, Any] | None = None, promote_: bool = True
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    promote_: bool = True,
+    finetune_: bool = True,
 ) -> str:
     kw: dict[str, Any] = {"overrides": overrides or {}, "profile": profile or None}
     with mlflow.start_run(run_name="main", nested=mlflow.active_run() is not None) as parent:
@@ -53,15 +60,35 @@ def run(
         done("preprocess", preprocess.run(ids["validate"], **kw))
         done("eda", eda.run(ids["validate"], ids["preprocess"], **kw))
         done("split", split.run(preprocess_run_id=ids["preprocess"], **kw))
-        done("extract", extract.run(ids["preprocess"], split_run_id=ids["split"], **kw))
-        done("index", index.run(ids["extract"], split_run_id=ids["split"], **kw))
-        done("evaluate", evaluate.run(ids["extract"], ids["split"], **kw))
-        done("register", register.run(ids["extract"], ids["index"], ids["evaluate"], **kw))
-        if promote_:
-            done("promote", promote.run(**kw))
 
-        metrics = mlflow.get_run(ids["evaluate"]).data.metrics
-        log_metrics({f"test.{k}": metrics[k] for k in HEADLINE if k in metrics})
+        def retrieval(prefix: str, extractor_uri: str | None) -> None:
+            """extract -> index -> evaluate -> register (-> promote) with one extractor."""
+            ex = done(
+                f"{prefix}extract",
+                extract.run(
+                    ids["preprocess"], split_run_id=ids["split"], extractor_uri=extractor_uri, **kw
+                ),
+            )
+            ix = done(f"{prefix}index", index.run(ex, split_run_id=ids["split"], **kw))
+            ev = done(f"{prefix}evaluate", evaluate.run(ex, ids["split"], **kw))
+            done(f"{prefix}register", register.run(ex, ix, ev, **kw))
+            if promote_:
+                done(f"{prefix}promote", promote.run(**kw))
+            metrics = mlflow.get_run(ev).data.metrics
+            log_metrics({f"{prefix}test.{k}": metrics[k] for k in HEADLINE if k in metrics})
+
+        retrieval("", None)
+        if finetune_:
+            ft = done(
+                "finetune",
+                finetune.run(
+                    ids["split"],
+                    preprocess_run_id=ids["preprocess"],
+                    extractor_uri=f"runs:/{ids['extract']}/extractor",
+                    **kw,
+                ),
+            )
+            retrieval("finetuned.", f"runs:/{ft}/extractor")
         return parent.info.run_id
 
 
@@ -77,6 +104,9 @@ def main() -> None:
     parser.add_argument("--weights", default="", help="imagenet | none | checkpoint path")
     parser.add_argument("--factory", default="", help="FAISS index factory string, or auto")
     parser.add_argument("--no-promote", action="store_true", help="register the challenger only")
+    parser.add_argument(
+        "--finetune", default="true", help="true | false: fine-tune after the baseline"
+    )
     args = parser.parse_args()
     overrides = {
         "demo.limit": args.limit,
@@ -84,7 +114,8 @@ def main() -> None:
         "extract.weights": args.weights,
         "index.factory": args.factory,
     }
-    print(run(args.profile or None, overrides, promote_=not args.no_promote))
+    finetune_ = str(args.finetune).strip().lower() not in ("false", "0", "no", "off")
+    print(run(args.profile or None, overrides, not args.no_promote, finetune_))
 
 
 if __name__ == "__main__":

@@ -14,18 +14,10 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image, ImageDraw
 
-STAGES = (
-    "ingest",
-    "validate",
-    "preprocess",
-    "eda",
-    "split",
-    "extract",
-    "index",
-    "evaluate",
-    "register",
-    "promote",
-)
+RETRIEVAL = ("extract", "index", "evaluate", "register", "promote")
+STAGES = ("ingest", "validate", "preprocess", "eda", "split", *RETRIEVAL)
+#: run-id tags on the parent: the baseline stages, then the fine-tuned model's
+PARENT_TAGS = (*STAGES, "finetune", *(f"finetuned.{s}" for s in RETRIEVAL))
 
 
 def _catalog(root: Path, n_items: int = 15, per_item: int = 3) -> Path:
@@ -85,9 +77,11 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, private_mlfl
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
     )
-    assert sorted(r.data.tags["imgsearch.stage"] for r in children) == sorted(STAGES)
+    assert sorted(r.data.tags["imgsearch.stage"] for r in children) == sorted(
+        (*STAGES, "finetune", *RETRIEVAL)
+    )
     assert all(r.info.status == "FINISHED" for r in children)
-    for stage in STAGES:
+    for stage in PARENT_TAGS:
         assert parent.data.tags[f"imgsearch.run.{stage}"]
 
     # nothing silently dropped: the broken file is in quarantine, the rest is clean
@@ -102,7 +96,15 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, private_mlfl
     assert "test.map_at_r" in parent.data.metrics
     assert 0.0 <= parent.data.metrics["test.map_at_r"] <= 1.0
 
+    assert "finetuned.test.map_at_r" in parent.data.metrics
+    baseline, tuned = (
+        parent.data.metrics["test.map_at_r"],
+        parent.data.metrics["finetuned.test.map_at_r"],
+    )
+
+    # the fine-tuned pair is version 2 and the challenger; it is champion only if it won the gate
     for name in ("imgsearch-extractor", "imgsearch-index"):
-        champion = client.get_model_version_by_alias(name, "champion")
         challenger = client.get_model_version_by_alias(name, "challenger")
-        assert str(champion.version) == str(challenger.version) == "1"
+        assert str(challenger.version) == "2"
+    champion = client.get_model_version_by_alias("imgsearch-index", "champion")
+    assert str(champion.version) == ("2" if tuned >= baseline else "1")
