@@ -1,0 +1,214 @@
+"""The daemon's mechanics: one daemon per store, persisted job options, --once, coalescing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+
+from imgsearch.errors import ConfigError
+from monitoring import daemon
+
+ROOT = Path(__file__).resolve().parent.parent
+CALLS_ENV = "IMGSEARCH_TEST_DAEMON_CALLS"
+
+
+def record_call(tag: str = "", sleep: float = 0.0) -> None:
+    """The test job: append one line per call to the file named by ``$IMGSEARCH_TEST_DAEMON_CALLS``."""
+    Path(os.environ[CALLS_ENV] + ".started").touch()
+    time.sleep(sleep)
+    with open(os.environ[CALLS_ENV], "a") as f:
+        f.write(f"{tag}\n")
+
+
+def calls(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> daemon.DaemonConfig:
+    monkeypatch.setenv(CALLS_ENV, str(tmp_path / "calls.txt"))
+    return daemon.DaemonConfig(
+        jobstore_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+        job="tests.test_daemon:record_call",
+        job_kwargs={"tag": "x"},
+        interval_minutes=10,
+        misfire_grace_time=7200,
+    )
+
+
+def test_lock_refuses_a_second_daemon_in_another_process(
+    cfg: daemon.DaemonConfig, tmp_path: Path
+) -> None:
+    lock = daemon.lock_path_for(cfg)
+    assert lock == tmp_path / "jobs.db.lock"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from monitoring.daemon import daemon_lock\n"
+            "with daemon_lock(Path(sys.argv[1])):\n"
+            "    print('locked', flush=True); time.sleep(60)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(daemon.DaemonAlreadyRunning, match=str(holder.pid)):
+            with daemon.daemon_lock(lock):
+                pass
+        # the real entry point, as a second daemon on the same store, refuses and exits
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "monitoring.daemon",
+                "run",
+                "--jobstore-url",
+                cfg.url,
+                "--job",
+                cfg.job,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=120,
+        )
+        assert second.returncode == daemon.EXIT_LOCKED, second.stderr
+        assert "refusing to start" in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # the OS released the killed holder's lock: a new daemon may start
+    with daemon.daemon_lock(lock):
+        pass
+
+
+def test_job_options_read_back_from_the_store(cfg: daemon.DaemonConfig) -> None:
+    for _ in range(2):  # registering twice replaces under the stable id, never duplicates
+        scheduler = daemon.make_scheduler(cfg)
+        daemon.register_job(scheduler, cfg)
+        scheduler.start(paused=True)
+        scheduler.shutdown(wait=False)
+    store = SQLAlchemyJobStore(url=cfg.url)
+    try:
+        jobs = store.get_all_jobs()
+    finally:
+        store.shutdown()
+    assert [j.id for j in jobs] == ["imgsearch-improve"]
+    job = jobs[0]
+    assert job.func_ref == "tests.test_daemon:record_call"
+    assert job.coalesce is True
+    assert job.max_instances == 1
+    assert job.misfire_grace_time == 7200
+    assert job.kwargs == {"tag": "x"}
+    assert job.trigger.interval == timedelta(minutes=10)
+
+
+def test_restart_keeps_the_stored_next_run(cfg: daemon.DaemonConfig) -> None:
+    scheduler = daemon.make_scheduler(cfg)
+    first = daemon.register_job(scheduler, cfg)
+    scheduler.start(paused=True)
+    stored = scheduler.get_job(first.id).next_run_time
+    scheduler.shutdown(wait=False)
+    time.sleep(0.05)
+    scheduler = daemon.make_scheduler(cfg)
+    daemon.register_job(scheduler, cfg)
+    scheduler.start(paused=True)
+    try:
+        assert scheduler.get_job(first.id).next_run_time == stored
+    finally:
+        scheduler.shutdown(wait=False)
+
+
+def test_once_calls_the_job_once(cfg: daemon.DaemonConfig, tmp_path: Path) -> None:
+    assert daemon.serve(cfg, once=True) == 0
+    assert calls(tmp_path / "calls.txt") == ["x"]
+    # and through the CLI (config from configs/daemon.yaml, overridden by flags)
+    code = daemon.main(
+        ["run", "--once", "--jobstore-url", cfg.url, "--job", "tests.test_daemon:record_call"]
+    )
+    assert code == 0 and calls(tmp_path / "calls.txt") == ["x", ""]
+
+
+def test_clock_jump_past_several_fire_times_runs_once(
+    cfg: daemon.DaemonConfig, tmp_path: Path
+) -> None:
+    """The store says the job was due 55 minutes ago (six 10-minute fire times missed, within the
+    misfire grace): on start, coalescing runs it once and schedules the next run in the future."""
+    scheduler = daemon.make_scheduler(cfg)
+    past = datetime.now(timezone.utc) - timedelta(minutes=55)
+    job = scheduler.add_job(
+        cfg.job,
+        daemon.make_trigger(cfg),
+        id=cfg.job_id,
+        kwargs={"tag": "jump"},
+        replace_existing=True,
+        coalesce=True,
+        max_instances=1,
+        misfire_grace_time=cfg.misfire_grace_time,
+        next_run_time=past,
+    )
+    assert len(job._get_run_times(datetime.now(timezone.utc))) == 6  # six fire times missed
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not calls(tmp_path / "calls.txt") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # any further (uncoalesced) run would have been submitted by now
+        nxt = scheduler.get_job(cfg.job_id).next_run_time
+    finally:
+        scheduler.shutdown(wait=True)
+    assert calls(tmp_path / "calls.txt") == ["jump"]
+    assert nxt > datetime.now(timezone.utc)
+
+
+def test_sigterm_waits_for_the_running_job(cfg: daemon.DaemonConfig, tmp_path: Path) -> None:
+    """A stop request during a run lets the run finish, then the daemon returns."""
+    stop = threading.Event()
+    cfg.job_kwargs = {"tag": "slow", "sleep": 1.5}
+    cfg.interval_minutes = 0.02  # first run 1.2 s after start
+    result: list[int] = []
+    thread = threading.Thread(
+        target=lambda: result.append(daemon.serve(cfg, stop=stop)), daemon=True
+    )
+    thread.start()
+    started = Path(str(tmp_path / "calls.txt") + ".started")
+    deadline = time.monotonic() + 20
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert started.exists()
+    stop.set()  # the job is running now (it sleeps 1.5 s)
+    thread.join(timeout=30)
+    assert result == [0]
+    assert calls(tmp_path / "calls.txt") == ["slow"]  # it finished, it was not cut short
+
+
+def test_bad_config_raises() -> None:
+    with pytest.raises(ConfigError):
+        daemon.DaemonConfig(trigger="weekly")
+    with pytest.raises(ConfigError):
+        daemon.make_trigger(daemon.DaemonConfig(trigger="cron", cron="not a cron"))
+    assert "cron" in type(daemon.make_trigger(daemon.DaemonConfig(trigger="cron"))).__name__.lower()
+
+
+def test_improve_decision() -> None:
+    from monitoring.improve import decide
+
+    assert decide(False, 0, 500)[0] == "skip"
+    assert decide(True, 10, 500) == ("improve", "drift detected")
+    assert decide(False, 500, 500)[0] == "improve"
+    assert decide(False, 499, 500)[0] == "wait"
