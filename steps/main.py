@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 import mlflow
+import pandas as pd
 
 from steps import (
     eda,
@@ -30,7 +31,7 @@ from steps import (
     split,
     validate,
 )
-from steps.common import base_parser, log_metrics, setup_logging
+from steps.common import base_parser, log_df, log_metrics, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,25 @@ def run(
                 ),
             )
             retrieval("finetuned.", f"runs:/{ft}/extractor")
+            log_df(before_after(ids["evaluate"], ids["finetuned.evaluate"]), "before_after.parquet")
         return parent.info.run_id
+
+
+def before_after(baseline_run_id: str, finetuned_run_id: str) -> pd.DataFrame:
+    """Every test metric of the two evaluate runs side by side, with the change and the ratio."""
+    before = mlflow.get_run(baseline_run_id).data.metrics
+    after = mlflow.get_run(finetuned_run_id).data.metrics
+    rows = [
+        {
+            "metric": name,
+            "baseline": before[name],
+            "finetuned": after[name],
+            "delta": after[name] - before[name],
+            "ratio": after[name] / before[name] if before[name] else float("nan"),
+        }
+        for name in sorted(set(before) & set(after))
+    ]
+    return pd.DataFrame(rows, columns=["metric", "baseline", "finetuned", "delta", "ratio"])
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from PIL import Image, ImageDraw
@@ -101,6 +102,13 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, private_mlfl
         parent.data.metrics["test.map_at_r"],
         parent.data.metrics["finetuned.test.map_at_r"],
     )
+
+    table = pd.read_parquet(
+        mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="before_after.parquet")
+    ).set_index("metric")
+    assert table.loc["map_at_r", "baseline"] == pytest.approx(baseline)
+    assert table.loc["map_at_r", "finetuned"] == pytest.approx(tuned)
+    assert {"fq_nmi", "fq_ratio", "hit_at_1"} <= set(table.index)
 
     # the fine-tuned pair is version 2 and the challenger; it is champion only if it won the gate
     for name in ("imgsearch-extractor", "imgsearch-index"):
