@@ -45,7 +45,9 @@ from imgsearch.split import SplitConfig, split
 
 def emoji_manifest(emoji_dir: Path, vendors: tuple[str, ...], limit: int | None) -> pd.DataFrame:
     """The demo catalog (``demo_data.write_catalog``: base emoji only) as a manifest."""
-    packages = {v: emoji_dir / v / "package" for v in vendors if (emoji_dir / v / "package").is_dir()}
+    packages = {
+        v: emoji_dir / v / "package" for v in vendors if (emoji_dir / v / "package").is_dir()
+    }
     if not packages:
         raise SystemExit(f"no unpacked emoji packages under {emoji_dir} (try --fetch)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +62,9 @@ def emoji_manifest(emoji_dir: Path, vendors: tuple[str, ...], limit: int | None)
     return df
 
 
-def test_metrics(ext: Extractor, manifest: pd.DataFrame, label: str) -> tuple[dict[str, Any], pd.DataFrame]:
+def test_metrics(
+    ext: Extractor, manifest: pd.DataFrame, label: str
+) -> tuple[dict[str, Any], pd.DataFrame]:
     test = manifest[manifest[schema.SPLIT] == "test"].reset_index(drop=True)
     start = time.perf_counter()
     res = extract(ext, test, ExtractConfig(), progress=False)
@@ -78,26 +82,40 @@ def test_metrics(ext: Extractor, manifest: pd.DataFrame, label: str) -> tuple[di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--emoji-dir", type=Path, default=Path("/tmp/emoji"))
-    parser.add_argument("--fetch", action="store_true", help="fetch the demo data (npm) into the demo cache")
+    parser.add_argument(
+        "--fetch", action="store_true", help="fetch the demo data (npm) into the demo cache"
+    )
     parser.add_argument("--vendors", nargs="+", default=list(demo_data.VENDORS))
     parser.add_argument("--limit", type=int, default=None, help="number of emoji (default: all)")
     parser.add_argument("--backbone", default="mobilenet_v2")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="finetune config override")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="finetune config override"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0 = torch's default)"
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s"
+    )
     logging.getLogger("imgsearch.finetune").setLevel(logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     emoji_dir = args.emoji_dir
     if args.fetch:
-        emoji_dir = demo_data.fetch_emoji(demo_data.default_cache_dir(), args.vendors, args.limit).parent
+        emoji_dir = demo_data.fetch_emoji(
+            demo_data.default_cache_dir(), args.vendors, args.limit
+        ).parent
     manifest = emoji_manifest(emoji_dir.resolve(), tuple(args.vendors), args.limit)
-    manifest, split_metrics = split(manifest, SplitConfig(by="item", fractions=(0.6, 0.2, 0.2), seed=0))
+    manifest, split_metrics = split(
+        manifest, SplitConfig(by="item", fractions=(0.6, 0.2, 0.2), seed=0)
+    )
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = from_dict(FinetuneConfig, {**load_config().get("finetune", {}), **overrides})
     print(
@@ -127,7 +145,9 @@ def main() -> None:
     print(per_cat.round(3).to_string())
     print()
     ratio = tuned_m["map_at_r"] / base_m["map_at_r"]
-    print(f"test MAP@R: baseline {base_m['map_at_r']:.4f} -> fine-tuned {tuned_m['map_at_r']:.4f}  (x{ratio:.2f})")
+    print(
+        f"test MAP@R: baseline {base_m['map_at_r']:.4f} -> fine-tuned {tuned_m['map_at_r']:.4f}  (x{ratio:.2f})"
+    )
     print(f"test mAP:   baseline {base_m['map']:.4f} -> fine-tuned {tuned_m['map']:.4f}")
     print(f"test P@1:   baseline {base_m['hit_at_1']:.4f} -> fine-tuned {tuned_m['hit_at_1']:.4f}")
     print(
@@ -139,7 +159,9 @@ def main() -> None:
 
 def copy_with_size(ext: Extractor, size: int) -> Extractor:
     """The same weights, preprocessed at ``size`` px."""
-    spec = dataclasses.replace(ext.spec, preprocess=dataclasses.replace(ext.spec.preprocess, size=size))
+    spec = dataclasses.replace(
+        ext.spec, preprocess=dataclasses.replace(ext.spec.preprocess, size=size)
+    )
     return Extractor(ext.body, spec).eval()
 
 
