@@ -81,6 +81,7 @@ from imgsearch.preprocess import PreprocessConfig, load_uint8, to_uint8
 log = logging.getLogger(__name__)
 
 METHODS = ("supcon", "simclr", "moco")
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OPTIMIZERS = ("adamw", "sgd")
 CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 1
@@ -112,7 +113,12 @@ class FinetuneConfig:
     - ``moco_queue_size``/``moco_momentum``: MoCo's queue length and key-encoder momentum.
     - ``images_per_item``: K of PK sampling (supcon).
     - ``augment``: :class:`~imgsearch.augment.AugmentConfig` fields overriding the paper preset of
-      ``method`` (``None`` = the preset as published).
+      ``method`` (``None`` = the preset as published); ``False`` = no pixel augmentation (supcon
+      only: its positives are the item's other images). Without augmentation the frozen blocks
+      always see the same inputs, so (with ``cache_frozen``) their outputs are computed once
+      and cached in ``cache_dtype`` and each step runs only the trainable blocks: the same
+      training (exactly, with ``float32``), many times cheaper, which affords the extractor's
+      full resolution.
     - ``seed``; ``checkpoint_dir`` (``None`` = no checkpoints); ``max_minutes`` (``None`` = no
       time budget); ``eval_batch_size``; ``channels_last`` (NHWC convs, faster on CPU).
     """
@@ -135,7 +141,9 @@ class FinetuneConfig:
     moco_queue_size: int = 4096
     moco_momentum: float = 0.99
     images_per_item: int = 4
-    augment: dict[str, Any] | None = None
+    augment: dict[str, Any] | bool | None = None
+    cache_frozen: bool = True
+    cache_dtype: str = "float16"
     seed: int = 0
     checkpoint_dir: str | None = None
     max_minutes: float | None = None
@@ -190,18 +198,42 @@ class FinetuneConfig:
                 "finetune: supcon needs at least 2 items per batch "
                 f"(batch_size {self.batch_size} // images_per_item {self.images_per_item} < 2)"
             )
-        if self.augment is not None and not isinstance(self.augment, dict):
-            raise ConfigError("finetune.augment must be a mapping of AugmentConfig fields or null")
+        if self.augment is True:
+            self.augment = None
+        if self.augment is not None and not isinstance(self.augment, (dict, bool)):
+            raise ConfigError(
+                "finetune.augment must be a mapping of AugmentConfig fields, null or false"
+            )
+        if self.augment is False and self.method != "supcon":
+            raise ConfigError(
+                f"finetune.augment=false leaves {self.method} without positives: "
+                "its two views come from augmentation (use method supcon)"
+            )
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(
+                f"finetune.cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {self.cache_dtype!r}"
+            )
         self.augment_config()  # validate now, not at the first epoch
 
-    def augment_config(self) -> AugmentConfig:
-        return as_augment_config(self.augment, self.method)
+    def augment_config(self) -> AugmentConfig | None:
+        """The augmentation recipe, or ``None`` when ``augment`` is false."""
+        if self.augment is False:
+            return None
+        return as_augment_config(
+            self.augment if isinstance(self.augment, dict) else None, self.method
+        )
+
+    @property
+    def caches_trunk(self) -> bool:
+        """True when the frozen blocks' outputs are computed once (no augmentation, frozen blocks)."""
+        return self.augment is False and self.freeze_blocks > 0 and self.cache_frozen
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists, not tuples): what a checkpoint stores and compares on resume."""
         out = dataclasses.asdict(self)
         out["head_dims"] = list(self.head_dims)
-        out["augment"] = self.augment_config().to_dict()
+        aug = self.augment_config()
+        out["augment"] = False if aug is None else aug.to_dict()
         return out
 
 
@@ -419,24 +451,19 @@ def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float
 
 @torch.no_grad()
 def _embed(
-    extractor: Extractor,
+    encode: Callable[[torch.Tensor], torch.Tensor],
     head: nn.Module,
-    images: torch.Tensor,
-    transform: v2.Compose,
+    data: torch.Tensor,
     batch_size: int,
-    channels_last: bool,
+    dim: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    extractor.eval()
+    """``encode`` each batch of ``data`` (images or trunk outputs) -> (embeddings, head outputs)."""
     head.eval()
     embs, heads = [], []
-    for start in range(0, len(images), batch_size):
-        x = transform(images[start : start + batch_size])
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        emb = extractor(x)
+    for start in range(0, len(data), batch_size):
+        emb = encode(data[start : start + batch_size])
         embs.append(emb)
         heads.append(head(emb))
-    dim = extractor.spec.embedding_dim
     if not embs:
         return np.zeros((0, dim), np.float32), np.zeros((0, 1), np.float32)
     return torch.cat(embs).numpy(), torch.cat(heads).float().numpy()
@@ -535,24 +562,107 @@ class _Run:
     frozen: list[nn.Module]
 
 
-def _build_run(
-    extractor: Extractor, cfg: FinetuneConfig, spec_size: int, steps_per_epoch: int
-) -> _Run:
+def _prepare_model(
+    extractor: Extractor, cfg: FinetuneConfig, size: int
+) -> tuple[Extractor, list[nn.Module]]:
+    """A trainable copy of ``extractor`` with its spec updated; returns it and its frozen blocks."""
     model = copy.deepcopy(extractor)
     model.requires_grad_(True)
     spec = extractor.spec
     model.spec = dataclasses.replace(
         spec,
         weights=f"{spec.weights}+{cfg.method}",
-        preprocess=dataclasses.replace(spec.preprocess, size=spec_size),
+        preprocess=dataclasses.replace(spec.preprocess, size=size),
     )
-    frozen = _freeze(model, cfg.freeze_blocks)
-    head = projection_head(spec.embedding_dim, cfg.head_dims)
+    return model, _freeze(model, cfg.freeze_blocks)
+
+
+class _Top(nn.Module):
+    """The blocks after the frozen trunk, then what :class:`Extractor` does after its body:
+    global average pooling and L2 normalisation. Shares its blocks with the model it came from."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.blocks(x)
+        pooled = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(features, 1), 1)
+        return torch.nn.functional.normalize(pooled.float(), dim=1)
+
+
+def split_at(model: Extractor, k: int) -> tuple[nn.Sequential, _Top]:
+    """``(trunk, top)``: blocks ``[:k]`` and the rest, with ``top(trunk(x)) == model(x)``.
+
+    Works for bodies that are ``features`` then global average pooling (torchvision's
+    MobileNetV2); checked on a probe input, :class:`ConfigError` otherwise.
+    """
+    body_features = getattr(model.body, "features", None)
+    blocks = backbone_blocks(model)
+    if not isinstance(body_features, nn.Sequential) or not 0 < k < len(blocks):
+        raise ConfigError(
+            f"caching frozen blocks needs a backbone with a `features` sequence and 0 < k < its "
+            f"length; {model.spec.name!r} with freeze_blocks={k} does not qualify"
+        )
+    trunk, top = nn.Sequential(*blocks[:k]), _Top(blocks[k:])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        same = torch.allclose(top(trunk(probe)), model(probe), atol=1e-5)
+    model.train(was_training)
+    if not same:
+        raise ConfigError(
+            f"backbone {model.spec.name!r} is not `features` + average pooling: its frozen blocks "
+            "cannot be cached (use augmentation, or freeze_blocks: 0)"
+        )
+    return trunk, top
+
+
+@torch.no_grad()
+def trunk_outputs(
+    rows: pd.DataFrame,
+    cfg: PreprocessConfig,
+    trunk: nn.Module,
+    batch_size: int,
+    dtype: torch.dtype,
+    channels_last: bool,
+) -> tuple[torch.Tensor, np.ndarray, pd.DataFrame]:
+    """Images of ``rows`` through the frozen ``trunk``, a batch at a time (images are not kept).
+
+    Returns ``(outputs (N_ok, C, h, w) in dtype, ok mask (N,), failures)`` like :func:`load_images`.
+    """
+    trunk.eval()
+    normalise = v2.Compose(
+        [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
+    )
+    outs, oks, fails = [], [], []
+    for start in range(0, len(rows), batch_size):
+        images, ok, failures = load_images(rows.iloc[start : start + batch_size], cfg)
+        oks.append(ok)
+        fails.append(failures)
+        if len(images):
+            x = normalise(images)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            outs.append(trunk(x).to(dtype).contiguous())
+    ok_all = np.concatenate(oks) if oks else np.zeros(0, dtype=bool)
+    failures_all = pd.concat(fails, ignore_index=True) if fails else schema.empty_quarantine()
+    if not outs:
+        return torch.zeros((0, 1, 1, 1), dtype=dtype), ok_all, failures_all
+    return torch.cat(outs), ok_all, failures_all
+
+
+def _build_run(
+    model: Extractor, frozen: list[nn.Module], cfg: FinetuneConfig, steps_per_epoch: int
+) -> _Run:
+    dim = model.spec.embedding_dim
+    head = projection_head(dim, cfg.head_dims)
     key_model = key_head = moco = None
     if cfg.method == "moco":
         key_model = copy.deepcopy(model).requires_grad_(False).eval()
         key_head = copy.deepcopy(head).requires_grad_(False)
-        out_dim = cfg.head_dims[-1] if cfg.head_dims else spec.embedding_dim
+        out_dim = cfg.head_dims[-1] if cfg.head_dims else dim
         moco = MoCo(out_dim, cfg.moco_queue_size, cfg.moco_momentum, cfg.temperature, seed=cfg.seed)
     groups = _param_groups([model, head], cfg.weight_decay)
     optimizer: torch.optim.Optimizer
@@ -571,44 +681,42 @@ def _build_run(
 def _train_epoch(
     run: _Run,
     cfg: FinetuneConfig,
-    images: torch.Tensor,
+    n_images: int,
     codes: np.ndarray,
-    transform: v2.Compose,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    key_encode: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> tuple[float, int]:
-    """One pass over the train split; returns (mean loss, views processed)."""
+    """One pass over the train split; returns (mean loss, views processed).
+
+    ``encode(idx)`` embeds (a fresh view of) train images ``idx`` with the trained model;
+    ``key_encode(idx)`` with MoCo's key encoder.
+    """
     if cfg.method == "supcon":
         batches = pk_batches(
             codes, cfg.batch_size // cfg.images_per_item, cfg.images_per_item, run.generator
         )
     else:
-        batches = random_batches(len(images), cfg.batch_size, run.generator)
+        batches = random_batches(n_images, cfg.batch_size, run.generator)
     labels_all = torch.from_numpy(codes.astype(np.int64))
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     _set_train_mode(run.model, run.frozen, cfg.freeze_bn)
     run.head.train()
     total, views = 0.0, 0
     for idx in batches:
-        batch = images[idx]
         if cfg.method == "supcon":
-            x = augment_batch(batch, transform).contiguous(memory_format=memory_format)
-            loss = supcon_loss(run.head(run.model(x)), labels_all[idx], cfg.temperature)
+            loss = supcon_loss(run.head(encode(idx)), labels_all[idx], cfg.temperature)
             views += len(idx)
-        else:
-            x1 = augment_batch(batch, transform).contiguous(memory_format=memory_format)
-            x2 = augment_batch(batch, transform).contiguous(memory_format=memory_format)
+        elif cfg.method == "simclr":
+            z = run.head(encode(torch.cat([idx, idx])))
+            loss = nt_xent_loss(z[: len(idx)], z[len(idx) :], cfg.temperature)
             views += 2 * len(idx)
-            if cfg.method == "simclr":
-                z = run.head(run.model(torch.cat([x1, x2])))
-                loss = nt_xent_loss(z[: len(idx)], z[len(idx) :], cfg.temperature)
-            else:
-                assert (
-                    run.moco is not None and run.key_model is not None and run.key_head is not None
-                )
-                q = run.head(run.model(x1))
-                with torch.no_grad():
-                    run.key_head.eval()
-                    keys = run.key_head(run.key_model(x2))
-                loss = run.moco(q, keys)
+        else:
+            assert run.moco is not None and run.key_head is not None and key_encode is not None
+            q = run.head(encode(idx))
+            with torch.no_grad():
+                run.key_head.eval()
+                keys = run.key_head(key_encode(idx))
+            loss = run.moco(q, keys)
+            views += 2 * len(idx)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise ImgsearchError(
@@ -725,50 +833,86 @@ def finetune(
     size = cfg.train_size or extractor.spec.preprocess.size
     pre_cfg = dataclasses.replace(extractor.spec.preprocess, size=size)
     train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
-    load_start = time.perf_counter()
-    train_images, train_ok, train_fail = load_images(train_rows, pre_cfg)
-    val_images, val_ok, val_fail = load_images(val_rows, pre_cfg)
-    load_s = time.perf_counter() - load_start
-    codes = pd.factorize(train_rows.loc[train_ok, schema.ITEM_ID].astype(str))[0]
-    val_labels = val_rows.loc[val_ok, schema.ITEM_ID].astype(str).to_numpy()
-    n_items = int(codes.max()) + 1 if len(codes) else 0
-    if n_items < 2:
-        raise ConfigError(
-            f"finetune needs at least 2 train items with readable images, got {n_items}"
-        )
-
-    if cfg.method == "supcon":
-        steps_per_epoch = max(1, n_items // min(n_items, cfg.batch_size // cfg.images_per_item))
-    else:
-        steps_per_epoch = max(1, len(train_images) // min(cfg.batch_size, len(train_images)))
-    mean, std = pre_cfg.mean, pre_cfg.std
-    transform = train_transform(cfg.augment_config(), size, mean, std)
-    eval_tf = v2.Compose(
-        [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    )
-    log.info(
-        "finetune %s: %d train images of %d items, %d val images, %d px, %d steps/epoch (read in %.1fs)",
-        cfg.method,
-        len(train_images),
-        n_items,
-        len(val_images),
-        size,
-        steps_per_epoch,
-        load_s,
-    )
-
     start_fp = fingerprint(extractor)
     ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_FILE if cfg.checkpoint_dir else None
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    mean, std = pre_cfg.mean, pre_cfg.std
+    normalise = v2.Compose(
+        [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    )
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
         torch.manual_seed(cfg.seed)
-        run = _build_run(extractor, cfg, size, steps_per_epoch)
+        model, frozen = _prepare_model(extractor, cfg, size)
+
+        # Inputs: uint8 images (augmented at every step), or the frozen trunk's outputs.
+        load_start = time.perf_counter()
+        top: _Top | None = None
+        if cfg.caches_trunk:
+            trunk, top = split_at(model, cfg.freeze_blocks)
+            dtype = CACHE_DTYPES[cfg.cache_dtype]
+            args = (trunk, cfg.eval_batch_size, dtype, cfg.channels_last)
+            train_x, train_ok, train_fail = trunk_outputs(train_rows, pre_cfg, *args)
+            val_x, val_ok, val_fail = trunk_outputs(val_rows, pre_cfg, *args)
+        else:
+            train_x, train_ok, train_fail = load_images(train_rows, pre_cfg)
+            val_x, val_ok, val_fail = load_images(val_rows, pre_cfg)
+        load_s = time.perf_counter() - load_start
+        codes = pd.factorize(train_rows.loc[train_ok, schema.ITEM_ID].astype(str))[0]
+        val_labels = val_rows.loc[val_ok, schema.ITEM_ID].astype(str).to_numpy()
+        n_items = int(codes.max()) + 1 if len(codes) else 0
+        if n_items < 2:
+            raise ConfigError(
+                f"finetune needs at least 2 train items with readable images, got {n_items}"
+            )
+        n_train = len(train_x)
+        if cfg.method == "supcon":
+            steps_per_epoch = max(1, n_items // min(n_items, cfg.batch_size // cfg.images_per_item))
+        else:
+            steps_per_epoch = max(1, n_train // min(cfg.batch_size, n_train))
+        log.info(
+            "finetune %s: %d train images of %d items, %d val images, %d px, %s, "
+            "%d steps/epoch (inputs ready in %.1fs)",
+            cfg.method,
+            n_train,
+            n_items,
+            len(val_x),
+            size,
+            f"blocks [:{cfg.freeze_blocks}] cached" if top is not None else "augmented",
+            steps_per_epoch,
+            load_s,
+        )
+        run = _build_run(model, frozen, cfg, steps_per_epoch)
+
+        aug = cfg.augment_config()
+        transform = train_transform(aug, size, mean, std) if aug is not None else normalise
+
+        def pixels(idx: torch.Tensor) -> torch.Tensor:
+            if aug is None:
+                return normalise(train_x[idx]).contiguous(memory_format=memory_format)
+            return augment_batch(train_x[idx], transform).contiguous(memory_format=memory_format)
+
+        def encode(idx: torch.Tensor) -> torch.Tensor:
+            if top is not None:
+                return top(train_x[idx].float().contiguous(memory_format=memory_format))
+            return run.model(pixels(idx))
+
+        def key_encode(idx: torch.Tensor) -> torch.Tensor:
+            assert run.key_model is not None
+            return run.key_model(pixels(idx))
+
+        def encode_val(batch: torch.Tensor) -> torch.Tensor:
+            run.model.eval()
+            if top is not None:
+                return top(batch.float().contiguous(memory_format=memory_format))
+            return run.model(normalise(batch).contiguous(memory_format=memory_format))
+
         history: list[dict[str, float]] = []
         best: dict[str, Any] = {"epoch": -1, "metric": float("-inf"), "state": {}}
         bad_epochs, first_epoch, elapsed_before, stop_reason = 0, 1, 0.0, ""
 
         def evaluate_epoch(epoch: int, loss: float, views: int, train_s: float) -> dict[str, float]:
             emb, head_emb = _embed(
-                run.model, run.head, val_images, eval_tf, cfg.eval_batch_size, cfg.channels_last
+                encode_val, run.head, val_x, cfg.eval_batch_size, model.spec.embedding_dim
             )
             val = retrieval_summary(emb, val_labels, cfg.val_max_queries, cfg.seed)
             head_val = (
@@ -833,7 +977,9 @@ def finetune(
                 )
                 break
             t0 = time.perf_counter()
-            loss, views = _train_epoch(run, cfg, train_images, codes, transform)
+            loss, views = _train_epoch(
+                run, cfg, n_train, codes, encode, key_encode if run.moco is not None else None
+            )
             train_s = time.perf_counter() - t0
             row = evaluate_epoch(epoch, loss, views, train_s)
             last_epoch_s = time.perf_counter() - t0
@@ -899,9 +1045,9 @@ def finetune(
         if len(trained)
         else float("nan"),
         "wall_seconds": time.perf_counter() - wall_start,
-        "n_train_images": float(len(train_images)),
+        "n_train_images": float(n_train),
         "n_train_items": float(n_items),
-        "n_val_images": float(len(val_images)),
+        "n_val_images": float(len(val_x)),
         "n_unreadable": float(len(train_fail) + len(val_fail)),
         "train_size": float(size),
     }

@@ -50,6 +50,7 @@ from imgsearch.finetune import (
     random_batches,
     retrieval_summary,
     save_checkpoint,
+    split_at,
 )
 from imgsearch.preprocess import PreprocessConfig
 
@@ -214,6 +215,41 @@ def test_mobilenet_v2_freeze_blocks_and_resolution(catalog: pd.DataFrame, tmp_pa
     assert all(p.requires_grad for p in out.parameters())  # the caller gets a normal module back
     save_extractor(out, tmp_path / "ext")
     assert fingerprint(load_extractor(tmp_path / "ext")) == fingerprint(out)
+
+
+def test_cached_trunk_trains_exactly_like_the_full_forward(catalog: pd.DataFrame) -> None:
+    """augment=false: the frozen blocks' outputs are computed once; in float32 the training is
+    the same as running the whole network at every step."""
+    kw: dict[str, object] = {"augment": False, "freeze_blocks": 1, "epochs": 2, "head_dims": [16]}
+    cached = finetune(tiny_extractor(), catalog, fast_cfg(**kw, cache_dtype="float32"))
+    full = finetune(tiny_extractor(), catalog, fast_cfg(**kw, cache_frozen=False))
+    cols = ["loss", "val_map_at_r", "val_map", "val_map_at_r_head"]
+    pd.testing.assert_frame_equal(cached.history[cols], full.history[cols], atol=1e-4, rtol=1e-3)
+    a, b = cached.extractor.state_dict(), full.extractor.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
+    assert cached.history["loss"].iloc[-1] < cached.history["loss"].iloc[1]
+    half = finetune(tiny_extractor(), catalog, fast_cfg(**kw))  # float16 cache: close, not equal
+    assert half.history["val_map_at_r"].iloc[-1] == pytest.approx(
+        cached.history["val_map_at_r"].iloc[-1], abs=0.05
+    )
+
+
+def test_split_at_refuses_a_body_that_is_not_features_then_pooling() -> None:
+    ext = tiny_extractor()
+    trunk, top = split_at(ext, 2)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(top(trunk(x)), ext(x), atol=1e-6)
+
+    class Scaled(_TinyBody):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.features(x).amax(dim=(2, 3))  # max pooling: not what `top` would do
+
+    odd = Extractor(Scaled(32), ext.spec)
+    with pytest.raises(ConfigError, match="cannot be cached"):
+        split_at(odd, 1)
+    with pytest.raises(ConfigError):
+        split_at(ext, 3)  # nothing left to train
 
 
 def test_without_val_split_the_last_epoch_is_kept(catalog: pd.DataFrame) -> None:
@@ -438,6 +474,8 @@ def test_config_file_matches_the_dataclass() -> None:
         {"max_minutes": 0},
         {"augment": {"crop_scale": [0.0, 1.0]}},
         {"augment": {"no_such_key": 1}},
+        {"augment": False, "method": "simclr"},
+        {"cache_dtype": "int8"},
         {"unknown_key": 1},
     ],
 )
