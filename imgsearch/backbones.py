@@ -41,7 +41,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,26 +72,35 @@ _MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's canonical hub-
 
 @dataclass(frozen=True)
 class ExtractorSpec:
-    """What an extractor is: enough to rebuild it (with its weights) and to preprocess for it."""
+    """What an extractor is: enough to rebuild it (with its weights) and to preprocess for it.
+
+    ``head``: widths of a projection head after the backbone (a fine-tuned extractor may keep
+    the head it was trained with, see :func:`projection_head`); ``()`` for none, and then
+    ``embedding_dim`` is the backbone's, else ``head[-1]``.
+    """
 
     name: str
     weights: str
     embedding_dim: int
     preprocess: PreprocessConfig
+    head: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "weights": self.weights,
             "embedding_dim": self.embedding_dim,
             "preprocess": self.preprocess.to_dict(),
         }
+        if self.head:  # only when set: specs without a head keep their JSON (and fingerprints)
+            out["head"] = list(self.head)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExtractorSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
-        missing = sorted(known - set(data))
+        missing = sorted(known - set(data) - {"head"})
         if unknown or missing:
             raise ConfigError(f"extractor spec: unknown keys {unknown}, missing keys {missing}")
         return cls(
@@ -99,6 +108,7 @@ class ExtractorSpec:
             weights=str(data["weights"]),
             embedding_dim=int(data["embedding_dim"]),
             preprocess=PreprocessConfig.from_dict(data["preprocess"]),
+            head=tuple(int(d) for d in data.get("head") or ()),
         )
 
     def to_json(self) -> str:
@@ -106,24 +116,45 @@ class ExtractorSpec:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
+def projection_head(dim: int, dims: Sequence[int]) -> nn.Module:
+    """``Linear, BatchNorm1d, ReLU`` for each hidden width, then a ``Linear`` (SimCLR v2 / MoCo v2
+    style): the head :mod:`imgsearch.finetune` trains, rebuilt here when an extractor keeps it."""
+    layers: list[nn.Module] = []
+    width = dim
+    for hidden in dims[:-1]:
+        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        width = hidden
+    layers.append(nn.Linear(width, dims[-1]))
+    return nn.Sequential(*layers)
+
+
 class Extractor(nn.Module):
     """``body`` is a backbone whose classifier is replaced by ``nn.Identity``, so it returns
     global-average-pooled features ``(N, D)``; :meth:`forward` L2-normalises them in float32.
+    With a ``head`` (``spec.head`` set), the normalised features go through it and are
+    normalised again.
 
-    State dict keys are ``body.<backbone key>`` (the backbone's own names, minus the classifier).
+    State dict keys are ``body.<backbone key>`` (the backbone's own names, minus the classifier),
+    plus ``head.<i>.*`` when there is a head.
     """
 
-    def __init__(self, body: nn.Module, spec: ExtractorSpec) -> None:
+    def __init__(self, body: nn.Module, spec: ExtractorSpec, head: nn.Module | None = None) -> None:
         super().__init__()
+        if bool(spec.head) != (head is not None):
+            raise ConfigError("Extractor: pass a head module exactly when spec.head is set")
         self.body = body
         self.spec = spec
+        self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(N, 3, S, S)`` float, normalised per ``spec.preprocess`` -> ``(N, D)`` float32."""
         features = self.body(x)
         if features.ndim != 2:  # a body that returns a feature map: pool it
             features = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
-        return F.normalize(features.float(), dim=1)
+        emb = F.normalize(features.float(), dim=1)
+        if self.head is not None:
+            emb = F.normalize(self.head(emb).float(), dim=1)
+        return emb
 
 
 # --- weights sources ------------------------------------------------------------------------------
@@ -436,11 +467,13 @@ def load_extractor(directory: Path) -> Extractor:
     if spec.name not in REGISTRY:
         raise ConfigError(f"{directory}: unknown backbone {spec.name!r}; known: {list_backbones()}")
     built = REGISTRY[spec.name](False)
-    if built.dim != spec.embedding_dim:
+    dim = spec.head[-1] if spec.head else built.dim
+    if dim != spec.embedding_dim:
         raise ConfigError(
-            f"{directory}: spec says dim {spec.embedding_dim}, {spec.name} has {built.dim}"
+            f"{directory}: spec says dim {spec.embedding_dim}, {spec.name} (head {list(spec.head)}) has {dim}"
         )
-    ext = Extractor(built.body, spec)
+    head = projection_head(built.dim, spec.head) if spec.head else None
+    ext = Extractor(built.body, spec, head)
     weights_path = directory / WEIGHTS_FILE
     _load_into(
         ext, _unwrap_state_dict(_safe_load(weights_path), weights_path), (), str(weights_path)

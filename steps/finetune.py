@@ -8,8 +8,9 @@ and ``configs/finetune.yaml`` (``--method``, ``--epochs``, ``--train-size``, ``-
 override it). See :mod:`imgsearch.finetune` for the training itself.
 
 Produces: per-epoch metrics with ``step=epoch`` (epoch 0 = before training): ``loss``, ``lr``,
-``val_map_at_r``, ``val_map``, ``val_recall_at_1``, ``val_embedding_std``, ``val_map_at_r_head``,
-``images_per_s``, ``epoch_seconds``; summary metrics (``best_epoch``, ``best_val_map_at_r``,
+``val_map_at_r``, ``val_map``, ``val_recall_at_1``, ``val_embedding_std`` (of the embedding the
+extractor returns), ``val_map_at_r_backbone``, ``val_map_at_r_head``, ``images_per_s``,
+``epoch_seconds``; summary metrics (``best_epoch``, ``best_val_map_at_r``,
 ``initial_val_map_at_r``, ``epochs_run``, ``train_images_per_s``, ``wall_seconds``...);
 ``extractor/`` (the best epoch's extractor, ``weights.pt`` + ``spec.json``, reload with
 ``imgsearch.backbones.load_extractor``) with param ``extractor_fingerprint``; ``history.csv``;

@@ -252,6 +252,45 @@ def test_split_at_refuses_a_body_that_is_not_features_then_pooling() -> None:
         split_at(ext, 3)  # nothing left to train
 
 
+def test_keep_head(catalog: pd.DataFrame, tmp_path: Path) -> None:
+    """With keep_head the returned extractor embeds through the trained head (recorded in
+    ExtractorSpec.head), early stopping watches that embedding, and it survives save/load."""
+    cfg = fast_cfg(epochs=3, head_dims=[24, 16], keep_head=True)
+    result = finetune(tiny_extractor(), catalog, cfg)
+    h = result.history
+    assert h["val_map_at_r"].iloc[0] == h["val_map_at_r_backbone"].iloc[0]  # epoch 0: no head yet
+    assert (h["val_map_at_r"].iloc[1:] == h["val_map_at_r_head"].iloc[1:]).all()
+    out = result.extractor
+    if result.metrics["best_epoch"] > 0:
+        assert out.spec.head == (24, 16) and out.spec.embedding_dim == 16
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        emb = out(x)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(4), atol=1e-5)
+    mobile = create_extractor("mobilenet_v2", "none")
+    small = catalog[catalog[schema.ITEM_ID].isin(["circle-0", "square-1", "ring-2"])]
+    kept = finetune(
+        mobile,
+        small.assign(split="train"),
+        fast_cfg(
+            epochs=1,
+            batch_size=8,
+            train_size=32,
+            head_dims=[8],
+            keep_head=True,
+            freeze_blocks=17,
+            augment=False,
+        ),
+    ).extractor
+    assert kept.spec.head == (8,) and kept.spec.embedding_dim == 8
+    save_extractor(kept, tmp_path / "kept")
+    again = load_extractor(tmp_path / "kept")
+    assert fingerprint(again) == fingerprint(kept)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(again(x), kept(x), atol=1e-6)
+
+
 def test_without_val_split_the_last_epoch_is_kept(catalog: pd.DataFrame) -> None:
     train_only = catalog[catalog[schema.SPLIT] == "train"]
     result = finetune(tiny_extractor(), train_only, fast_cfg(epochs=2))
