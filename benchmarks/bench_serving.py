@@ -2,20 +2,26 @@
 
 One query = ``IndexModel.predict`` on a one-row DataFrame holding a base64 JPEG: base64 decode +
 safe image decode and normalisation + preprocessing + CNN forward + FAISS search + ranking
-(popularity, filters) + the output table. Measured for each backbone on the same gallery and
-the same queries, p50 / p95 printed side by side (never pass/fail).
+(popularity, filters) + the output table. Measured for each backbone, serving mode
+(:mod:`imgsearch.serving`: ``eager`` fp32, ``fused`` BN-folded channels-last, ``int8`` FX static
+quantisation calibrated on gallery images) and torch thread count, on the same gallery and
+queries; p50 / p95 printed side by side with the speed-up over ``eager`` at the same thread
+count and the min cosine of the mode's query embeddings against eager fp32 (never pass/fail).
 
 Targets on 2 cores: p50 <= 50 ms (MobileNetV2), <= 100 ms (ResNet50).
 
-    python -m benchmarks.bench_serving                     # mobilenet_v2 and resnet50, ~1 min
-    python -m benchmarks.bench_serving --n-gallery 20000 --queries 100 --threads 2
+    python -m benchmarks.bench_serving                     # both backbones, 3 modes, 1 and 2 threads
+    python -m benchmarks.bench_serving --backbones resnet50 --modes fused int8 --threads 1
 
 Thread count matters more than the backbone on a shared machine: with more runnable processes
 than cores, OpenMP's spinning workers wait for each other at every layer (measured: MobileNetV2
-40 ms with 1 thread vs 2 s with 2 at load average 6 on 2 cores). Both settings are printed.
+40 ms with 1 thread vs 2 s with 2 at load average 6 on 2 cores). Hence serving's default of 1.
 
-Random-init weights (``weights=none``) are as fast as pretrained ones. The gallery vectors are
-random unit vectors (search time depends on their number and dimension, not their values).
+Random-init weights (``weights=none``) are as fast as pretrained ones, except for ``int8``'s
+accuracy: MobileNetV2 uses its offline ImageNet weights when available (a random-init MobileNetV2
+quantises to zeros and int8 is refused, as it should be). The gallery vectors are random unit
+vectors (search time depends on their number and dimension, not their values); the first
+``--calibration`` gallery rows point at synthetic JPEGs that int8 calibrates on.
 """
 
 from __future__ import annotations
@@ -37,7 +43,11 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
-from imgsearch.backbones import create_extractor, fingerprint, save_extractor
+from imgsearch import serving
+from imgsearch.backbones import Extractor, create_extractor, fingerprint, save_extractor
+from imgsearch.errors import WeightsUnavailableError
+from imgsearch.extract import embed_images
+from imgsearch.imageio import open_rgb
 from imgsearch.index import ImageIndex, IndexConfig
 from imgsearch.ranking import RankingConfig
 from registry import models
@@ -47,9 +57,9 @@ BACKBONES = ("mobilenet_v2", "resnet50")
 TARGET_P50_MS = {"mobilenet_v2": 50.0, "resnet50": 100.0}
 
 
-def query_jpegs(n: int, width: int = 320, height: int = 240) -> list[str]:
+def query_jpegs(n: int, width: int = 320, height: int = 240, seed: int = 1) -> list[str]:
     """``n`` distinct camera-sized JPEG queries, base64-encoded as a client would send them."""
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         img = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 256, 3)))
@@ -64,15 +74,34 @@ def query_jpegs(n: int, width: int = 320, height: int = 240) -> list[str]:
     return out
 
 
-def build_model(backbone: str, n_gallery: int, root: Path) -> Path:
-    """A saved (not registered) index pyfunc: extractor + Flat index of random unit vectors."""
-    ext = create_extractor(backbone, weights="none")
+def make_extractor(backbone: str) -> Extractor:
+    """ImageNet weights where they load offline (MobileNetV2), random init otherwise."""
+    torch.manual_seed(0)
+    if backbone == "mobilenet_v2":
+        try:
+            return create_extractor(backbone, weights="imagenet")
+        except WeightsUnavailableError:
+            pass
+    return create_extractor(backbone, weights="none")
+
+
+def build_model(ext: Extractor, n_gallery: int, n_calibration: int, root: Path) -> Path:
+    """A saved (not registered) index pyfunc: extractor + index of random unit vectors, whose
+    first ``n_calibration`` rows have synthetic JPEG files (``path``) for int8 to calibrate on."""
+    backbone = ext.spec.name
     ext_dir = root / backbone / "extractor"
     save_extractor(ext, ext_dir)
     dim = int(ext.spec.embedding_dim)
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((n_gallery, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    gallery_dir = root / backbone / "gallery"
+    gallery_dir.mkdir(parents=True)
+    paths: list[str | None] = [None] * n_gallery
+    for i, data in enumerate(query_jpegs(min(n_calibration, n_gallery), seed=2)):
+        path = gallery_dir / f"img{i}.jpg"
+        path.write_bytes(base64.b64decode(data))
+        paths[i] = str(path)
     meta = pd.DataFrame(
         {
             "image_id": [f"img{i}" for i in range(n_gallery)],
@@ -81,6 +110,7 @@ def build_model(backbone: str, n_gallery: int, root: Path) -> Path:
             "category": [f"cat{i % 8}" for i in range(n_gallery)],
             "downloads": rng.integers(0, 10_000, n_gallery),
             "likes": rng.integers(0, 1_000, n_gallery),
+            "path": paths,
         }
     )
     index = ImageIndex.build(emb, meta, IndexConfig(factory="auto"), fingerprint(ext))
@@ -93,23 +123,41 @@ def build_model(backbone: str, n_gallery: int, root: Path) -> Path:
         artifacts={models.ARTIFACT_EXTRACTOR: str(ext_dir), models.ARTIFACT_INDEX: str(index_dir)},
         signature=models.index_signature(RankingConfig()),
         pip_requirements=["mlflow"],
-        model_config={"allow_paths": False},
+        # MLflow lets load_model override only the keys logged here
+        model_config={
+            "allow_paths": False,
+            "serving_mode": serving.DEFAULT_MODE,
+            "torch_threads": serving.DEFAULT_THREADS,
+        },
     )
     return model_dir
 
 
-def time_queries(
-    model: object, queries: list[str], params: dict[str, object], warmup: int
-) -> list[float]:
-    predict = model.predict  # type: ignore[attr-defined]
-    for q in queries[:warmup]:
-        predict(pd.DataFrame({"image": [q]}), params=params)
-    times = []
-    for q in queries:
-        t0 = time.perf_counter()
-        out = predict(pd.DataFrame({"image": [q]}), params=params)
-        times.append((time.perf_counter() - t0) * 1000.0)
-        assert len(out) == params["k"], out
+def min_cosine(ext: Extractor, served: serving.ServingExtractor, queries: list[str]) -> float:
+    """Min cosine, over the queries, of the served embeddings against eager fp32's."""
+    images = [open_rgb(base64.b64decode(q)) for q in queries]
+    reference = embed_images(ext, images)
+    got = served.embed(images)
+    return float(np.min(np.sum(reference * got, axis=1)))
+
+
+def time_interleaved(
+    models_by_mode: dict[str, object],
+    queries: list[str],
+    params: dict[str, object],
+    warmup: int,
+) -> dict[str, list[float]]:
+    """Milliseconds per query for each model, the models taking turns on every query."""
+    times: dict[str, list[float]] = {mode: [] for mode in models_by_mode}
+    for i, q in enumerate(queries[:warmup] + queries):
+        frame = pd.DataFrame({"image": [q]})
+        for mode, model in models_by_mode.items():
+            t0 = time.perf_counter()
+            out = model.predict(frame, params=params)  # type: ignore[attr-defined]
+            elapsed = (time.perf_counter() - t0) * 1000.0
+            assert len(out) == params["k"], out
+            if i >= warmup:
+                times[mode].append(elapsed)
     return times
 
 
@@ -120,7 +168,9 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    p.add_argument("--modes", nargs="+", default=list(serving.MODES), choices=serving.MODES)
     p.add_argument("--n-gallery", type=int, default=10_000)
+    p.add_argument("--calibration", type=int, default=32, help="gallery images int8 may read")
     p.add_argument("--queries", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--k", type=int, default=10)
@@ -145,26 +195,51 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backbone in args.backbones:
-            t0 = time.perf_counter()
-            model = mlflow.pyfunc.load_model(str(build_model(backbone, args.n_gallery, Path(tmp))))
-            setup_s = time.perf_counter() - t0
+            ext = make_extractor(backbone)
+            model_dir = build_model(ext, args.n_gallery, args.calibration, Path(tmp))
             for threads in dict.fromkeys(args.threads):
-                torch.set_num_threads(threads)
-                times = time_queries(model, queries, params, args.warmup)
-                rows.append(
-                    {
-                        "backbone": backbone,
-                        "threads": threads,
-                        "p50_ms": percentile(times, 50),
-                        "p95_ms": percentile(times, 95),
-                        "mean_ms": statistics.fmean(times),
-                        "target_p50_ms": TARGET_P50_MS.get(backbone, float("nan")),
-                        "build+load_s": setup_s,
-                    }
+                loaded = {}
+                for mode in dict.fromkeys(args.modes):
+                    t0 = time.perf_counter()
+                    model = mlflow.pyfunc.load_model(
+                        str(model_dir),
+                        model_config={"serving_mode": mode, "torch_threads": threads},
+                    )
+                    loaded[mode] = (model, time.perf_counter() - t0)
+                # modes take turns query by query, so a change of machine load hits them alike
+                times = time_interleaved(
+                    {m: v[0] for m, v in loaded.items()}, queries, params, args.warmup
                 )
-            del model
-    table = pd.DataFrame(rows).set_index(["backbone", "threads"])
-    print(table.to_string(float_format=lambda x: f"{x:.1f}"))
+                for mode, (model, load_s) in loaded.items():
+                    served = model.unwrap_python_model().serving
+                    rows.append(
+                        {
+                            "backbone": f"{backbone} ({ext.spec.weights})",
+                            "mode": mode,
+                            "used": served.mode,
+                            "threads": threads,
+                            "p50_ms": percentile(times[mode], 50),
+                            "p95_ms": percentile(times[mode], 95),
+                            "mean_ms": statistics.fmean(times[mode]),
+                            "min_cos": min_cosine(ext, served, queries),
+                            "target_p50": TARGET_P50_MS.get(backbone, float("nan")),
+                            "load_s": load_s,
+                        }
+                    )
+                del loaded
+    table = pd.DataFrame(rows)
+    eager = table[table["mode"] == "eager"].set_index(["backbone", "threads"])["p50_ms"]
+    table["x_eager_p50"] = [
+        eager.get((b, t), float("nan")) / p50
+        for b, t, p50 in zip(table["backbone"], table["threads"], table["p50_ms"], strict=True)
+    ]
+    table = table.set_index(["backbone", "mode", "threads"])
+    print(
+        table.to_string(
+            float_format=lambda x: f"{x:.1f}",
+            formatters={"x_eager_p50": lambda x: f"x{x:.2f}", "min_cos": lambda x: f"{x:.5f}"},
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -2,33 +2,93 @@
 
 ``imgsearch search IMAGE [IMAGE ...] --k 10 ...`` runs :mod:`registry.search` (the same as
 ``python -m registry.search``). The library never imports MLflow, so the command's MLflow part
-is imported lazily, by name, only when the command runs; it needs the repository checkout
-(``registry/`` is not part of the installed package), found on ``sys.path`` or in the current
-directory.
+is imported lazily, by name, only when the command runs.
+
+``registry/`` is not part of the installed package (only ``imgsearch`` is), so the command needs
+the project checkout. It is found, first match wins, at:
+
+1. ``$IMGSEARCH_PROJECT`` (an error if that folder is not an imgsearch checkout);
+2. the checkout the installed ``imgsearch`` package lives in (an editable ``pip install -e .``);
+3. the current directory.
+
+The checkout goes first on ``sys.path``, and when ``MLFLOW_TRACKING_URI`` is unset the tracking
+and registry store default to the checkout's own ``mlflow.db`` (what ``make demo`` and
+``python -m steps...`` run from the checkout write to), so the command works from any directory.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from imgsearch.config import PROJECT_ROOT
+
 COMMANDS: dict[str, str] = {"search": "registry.search"}
+PROJECT_ENV = "IMGSEARCH_PROJECT"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+#: A folder is an imgsearch checkout when it holds this file.
+MARKER = Path("registry") / "search.py"
+DB_FILE = "mlflow.db"
+
+
+class ProjectNotFound(RuntimeError):
+    """No imgsearch checkout (the folder holding ``registry/``) where the command looked."""
+
+
+def is_project(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def find_project(env: dict[str, str] | None = None, cwd: Path | None = None) -> Path:
+    """The imgsearch checkout to run from (see the module docstring for the order)."""
+    env = dict(os.environ if env is None else env)
+    configured = env.get(PROJECT_ENV, "").strip()
+    if configured:
+        root = Path(configured).expanduser().resolve()
+        if not is_project(root):
+            raise ProjectNotFound(
+                f"{PROJECT_ENV}={configured} is not an imgsearch checkout (no {MARKER} there)"
+            )
+        return root
+    candidates = [PROJECT_ROOT, (cwd or Path.cwd()).resolve()]
+    for root in candidates:
+        if is_project(root):
+            return root
+    looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise ProjectNotFound(
+        f"cannot find the imgsearch checkout (a folder holding {MARKER}); looked in {looked}. "
+        f"Install it editable (pip install -e /path/to/imgsearch) or set "
+        f"{PROJECT_ENV}=/path/to/imgsearch"
+    )
+
+
+def default_tracking_uri(root: Path) -> str:
+    """The checkout's own store: ``sqlite:///<root>/mlflow.db`` (an absolute path)."""
+    return f"sqlite:///{(root / DB_FILE).resolve()}"
+
+
+def prepare(root: Path, env: dict[str, str] | None = None) -> None:
+    """Make ``registry`` importable from ``root`` and default the tracking store to its DB."""
+    target = os.environ if env is None else env
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    if not target.get(TRACKING_ENV):
+        target[TRACKING_ENV] = default_tracking_uri(root)
 
 
 def _load(module: str) -> Callable[[Sequence[str] | None], int]:
     try:
+        root = find_project()
+    except ProjectNotFound as exc:
+        raise SystemExit(f"imgsearch: {exc}") from exc
+    prepare(root)
+    try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        root = Path.cwd()
-        if exc.name != module.split(".")[0] or not (root / module.split(".")[0]).is_dir():
-            raise SystemExit(
-                f"imgsearch: cannot import {module} ({exc}); run this command from the "
-                "imgsearch repository root"
-            ) from exc
-        sys.path.insert(0, str(root))
-        mod = importlib.import_module(module)
+        raise SystemExit(f"imgsearch: cannot import {module} from {root} ({exc})") from exc
     main: Callable[[Sequence[str] | None], int] = mod.main
     return main
 

@@ -18,6 +18,12 @@ Bad input policy (the server keeps serving in every case):
 :class:`IndexModel` loads its index with the fingerprint of the extractor it is logged with, so a
 pair that does not belong together is refused at load time (``ExtractorMismatchError``), and a
 tampered index file is refused before FAISS reads it (``IndexIntegrityError``).
+
+Query-time speed (:mod:`imgsearch.serving`): each query runs on ``torch_threads`` intra-op threads
+(default 1: steadiest on a shared host) through the ``serving_mode`` forward pass (default
+``fused``: BN folded, channels-last; ``int8`` on request, calibrated on gallery images). Both come
+from the model config or the environment (``IMGSEARCH_TORCH_THREADS``, ``IMGSEARCH_SERVING_MODE``,
+which win), and each speed-up is kept only when it passes its cosine check against eager fp32.
 """
 
 from __future__ import annotations
@@ -42,12 +48,11 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
-from imgsearch import schema
-from imgsearch.backbones import fingerprint, load_extractor
+from imgsearch import schema, serving
+from imgsearch.backbones import Extractor, fingerprint, load_extractor
 from imgsearch.config import from_dict
 from imgsearch.errors import ConfigError, ImageRejected
-from imgsearch.extract import embed_images
-from imgsearch.imageio import open_rgb
+from imgsearch.imageio import open_rgb, read_bytes
 from imgsearch.index import ImageIndex
 from imgsearch.ranking import RankingConfig, rank
 
@@ -169,11 +174,49 @@ def decode_images(
     return images, errors
 
 
-def _embed(extractor: Any, images: list[Image.Image | None]) -> tuple[np.ndarray, list[int]]:
+def _embed(
+    served: serving.ServingExtractor, images: list[Image.Image | None]
+) -> tuple[np.ndarray, list[int]]:
     """Embeddings of the decoded images and the row numbers they belong to."""
     rows = [i for i, img in enumerate(images) if img is not None]
-    emb = embed_images(extractor, [images[i] for i in rows])  # type: ignore[misc]
+    emb = served.embed([images[i] for i in rows])  # type: ignore[misc]
     return np.asarray(emb, dtype=np.float32), rows
+
+
+#: Gallery images read (from the index's ``path`` column) to calibrate and check int8.
+CALIBRATION_IMAGES = 32
+
+
+def gallery_images(meta: pd.DataFrame, n: int = CALIBRATION_IMAGES) -> list[Image.Image]:
+    """Up to ``n`` decoded gallery images (a fixed sample of the index's ``path`` column); files
+    that cannot be read are skipped: ``int8`` then falls back when too few remain."""
+    if schema.PATH not in meta.columns or meta.empty:
+        return []
+    paths = meta[schema.PATH].dropna().astype(str)
+    sample = paths.sample(min(len(paths), 4 * n), random_state=0) if len(paths) > n else paths
+    images: list[Image.Image] = []
+    for path in sample:
+        try:
+            images.append(open_rgb(read_bytes(path, MAX_IMAGE_BYTES)))
+        except (ImageRejected, OSError, ValueError):
+            continue
+        if len(images) >= n:
+            break
+    return images
+
+
+def prepare_serving(
+    extractor: Extractor, context: Any, gallery: pd.DataFrame | None = None
+) -> serving.ServingExtractor:
+    """The query-time forward pass, from the model config (``torch_threads``, ``serving_mode``)
+    and the environment variables that override it."""
+    config = getattr(context, "model_config", None) or {}
+    threads = serving.resolve_threads(config.get("torch_threads"))
+    mode = serving.resolve_mode(config.get("serving_mode"))
+    images = gallery_images(gallery) if mode == "int8" and gallery is not None else []
+    served = serving.prepare_serving(extractor, mode, threads=threads, gallery=images)
+    log.info("serving %s, %d torch thread(s): %s", served.mode, threads, served.metrics)
+    return served
 
 
 def _jsonable(df: pd.DataFrame) -> pd.DataFrame:
@@ -201,12 +244,13 @@ class ExtractorModel(PythonModel):
         self.extractor.eval()
         self.fingerprint = fingerprint(self.extractor)
         self.allow_paths = _allow_paths(context)
+        self.serving = prepare_serving(self.extractor, context)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         images, errors = decode_images(_image_values(model_input), allow_paths=self.allow_paths)
-        emb, rows = _embed(self.extractor, images)
+        emb, rows = _embed(self.serving, images)
         vectors: list[list[float] | None] = [None] * len(images)
         for row, vec in zip(rows, emb, strict=True):
             vectors[row] = vec.tolist()
@@ -357,13 +401,14 @@ class IndexModel(PythonModel):
         self.allow_paths = _allow_paths(context)
         config = getattr(context, "model_config", None) or {}
         self.default_k = int(config.get("default_k", DEFAULT_K))
+        self.serving = prepare_serving(self.extractor, context, self.index.meta)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         k, cfg = ranking_for_request(self.ranking, params, self.default_k)
         images, errors = decode_images(_image_values(model_input), allow_paths=self.allow_paths)
-        emb, rows = _embed(self.extractor, images)
+        emb, rows = _embed(self.serving, images)
         frames: list[pd.DataFrame] = []
         if rows:
             try:

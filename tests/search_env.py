@@ -4,18 +4,28 @@ CLI, feedback and page tests.
 Six synthetic PNGs on disk (so the catalog has paths and thumbnails), three items, two
 categories, popularity columns and an NSFW flag, indexed with a random-init 64 px MobileNetV2.
 Registered and promoted once per test session (``get_env``), whichever module asks first.
+
+:func:`serve_model` runs ``mlflow models serve`` of that champion for real and :func:`run_process`
+starts any such server (the Streamlit page too) and waits until it answers.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import requests
 from mlflow import MlflowClient
 
 from imgsearch.backbones import fingerprint, load_extractor
@@ -24,7 +34,7 @@ from imgsearch.imageio import open_rgb
 from imgsearch.index import ImageIndex, IndexConfig
 from imgsearch.ranking import RankingConfig
 from registry.promote import promote
-from registry.register import RegisterConfig, RegisteredPair, register_pair
+from registry.register import INDEX_MODEL, RegisterConfig, RegisteredPair, register_pair
 from tests.test_registry import fresh_tracking_uri, make_extractor_dir, png_bytes
 
 N_IMAGES = 6
@@ -105,3 +115,142 @@ def get_env(tmp_path_factory: pytest.TempPathFactory) -> SearchEnv:
     if not _ENV:
         _ENV.append(_build(tmp_path_factory))
     return _ENV[0]
+
+
+# --- real servers ---------------------------------------------------------------------------------
+
+STARTUP_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def venv_tool(name: str) -> list[str]:
+    """A console script of this interpreter's environment (``mlflow``, ``streamlit``)."""
+    exe = Path(sys.executable).with_name(name)
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", name]
+
+
+@dataclass
+class Running:
+    """A started server: its base URL, the URL that answers 200 once it is up, its log."""
+
+    url: str
+    ready_url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def wait(self, timeout_s: float = STARTUP_TIMEOUT_S) -> Running:
+        """Block until ``ready_url`` answers 200; fails the test (with the log's tail) when the
+        process exits first or does not come up in ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"{self.url}: exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.ready_url, timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{self.url}: not up after {timeout_s:.0f}s:\n{self.log()}")
+            time.sleep(0.5)
+
+    def log(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+
+@contextlib.contextmanager
+def run_process(
+    cmd: Sequence[str],
+    *,
+    url: str,
+    ready_url: str,
+    log_path: Path,
+    cwd: Path,
+    env: Mapping[str, str],
+    wait: bool = True,
+) -> Iterator[Running]:
+    """Start ``cmd`` in its own process group (optionally waiting until it is up) and stop the
+    whole group (SIGTERM, then SIGKILL) afterwards. ``wait=False`` lets a caller start several
+    servers first and then :meth:`Running.wait` for each."""
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            list(cmd),
+            cwd=cwd,
+            env=dict(env),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    running = Running(url, ready_url, proc, log_path)
+    try:
+        if wait:
+            running.wait()
+        yield running
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop ``proc``'s process group (the server and its workers), politely first."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serve_model(
+    uri: str,
+    workdir: Path,
+    model_uri: str = f"models:/{INDEX_MODEL}@champion",
+    *,
+    wait: bool = True,
+    extra_env: Mapping[str, str] | None = None,
+) -> Iterator[Running]:
+    """``mlflow models serve`` of ``model_uri`` from the store ``uri``, started from ``workdir``
+    (outside the repository, with ``PYTHONPATH`` empty: the model's own ``code_paths`` must be
+    enough). Yields the :class:`Running` server; stopped afterwards. Log: ``workdir/server.log``."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
+        # the scoring server is started with `uvicorn` from PATH: use this interpreter's
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": "",
+        **(extra_env or {}),
+    }
+    cmd = [
+        *venv_tool("mlflow"),
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-p",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    with run_process(
+        cmd,
+        url=base,
+        ready_url=f"{base}/ping",
+        log_path=workdir / "server.log",
+        cwd=workdir,
+        env=env,
+        wait=wait,
+    ) as running:
+        yield running

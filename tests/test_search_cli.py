@@ -4,6 +4,8 @@ a bad query file with its reason and still answers the others."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from imgsearch import cli
 from imgsearch.errors import ImageRejected
 from registry import search as search_mod
 from registry.search import SearchConfig, load_search_config, read_query
@@ -98,11 +101,73 @@ def test_module_runs_as_a_script() -> None:
 def test_imgsearch_command_dispatches_without_importing_mlflow(
     env: SearchEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from imgsearch import cli
-
     assert cli.main(["search", str(env.paths[1]), "--k", "1", "--format", "csv"]) == 0
     assert ",img1," in capsys.readouterr().out
     assert cli.main([]) == 2 and cli.main(["--help"]) == 0
     probe = "import sys, imgsearch.cli; assert 'mlflow' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- the console script from any directory ------------------------------------------------------
+
+
+def _console() -> list[str]:
+    exe = Path(sys.executable).with_name("imgsearch")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "imgsearch.cli"]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    drop = {"MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PYTHONPATH", cli.PROJECT_ENV}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def test_find_project_from_another_directory(tmp_path: Path) -> None:
+    """An editable install finds its checkout from anywhere; the store defaults to its DB."""
+    assert cli.find_project(env={}, cwd=tmp_path) == ROOT
+    assert cli.default_tracking_uri(ROOT) == f"sqlite:///{ROOT / 'mlflow.db'}"
+    env: dict[str, str] = {}
+    cli.prepare(ROOT, env)
+    assert env == {"MLFLOW_TRACKING_URI": f"sqlite:///{ROOT / 'mlflow.db'}"}
+    kept = {"MLFLOW_TRACKING_URI": "http://tracking:5000"}
+    cli.prepare(ROOT, kept)
+    assert kept == {"MLFLOW_TRACKING_URI": "http://tracking:5000"}  # an explicit URI wins
+
+
+def test_a_folder_that_is_not_the_project_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(cli.ProjectNotFound, match="not an imgsearch checkout"):
+        cli.find_project(env={cli.PROJECT_ENV: str(tmp_path)})
+    proc = subprocess.run(
+        [*_console(), "search", "query.png"],
+        cwd=tmp_path,
+        env=_clean_env(**{cli.PROJECT_ENV: str(tmp_path)}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "not an imgsearch checkout" in proc.stderr and "IMGSEARCH_PROJECT" in proc.stderr
+
+
+def test_console_script_searches_from_any_directory(env: SearchEnv, tmp_path: Path) -> None:
+    """``imgsearch search`` run from a temporary directory, with ``MLFLOW_TRACKING_URI`` unset:
+    the project (here a copy that links to this checkout's code) is found, ``registry`` imported
+    from it and its ``mlflow.db`` used as the store."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("registry", "configs"):
+        (project / name).symlink_to(ROOT / name, target_is_directory=True)
+    shutil.copyfile(env.uri.removeprefix("sqlite:///"), project / "mlflow.db")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [*_console(), "search", str(env.paths[1]), "--k", "1", "--format", "csv"],
+        cwd=elsewhere,
+        env=_clean_env(**{cli.PROJECT_ENV: str(project)}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ",img1," in proc.stdout
+    assert f"imgsearch-index v{env.pair.index.version}" in proc.stderr

@@ -1,0 +1,269 @@
+"""The query-time forward pass: how many threads, and which (checked) speed-ups.
+
+**Threads.** A served model answers one small query at a time. With more runnable processes than
+cores (a shared 2-core host), OpenMP's spinning workers wait for each other at every layer, and a
+second intra-op thread made single-query latency about 10x worse under load while gaining little
+when idle (``benchmarks/bench_serving.py`` prints both). So serving defaults to
+:data:`DEFAULT_THREADS` = 1 thread per query; scale out with more server workers instead.
+``$IMGSEARCH_TORCH_THREADS`` (or the model config ``torch_threads``) sets another count; ``0``
+leaves torch's own default (one thread per core). :func:`torch_threads` applies the count around
+one call and restores the caller's, so an in-process user (the search page, the CLI, tests) keeps
+its own setting.
+
+**Modes** (``$IMGSEARCH_SERVING_MODE`` or the model config ``serving_mode``):
+
+- ``eager``: the extractor as trained, fp32.
+- ``fused`` (default): BatchNorm folded into the preceding convolutions (``torch.fx``) and
+  channels-last weights, so oneDNN runs its NHWC kernels. The same arithmetic up to rounding;
+  kept only if it reproduces eager fp32 to cosine >= :data:`FUSED_MIN_COSINE` on probe images.
+- ``int8``: FX post-training static quantisation (x86/fbgemm backend, per-channel weights),
+  calibrated on gallery images. Kept only if every held-out gallery image embeds to cosine >=
+  :data:`INT8_MIN_COSINE` of eager fp32 (otherwise ``fused``). Query vectors are then close to,
+  not equal to, those the index was built with: opt in where the latency matters more.
+  (PyTorch has deprecated its quantised tensors in favour of torchao's PT2E flow; this eager
+  FX path still works in torch 2.14 and is what a successor should port.)
+
+bf16 and ``torch.compile`` are not offered here: on CPUs without native bf16 (no AVX512-BF16 or
+AMX) bf16 is emulated and slower, and compiled ResNet50 was slower than eager on one thread after
+a minute of compiling (figures in the README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from imgsearch.backbones import Extractor
+from imgsearch.errors import ConfigError
+from imgsearch.extract import _as_rgb
+from imgsearch.preprocess import to_tensor, to_uint8
+
+log = logging.getLogger(__name__)
+
+THREADS_ENV = "IMGSEARCH_TORCH_THREADS"
+MODE_ENV = "IMGSEARCH_SERVING_MODE"
+DEFAULT_THREADS = 1
+MODES = ("eager", "fused", "int8")
+DEFAULT_MODE = "fused"
+#: Folding BN and reordering memory change only rounding.
+FUSED_MIN_COSINE = 0.9999
+#: int8 is an approximation: every held-out image must stay this close to eager fp32.
+INT8_MIN_COSINE = 0.99
+#: Fewest gallery images int8 needs (half calibrate, half check).
+INT8_MIN_IMAGES = 8
+PROBE_IMAGES = 2
+
+
+def resolve_threads(configured: Any = None, env: Mapping[str, str] | None = None) -> int:
+    """Threads per query: ``$IMGSEARCH_TORCH_THREADS``, else ``configured``, else 1; 0 = torch's
+    default. Raises :class:`ConfigError` on a value that is not a non-negative integer."""
+    env = os.environ if env is None else env
+    raw = env.get(THREADS_ENV) or configured
+    if raw is None or raw == "":
+        return DEFAULT_THREADS
+    try:
+        value = int(str(raw).strip())
+    except ValueError as exc:
+        raise ConfigError(f"torch threads must be an integer >= 0, got {raw!r}") from exc
+    if value < 0:
+        raise ConfigError(f"torch threads must be an integer >= 0, got {raw!r}")
+    return value
+
+
+def resolve_mode(configured: Any = None, env: Mapping[str, str] | None = None) -> str:
+    """``$IMGSEARCH_SERVING_MODE``, else ``configured``, else :data:`DEFAULT_MODE`."""
+    env = os.environ if env is None else env
+    mode = str(env.get(MODE_ENV) or configured or DEFAULT_MODE).strip().lower()
+    if mode not in MODES:
+        raise ConfigError(f"serving mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads (0: unchanged), then restore."""
+    if threads <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _pixels(images: Sequence[Image.Image], extractor: Extractor) -> torch.Tensor:
+    pre = extractor.spec.preprocess
+    return to_tensor(np.stack([to_uint8(_as_rgb(img), pre) for img in images]), pre)
+
+
+def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(nn.functional.cosine_similarity(a.float(), b.float(), dim=1).min())
+
+
+@dataclass
+class ServingExtractor:
+    """An extractor prepared for queries: :meth:`embed` gives what ``embed_images`` gives (to the
+    recorded cosine) with the chosen speed-up. ``extractor`` stays the unmodified original (its
+    fingerprint is what the index was built with)."""
+
+    extractor: Extractor
+    model: nn.Module
+    mode: str
+    memory_format: torch.memory_format = torch.contiguous_format
+    threads: int = DEFAULT_THREADS
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(x.contiguous(memory_format=self.memory_format)).float()
+
+    def embed(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        """Decoded RGB images -> ``(N, D)`` float32 unit vectors."""
+        out = np.empty((len(images), self.extractor.spec.embedding_dim), dtype=np.float32)
+        with torch_threads(self.threads):
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                emb = self.forward(_pixels(chunk, self.extractor))
+                out[start : start + len(chunk)] = nn.functional.normalize(emb, dim=1).numpy()
+        return out
+
+
+def _wrap(extractor: Extractor, body: nn.Module) -> Extractor:
+    """The extractor's forward (pooling, normalisation, head) around a transformed body."""
+    head = copy.deepcopy(extractor.head) if extractor.head is not None else None
+    return Extractor(body, extractor.spec, head).eval()
+
+
+def fuse(extractor: Extractor) -> Extractor:
+    """BN folded into convolutions (``torch.fx``), channels-last weights. Raises when the body
+    cannot be traced symbolically (e.g. data-dependent control flow)."""
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+
+    body = fx_fuse(copy.deepcopy(extractor.body).eval())
+    return _wrap(extractor, body).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def quantize_int8(
+    extractor: Extractor, calibration: torch.Tensor, batch_size: int = 8
+) -> Extractor:
+    """FX post-training static int8 quantisation of the body (x86 backend), observers calibrated
+    on ``calibration`` (preprocessed ``(N, 3, S, S)`` gallery images)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    torch.backends.quantized.engine = engine
+    body = copy.deepcopy(extractor.body).eval()
+    with warnings.catch_warnings():  # the deprecation notice of quantised tensors, once per load
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+        prepared = prepare_fx(body, get_default_qconfig_mapping(engine), (calibration[:1],))
+        with torch.inference_mode():
+            for start in range(0, len(calibration), batch_size):
+                prepared(calibration[start : start + batch_size])
+        return _wrap(extractor, convert_fx(prepared))
+
+
+def _probe(extractor: Extractor, n: int = PROBE_IMAGES) -> torch.Tensor:
+    """Deterministic synthetic inputs in the extractor's preprocessing (for the lossless check)."""
+    size = extractor.spec.preprocess.size
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return to_tensor(pixels, extractor.spec.preprocess)
+
+
+def prepare_serving(
+    extractor: Extractor,
+    mode: str = DEFAULT_MODE,
+    *,
+    threads: int = DEFAULT_THREADS,
+    gallery: Sequence[Image.Image] = (),
+) -> ServingExtractor:
+    """The extractor ready for queries in ``mode`` (see the module docstring), each speed-up kept
+    only when it passes its cosine check against eager fp32; otherwise the next safer mode.
+    ``gallery``: decoded gallery images, needed by ``int8`` (calibration and check).
+
+    ``metrics`` records the mode asked for and used, each check's min cosine and why a mode
+    was dropped.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"serving mode must be one of {MODES}, got {mode!r}")
+    extractor = extractor.eval()
+    metrics: dict[str, Any] = {"mode_requested": mode}
+    served = ServingExtractor(extractor, extractor, "eager", threads=threads, metrics=metrics)
+    if mode == "eager":
+        metrics["mode"] = "eager"
+        return served
+    with torch_threads(threads):
+        if mode == "int8":
+            int8 = _try_int8(extractor, gallery, metrics)
+            if int8 is not None:
+                served.model, served.mode = int8, "int8"
+                metrics["mode"] = "int8"
+                return served
+        fused = _try_fused(extractor, metrics)
+        if fused is not None:
+            served.model, served.mode = fused, "fused"
+            served.memory_format = torch.channels_last
+    metrics["mode"] = served.mode
+    return served
+
+
+def _try_fused(extractor: Extractor, metrics: dict[str, Any]) -> nn.Module | None:
+    try:
+        fused = fuse(extractor)
+        x = _probe(extractor)
+        with torch.inference_mode():
+            cosine = _min_cosine(
+                extractor(x), fused(x.contiguous(memory_format=torch.channels_last))
+            )
+    except Exception as exc:  # noqa: BLE001 - tracing fails in many ways on custom backbones
+        log.warning("fused serving path unavailable (%s: %s); eager", type(exc).__name__, exc)
+        metrics["fused_error"] = f"{type(exc).__name__}: {exc}"
+        return None
+    metrics["fused_min_cosine"] = cosine
+    if cosine < FUSED_MIN_COSINE:
+        log.warning("fused path min cosine %.6f < %s; eager", cosine, FUSED_MIN_COSINE)
+        return None
+    return fused
+
+
+def _try_int8(
+    extractor: Extractor, gallery: Sequence[Image.Image], metrics: dict[str, Any]
+) -> nn.Module | None:
+    if len(gallery) < INT8_MIN_IMAGES:
+        reason = f"{len(gallery)} gallery images to calibrate on, {INT8_MIN_IMAGES} needed"
+        log.warning("int8 not used: %s", reason)
+        metrics["int8_error"] = reason
+        return None
+    pixels = _pixels(gallery, extractor)
+    calibration, held_out = pixels[0::2], pixels[1::2]
+    try:
+        int8 = quantize_int8(extractor, calibration)
+        with torch.inference_mode():
+            cosine = _min_cosine(extractor(held_out), int8(held_out))
+    except Exception as exc:  # noqa: BLE001 - an op without a quantised kernel, a backend missing
+        log.warning("int8 quantisation failed (%s: %s)", type(exc).__name__, exc)
+        metrics["int8_error"] = f"{type(exc).__name__}: {exc}"
+        return None
+    metrics["int8_min_cosine"] = cosine
+    metrics["int8_check_images"] = len(held_out)
+    if cosine < INT8_MIN_COSINE:
+        log.warning("int8 min cosine %.4f < %s on held-out gallery images", cosine, INT8_MIN_COSINE)
+        metrics["int8_error"] = f"min cosine {cosine:.4f} < {INT8_MIN_COSINE}"
+        return None
+    return int8
