@@ -68,7 +68,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,9 +117,13 @@ class FinetuneConfig:
       ``keep_head``: the returned extractor embeds through the trained head (and early stopping
       watches that embedding); otherwise the head is dropped after training.
     - ``freeze_blocks``: the first k blocks of the backbone (``features[:k]`` of MobileNetV2)
-      stay fixed; ``freeze_bn``: BatchNorm statistics of the backbone stay fixed (small
+      stay fixed; an integer, or a mapping from backbone name to k (``default`` for the others),
+      since backbones have different numbers of blocks; ``freeze_bn``: BatchNorm statistics of the backbone stay fixed (small
       batches make poor statistics; MoCo needs it in place of shuffled BN).
     - ``train_size``: training and (then) extraction resolution; ``None`` keeps the extractor's.
+    - ``min_embedding_std``: an epoch whose val embeddings have collapsed (``val_embedding_std``
+      below this) is never kept, whatever its MAP@R: ties among identical embeddings rank by
+      chance, and a tiny val split can make that look like an improvement.
     - ``patience``/``min_delta``: early stopping on ``val_map_at_r``; ``val_max_queries``: rank
       only this many seeded val queries (against all val images) on large val splits.
     - ``moco_queue_size``/``moco_momentum``: MoCo's queue length and key-encoder momentum.
@@ -130,7 +134,8 @@ class FinetuneConfig:
       always see the same inputs, so (with ``cache_frozen``) their outputs are computed once
       and cached in ``cache_dtype`` and each step runs only the trainable blocks: the same
       training (exactly, with ``float32``), many times cheaper, which affords the extractor's
-      full resolution.
+      full resolution. A backbone whose blocks cannot be split off that way (not ``features``
+      then pooling) trains without the cache, every step through every block.
     - ``seed``; ``checkpoint_dir`` (``None`` = no checkpoints); ``max_minutes`` (``None`` = no
       time budget); ``eval_batch_size``; ``channels_last`` (NHWC convs, faster on CPU).
     """
@@ -145,11 +150,12 @@ class FinetuneConfig:
     temperature: float = 0.1
     head_dims: Sequence[int] = (512, 128)
     keep_head: bool = False
-    freeze_blocks: int = 0
+    freeze_blocks: int | dict[str, int] = 0
     freeze_bn: bool = True
     train_size: int | None = None
     patience: int = 5
     min_delta: float = 0.0
+    min_embedding_std: float = 1e-4
     val_max_queries: int | None = None
     moco_queue_size: int = 4096
     moco_momentum: float = 0.99
@@ -177,8 +183,17 @@ class FinetuneConfig:
             ("eval_batch_size", 1),
         ):
             _check_int(self, name, low)
-        for name in ("freeze_blocks", "patience", "seed"):
+        for name in ("patience", "seed"):
             _check_int(self, name, 0)
+        if isinstance(self.freeze_blocks, Mapping):
+            self.freeze_blocks = {str(k): v for k, v in self.freeze_blocks.items()}
+            for key, k in self.freeze_blocks.items():
+                if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                    raise ConfigError(
+                        f"finetune.freeze_blocks.{key} must be an integer >= 0, got {k!r}"
+                    )
+        else:
+            _check_int(self, "freeze_blocks", 0)
         _check_int(self, "moco_queue_size", 1)
         if self.train_size is not None:
             _check_int(self, "train_size", 8)
@@ -189,7 +204,7 @@ class FinetuneConfig:
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"finetune.{name} must be > 0, got {value}")
             setattr(self, name, value)
-        for name in ("weight_decay", "warmup_epochs", "min_delta"):
+        for name in ("weight_decay", "warmup_epochs", "min_delta", "min_embedding_std"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"finetune.{name} must be >= 0, got {value}")
@@ -236,10 +251,16 @@ class FinetuneConfig:
             self.augment if isinstance(self.augment, dict) else None, self.method
         )
 
-    @property
-    def caches_trunk(self) -> bool:
+    def blocks_to_freeze(self, backbone: str) -> int:
+        """``freeze_blocks`` for ``backbone``: the integer, or the mapping's entry for that name
+        (else its ``default``, else 0)."""
+        if isinstance(self.freeze_blocks, Mapping):
+            return int(self.freeze_blocks.get(backbone, self.freeze_blocks.get("default", 0)))
+        return int(self.freeze_blocks)
+
+    def caches_trunk(self, backbone: str) -> bool:
         """True when the frozen blocks' outputs are computed once (no augmentation, frozen blocks)."""
-        return self.augment is False and self.freeze_blocks > 0 and self.cache_frozen
+        return self.augment is False and self.blocks_to_freeze(backbone) > 0 and self.cache_frozen
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists, not tuples): what a checkpoint stores and compares on resume."""
@@ -380,6 +401,20 @@ def attach_head(model: Extractor, head: nn.Module, dims: Sequence[int]) -> Extra
         model.spec, embedding_dim=int(dims[-1]), head=tuple(int(d) for d in dims)
     )
     return Extractor(model.body, spec, head=head.eval()).eval()
+
+
+def _epoch_bn_stats(head: nn.Module) -> None:
+    """Make the head's BatchNorm running statistics the plain average over the coming epoch.
+
+    With the default exponential average (momentum 0.1) an epoch of few steps leaves them near
+    their initial (0, 1), and in eval mode the head then maps every input to about its last bias:
+    a kept head would return collapsed embeddings after a short (for example incremental) run.
+    Training itself uses batch statistics and is unaffected.
+    """
+    for module in head.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
 
 
 def backbone_blocks(extractor: Extractor) -> list[nn.Module]:
@@ -585,7 +620,7 @@ def _prepare_model(
         weights=f"{spec.weights}+{cfg.method}",
         preprocess=dataclasses.replace(spec.preprocess, size=size),
     )
-    return model, _freeze(model, cfg.freeze_blocks)
+    return model, _freeze(model, cfg.blocks_to_freeze(spec.name))
 
 
 class _Top(nn.Module):
@@ -859,8 +894,13 @@ def finetune(
         # Inputs: uint8 images (augmented at every step), or the frozen trunk's outputs.
         load_start = time.perf_counter()
         top: _Top | None = None
-        if cfg.caches_trunk:
-            trunk, top = split_at(model, cfg.freeze_blocks)
+        n_frozen = cfg.blocks_to_freeze(extractor.spec.name)
+        if cfg.caches_trunk(extractor.spec.name):
+            try:
+                trunk, top = split_at(model, n_frozen)
+            except ConfigError as err:  # train as usual, only slower: every step runs every block
+                log.warning("finetune: frozen blocks not cached: %s", err)
+        if top is not None:
             dtype = CACHE_DTYPES[cfg.cache_dtype]
             args = (trunk, cfg.eval_batch_size, dtype, cfg.channels_last)
             train_x, train_ok, train_fail = trunk_outputs(train_rows, pre_cfg, *args)
@@ -889,7 +929,9 @@ def finetune(
             n_items,
             len(val_x),
             size,
-            f"blocks [:{cfg.freeze_blocks}] cached" if top is not None else "augmented",
+            f"blocks [:{n_frozen}] cached"
+            if top is not None
+            else ("augmented" if cfg.augment is not False else "not augmented"),
             steps_per_epoch,
             load_s,
         )
@@ -954,6 +996,14 @@ def finetune(
             metric = row["val_map_at_r"]
             if not math.isfinite(metric):  # no val queries: the last epoch is the best
                 metric = float(epoch)
+            if epoch > 0 and row["val_embedding_std"] < cfg.min_embedding_std:
+                log.warning(
+                    "finetune epoch %d: val embeddings collapsed (std %.2e < %.0e): not kept",
+                    epoch,
+                    row["val_embedding_std"],
+                    cfg.min_embedding_std,
+                )
+                return False
             if metric > best["metric"] + (cfg.min_delta if best["epoch"] >= 0 else 0.0):
                 best.update(
                     epoch=epoch,
@@ -998,6 +1048,7 @@ def finetune(
                 )
                 break
             t0 = time.perf_counter()
+            _epoch_bn_stats(run.head)
             loss, views = _train_epoch(
                 run, cfg, n_train, codes, encode, key_encode if run.moco is not None else None
             )

@@ -135,6 +135,9 @@ def main() -> None:
     parser.add_argument("--max-minutes", default="", help="time budget (default: config)")
     args = parser.parse_args()
     setup_logging()
+    # simclr and moco take their positives from augmented views: their papers' augmentations,
+    # whatever the config's supcon recipe (augment: false) says.
+    paper_augment = {} if args.method.strip() in ("simclr", "moco") else ""
     run_id = run(
         args.split_run_id,
         preprocess_run_id=args.preprocess_run_id or None,
@@ -143,6 +146,7 @@ def main() -> None:
             "extract.backbone": args.backbone,
             "extract.weights": args.weights,
             "finetune.method": args.method,
+            "finetune.augment": paper_augment,
             "finetune.epochs": args.epochs,
             "finetune.train_size": args.train_size,
             "finetune.max_minutes": args.max_minutes,

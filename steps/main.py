@@ -90,7 +90,10 @@ def run(
                 ),
             )
             retrieval("finetuned.", f"runs:/{ft}/extractor")
-            log_df(before_after(ids["evaluate"], ids["finetuned.evaluate"]), "before_after.parquet")
+            table = before_after(ids["evaluate"], ids["finetuned.evaluate"])
+            log_df(table, "before_after.parquet")
+            # the same table readable in the MLflow UI's artifact viewer
+            mlflow.log_text(table.to_csv(index=False, float_format="%.4f"), "before_after.csv")
         return parent.info.run_id
 
 

@@ -7,6 +7,7 @@ them by item - on val items it never trained on.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -250,6 +251,56 @@ def test_split_at_refuses_a_body_that_is_not_features_then_pooling() -> None:
         split_at(odd, 1)
     with pytest.raises(ConfigError):
         split_at(ext, 3)  # nothing left to train
+
+
+def test_freeze_blocks_per_backbone_and_uncachable_bodies_train_uncached(
+    catalog: pd.DataFrame, caplog: pytest.LogCaptureFixture
+) -> None:
+    """freeze_blocks may map backbone names to k (``default`` for the rest); a body whose frozen
+    blocks cannot be split off still trains, without the cache."""
+    cfg = fast_cfg(freeze_blocks={"tiny": 1, "default": 0})
+    assert cfg.blocks_to_freeze("tiny") == 1 and cfg.blocks_to_freeze("resnet50") == 0
+    assert fast_cfg(freeze_blocks={"x": 2}).blocks_to_freeze("tiny") == 0
+    assert fast_cfg(freeze_blocks=2).blocks_to_freeze("anything") == 2
+    for bad in ({"tiny": -1}, {"tiny": "two"}, {"tiny": True}, -1):
+        with pytest.raises(ConfigError, match="freeze_blocks"):
+            fast_cfg(freeze_blocks=bad)
+
+    class MaxPooled(_TinyBody):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.features(x).amax(dim=(2, 3))
+
+    torch.manual_seed(0)
+    odd = Extractor(MaxPooled(32), ExtractorSpec("tiny", "none", 32, PreprocessConfig(size=SIZE)))
+    kw: dict[str, object] = {"augment": False, "epochs": 2, "head_dims": [16]}
+    with caplog.at_level(logging.WARNING, logger="imgsearch.finetune"):
+        result = finetune(odd, catalog, fast_cfg(**kw, freeze_blocks={"tiny": 1}))
+    assert "not cached" in caplog.text
+    first = dict(odd.body.features[0].named_parameters())
+    after = dict(result.extractor.body.features[0].named_parameters())
+    assert all(torch.equal(first[k], after[k]) for k in first)  # frozen all the same
+    assert result.history["loss"].iloc[-1] < result.history["loss"].iloc[1]
+
+
+def test_a_collapsed_epoch_is_never_kept(
+    catalog: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Identical embeddings rank by chance; a lucky MAP@R on them must not pick the epoch."""
+    import imgsearch.finetune as ft
+
+    real, calls = ft._embed, []
+
+    def collapsing(*args: object, **kw: object) -> tuple[np.ndarray, np.ndarray]:
+        emb, head = real(*args, **kw)  # type: ignore[arg-type]
+        calls.append(1)
+        if len(calls) == 1:
+            return emb, head
+        return np.ones_like(emb), np.ones_like(head)
+
+    monkeypatch.setattr(ft, "_embed", collapsing)
+    result = finetune(tiny_extractor(), catalog, fast_cfg(epochs=2, patience=0))
+    assert (result.history["val_embedding_std"].iloc[1:] < 1e-6).all()
+    assert result.metrics["best_epoch"] == 0
 
 
 def test_keep_head(catalog: pd.DataFrame, tmp_path: Path) -> None:
