@@ -393,6 +393,20 @@ def random_batches(n: int, batch_size: int, generator: torch.Generator) -> list[
 # --- model parts ----------------------------------------------------------------------------------
 
 
+def extractor_head_dims(head: nn.Module) -> list[int]:
+    """The widths of a head built by :func:`imgsearch.backbones.projection_head`."""
+    return [m.out_features for m in head.modules() if isinstance(m, nn.Linear)]
+
+
+def _split_head(extractor: Extractor) -> tuple[Extractor, nn.Module | None]:
+    """``(extractor without its head, a copy of the head)``; ``(extractor, None)`` without one."""
+    if extractor.head is None:
+        return extractor, None
+    linears = [m for m in extractor.head.modules() if isinstance(m, nn.Linear)]
+    spec = dataclasses.replace(extractor.spec, head=(), embedding_dim=linears[0].in_features)
+    return Extractor(extractor.body, spec), copy.deepcopy(extractor.head)
+
+
 def attach_head(model: Extractor, head: nn.Module, dims: Sequence[int]) -> Extractor:
     """``model`` followed by the trained ``head`` (built by :func:`projection_head` with ``dims``):
     an extractor whose spec records the head, so :func:`imgsearch.backbones.load_extractor`
@@ -700,10 +714,16 @@ def trunk_outputs(
 
 
 def _build_run(
-    model: Extractor, frozen: list[nn.Module], cfg: FinetuneConfig, steps_per_epoch: int
+    model: Extractor,
+    frozen: list[nn.Module],
+    cfg: FinetuneConfig,
+    steps_per_epoch: int,
+    start_head: nn.Module | None = None,
 ) -> _Run:
     dim = model.spec.embedding_dim
     head = projection_head(dim, cfg.head_dims) if cfg.head_dims else nn.Identity()
+    if start_head is not None:
+        head.load_state_dict(start_head.state_dict())
     key_model = key_head = moco = None
     if cfg.method == "moco":
         key_model = copy.deepcopy(model).requires_grad_(False).eval()
@@ -876,11 +896,18 @@ def finetune(
     if schema.PATH not in manifest.columns and schema.PRE_PATH not in manifest.columns:
         raise ConfigError("finetune: manifest has neither 'path' nor 'pre_path'")
 
+    start_fp = fingerprint(extractor)
+    # A starting extractor with a head (an earlier keep_head run, e.g. the champion an incremental
+    # run warm-starts from): the head is the projection head, trained on; the body trains as usual.
+    extractor, start_head = _split_head(extractor)
+    if start_head is not None:
+        cfg = dataclasses.replace(cfg, head_dims=tuple(extractor_head_dims(start_head)))
     keep_head = cfg.keep_head and bool(cfg.head_dims)
+    # the embedding the run starts from (epoch 0): through the head when the extractor had one
+    head_at_start = keep_head and start_head is not None
     size = cfg.train_size or extractor.spec.preprocess.size
     pre_cfg = dataclasses.replace(extractor.spec.preprocess, size=size)
     train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
-    start_fp = fingerprint(extractor)
     ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_FILE if cfg.checkpoint_dir else None
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     mean, std = pre_cfg.mean, pre_cfg.std
@@ -935,7 +962,7 @@ def finetune(
             steps_per_epoch,
             load_s,
         )
-        run = _build_run(model, frozen, cfg, steps_per_epoch)
+        run = _build_run(model, frozen, cfg, steps_per_epoch, start_head)
 
         aug = cfg.augment_config()
         transform = train_transform(aug, size, mean, std) if aug is not None else normalise
@@ -976,7 +1003,7 @@ def finetune(
             )
             # val_* describe the embedding the returned extractor would produce at this epoch
             # (epoch 0: the starting extractor, without a head).
-            chosen = head if keep_head and epoch > 0 else backbone
+            chosen = head if keep_head and (epoch > 0 or head_at_start) else backbone
             return {
                 "epoch": float(epoch),
                 "loss": loss,
@@ -1009,7 +1036,9 @@ def finetune(
                     epoch=epoch,
                     metric=metric,
                     state=_plain_state(run.model),
-                    head=_plain_state(run.head) if keep_head and epoch > 0 else {},
+                    head=(
+                        _plain_state(run.head) if keep_head and (epoch > 0 or head_at_start) else {}
+                    ),
                 )
                 return True
             return False

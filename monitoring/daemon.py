@@ -85,6 +85,8 @@ class DaemonConfig:
             raise ConfigError("daemon.misfire_grace_time must be > 0 (explicit, RELIABILITY 13)")
         if self.max_instances < 1:
             raise ConfigError("daemon.max_instances must be >= 1")
+        if not isinstance(self.job_kwargs, dict):
+            raise ConfigError(f"daemon.job_kwargs must be a mapping, not {self.job_kwargs!r}")
 
     @property
     def url(self) -> str:
@@ -272,6 +274,7 @@ def status(cfg: DaemonConfig, last: int = 10) -> str:
         lines.append(
             f"  {started} {r.info.run_id} {r.info.status} "
             f"decision={tags.get('imgsearch.improve.decision', '?')} "
+            f"promoted={tags.get('imgsearch.improve.promoted', '?')} "
             f"reason={tags.get('imgsearch.improve.reason', '')}"
         )
     return "\n".join(lines)
@@ -290,12 +293,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", default="", help="config profile (configs/profiles/NAME.yaml)")
     parser.add_argument("--jobstore-url", default="", help="SQLAlchemy URL of the job store")
     parser.add_argument("--job", default="", help="job function, module:function")
+    parser.add_argument(
+        "--job-kwargs",
+        default="",
+        help="the job's keyword arguments as YAML, e.g. '{overrides: {demo.limit: 200}}'",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = load(
-        args.profile or None, {"daemon.jobstore_url": args.jobstore_url, "daemon.job": args.job}
+        args.profile or None,
+        {
+            "daemon.jobstore_url": args.jobstore_url,
+            "daemon.job": args.job,
+            "daemon.job_kwargs": args.job_kwargs,
+        },
     )
     if args.command == "status":
         print(status(cfg))

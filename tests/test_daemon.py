@@ -142,6 +142,11 @@ def test_once_calls_the_job_once(cfg: daemon.DaemonConfig, tmp_path: Path) -> No
         ["run", "--once", "--jobstore-url", cfg.url, "--job", "tests.test_daemon:record_call"]
     )
     assert code == 0 and calls(tmp_path / "calls.txt") == ["x", ""]
+    # the job's keyword arguments from the command line (YAML)
+    code = daemon.main(
+        ["run", "--once", "--jobstore-url", cfg.url, "--job", cfg.job, "--job-kwargs", "{tag: y}"]
+    )
+    assert code == 0 and calls(tmp_path / "calls.txt") == ["x", "", "y"]
 
 
 def test_clock_jump_past_several_fire_times_runs_once(
@@ -201,6 +206,8 @@ def test_bad_config_raises() -> None:
     with pytest.raises(ConfigError):
         daemon.DaemonConfig(trigger="weekly")
     with pytest.raises(ConfigError):
+        daemon.DaemonConfig(job_kwargs="tag")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
         daemon.make_trigger(daemon.DaemonConfig(trigger="cron", cron="not a cron"))
     assert "cron" in type(daemon.make_trigger(daemon.DaemonConfig(trigger="cron"))).__name__.lower()
 
@@ -208,7 +215,7 @@ def test_bad_config_raises() -> None:
 def test_improve_decision() -> None:
     from monitoring.improve import decide
 
-    assert decide(False, 0, 500)[0] == "skip"
-    assert decide(True, 10, 500) == ("improve", "drift detected")
-    assert decide(False, 500, 500)[0] == "improve"
-    assert decide(False, 499, 500)[0] == "wait"
+    assert decide(False, 0, 0, 500)[0] == "skip"
+    assert decide(True, 10, 0, 500)[0] == "improve"
+    assert decide(False, 500, 0, 500)[0] == "improve"
+    assert decide(False, 499, 0, 500)[0] == "wait"

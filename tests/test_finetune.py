@@ -340,6 +340,24 @@ def test_keep_head(catalog: pd.DataFrame, tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(again(x), kept(x), atol=1e-6)
+    # Warm start from an extractor with a head (the incremental job starts from such a champion):
+    # its head is the projection head trained on (head_dims ignored), not a second head on top.
+    cont = finetune(
+        again,
+        small.assign(split="train"),
+        fast_cfg(
+            epochs=1,
+            lr=1e-12,
+            batch_size=8,
+            head_dims=[99],
+            keep_head=True,
+            freeze_blocks=17,
+            augment=False,
+        ),
+    ).extractor
+    assert cont.spec.head == (8,) and cont.spec.preprocess.size == 32
+    with torch.no_grad():
+        assert torch.allclose(cont(x), again(x), atol=1e-2)  # BN statistics may move a little
 
 
 def test_without_val_split_the_last_epoch_is_kept(catalog: pd.DataFrame) -> None:
