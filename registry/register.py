@@ -44,7 +44,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 import imgsearch
-from imgsearch import schema
+from imgsearch import schema, serving
 from imgsearch.backbones import fingerprint, load_extractor
 from imgsearch.errors import ExtractorMismatchError, ImgsearchError
 from imgsearch.index import ImageIndex
@@ -52,6 +52,14 @@ from imgsearch.ranking import RankingConfig
 from registry import models
 
 log = logging.getLogger(__name__)
+
+# Logged with every model so that load-time model_config can override them (MLflow ignores keys
+# that were not logged); $IMGSEARCH_TORCH_THREADS / $IMGSEARCH_SERVING_MODE override both.
+SERVING_CONFIG: dict[str, Any] = {
+    "allow_paths": False,
+    "torch_threads": serving.DEFAULT_THREADS,
+    "serving_mode": serving.DEFAULT_MODE,
+}
 
 EXTRACTOR_MODEL = "imgsearch-extractor"
 INDEX_MODEL = "imgsearch-index"
@@ -361,7 +369,7 @@ def log_extractor_model(
                 code_paths=code_paths(),
                 signature=models.extractor_signature(),
                 pip_requirements=pip_requirements(),
-                model_config={"allow_paths": False},
+                model_config=SERVING_CONFIG,
             )
 
     version, _ = _register(client, name, source, data_hash, fp, tags, alias, _log)
@@ -426,7 +434,7 @@ def log_index_model(
                     code_paths=code_paths(),
                     signature=models.index_signature(ranking_cfg, default_k),
                     pip_requirements=pip_requirements(),
-                    model_config={"allow_paths": False, "default_k": int(default_k)},
+                    model_config={**SERVING_CONFIG, "default_k": int(default_k)},
                 )
 
     version, _ = _register(client, name, source, hash_, fp, tags, alias, _log)
