@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from imgsearch.config import home_dir
-from imgsearch.errors import CatalogError, ConfigError, ImgsearchError
+from imgsearch.errors import CatalogError, ConfigError, FetchError
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ NPM_MISSING = (
     "or skip the demo and point ingest at your own catalog (configs/ingest.yaml: source sql|table|folder "
     "with url or path)."
 )
-
-
-class FetchError(ImgsearchError):
-    """The demo data cannot be fetched (npm missing, offline, or a broken package)."""
 
 
 @dataclass

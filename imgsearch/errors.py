@@ -39,3 +39,11 @@ class ExtractorMismatchError(ImgsearchError):
 
 class WeightsUnavailableError(ImgsearchError):
     """Pretrained weights cannot be found locally nor downloaded."""
+
+
+class FetchError(ImgsearchError):
+    """The demo data cannot be fetched (npm missing, offline, or a broken package)."""
+
+
+class DaemonAlreadyRunning(ImgsearchError):
+    """Another daemon holds the lock of this job store."""

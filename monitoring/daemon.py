@@ -46,7 +46,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import ref_to_obj
 
 from imgsearch.config import from_dict, home_dir, load_config
-from imgsearch.errors import ConfigError, ImgsearchError
+from imgsearch.errors import ConfigError, DaemonAlreadyRunning
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ STAGE = "daemon"
 IMPROVE_STAGE = "improve"
 EXIT_LOCKED = 3
 _STOP = threading.Event()
-
-
-class DaemonAlreadyRunning(ImgsearchError):
-    """Another daemon holds the lock of this job store."""
 
 
 @dataclass
