@@ -271,6 +271,7 @@ def status(cfg: DaemonConfig, last: int = 10) -> str:
             f"  {started} {r.info.run_id} {r.info.status} "
             f"decision={tags.get('imgsearch.improve.decision', '?')} "
             f"promoted={tags.get('imgsearch.improve.promoted', '?')} "
+            f"index_extended={tags.get('imgsearch.improve.index_extended', '?')} "
             f"reason={tags.get('imgsearch.improve.reason', '')}"
         )
     return "\n".join(lines)

@@ -935,6 +935,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"decision={tags.get('imgsearch.improve.decision')} "
         f"promoted={tags.get('imgsearch.improve.promoted')} "
+        f"index_extended={tags.get('imgsearch.improve.index_extended')} "
         f"reason={tags.get('imgsearch.improve.reason')}",
         file=sys.stderr,
     )
