@@ -65,8 +65,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +84,7 @@ from imgsearch.backbones import Extractor, fingerprint, projection_head
 from imgsearch.errors import ConfigError, ImgsearchError
 from imgsearch.evaluate import rank_relevance
 from imgsearch.losses import MoCo, nt_xent_loss, supcon_loss
+from imgsearch.paths import atomic_writer
 from imgsearch.preprocess import PreprocessConfig, load_uint8, to_uint8
 
 log = logging.getLogger(__name__)
@@ -565,17 +564,8 @@ def retrieval_summary(
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """``torch.save`` into a temporary file beside ``path``, fsync, then ``os.replace``: a crash
     leaves the previous checkpoint or the new one, never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

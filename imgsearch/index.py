@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from imgsearch import schema
 from imgsearch.errors import ConfigError, ExtractorMismatchError, IndexIntegrityError
+from imgsearch.paths import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -624,25 +625,12 @@ def build_index(
 
 
 # --- atomic publishing ---------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(path: Path) -> None:
     for child in path.iterdir():
         if child.is_file():
             with open(child, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
 def set_current(root: Path | str, version_dir: Path | str) -> None:
@@ -667,7 +655,7 @@ def set_current(root: Path | str, version_dir: Path | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def publish_index(index: ImageIndex, root: Path | str) -> Path:
@@ -692,7 +680,7 @@ def publish_index(index: ImageIndex, root: Path | str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(versions)
+    fsync_dir(versions)
     set_current(root, final)
     log.info("published index %s (%d vectors) at %s", index.factory, index.count, final)
     return final

@@ -15,11 +15,15 @@ The one ambiguity: a relative uri whose text really starts with ``file:`` is rea
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from imgsearch.errors import UnsafePathError
@@ -148,3 +152,36 @@ def resolve_within(root: str | os.PathLike[str], uri: str | os.PathLike[str] | b
             that resolves outside ``root`` (or to ``root`` itself, which is not a file).
     """
     return Resolver(root).resolve(uri)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable; a no-op where directories cannot be fsynced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
+    """Write ``path`` all or nothing: the block writes to a temporary file beside it, which is
+    fsynced and then ``os.replace``d over ``path``. A crash or an exception leaves the previous
+    file (or none), never half of the new one; the temporary file is removed on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import pandas as pd
 
 from imgsearch import schema
 from imgsearch.errors import ImgsearchError
+from imgsearch.paths import atomic_writer
 
 FORMAT_VERSION = 1
 DUPLICATE_OF_SEEN = "duplicate_of_seen"
@@ -175,24 +175,8 @@ def save_watermark(wm: Watermark, directory: Path | str) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = watermark_path(directory, wm.key)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(wm.to_dict(), fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with atomic_writer(final) as fh:
+        fh.write(json.dumps(wm.to_dict(), indent=1, sort_keys=True).encode("utf-8"))
     return final
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from imgsearch.errors import UnsafePathError
-from imgsearch.paths import Resolver, path_to_str, resolve_within, str_to_path
+from imgsearch.paths import Resolver, atomic_writer, path_to_str, resolve_within, str_to_path
 
 
 @pytest.fixture
@@ -161,3 +161,17 @@ def test_resolver_matches_resolve_within(tree: tuple[Path, Path]) -> None:
     assert [b.startswith("refused") for b in batch] == [
         False, True, False, True, False, False, True, True, False, False, False, True, False,
     ]  # fmt: skip  # jump/../root/... comes back in, as the kernel would see it
+
+
+def test_atomic_writer_leaves_the_old_file_or_the_new_one(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "state.json"
+    with atomic_writer(target) as fh:
+        fh.write(b"old")
+    with pytest.raises(RuntimeError), atomic_writer(target) as fh:
+        fh.write(b"half of the new")
+        raise RuntimeError("crash mid-write")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in target.parent.iterdir()] == ["state.json"]  # no temporary file left
+    with atomic_writer(target) as fh:
+        fh.write(b"new")
+    assert target.read_bytes() == b"new"
