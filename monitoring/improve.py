@@ -64,7 +64,6 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from imgsearch import schema
 from imgsearch.config import from_dict, home_dir, load_config
@@ -82,6 +81,7 @@ from imgsearch.watermark import (
 )
 from monitoring import drift as drift_stage
 from monitoring.daemon import IMPROVE_STAGE, stop_requested
+from registry import promote as promote_registry
 from registry.promote import PromoteConfig
 from registry.register import (
     CHAMPION,
@@ -176,13 +176,7 @@ class Champion:
 
 def find_champion(client: MlflowClient, index_name: str, extractor_name: str) -> Champion | None:
     """The ``champion`` pair and its lineage; ``None`` when there is no champion yet."""
-    try:
-        model = client.get_registered_model(index_name)
-    except MlflowException as exc:
-        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            return None
-        raise
-    version = (model.aliases or {}).get(CHAMPION)
+    version = (promote_registry.aliases(client, index_name) or {}).get(CHAMPION)
     if version is None:
         return None
     idx = client.get_model_version(index_name, str(version))

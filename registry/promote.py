@@ -139,7 +139,7 @@ def _store(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         ) from exc
 
 
-def _aliases(client: MlflowClient, name: str) -> dict[str, str] | None:
+def aliases(client: MlflowClient, name: str) -> dict[str, str] | None:
     """alias -> version of registered model ``name``; ``None`` when the model does not exist."""
     try:
         model = _store(f"read {name}", client.get_registered_model, name)
@@ -299,12 +299,12 @@ def promote(
     client = client or _store("connect to the registry", MlflowClient)
     decision = PromotionDecision(promoted=False, reason="", metric=metric)
 
-    aliases = _aliases(client, index_name)
-    if aliases is None:
+    index_aliases = aliases(client, index_name)
+    if index_aliases is None:
         decision.reason = f"no registered model {index_name!r}"
         return decision
-    challenger_v = aliases.get(CHALLENGER)
-    champion_v = aliases.get(CHAMPION)
+    challenger_v = index_aliases.get(CHALLENGER)
+    champion_v = index_aliases.get(CHAMPION)
     decision.challenger_version, decision.champion_version = challenger_v, champion_v
     if challenger_v is None:
         decision.reason = f"{index_name} has no {CHALLENGER!r} alias"
@@ -365,13 +365,13 @@ def promote(
             log.warning("promotion refused: %s", decision.reason)
             return decision
 
-    ext_aliases = _aliases(client, extractor_name) or {}
+    ext_aliases = aliases(client, extractor_name) or {}
     old_ext_champion = ext_aliases.get(CHAMPION)
 
     def writes(undo: _Undo) -> None:
         if champion_v is not None:
             undo.set_tag(challenger, TAG_PREVIOUS_CHAMPION, champion_v)
-            undo.set_alias(index_name, PREVIOUS, champion_v, aliases.get(PREVIOUS))
+            undo.set_alias(index_name, PREVIOUS, champion_v, index_aliases.get(PREVIOUS))
         if old_ext_champion is not None and old_ext_champion != extractor_v:
             undo.set_alias(extractor_name, PREVIOUS, old_ext_champion, ext_aliases.get(PREVIOUS))
         undo.set_tag(challenger, TAG_PROMOTED_AT, _now())
@@ -419,9 +419,9 @@ def rollback(
     champion or nothing to roll back to, :class:`RegistryUnavailableError` when the store fails.
     """
     client = client or _store("connect to the registry", MlflowClient)
-    aliases = _aliases(client, index_name)
-    current_v = (aliases or {}).get(CHAMPION)
-    if aliases is None or current_v is None:
+    index_aliases = aliases(client, index_name)
+    current_v = (index_aliases or {}).get(CHAMPION)
+    if index_aliases is None or current_v is None:
         raise RegistryError(f"{index_name} has no {CHAMPION!r}: nothing to roll back")
     current = _version(client, index_name, current_v)
     target_v = (
@@ -444,17 +444,17 @@ def rollback(
         raise RegistryError(
             f"{extractor_name} v{ext_v} is not the extractor of {index_name} v{target_v}"
         )
-    ext_aliases = _aliases(client, extractor_name) or {}
+    ext_aliases = aliases(client, extractor_name) or {}
     new_previous = (target.tags or {}).get(TAG_PREVIOUS_CHAMPION)
 
     def writes(undo: _Undo) -> None:
         undo.set_tag(current, TAG_ROLLED_BACK_AT, _now())
-        if aliases.get(CHALLENGER) == current_v:  # do not let the next gate re-promote it
+        if index_aliases.get(CHALLENGER) == current_v:  # do not let the next gate re-promote it
             undo.delete_alias(index_name, CHALLENGER, current_v)
         if new_previous is not None:
-            undo.set_alias(index_name, PREVIOUS, new_previous, aliases.get(PREVIOUS))
-        elif aliases.get(PREVIOUS) is not None:
-            undo.delete_alias(index_name, PREVIOUS, aliases[PREVIOUS])
+            undo.set_alias(index_name, PREVIOUS, new_previous, index_aliases.get(PREVIOUS))
+        elif index_aliases.get(PREVIOUS) is not None:
+            undo.delete_alias(index_name, PREVIOUS, index_aliases[PREVIOUS])
         undo.set_alias(extractor_name, CHAMPION, str(extractor.version), ext_aliases.get(CHAMPION))
         undo.set_alias(index_name, CHAMPION, target_v, current_v)
 
