@@ -113,9 +113,7 @@ def main() -> None:
             demo_data.default_cache_dir(), args.vendors, args.limit
         ).parent
     manifest = emoji_manifest(emoji_dir.resolve(), tuple(args.vendors), args.limit)
-    manifest, split_metrics = split(
-        manifest, SplitConfig(by="item", fractions=(0.6, 0.2, 0.2), seed=0)
-    )
+    manifest, split_metrics = split(manifest, from_dict(SplitConfig, load_config()["split"]))
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = from_dict(FinetuneConfig, {**load_config().get("finetune", {}), **overrides})
     print(

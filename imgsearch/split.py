@@ -48,7 +48,7 @@ class SplitConfig:
     """How to split. ``fractions`` are (train, val, test): non-negative, summing to 1."""
 
     by: str = "item"
-    fractions: Sequence[float] = (0.6, 0.2, 0.2)
+    fractions: Sequence[float] = (0.7, 0.1, 0.2)
     seed: int = 0
     stratify_by: str | None = None
 

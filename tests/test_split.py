@@ -39,7 +39,7 @@ def test_by_item_keeps_items_whole_and_fractions_close() -> None:
     assert (out.groupby(schema.ITEM_ID)[schema.SPLIT].nunique() == 1).all()
     assert metrics["n_items_in_several_splits"] == 0
     # binomial noise with 3000 items: sd ~ 0.009; 0.04 is > 4 sd
-    for name, f in zip(schema.SPLITS, (0.6, 0.2, 0.2), strict=True):
+    for name, f in zip(schema.SPLITS, (0.7, 0.1, 0.2), strict=True):
         assert abs(metrics[f"frac_items_{name}"] - f) < 0.04
     assert sum(metrics[f"n_images_{s}"] for s in schema.SPLITS) == len(manifest)
     sizes = out[out[schema.SPLIT] == "test"].groupby(schema.ITEM_ID).size()
@@ -56,7 +56,7 @@ def test_by_image_assigns_images_independently() -> None:
     manifest = make_manifest(800)
     out, metrics = split(manifest, SplitConfig(by="image"))
     assert metrics["n_items_in_several_splits"] > 0
-    for name, f in zip(schema.SPLITS, (0.6, 0.2, 0.2), strict=True):
+    for name, f in zip(schema.SPLITS, (0.7, 0.1, 0.2), strict=True):
         assert abs(metrics[f"frac_images_{name}"] - f) < 0.05
 
 
@@ -94,7 +94,7 @@ def test_stratified_fractions_per_category() -> None:
     for _, group in items.groupby(schema.CATEGORY):
         counts = group[schema.SPLIT].value_counts()
         n = len(group)  # 100 items per category: quotas are exact
-        assert counts.get("train", 0) == round(0.6 * n) and counts.get("test", 0) == round(0.2 * n)
+        assert counts.get("train", 0) == round(0.7 * n) and counts.get("test", 0) == round(0.2 * n)
 
 
 def test_zero_fraction_gives_empty_split() -> None:
@@ -122,7 +122,7 @@ def test_yaml_defaults_build_the_config() -> None:
     from imgsearch.config import load_config
 
     cfg = from_dict(SplitConfig, load_config()["split"])
-    assert cfg.by == "item" and cfg.fractions == pytest.approx((0.6, 0.2, 0.2))
+    assert cfg.by == "item" and cfg.fractions == pytest.approx((0.7, 0.1, 0.2))
 
 
 def test_bad_manifest_raises() -> None:
