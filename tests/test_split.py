@@ -52,6 +52,18 @@ def test_by_item_keeps_items_whole_and_fractions_close() -> None:
     assert schema.SPLIT not in manifest.columns  # input untouched
 
 
+def test_moving_the_train_val_cut_leaves_test_alone() -> None:
+    # the test items are those hashing past train + val: re-cutting train/val (60/20/20 -> 70/10/20)
+    # moves items only from val to train, so a baseline measured before stays comparable
+    manifest = make_manifest(1000)
+    before, _ = split(manifest, SplitConfig(fractions=(0.6, 0.2, 0.2)))
+    after, _ = split(manifest, SplitConfig(fractions=(0.7, 0.1, 0.2)))
+    old, new = assignment(before), assignment(after)
+    assert {k for k, v in old.items() if v == "test"} == {k for k, v in new.items() if v == "test"}
+    moved = {(old[k], new[k]) for k in old if old[k] != new[k]}
+    assert moved == {("val", "train")}
+
+
 def test_by_image_assigns_images_independently() -> None:
     manifest = make_manifest(800)
     out, metrics = split(manifest, SplitConfig(by="image"))
