@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from tqdm.auto import tqdm
 
 from imgsearch import schema
 from imgsearch.errors import ConfigError, ExtractorMismatchError, IndexIntegrityError
-from imgsearch.paths import fsync_dir
+from imgsearch.paths import atomic_writer, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -645,17 +644,8 @@ def set_current(root: Path | str, version_dir: Path | str) -> None:
     if target.parent != versions:
         raise ValueError(f"{version_dir} is not a version directory of {root}")
     verify_dir(target)
-    fd, tmp = tempfile.mkstemp(prefix=".CURRENT.", dir=root)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{VERSIONS_DIR}/{target.name}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, root / CURRENT_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(root)
+    with atomic_writer(root / CURRENT_FILE) as fh:
+        fh.write(f"{VERSIONS_DIR}/{target.name}\n".encode())
 
 
 def publish_index(index: ImageIndex, root: Path | str) -> Path:

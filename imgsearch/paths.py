@@ -169,19 +169,24 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
+def atomic_writer(path: Path, *, durable: bool = True) -> Iterator[IO[bytes]]:
     """Write ``path`` all or nothing: the block writes to a temporary file beside it, which is
     fsynced and then ``os.replace``d over ``path``. A crash or an exception leaves the previous
-    file (or none), never half of the new one; the temporary file is removed on failure."""
+    file (or none), never half of the new one; the temporary file is removed on failure.
+
+    ``durable=False`` skips the fsyncs (file and folder): for caches of many small files that can
+    be rebuilt, where readers must never see half a file but a power cut may lose the newest."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)

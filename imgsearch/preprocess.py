@@ -22,7 +22,6 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 from imgsearch import imageio, schema
 from imgsearch.config import from_dict as _config_from_dict
 from imgsearch.errors import ConfigError, ImageRejected
+from imgsearch.paths import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -209,15 +209,8 @@ def _entry(root: Path, sha256: str) -> Path:
 
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, durable=False) as fh:  # a rebuildable cache: no fsync per file
+        np.save(fh, arr, allow_pickle=False)
 
 
 def _write_cache_description(root: Path, cfg: PreprocessConfig) -> None:
@@ -225,13 +218,11 @@ def _write_cache_description(root: Path, cfg: PreprocessConfig) -> None:
     target = root / "config.json"
     if target.exists():
         return
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(
-            {"algorithm_version": ALGORITHM_VERSION, **cfg.to_dict()}, fh, indent=2, sort_keys=True
-        )
-    os.replace(tmp, target)
+    text = json.dumps(
+        {"algorithm_version": ALGORITHM_VERSION, **cfg.to_dict()}, indent=2, sort_keys=True
+    )
+    with atomic_writer(target, durable=False) as fh:
+        fh.write(text.encode())
 
 
 # --- a manifest ---------------------------------------------------------------------------------

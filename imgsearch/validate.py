@@ -26,7 +26,6 @@ import hashlib
 import logging
 import multiprocessing
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from imgsearch.imageio import (
     load_image,
     read_bytes,
 )
+from imgsearch.paths import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -279,15 +279,8 @@ def inspect_file(path: str | None, cfg: ValidateConfig, clean_dir: Path) -> dict
 def write_clean_copy(image: Any, sha256: str, clean_dir: Path) -> Path:
     """Atomically write ``image`` as ``clean_dir/<sha[:2]>/<sha256>.png``; returns the path."""
     dest = Path(clean_dir) / sha256[:2] / f"{sha256}.png"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{sha256[:8]}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, "PNG", compress_level=1)  # a cache: speed over size
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(dest, durable=False) as fh:  # a cache: speed over size and durability
+        image.save(fh, "PNG", compress_level=1)
     return dest
 
 

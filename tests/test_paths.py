@@ -163,15 +163,16 @@ def test_resolver_matches_resolve_within(tree: tuple[Path, Path]) -> None:
     ]  # fmt: skip  # jump/../root/... comes back in, as the kernel would see it
 
 
-def test_atomic_writer_leaves_the_old_file_or_the_new_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durable", [True, False])
+def test_atomic_writer_leaves_the_old_file_or_the_new_one(tmp_path: Path, durable: bool) -> None:
     target = tmp_path / "sub" / "state.json"
-    with atomic_writer(target) as fh:
+    with atomic_writer(target, durable=durable) as fh:
         fh.write(b"old")
-    with pytest.raises(RuntimeError), atomic_writer(target) as fh:
+    with pytest.raises(RuntimeError), atomic_writer(target, durable=durable) as fh:
         fh.write(b"half of the new")
         raise RuntimeError("crash mid-write")
     assert target.read_bytes() == b"old"
     assert [p.name for p in target.parent.iterdir()] == ["state.json"]  # no temporary file left
-    with atomic_writer(target) as fh:
+    with atomic_writer(target, durable=durable) as fh:
         fh.write(b"new")
     assert target.read_bytes() == b"new"
