@@ -1,4 +1,4 @@
-"""Benchmark the drift verdict: the fast path (imgsearch.drift) vs Evidently's default report.
+"""Benchmark the drift verdict: the fast path (imgsearch.monitor.drift) vs Evidently's default report.
 
 Data: ``--n`` reference and ``--n`` current L2-normalised vectors in ``--dim`` dimensions drawn from
 ``--clusters`` Gaussian clusters; the current set over-samples one cluster (``--grow``: its weight
@@ -6,7 +6,7 @@ relative to the others; 1.0 = no drift). It times
 
 - Evidently 0.7's ``Report([EmbeddingsDrift(...)])`` with its default method (``model``; the
   report also fits a t-SNE of up to 2 x 2,500 rows for its plot),
-- :func:`imgsearch.drift.drift_verdict` with the same method and threshold (the fast path),
+- :func:`imgsearch.monitor.drift.drift_verdict` with the same method and threshold (the fast path),
 - the fast path with ``--extra-methods`` (for the record),
 
 checks that both verdicts agree and prints times and the speed-up ratio. Target: >= 4x.
@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from imgsearch.drift import drift_verdict
+from imgsearch.monitor.drift import drift_verdict
 from monitoring.drift import evidently_report
 
 

@@ -4,7 +4,7 @@ Prints figures measured side by side in one run (never pass/fail):
 
 - forward-only images/s: the same model on ready-made normalised tensors (batched, channels-last,
   inference mode, every core): the ceiling the pipeline can reach. Target: pipeline >= 0.9x.
-- pipeline images/s: ``imgsearch.extract.extract`` from JPEG files (decode + resize + forward), for
+- pipeline images/s: ``imgsearch.embed.extract.extract`` from JPEG files (decode + resize + forward), for
   a few (workers x threads) settings, and from the preprocess cache (``pre_path`` .npy files).
   Ratios are against forward-only with every core.
 - naive loop images/s: per image ``PIL.Image.open`` + resize + fp32 NCHW forward at batch 1, no
@@ -37,9 +37,9 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
-from imgsearch.backbones import Extractor, create_extractor
-from imgsearch.extract import ExtractConfig, available_cores, extract, resolve_parallelism
-from imgsearch.preprocess import preprocess, to_tensor, to_uint8
+from imgsearch.data.preprocess import preprocess, to_tensor, to_uint8
+from imgsearch.embed.extract import ExtractConfig, available_cores, extract, resolve_parallelism
+from imgsearch.models.backbones import Extractor, create_extractor
 
 
 def make_images(folder: Path, n: int, width: int = 320, height: int = 240) -> pd.DataFrame:

@@ -1,8 +1,8 @@
 """Benchmark: contrastive fine-tuning vs the pretrained extractor on the emoji demo (issue 4).
 
 Items are emoji, images are the drawings of up to four vendors (google, twitter, facebook,
-apple). The split is by item, 60/20/20 (``imgsearch.split``, seed 0): test emoji are never seen
-in training. Test retrieval follows ``imgsearch.evaluate``: each test drawing queries all the
+apple). The split is by item, 60/20/20 (``imgsearch.data.split``, seed 0): test emoji are never seen
+in training. Test retrieval follows ``imgsearch.evaluate.retrieval``: each test drawing queries all the
 other test drawings, relevant = same emoji. Figures printed (never pass/fail):
 
 - pretrained baseline (ImageNet weights, its own 224 px preprocessing) and the same weights at
@@ -15,7 +15,7 @@ other test drawings, relevant = same emoji. Figures printed (never pass/fail):
     python benchmarks/bench_finetune.py --emoji-dir DIR --set epochs=8 --set train_size=128
 
 ``--emoji-dir`` holds ``<vendor>/package/emoji.json`` and ``<vendor>/package/img/<vendor>/64/``
-(what ``imgsearch.demo_data`` unpacks; ``--fetch`` runs that fetch into the demo cache instead).
+(what ``imgsearch.data.demo`` unpacks; ``--fetch`` runs that fetch into the demo cache instead).
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ import pandas as pd
 import torch
 import yaml
 
-from imgsearch import demo_data, schema
-from imgsearch.backbones import Extractor, create_extractor
+from imgsearch import schema
 from imgsearch.config import from_dict, load_config
-from imgsearch.evaluate import EvaluateConfig, evaluate
-from imgsearch.extract import ExtractConfig, extract
-from imgsearch.finetune import FinetuneConfig, finetune
-from imgsearch.split import SplitConfig, split
+from imgsearch.data import demo as demo_data
+from imgsearch.data.split import SplitConfig, split
+from imgsearch.embed.extract import ExtractConfig, extract
+from imgsearch.evaluate.retrieval import EvaluateConfig, evaluate
+from imgsearch.models.backbones import Extractor, create_extractor
+from imgsearch.train.finetune import FinetuneConfig, finetune
 
 
 def emoji_manifest(emoji_dir: Path, vendors: tuple[str, ...], limit: int | None) -> pd.DataFrame:
@@ -103,7 +104,7 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s"
     )
-    logging.getLogger("imgsearch.finetune").setLevel(logging.INFO)
+    logging.getLogger("imgsearch.train.finetune").setLevel(logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
 

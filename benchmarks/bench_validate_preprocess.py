@@ -1,8 +1,8 @@
 """Throughput and memory of validate + preprocess on small PNGs, at two catalog sizes.
 
 Generates synthetic 64-px PNGs (noise + shapes; every third one RGBA with transparency, which
-validate fixes into a clean copy) once, then, for each N, times ``imgsearch.validate.validate`` and
-``imgsearch.preprocess.preprocess`` (cold cache, then warm). Each N runs in a fresh process so
+validate fixes into a clean copy) once, then, for each N, times ``imgsearch.data.validate.validate`` and
+``imgsearch.data.preprocess.preprocess`` (cold cache, then warm). Each N runs in a fresh process so
 its memory is its own: the figure is the peak anonymous PSS (heap, not shared libraries) of the
 process and its worker processes, sampled every 10 ms, above its value just before the work. CPU ms/image (user + system, workers
 included) is printed beside wall-clock images/s, because on a shared machine wall-clock
@@ -146,8 +146,8 @@ class PeakMemory:
 
 def run_one(images: Path, n: int, size: int, workers: int) -> dict[str, Any]:
     """One catalog size, in this process; returns the figures."""
-    from imgsearch.preprocess import PreprocessConfig, preprocess
-    from imgsearch.validate import ValidateConfig, validate
+    from imgsearch.data.preprocess import PreprocessConfig, preprocess
+    from imgsearch.data.validate import ValidateConfig, validate
 
     manifest = manifest_of(images, n)
     with tempfile.TemporaryDirectory(prefix="bench_vp_") as tmp:

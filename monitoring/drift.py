@@ -3,7 +3,7 @@
 Inputs: ``--reference-run-id`` and ``--current-run-id``, two runs holding ``embeddings.parquet``
 (the extract stage; made with the same extractor, which is checked when both files record its
 fingerprint) and, optionally, ``manifest.parquet`` (for the category / NSFW / format shift).
-Settings: ``configs/drift.yaml`` (:class:`imgsearch.drift.DriftConfig`).
+Settings: ``configs/drift.yaml`` (:class:`imgsearch.monitor.drift.DriftConfig`).
 
 Produces (an MLflow run tagged ``imgsearch.stage=drift``): metrics ``drift_score``,
 ``drift_threshold``, ``drift_detected`` and the A/A calibration figures (``aa_threshold``,
@@ -13,7 +13,7 @@ reference clusters grew or shrank), ``drift/metadata_shift.csv``, ``drift/aa_cal
 (null scores, calibrated and default thresholds, observed score) and ``drift/report.html``
 (Evidently's embeddings-drift report, on a sample by default: its t-SNE plot is most of its cost).
 
-The verdict is computed by :mod:`imgsearch.drift` (Evidently's method without the plot) with the
+The verdict is computed by :mod:`imgsearch.monitor.drift` (Evidently's method without the plot) with the
 calibrated threshold; the Evidently report is built with the same method and threshold.
 """
 
@@ -31,15 +31,15 @@ import numpy as np
 import pandas as pd
 
 from imgsearch.config import from_dict
-from imgsearch.drift import (
+from imgsearch.embed.extract import embeddings_metadata, load_embeddings
+from imgsearch.errors import ExtractorMismatchError
+from imgsearch.monitor.drift import (
     EVIDENTLY_THRESHOLDS,
     DriftAnalysis,
     DriftConfig,
     analyse,
     metadata_shift,
 )
-from imgsearch.errors import ExtractorMismatchError
-from imgsearch.extract import embeddings_metadata, load_embeddings
 from steps.common import artifact_path, base_parser, log_metrics, read_df, setup_logging, stage_run
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def evidently_method(
     distance: str = "euclidean",
     component_threshold: float = 0.1,
 ) -> Any:
-    """The Evidently 0.7 ``DriftMethod`` matching :func:`imgsearch.drift.drift_verdict`'s settings."""
+    """The Evidently 0.7 ``DriftMethod`` matching :func:`imgsearch.monitor.drift.drift_verdict`'s settings."""
     from evidently.metrics.embeddings import (
         DistanceDriftMethod,
         MMDDriftMethod,

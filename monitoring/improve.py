@@ -10,7 +10,7 @@
    champion's data (the index run's split manifest), its embeddings (the index run's extract run)
    and the frozen test split (its evaluate run's split). No champion: decision ``skip``.
 2. ``ingest`` the configured catalog; ``newdata``: rows neither in the watermark of this source
-   (:mod:`imgsearch.watermark`) nor in the champion's data; a new id with already seen bytes is
+   (:mod:`imgsearch.data.watermark`) nor in the champion's data; a new id with already seen bytes is
    quarantined as ``duplicate_of_seen``.
 3. ``validate`` and ``preprocess`` the new rows; ``split`` them with the frozen split's settings
    (by item hash: a new image of a known item lands in that item's split); ``combine``: the
@@ -19,7 +19,7 @@
 4. ``extract`` the new rows with the champion's extractor, ``merge`` them with the champion's
    embeddings, ``drift`` (new vs the champion's embeddings, calibrated A/A threshold), and
    ``evaluate`` the champion on ``newtest`` (``before.new.*``).
-5. decision (:func:`imgsearch.watermark.decide`): ``skip`` without new valid data; ``improve`` on
+5. decision (:func:`imgsearch.data.watermark.decide`): ``skip`` without new valid data; ``improve`` on
    drift or when new + pending (served, not yet trained on) images reach ``min_new_images``;
    ``wait`` otherwise.
 6. ``improve``: ``trainset`` = new train images + the old images of their items + a seeded random
@@ -67,11 +67,7 @@ from mlflow.exceptions import MlflowException
 
 from imgsearch import schema
 from imgsearch.config import from_dict, home_dir, load_config
-from imgsearch.errors import CatalogError, ConfigError, ImgsearchError
-from imgsearch.extract import load_embeddings, save_embeddings
-from imgsearch.index import ImageIndex, gallery_meta
-from imgsearch.ranking import RankingConfig
-from imgsearch.watermark import (
+from imgsearch.data.watermark import (
     decide,
     load_watermark,
     replay_sample,
@@ -79,6 +75,10 @@ from imgsearch.watermark import (
     select_new,
     source_key,
 )
+from imgsearch.embed.extract import load_embeddings, save_embeddings
+from imgsearch.errors import CatalogError, ConfigError, ImgsearchError
+from imgsearch.search.index import ImageIndex, gallery_meta
+from imgsearch.search.ranking import RankingConfig
 from monitoring import drift as drift_stage
 from monitoring.daemon import IMPROVE_STAGE, stop_requested
 from registry import promote as promote_registry

@@ -19,7 +19,7 @@ Bad input policy (the server keeps serving in every case):
 pair that does not belong together is refused at load time (``ExtractorMismatchError``), and a
 tampered index file is refused before FAISS reads it (``IndexIntegrityError``).
 
-Query-time speed (:mod:`imgsearch.serving`): each query runs on ``torch_threads`` intra-op threads
+Query-time speed (:mod:`imgsearch.embed.query`): each query runs on ``torch_threads`` intra-op threads
 (default 1: steadiest on a shared host) through the ``serving_mode`` forward pass (default
 ``fused``: BN folded, channels-last; ``int8`` on request, calibrated on gallery images). Both come
 from the model config or the environment (``IMGSEARCH_TORCH_THREADS``, ``IMGSEARCH_SERVING_MODE``,
@@ -48,13 +48,14 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
-from imgsearch import schema, serving
-from imgsearch.backbones import Extractor, fingerprint, load_extractor
+from imgsearch import schema
 from imgsearch.config import from_dict
+from imgsearch.data.imageio import open_rgb, read_bytes
+from imgsearch.embed import query as serving
 from imgsearch.errors import ConfigError, ImageRejected
-from imgsearch.imageio import open_rgb, read_bytes
-from imgsearch.index import ImageIndex
-from imgsearch.ranking import RankingConfig, rank
+from imgsearch.models.backbones import Extractor, fingerprint, load_extractor
+from imgsearch.search.index import ImageIndex
+from imgsearch.search.ranking import RankingConfig, rank
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ def index_signature(ranking: RankingConfig, k: int = DEFAULT_K) -> ModelSignatur
     """Input ``image`` (string) and ranking params whose defaults are the logged ranking config.
 
     ``category`` is a comma-separated list of categories to keep ('' = all); ``mmr_lambda`` is
-    the relevance/diversity trade-off of maximal marginal relevance (see :mod:`imgsearch.ranking`).
+    the relevance/diversity trade-off of maximal marginal relevance (see :mod:`imgsearch.search.ranking`).
     """
     defaults = param_defaults(ranking, k)
     params = ParamSchema(

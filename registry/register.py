@@ -5,7 +5,7 @@ Registered names: ``imgsearch-extractor`` and ``imgsearch-index``. Every version
 * ``source_run_id``: the run whose artifact was registered (the extract run for the extractor,
   the index run for the index); ``register_run_id``: the run that registered it;
 * ``data_hash``: sha256 of what the index covers (see :func:`data_hash_of`);
-* ``extractor_fingerprint``: :func:`imgsearch.backbones.fingerprint` of the extractor;
+* ``extractor_fingerprint``: :func:`imgsearch.models.backbones.fingerprint` of the extractor;
 * ``extractor_version`` on the index version, ``index_version`` on the extractor version;
 * ``metric.<name>``: the frozen test-split metrics (``metric.map_at_r``...) the promotion gate
   compares, and ``test_split_hash`` when known (metrics of different test splits do not compare).
@@ -44,11 +44,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 import imgsearch
-from imgsearch import schema, serving
-from imgsearch.backbones import fingerprint, load_extractor
+from imgsearch import schema
+from imgsearch.embed import query as serving
 from imgsearch.errors import ExtractorMismatchError, ImgsearchError
-from imgsearch.index import ImageIndex
-from imgsearch.ranking import RankingConfig
+from imgsearch.models.backbones import fingerprint, load_extractor
+from imgsearch.search.index import ImageIndex
+from imgsearch.search.ranking import RankingConfig
 from registry import models
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def _fingerprint_cached(directory: str, stamp: tuple[tuple[str, int, int], ...])
 
 
 def extractor_fingerprint(extractor_dir: Path) -> str:
-    """:func:`~imgsearch.backbones.fingerprint` of a saved extractor (memoised on the files'
+    """:func:`~imgsearch.models.backbones.fingerprint` of a saved extractor (memoised on the files'
     names, sizes and mtimes: registering a pair loads the weights once, not twice)."""
     directory = Path(extractor_dir).resolve()
     stamp = tuple(
@@ -349,7 +350,7 @@ def log_extractor_model(
     alias: str = CHALLENGER,
     client: MlflowClient | None = None,
 ) -> ModelVersion:
-    """Log ``extractor_dir`` (a :func:`~imgsearch.backbones.save_extractor` directory) as an
+    """Log ``extractor_dir`` (a :func:`~imgsearch.models.backbones.save_extractor` directory) as an
     :class:`~registry.models.ExtractorModel` in the active run and register it as ``name``.
 
     ``source_run_id`` defaults to the active run. Returns the (possibly pre-existing) version.

@@ -39,8 +39,8 @@ from PIL import Image
 
 from imgsearch import schema
 from imgsearch.config import from_dict, load_config
+from imgsearch.data.imageio import open_rgb, read_bytes
 from imgsearch.errors import ImageRejected
-from imgsearch.imageio import open_rgb, read_bytes
 from registry import models
 from registry.register import CHAMPION, EXTRACTOR_MODEL, INDEX_MODEL, TAG_EXTRACTOR_VERSION
 

@@ -20,7 +20,7 @@ import mlflow
 import pandas as pd
 
 from imgsearch.config import from_dict
-from imgsearch.eda import EdaConfig, build_report
+from imgsearch.data.eda import EdaConfig, build_report
 from steps.common import base_parser, log_metrics, read_df, setup_logging, stage_run
 
 log = logging.getLogger(__name__)

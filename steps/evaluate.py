@@ -1,9 +1,9 @@
 """Evaluate: retrieval metrics and feature quality of an extract run's embeddings on one split.
 
-Inputs: ``--extract-run-id`` (its ``embeddings.parquet``, written by ``imgsearch.extract.save_embeddings``),
+Inputs: ``--extract-run-id`` (its ``embeddings.parquet``, written by ``imgsearch.embed.extract.save_embeddings``),
 ``--split-run-id`` (its ``manifest.parquet`` with ``split``), ``configs/evaluate.yaml``
 (``--split`` and ``--max-queries`` override it). The gallery protocol is in
-:mod:`imgsearch.evaluate`: each image of the split queries all the other images of the split;
+:mod:`imgsearch.evaluate.retrieval`: each image of the split queries all the other images of the split;
 relevant = same item.
 
 Produces: metrics ``hit_at_{k}``, ``precision_at_{k}``, ``recall_at_{k}``, ``map``, ``map_at_r``,
@@ -23,8 +23,8 @@ import mlflow
 
 from imgsearch import schema
 from imgsearch.config import from_dict
-from imgsearch.evaluate import EvaluateConfig, embedding_plots, evaluate
-from imgsearch.extract import load_embeddings
+from imgsearch.embed.extract import load_embeddings
+from imgsearch.evaluate.retrieval import EvaluateConfig, embedding_plots, evaluate
 from steps.common import (
     artifact_path,
     base_parser,

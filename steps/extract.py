@@ -8,8 +8,8 @@ MLflow artifact URI such as ``runs:/<id>/extractor``) or else ``--backbone``/``-
 (``configs/extract.yaml``).
 
 Produces: ``embeddings.parquet`` (``image_id`` + float32 L2-normalised ``embedding``; see
-``imgsearch.extract.save_embeddings``), ``extractor/`` (``weights.pt`` + ``spec.json``, reload with
-``imgsearch.backbones.load_extractor``), ``manifest.parquet`` (the embedded rows of the input
+``imgsearch.embed.extract.save_embeddings``), ``extractor/`` (``weights.pt`` + ``spec.json``, reload with
+``imgsearch.models.backbones.load_extractor``), ``manifest.parquet`` (the embedded rows of the input
 manifest), ``quarantine.parquet`` (this stage's failures, stage="extract"), param
 ``extractor_fingerprint`` and metrics ``n``, ``n_ok``, ``n_failed``, ``n_from_cache``,
 ``images_per_s``, ``seconds``, ``bf16_used``, ``compile_used``.
@@ -26,15 +26,15 @@ import mlflow
 import pandas as pd
 
 from imgsearch import schema
-from imgsearch.backbones import (
+from imgsearch.config import from_dict
+from imgsearch.embed.extract import ExtractConfig, extract, save_embeddings
+from imgsearch.models.backbones import (
     Extractor,
     create_extractor,
     fingerprint,
     load_extractor,
     save_extractor,
 )
-from imgsearch.config import from_dict
-from imgsearch.extract import ExtractConfig, extract, save_embeddings
 from steps.common import base_parser, log_df, log_metrics, read_df, setup_logging, stage_run
 
 log = logging.getLogger(__name__)

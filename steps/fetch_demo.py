@@ -11,7 +11,7 @@ import os
 import sys
 
 from imgsearch.config import from_dict, load_config
-from imgsearch.demo_data import DemoConfig, demo_catalog
+from imgsearch.data.demo import DemoConfig, demo_catalog
 from imgsearch.errors import ImgsearchError
 from steps.common import PROFILE_ENV, base_parser, setup_logging
 

@@ -5,7 +5,7 @@ Inputs: ``--split-run-id`` (its ``manifest.parquet`` with ``split``; ``pre_path`
 ``--extractor-uri`` (a saved extractor directory or an MLflow artifact URI such as
 ``runs:/<id>/extractor``) or else ``--backbone``/``--weights`` (default: ``configs/extract.yaml``),
 and ``configs/finetune.yaml`` (``--method``, ``--epochs``, ``--train-size``, ``--max-minutes``
-override it). See :mod:`imgsearch.finetune` for the training itself.
+override it). See :mod:`imgsearch.train.finetune` for the training itself.
 
 Produces: per-epoch metrics with ``step=epoch`` (epoch 0 = before training): ``loss``, ``lr``,
 ``val_map_at_r``, ``val_map``, ``val_recall_at_1``, ``val_embedding_std`` (of the embedding the
@@ -13,7 +13,7 @@ extractor returns), ``val_map_at_r_backbone``, ``val_map_at_r_head``, ``images_p
 ``epoch_seconds``; summary metrics (``best_epoch``, ``best_val_map_at_r``,
 ``initial_val_map_at_r``, ``epochs_run``, ``train_images_per_s``, ``wall_seconds``...);
 ``extractor/`` (the best epoch's extractor, ``weights.pt`` + ``spec.json``, reload with
-``imgsearch.backbones.load_extractor``) with param ``extractor_fingerprint``; ``history.csv``;
+``imgsearch.models.backbones.load_extractor``) with param ``extractor_fingerprint``; ``history.csv``;
 ``quarantine.parquet`` (images that could not be read, stage="finetune").
 
 Checkpoints go to ``checkpoint_dir`` or, when it is null, to
@@ -32,9 +32,9 @@ from typing import Any
 
 import mlflow
 
-from imgsearch.backbones import create_extractor, fingerprint, save_extractor
 from imgsearch.config import from_dict, home_dir
-from imgsearch.finetune import FinetuneConfig, finetune
+from imgsearch.models.backbones import create_extractor, fingerprint, save_extractor
+from imgsearch.train.finetune import FinetuneConfig, finetune
 from steps.common import base_parser, log_df, log_metrics, setup_logging, stage_run
 from steps.extract import load_extractor_uri, read_manifest
 
@@ -81,14 +81,14 @@ def run(
         if cfg.checkpoint_dir is None:
             key = checkpoint_key(split_run_id, start_fp, cfg)
             cfg.checkpoint_dir = str(home_dir() / "checkpoints" / "finetune" / key)
-        mlflow.set_tag("imgsearch.finetune.checkpoint_dir", cfg.checkpoint_dir)
+        mlflow.set_tag("imgsearch.train.finetune.checkpoint_dir", cfg.checkpoint_dir)
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
         result = finetune(start, manifest, cfg, on_epoch=on_epoch)
         log_metrics(result.metrics)
-        mlflow.set_tag("imgsearch.finetune.stop_reason", result.stop_reason)
+        mlflow.set_tag("imgsearch.train.finetune.stop_reason", result.stop_reason)
         fp = fingerprint(result.extractor)
         mlflow.log_param("extractor_fingerprint", fp)
         mlflow.set_tags(

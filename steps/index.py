@@ -1,6 +1,6 @@
 """Index: build the FAISS index of the served catalog, measure it, and tune the ranking on val.
 
-Inputs: ``--extract-run-id`` (its ``embeddings.parquet`` from ``imgsearch.extract.save_embeddings``
+Inputs: ``--extract-run-id`` (its ``embeddings.parquet`` from ``imgsearch.embed.extract.save_embeddings``
 and its ``extractor_fingerprint`` param, else the same key in the embeddings file's metadata),
 the manifest (``manifest.parquet`` of ``--manifest-run-id``, else of ``--split-run-id``, else of
 the extract run or the run it names in an ``imgsearch.input.*_run_id`` tag), ``configs/index.yaml``
@@ -8,10 +8,10 @@ the extract run or the run it names in an ``imgsearch.input.*_run_id`` tag), ``c
 The gallery is every embedded image (the served catalog); its metadata is its manifest rows.
 
 Produces: artifact ``index/`` (``index.faiss``, ``meta.parquet``, ``index.json`` with sha256 and
-the extractor fingerprint; load with ``imgsearch.index.ImageIndex.load``), metrics ``build_s``,
+the extractor fingerprint; load with ``imgsearch.search.index.ImageIndex.load``), metrics ``build_s``,
 ``recall_at_10_vs_exact``, ``latency_ms_p50/p95``, ``qps_batch1``, ``qps_batch1000``, ``count``,
 ``nprobe``/``ef_search``; tag ``index.factory``; ``ranking.yaml`` (the ranking config to serve).
-With ``--split-run-id`` the ranking is tuned (``imgsearch.ranking.tune``) on the ``val`` images
+With ``--split-run-id`` the ranking is tuned (``imgsearch.search.ranking.tune``) on the ``val`` images
 against the val gallery: ``ranking_tune.parquet`` (one row per grid point) and metrics
 ``val_map``, ``val_hit_at_1``, ``ranking_popularity_weight``, ``ranking_mmr_lambda``.
 """
@@ -30,9 +30,9 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from imgsearch.config import from_dict
-from imgsearch.extract import embeddings_metadata, load_embeddings
-from imgsearch.index import IndexConfig, build_index, gallery_meta
-from imgsearch.ranking import RankingConfig, tune_on_split
+from imgsearch.embed.extract import embeddings_metadata, load_embeddings
+from imgsearch.search.index import IndexConfig, build_index, gallery_meta
+from imgsearch.search.ranking import RankingConfig, tune_on_split
 from steps.common import (
     artifact_path,
     base_parser,

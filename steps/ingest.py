@@ -19,8 +19,8 @@ from typing import Any
 import mlflow
 
 from imgsearch.config import from_dict
-from imgsearch.demo_data import DemoConfig, demo_catalog
-from imgsearch.ingest import IngestConfig, ingest
+from imgsearch.data.demo import DemoConfig, demo_catalog
+from imgsearch.data.ingest import IngestConfig, ingest
 from steps.common import base_parser, log_df, log_metrics, setup_logging, stage_run
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any
 import mlflow
 
 from imgsearch.config import from_dict, home_dir
-from imgsearch.preprocess import PreprocessConfig, preprocess
+from imgsearch.data.preprocess import PreprocessConfig, preprocess
 from steps.common import base_parser, log_df, log_metrics, read_df, setup_logging, stage_run
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from imgsearch.config import from_dict
-from imgsearch.ranking import RankingConfig
+from imgsearch.search.ranking import RankingConfig
 from registry.register import (
     TAG_TEST_SPLIT,
     RegisterConfig,

@@ -18,7 +18,7 @@ import mlflow
 
 from imgsearch import schema
 from imgsearch.config import from_dict
-from imgsearch.split import SplitConfig, split
+from imgsearch.data.split import SplitConfig, split
 from steps.common import base_parser, log_df, log_metrics, read_df, setup_logging, stage_run
 
 log = logging.getLogger(__name__)

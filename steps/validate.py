@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from imgsearch import schema
 from imgsearch.config import from_dict, home_dir
-from imgsearch.validate import ValidateConfig, validate
+from imgsearch.data.validate import ValidateConfig, validate
 from steps.common import base_parser, log_df, log_metrics, read_df, setup_logging, stage_run
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 ``write_bad_inputs(folder)`` writes them and returns ``{file name: expected quarantine reason}``,
 ``None`` meaning "must come out clean" (possibly fixed). Every clean file is drawn from its own
 random seed, so no two are near duplicates even when all are put in one item.
-Expectations hold for the default :class:`imgsearch.validate.ValidateConfig`.
+Expectations hold for the default :class:`imgsearch.data.validate.ValidateConfig`.
 
 Reused by the acceptance test; keep it free of pytest imports.
 """

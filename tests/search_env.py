@@ -28,11 +28,11 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from imgsearch.backbones import fingerprint, load_extractor
-from imgsearch.extract import embed_images
-from imgsearch.imageio import open_rgb
-from imgsearch.index import ImageIndex, IndexConfig
-from imgsearch.ranking import RankingConfig
+from imgsearch.data.imageio import open_rgb
+from imgsearch.embed.extract import embed_images
+from imgsearch.models.backbones import fingerprint, load_extractor
+from imgsearch.search.index import ImageIndex, IndexConfig
+from imgsearch.search.ranking import RankingConfig
 from registry.promote import promote
 from registry.register import INDEX_MODEL, RegisterConfig, RegisteredPair, register_pair
 from tests.test_registry import fresh_tracking_uri, make_extractor_dir, png_bytes

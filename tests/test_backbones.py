@@ -12,8 +12,10 @@ import pytest
 import torch
 import torchvision
 
-from imgsearch import backbones
-from imgsearch.backbones import (
+from imgsearch.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from imgsearch.errors import ConfigError, WeightsUnavailableError
+from imgsearch.models import backbones
+from imgsearch.models.backbones import (
     LITE_MEAN,
     LITE_STD,
     Extractor,
@@ -22,8 +24,6 @@ from imgsearch.backbones import (
     load_extractor,
     save_extractor,
 )
-from imgsearch.errors import ConfigError, WeightsUnavailableError
-from imgsearch.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
 EXPECTED_DIM = {
     "resnet50": 2048,

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from imgsearch import demo_data
 from imgsearch import schema as S
 from imgsearch.config import from_dict, load_config
-from imgsearch.demo_data import (
+from imgsearch.data import demo as demo_data
+from imgsearch.data.demo import (
     DemoConfig,
     FetchError,
     fetch_emoji,
@@ -25,8 +25,8 @@ from imgsearch.demo_data import (
     unpack,
     write_catalog,
 )
+from imgsearch.data.ingest import IngestConfig, ingest
 from imgsearch.errors import CatalogError, ConfigError
-from imgsearch.ingest import IngestConfig, ingest
 
 CATEGORIES = ("Smileys & Emotion", "Animals & Nature", "Flags")
 

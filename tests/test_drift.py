@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgsearch import drift, schema
+from imgsearch import schema
 from imgsearch.errors import ConfigError
+from imgsearch.monitor import drift
 
 D = 16
 CENTERS = np.random.default_rng(123).normal(size=(4, D)) * 3.0
@@ -248,7 +249,7 @@ def test_fast_verdict_equals_evidently_report_no_drift() -> None:
 def test_drift_stage_logs_verdict_and_artifacts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_tsne: None
 ) -> None:
-    from imgsearch.extract import save_embeddings
+    from imgsearch.embed.extract import save_embeddings
     from monitoring import drift as stage
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,4 +1,4 @@
-"""imgsearch.eda: the report exists, is self-contained, has every section, and its figures are right."""
+"""imgsearch.data.eda: the report exists, is self-contained, has every section, and its figures are right."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from imgsearch import schema
 from imgsearch.config import from_dict, load_config
-from imgsearch.eda import NOT_IN_CATALOG, EdaConfig, build_report
+from imgsearch.data.eda import NOT_IN_CATALOG, EdaConfig, build_report
 
 SECTIONS = (
     "summary",

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgsearch import evaluate as E
 from imgsearch import schema
 from imgsearch.config import from_dict, load_config
 from imgsearch.errors import CatalogError, ConfigError
-from imgsearch.evaluate import (
+from imgsearch.evaluate import retrieval as E
+from imgsearch.evaluate.retrieval import (
     EvaluateConfig,
     embedding_plots,
     evaluate,

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from imgsearch import extract as extract_mod
-from imgsearch import imageio, schema
-from imgsearch.backbones import Extractor, create_extractor
-from imgsearch.errors import ConfigError
-from imgsearch.extract import (
+from imgsearch import schema
+from imgsearch.data import imageio
+from imgsearch.data.preprocess import PreprocessConfig, preprocess
+from imgsearch.embed import extract as extract_mod
+from imgsearch.embed.extract import (
     ExtractConfig,
     embed_images,
     embeddings_metadata,
@@ -24,7 +24,8 @@ from imgsearch.extract import (
     resolve_parallelism,
     save_embeddings,
 )
-from imgsearch.preprocess import PreprocessConfig, preprocess
+from imgsearch.errors import ConfigError
+from imgsearch.models.backbones import Extractor, create_extractor
 
 SIZE = 48  # small input: fast, and enough for a real conv net
 
@@ -294,7 +295,7 @@ def test_step_logs_embeddings_extractor_and_failures(
     """steps.extract end to end on a private MLflow store; then re-run from runs:/<id>/extractor."""
     import mlflow
 
-    from imgsearch.backbones import fingerprint, load_extractor
+    from imgsearch.models.backbones import fingerprint, load_extractor
     from steps import extract as step
     from steps.common import artifact_path, log_df
 

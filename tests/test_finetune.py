@@ -21,7 +21,18 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from imgsearch import schema
-from imgsearch.augment import (
+from imgsearch.config import PROJECT_ROOT, from_dict, load_config
+from imgsearch.data.preprocess import PreprocessConfig
+from imgsearch.errors import ConfigError
+from imgsearch.models.backbones import (
+    Extractor,
+    ExtractorSpec,
+    create_extractor,
+    fingerprint,
+    load_extractor,
+    save_extractor,
+)
+from imgsearch.train.augment import (
     AugmentConfig,
     as_augment_config,
     augment_batch,
@@ -30,17 +41,7 @@ from imgsearch.augment import (
     paper_augment,
     train_transform,
 )
-from imgsearch.backbones import (
-    Extractor,
-    ExtractorSpec,
-    create_extractor,
-    fingerprint,
-    load_extractor,
-    save_extractor,
-)
-from imgsearch.config import PROJECT_ROOT, from_dict, load_config
-from imgsearch.errors import ConfigError
-from imgsearch.finetune import (
+from imgsearch.train.finetune import (
     CHECKPOINT_FILE,
     CheckpointError,
     FinetuneConfig,
@@ -53,7 +54,6 @@ from imgsearch.finetune import (
     save_checkpoint,
     split_at,
 )
-from imgsearch.preprocess import PreprocessConfig
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
 COLOURS = ((230, 40, 40), (40, 160, 40), (40, 40, 230), (150, 60, 150))
@@ -273,7 +273,7 @@ def test_freeze_blocks_per_backbone_and_uncachable_bodies_train_uncached(
     torch.manual_seed(0)
     odd = Extractor(MaxPooled(32), ExtractorSpec("tiny", "none", 32, PreprocessConfig(size=SIZE)))
     kw: dict[str, object] = {"augment": False, "epochs": 2, "head_dims": [16]}
-    with caplog.at_level(logging.WARNING, logger="imgsearch.finetune"):
+    with caplog.at_level(logging.WARNING, logger="imgsearch.train.finetune"):
         result = finetune(odd, catalog, fast_cfg(**kw, freeze_blocks={"tiny": 1}))
     assert "not cached" in caplog.text
     first = dict(odd.body.features[0].named_parameters())
@@ -286,7 +286,7 @@ def test_a_collapsed_epoch_is_never_kept(
     catalog: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Identical embeddings rank by chance; a lucky MAP@R on them must not pick the epoch."""
-    import imgsearch.finetune as ft
+    import imgsearch.train.finetune as ft
 
     real, calls = ft._embed, []
 

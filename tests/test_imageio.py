@@ -1,4 +1,4 @@
-"""imgsearch.imageio: RELIABILITY.md promises 1-5 for untrusted image files, one test each (or more)."""
+"""imgsearch.data.imageio: RELIABILITY.md promises 1-5 for untrusted image files, one test each (or more)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from imgsearch import imageio
+from imgsearch.data import imageio
+from imgsearch.data.imageio import ALLOWED_FORMATS, load_image, open_rgb, sniff_format
 from imgsearch.errors import ImageRejected
-from imgsearch.imageio import ALLOWED_FORMATS, load_image, open_rgb, sniff_format
 from tests import badimages as bad
 
 

@@ -1,4 +1,4 @@
-"""Tests of imgsearch.index: exact search, factory choice, persistence, integrity, atomic publish."""
+"""Tests of imgsearch.search.index: exact search, factory choice, persistence, integrity, atomic publish."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgsearch import index as index_mod
 from imgsearch.errors import ConfigError, ExtractorMismatchError, IndexIntegrityError
-from imgsearch.index import (
+from imgsearch.search import index as index_mod
+from imgsearch.search.index import (
     CURRENT_FILE,
     INDEX_FILE,
     INFO_FILE,
@@ -302,7 +302,7 @@ def test_killed_publisher_leaves_old_current(built: ImageIndex, tmp_path: Path) 
     script = textwrap.dedent(
         f"""
         import os, numpy as np, pandas as pd
-        from imgsearch.index import ImageIndex, IndexConfig, publish_index
+        from imgsearch.search.index import ImageIndex, IndexConfig, publish_index
         x = np.eye(4, dtype=np.float32)
         meta = pd.DataFrame({{"image_id": list("abcd"), "item_id": list("abcd")}})
         idx = ImageIndex.build(x, meta, IndexConfig(), "fp")
@@ -352,8 +352,8 @@ def test_index_step_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     import mlflow
     import yaml
 
-    from imgsearch.extract import save_embeddings
-    from imgsearch.ranking import RankingConfig
+    from imgsearch.embed.extract import save_embeddings
+    from imgsearch.search.ranking import RankingConfig
     from steps import index as step
     from steps.common import artifact_path, log_df
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from imgsearch import schema as S
 from imgsearch.config import from_dict, load_config
+from imgsearch.data.ingest import IngestConfig, ingest, ingest_folder, ingest_sql, ingest_table
 from imgsearch.errors import CatalogError, ConfigError
-from imgsearch.ingest import IngestConfig, ingest, ingest_folder, ingest_sql, ingest_table
 from imgsearch.paths import str_to_path
 
 INJECTION = "' OR 1=1; --"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from imgsearch.losses import MoCo, moco_loss, nt_xent_loss, supcon_loss
+from imgsearch.train.losses import MoCo, moco_loss, nt_xent_loss, supcon_loss
 
 
 def _unit(v: torch.Tensor) -> list[float]:

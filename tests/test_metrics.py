@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from imgsearch import metrics as M
+from imgsearch.evaluate import metrics as M
 
 # --- naive references: one query at a time, plain Python loops -------------------------------
 

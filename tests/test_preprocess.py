@@ -1,4 +1,4 @@
-"""imgsearch.preprocess: determinism, resize policies, normalisation, the cache, failures, config."""
+"""imgsearch.data.preprocess: determinism, resize policies, normalisation, the cache, failures, config."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from imgsearch import imageio, schema
+from imgsearch import schema
 from imgsearch.config import from_dict, load_config
-from imgsearch.errors import ConfigError
-from imgsearch.preprocess import (
+from imgsearch.data import imageio
+from imgsearch.data.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PreprocessConfig,
@@ -25,6 +25,7 @@ from imgsearch.preprocess import (
     to_tensor,
     to_uint8,
 )
+from imgsearch.errors import ConfigError
 
 
 def _noise(width: int, height: int, seed: int = 0) -> Image.Image:

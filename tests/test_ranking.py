@@ -1,4 +1,4 @@
-"""Tests of imgsearch.ranking: popularity, filters, MMR, one image per item, tuning."""
+"""Tests of imgsearch.search.ranking: popularity, filters, MMR, one image per item, tuning."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from imgsearch.errors import ConfigError
-from imgsearch.index import ImageIndex, IndexConfig
-from imgsearch.ranking import (
+from imgsearch.search.index import ImageIndex, IndexConfig
+from imgsearch.search.ranking import (
     RankingConfig,
     average_precision_at_k,
     mmr,
@@ -326,7 +326,7 @@ def test_config_validation() -> None:
 
 
 def test_tune_on_split_uses_only_that_split_and_refuses_a_missing_one() -> None:
-    from imgsearch.ranking import tune_on_split
+    from imgsearch.search.ranking import tune_on_split
 
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(6, 8))

@@ -26,13 +26,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image, ImageDraw
 
-from imgsearch.backbones import create_extractor, fingerprint, save_extractor
+from imgsearch.data.imageio import open_rgb
+from imgsearch.data.preprocess import PreprocessConfig
+from imgsearch.embed.extract import embed_images
 from imgsearch.errors import ExtractorMismatchError, IndexIntegrityError
-from imgsearch.extract import embed_images
-from imgsearch.imageio import open_rgb
-from imgsearch.index import ImageIndex, IndexConfig
-from imgsearch.preprocess import PreprocessConfig
-from imgsearch.ranking import RankingConfig
+from imgsearch.models.backbones import create_extractor, fingerprint, save_extractor
+from imgsearch.search.index import ImageIndex, IndexConfig
+from imgsearch.search.ranking import RankingConfig
 from registry import models
 from registry.promote import (
     TAG_PREVIOUS_CHAMPION,
@@ -87,7 +87,7 @@ def make_extractor_dir(path: Path, seed: int) -> Path:
 
 
 def make_index_dir(path: Path, extractor_dir: Path, images: list[bytes]) -> Path:
-    from imgsearch.backbones import load_extractor
+    from imgsearch.models.backbones import load_extractor
 
     ext = load_extractor(extractor_dir)
     emb = embed_images(ext, [open_rgb(b) for b in images])

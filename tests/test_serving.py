@@ -1,4 +1,4 @@
-"""The query-time forward pass (:mod:`imgsearch.serving`): thread count and the gated speed-ups,
+"""The query-time forward pass (:mod:`imgsearch.embed.query`): thread count and the gated speed-ups,
 on a tiny conv/BN network (fast) and a 64 px MobileNetV2."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from imgsearch import serving
-from imgsearch.backbones import Extractor, ExtractorSpec, create_extractor
+from imgsearch.data.preprocess import PreprocessConfig
+from imgsearch.embed import query as serving
+from imgsearch.embed.extract import embed_images
 from imgsearch.errors import ConfigError
-from imgsearch.extract import embed_images
-from imgsearch.preprocess import PreprocessConfig
+from imgsearch.models.backbones import Extractor, ExtractorSpec, create_extractor
 from registry import models
 
 

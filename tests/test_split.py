@@ -8,8 +8,8 @@ import pytest
 
 from imgsearch import schema
 from imgsearch.config import from_dict
+from imgsearch.data.split import SplitConfig, split
 from imgsearch.errors import CatalogError, ConfigError
-from imgsearch.split import SplitConfig, split
 
 
 def make_manifest(n_items: int, seed: int = 0, prefix: str = "item") -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""imgsearch.validate and steps.validate: bad-input folder, dedupe, caps, accounting, the step."""
+"""imgsearch.data.validate and steps.validate: bad-input folder, dedupe, caps, accounting, the step."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from imgsearch import schema
-from imgsearch import validate as validate_mod
 from imgsearch.config import from_dict, load_config
+from imgsearch.data import validate as validate_mod
+from imgsearch.data.imageio import load_image
+from imgsearch.data.validate import ValidateConfig, ValidateResult, validate
 from imgsearch.errors import CatalogError, ConfigError
-from imgsearch.imageio import load_image
-from imgsearch.validate import ValidateConfig, ValidateResult, validate
 from tests import badimages as bad
 
 

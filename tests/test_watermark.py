@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from imgsearch import watermark as W
+from imgsearch.data import watermark as W
 
 
 def _manifest(tmp_path: Path, n: int, prefix: str = "img") -> pd.DataFrame:

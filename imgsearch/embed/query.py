@@ -44,10 +44,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from imgsearch.backbones import Extractor
+from imgsearch.data.preprocess import to_tensor, to_uint8
+from imgsearch.embed.extract import _as_rgb
 from imgsearch.errors import ConfigError
-from imgsearch.extract import _as_rgb
-from imgsearch.preprocess import to_tensor, to_uint8
+from imgsearch.models.backbones import Extractor
 
 log = logging.getLogger(__name__)
 

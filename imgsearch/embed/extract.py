@@ -1,12 +1,12 @@
 """Batch feature extraction: reader -> mapper -> writer, streaming, one row per image or failure.
 
 - **reader**: a ``torch.utils.data.Dataset`` over the manifest. A row whose ``pre_path`` was made
-  with exactly this extractor's :class:`~imgsearch.preprocess.PreprocessConfig` (the cache folder is
+  with exactly this extractor's :class:`~imgsearch.data.preprocess.PreprocessConfig` (the cache folder is
   named by ``PreprocessConfig.cache_key()``) is read from that ``.npy``; any other row is decoded
-  from ``path`` with :func:`imgsearch.imageio.open_rgb` + :func:`imgsearch.preprocess.to_uint8`, the
+  from ``path`` with :func:`imgsearch.data.imageio.open_rgb` + :func:`imgsearch.data.preprocess.to_uint8`, the
   same two calls that made the cache. A file that cannot be read becomes a failure (quarantine
   schema, ``stage="extract"``), never a silent drop. A ``DataLoader`` runs it in worker processes.
-- **mapper**: :func:`imgsearch.preprocess.to_tensor` then the extractor, under
+- **mapper**: :func:`imgsearch.data.preprocess.to_tensor` then the extractor, under
   ``torch.inference_mode``, channels-last, optionally bf16 autocast and ``torch.compile``. Both
   are checked on the first batch against plain fp32 (cosine >= :data:`BF16_MIN_COSINE` /
   :data:`COMPILE_MIN_COSINE`; bf16 must also be faster) and dropped, with a metric saying so,
@@ -43,10 +43,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from imgsearch import imageio, schema
-from imgsearch.backbones import Extractor
+from imgsearch import schema
+from imgsearch.data import imageio
+from imgsearch.data.preprocess import PreprocessConfig, load_uint8, to_tensor, to_uint8
 from imgsearch.errors import ConfigError, ImageRejected
-from imgsearch.preprocess import PreprocessConfig, load_uint8, to_tensor, to_uint8
+from imgsearch.models.backbones import Extractor
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class ExtractConfig:
     """How the extract stage runs.
 
     ``backbone``/``weights`` say which extractor the extract *step* creates
-    (:func:`imgsearch.backbones.create_extractor`); :func:`extract` itself takes a built one.
+    (:func:`imgsearch.models.backbones.create_extractor`); :func:`extract` itself takes a built one.
     ``num_workers``/``threads``: ``"auto"`` or an int; see :func:`resolve_parallelism`.
     ``device``: ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda[:i]"``.
     """

@@ -6,7 +6,7 @@ A registry (timm's ``create_model`` pattern) maps a backbone name to a builder::
     emb = ext(x)  # x: (N, 3, S, S) float, normalised as ext.spec.preprocess says -> (N, D) float32, L2 = 1
 
 Each :class:`Extractor` carries an :class:`ExtractorSpec` (name, weights, embedding size and the
-:class:`~imgsearch.preprocess.PreprocessConfig` its weights expect), so whoever embeds a query later
+:class:`~imgsearch.data.preprocess.PreprocessConfig` its weights expect), so whoever embeds a query later
 preprocesses it exactly as the index was built.
 
 Weights (``weights=``):
@@ -52,8 +52,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from imgsearch.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from imgsearch.errors import ConfigError, WeightsUnavailableError
-from imgsearch.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class ExtractorSpec:
 
 def projection_head(dim: int, dims: Sequence[int]) -> nn.Module:
     """``Linear, BatchNorm1d, ReLU`` for each hidden width, then a ``Linear`` (SimCLR v2 / MoCo v2
-    style): the head :mod:`imgsearch.finetune` trains, rebuilt here when an extractor keeps it."""
+    style): the head :mod:`imgsearch.train.finetune` trains, rebuilt here when an extractor keeps it."""
     layers: list[nn.Module] = []
     width = dim
     for hidden in dims[:-1]:

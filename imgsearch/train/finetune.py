@@ -3,7 +3,7 @@
 Methods (``FinetuneConfig.method``):
 
 - ``supcon`` (Khosla et al. 2020), item-aware: batches are P items x K images (PK sampling); the
-  other images of the same item are the positives (:func:`imgsearch.losses.supcon_loss`). An
+  other images of the same item are the positives (:func:`imgsearch.train.losses.supcon_loss`). An
   item with fewer than K images is topped up with repeats of its images, which differ by their
   augmentation. Uses the item labels of the train split, which is what a catalogue of items
   with several images gives for free.
@@ -13,7 +13,7 @@ Methods (``FinetuneConfig.method``):
 
 Only the ``train`` split trains. Before training (epoch 0) and after every epoch the ``val``
 split is embedded and ranked (each val image queries the other val images, relevant = same item;
-the protocol of :mod:`imgsearch.evaluate`) and the epoch's row of the history gets, for the
+the protocol of :mod:`imgsearch.evaluate.retrieval`) and the epoch's row of the history gets, for the
 embedding the returned extractor would produce: ``val_map_at_r``, ``val_map``,
 ``val_recall_at_1`` (top-1 hit rate, the metric-learning "Recall@1"), ``val_embedding_std``
 (mean per-dimension std of the L2-normalised embeddings: 0 when they collapse to a point, about
@@ -30,7 +30,7 @@ it (val MAP@R 0.72 vs 0.66 after 10 epochs), and training without a head is wors
 the pooled backbone features are non-negative (ReLU6) and share a large common component that
 cosine similarity cannot discount, while the head centres and selects. So ``keep_head: true``
 returns an extractor that embeds through the trained head (``ExtractorSpec.head`` records it,
-:func:`imgsearch.backbones.load_extractor` rebuilds it); ``keep_head: false`` drops it, as SimCLR
+:func:`imgsearch.models.backbones.load_extractor` rebuilds it); ``keep_head: false`` drops it, as SimCLR
 does for transfer (the representation *under* the head transfers better to other tasks).
 
 Resolution and cost: ``train_size`` replaces the extractor's input size for training and then
@@ -43,7 +43,7 @@ features lose much at low resolution (emoji test MAP@R of ImageNet MobileNetV2: 
 
 Images are read as uint8 at the training size: from ``pre_path`` when the cached array was made
 with exactly that preprocessing (its cache folder is that config's key), else by decoding
-``path`` (:func:`imgsearch.imageio.open_rgb` + :func:`imgsearch.preprocess.to_uint8`), which is
+``path`` (:func:`imgsearch.data.imageio.open_rgb` + :func:`imgsearch.data.preprocess.to_uint8`), which is
 what extraction will do. An unreadable image becomes a quarantine row (``failures``) and is
 counted (``n_unreadable``); training goes on.
 
@@ -77,15 +77,16 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from imgsearch import imageio, schema
-from imgsearch import metrics as M
-from imgsearch.augment import AugmentConfig, as_augment_config, augment_batch, train_transform
-from imgsearch.backbones import Extractor, fingerprint, projection_head
+from imgsearch import schema
+from imgsearch.data import imageio
+from imgsearch.data.preprocess import PreprocessConfig, load_uint8, to_uint8
 from imgsearch.errors import ConfigError, ImgsearchError
-from imgsearch.evaluate import rank_relevance
-from imgsearch.losses import MoCo, nt_xent_loss, supcon_loss
+from imgsearch.evaluate import metrics as M
+from imgsearch.evaluate.retrieval import rank_relevance
+from imgsearch.models.backbones import Extractor, fingerprint, projection_head
 from imgsearch.paths import atomic_writer
-from imgsearch.preprocess import PreprocessConfig, load_uint8, to_uint8
+from imgsearch.train.augment import AugmentConfig, as_augment_config, augment_batch, train_transform
+from imgsearch.train.losses import MoCo, nt_xent_loss, supcon_loss
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class FinetuneConfig:
       only this many seeded val queries (against all val images) on large val splits.
     - ``moco_queue_size``/``moco_momentum``: MoCo's queue length and key-encoder momentum.
     - ``images_per_item``: K of PK sampling (supcon).
-    - ``augment``: :class:`~imgsearch.augment.AugmentConfig` fields overriding the paper preset of
+    - ``augment``: :class:`~imgsearch.train.augment.AugmentConfig` fields overriding the paper preset of
       ``method`` (``None`` = the preset as published); ``False`` = no pixel augmentation (supcon
       only: its positives are the item's other images). Without augmentation the frozen blocks
       always see the same inputs, so (with ``cache_frozen``) their outputs are computed once
@@ -393,7 +394,7 @@ def random_batches(n: int, batch_size: int, generator: torch.Generator) -> list[
 
 
 def extractor_head_dims(head: nn.Module) -> list[int]:
-    """The widths of a head built by :func:`imgsearch.backbones.projection_head`."""
+    """The widths of a head built by :func:`imgsearch.models.backbones.projection_head`."""
     return [m.out_features for m in head.modules() if isinstance(m, nn.Linear)]
 
 
@@ -408,7 +409,7 @@ def _split_head(extractor: Extractor) -> tuple[Extractor, nn.Module | None]:
 
 def attach_head(model: Extractor, head: nn.Module, dims: Sequence[int]) -> Extractor:
     """``model`` followed by the trained ``head`` (built by :func:`projection_head` with ``dims``):
-    an extractor whose spec records the head, so :func:`imgsearch.backbones.load_extractor`
+    an extractor whose spec records the head, so :func:`imgsearch.models.backbones.load_extractor`
     rebuilds it."""
     spec = dataclasses.replace(
         model.spec, embedding_dim=int(dims[-1]), head=tuple(int(d) for d in dims)
@@ -539,7 +540,7 @@ def retrieval_summary(
 ) -> dict[str, float]:
     """``map_at_r``, ``map`` (full ranking), ``recall_at_1`` (top-1 hit rate), ``embedding_std``.
 
-    The protocol of :mod:`imgsearch.evaluate`: each image queries all the others, relevant =
+    The protocol of :mod:`imgsearch.evaluate.retrieval`: each image queries all the others, relevant =
     same label, cosine similarity; queries without a relevant image are left out.
     """
     x = M.l2_normalise(emb)

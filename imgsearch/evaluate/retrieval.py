@@ -17,7 +17,7 @@ Aggregate metric names (stable; runs are compared by them in the MLflow UI): ``h
 ``precision_at_{k}``, ``recall_at_{k}`` for each k, ``map``, ``map_at_r``, ``r_precision``,
 ``n_queries``, ``n_queries_without_relevant``, ``n_gallery``, ``n_items``,
 ``n_missing_embeddings``, and the feature-quality ``fq_*`` names of
-:func:`imgsearch.metrics.feature_quality`. Definitions are in :mod:`imgsearch.metrics`.
+:func:`imgsearch.evaluate.metrics.feature_quality`. Definitions are in :mod:`imgsearch.evaluate.metrics`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from imgsearch import metrics as M
 from imgsearch import schema
 from imgsearch.errors import CatalogError, ConfigError
+from imgsearch.evaluate import metrics as M
 
 log = logging.getLogger(__name__)
 

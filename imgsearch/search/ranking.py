@@ -38,7 +38,7 @@ import pandas as pd
 
 from imgsearch import schema
 from imgsearch.errors import ConfigError
-from imgsearch.index import ImageIndex, IndexConfig
+from imgsearch.search.index import ImageIndex, IndexConfig
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,9 @@ from PIL import Image, ImageEnhance
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
-from imgsearch import imageio, schema
+from imgsearch import schema
 from imgsearch.config import from_dict as _config_from_dict
+from imgsearch.data import imageio
 from imgsearch.errors import ConfigError, ImageRejected
 from imgsearch.paths import atomic_writer
 
@@ -68,7 +69,7 @@ class PreprocessConfig:
 
     ``resize``: ``resize_center_crop`` scales the shorter side to ``size`` and crops the centre;
     ``letterbox`` scales the longer side to ``size`` and pads to a square with
-    :data:`imgsearch.imageio.BACKGROUND`, the colour transparency is composited on, so padding
+    :data:`imgsearch.data.imageio.BACKGROUND`, the colour transparency is composited on, so padding
     looks like "nothing there"; ``squash`` resizes to ``size x size`` ignoring the aspect ratio.
     ``brightness``/``contrast`` are :mod:`PIL.ImageEnhance` factors (1.0 = unchanged).
     """
@@ -143,7 +144,7 @@ def to_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
     Pillow's resampling filters antialias when downscaling and are deterministic: the same image
     and config give the same bytes. Raises ``ValueError`` when ``img`` is not RGB (decode with
-    :func:`imgsearch.imageio.open_rgb`, which composites alpha and converts modes).
+    :func:`imgsearch.data.imageio.open_rgb`, which composites alpha and converts modes).
     """
     if img.mode != "RGB":
         raise ValueError(f"to_uint8 expects an RGB image, got mode {img.mode!r}")
@@ -280,7 +281,7 @@ def _run_all(
     """Outcomes of ``jobs`` (path, sha) in order: in this process, or in ``workers`` processes.
 
     Processes, not threads: decoding and resizing are CPU-bound Python + C per image, and
-    :func:`imgsearch.imageio.open_rgb` uses ``warnings.catch_warnings`` (to escalate
+    :func:`imgsearch.data.imageio.open_rgb` uses ``warnings.catch_warnings`` (to escalate
     ``DecompressionBombWarning``), which is not thread-safe. "fork" where it exists: "spawn" would
     re-import the caller's ``__main__``.
     """

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from imgsearch.losses.ntxent import check_temperature
+from imgsearch.train.losses.ntxent import check_temperature
 
 
 def supcon_loss(

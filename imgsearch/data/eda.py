@@ -26,7 +26,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
-from imgsearch import imageio, schema
+from imgsearch import schema
+from imgsearch.data import imageio
 from imgsearch.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -668,7 +669,7 @@ def _page(title: str, sections: Sequence[_Section]) -> str:
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body><main>"
-        f'<h1>{html.escape(title)}</h1><p class="meta">Generated {stamp} by imgsearch.eda</p>'
+        f'<h1>{html.escape(title)}</h1><p class="meta">Generated {stamp} by imgsearch.data.eda</p>'
         f"<nav>{nav}</nav>{body}</main></body></html>"
     )
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgsearch.losses.ntxent import check_temperature
+from imgsearch.train.losses.ntxent import check_temperature
 
 
 def moco_loss(

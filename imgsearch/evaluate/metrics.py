@@ -5,7 +5,7 @@ Retrieval metrics take, for each query, its ranking of the gallery as a boolean 
 the query itself is never in its own ranking) and ``n_relevant[q]``, the number of relevant images
 in the whole gallery. A row may be truncated to the first ``L`` ranks; the metrics below say which
 are exact for which ``L``. Ties are whatever order the ranking gives (evaluate breaks score ties
-by gallery order, see :mod:`imgsearch.evaluate`).
+by gallery order, see :mod:`imgsearch.evaluate.retrieval`).
 
 Definitions, for a query with ``R = n_relevant`` relevant images and ``rel_i`` the relevance at
 rank ``i``:

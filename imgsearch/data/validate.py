@@ -1,11 +1,11 @@
 """Validate and clean a manifest's image files: decode safely, fix, de-duplicate, cap per item.
 
-``validate(manifest, cfg, clean_dir)`` decodes every file with :func:`imgsearch.imageio.load_image`
+``validate(manifest, cfg, clean_dir)`` decodes every file with :func:`imgsearch.data.imageio.load_image`
 and returns the clean manifest (plus ``sha256, format, width, height, fixes, phash``) and one
 quarantine row per file it drops, with a reason. Nothing is dropped silently:
 ``len(clean) + len(quarantine) == len(manifest)`` always holds (checked before returning).
 
-Quarantine reasons: the decode reasons of :func:`~imgsearch.imageio.load_image` (``empty_file``,
+Quarantine reasons: the decode reasons of :func:`~imgsearch.data.imageio.load_image` (``empty_file``,
 ``not_an_image``, ``unsupported_format``, ``decompression_bomb``, ``too_small``, ``truncated``,
 ``corrupt``, ``unsupported_mode``, ``file_too_large``), ``unreadable`` (the file cannot be read),
 ``duplicate_exact`` (same sha256 as an earlier row; detail names the kept ``image_id``),
@@ -39,14 +39,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from imgsearch import schema
-from imgsearch.errors import CatalogError, ConfigError, ImageRejected
-from imgsearch.imageio import (
+from imgsearch.data.imageio import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     fix_codes,
     load_image,
     read_bytes,
 )
+from imgsearch.errors import CatalogError, ConfigError, ImageRejected
 from imgsearch.paths import atomic_writer
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Catalog data: ingest, image I/O, validate, preprocess, split, watermark, EDA."""

@@ -1,0 +1,1 @@
+"""Batch embedding (reader -> mapper -> writer, runners) and the query path."""

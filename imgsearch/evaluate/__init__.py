@@ -1,0 +1,1 @@
+"""Retrieval metrics (one implementation) and feature quality."""

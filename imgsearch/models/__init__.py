@@ -1,0 +1,1 @@
+"""Image backbones (each with its preprocessing and block layout) and heads."""

@@ -1,0 +1,1 @@
+"""The FAISS index (factory, build, measure, publish) and ranking."""

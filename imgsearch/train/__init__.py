@@ -1,0 +1,1 @@
+"""Fine-tuning: configs, inputs, one loop, objectives, losses."""
