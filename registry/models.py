@@ -56,6 +56,7 @@ from imgsearch.errors import ConfigError, ImageRejected
 from imgsearch.models.backbones import Extractor, fingerprint, load_extractor
 from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig, rank
+from registry.integrity import verify_loaded
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,8 @@ class ExtractorModel(PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
+        # the registry's checksums, before torch.load reads the weights
+        verify_loaded(context, (ARTIFACT_EXTRACTOR,))
         self.extractor = load_extractor(Path(context.artifacts[ARTIFACT_EXTRACTOR]))
         self.extractor.eval()
         self.fingerprint = fingerprint(self.extractor)
@@ -390,6 +393,8 @@ class IndexModel(PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
+        # the registry's checksums (not index.json's), before torch or FAISS parses a byte
+        verify_loaded(context, (ARTIFACT_EXTRACTOR, ARTIFACT_INDEX))
         self.extractor = load_extractor(Path(context.artifacts[ARTIFACT_EXTRACTOR]))
         self.extractor.eval()
         self.fingerprint = fingerprint(self.extractor)

@@ -3,11 +3,29 @@
 :func:`promote` blesses the ``challenger`` index version (and the extractor version it was built
 with) as ``champion`` only when (RELIABILITY 10):
 
-1. its frozen test-split metric (version tag ``metric.<name>``) matches or beats the champion's by
-   at least ``min_delta`` (no champion yet: promote), on the same test split when both record one;
-2. the pair is consistent (the extractor version's fingerprint is the one the index records);
-3. a smoke check passes: the challenger loads with :func:`mlflow.pyfunc.load_model` and answers a
+1. both figures can be trusted (:func:`verified_metric`): each version's ``metric.<name>`` tag
+   equals the metric of the evaluate run it names (``evaluate_run_id``), and that run measured
+   the extract run the version's own index run was built from; both evaluations measured the
+   same frozen test split (same split run, or the same ``test_split_hash``);
+2. the challenger beats the champion *strictly*: ``delta > min_delta`` (``min_delta`` >= 0,
+   default 1e-4 in ``configs/promote.yaml``), so a tie never promotes (no champion yet: promote);
+3. the pair is consistent (the extractor version's fingerprint is the one the index records),
+   and the challenger was never rolled back (``rolled_back_at``);
+4. a smoke check passes: the challenger loads through
+   :func:`registry.integrity.load_verified` (checksums against its version tags) and answers a
    query image with ranked, error-free results.
+
+Aliases (both models move together):
+
+* after a promotion: ``champion`` = the new version, ``previous`` = the old champion (also
+  recorded as the new version's ``previous_champion`` tag), ``challenger`` removed: it always
+  names an undecided candidate, and the next registration sets it again;
+* after a rollback: ``champion`` = the target (by default the rolled-back version's
+  ``previous_champion``), ``previous`` = the target's own ``previous_champion`` (where a further
+  rollback would go) or removed; the rolled-back version gets ``rolled_back_at`` /
+  ``rolled_back_to`` tags and loses ``challenger``. A second rollback therefore walks further
+  back in history, never flips back: a version tagged ``rolled_back_at`` is refused as the
+  implicit rollback target and as a challenger (only an explicit ``to_version`` brings it back).
 
 Anything else changes nothing and says why in :class:`PromotionDecision`. The writes of a
 promotion (a ``previous_champion`` tag and the ``previous``/``champion`` aliases on both models)
@@ -24,12 +42,12 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
@@ -42,17 +60,24 @@ from mlflow.protos.databricks_pb2 import (
 )
 from PIL import Image
 
-from registry import models
+from registry import integrity, models
 from registry.register import (
     CHALLENGER,
     CHAMPION,
     EXTRACTOR_MODEL,
     INDEX_MODEL,
+    INPUT_SPLIT_RUN,
     PREVIOUS,
+    TAG_EVALUATE_RUN,
     TAG_EXTRACTOR_VERSION,
     TAG_FINGERPRINT,
+    TAG_SOURCE_RUN,
     TAG_TEST_SPLIT,
+    EvaluationMismatchError,
+    RegisterConfig,
     RegistryError,
+    check_evaluation,
+    select_metrics,
     version_metric,
 )
 
@@ -63,6 +88,8 @@ T = TypeVar("T")
 TAG_PREVIOUS_CHAMPION = "previous_champion"
 TAG_PROMOTED_AT = "promoted_at"
 TAG_ROLLED_BACK_AT = "rolled_back_at"
+TAG_ROLLED_BACK_TO = "rolled_back_to"
+DEFAULT_MIN_DELTA = 1e-4
 _MISSING = (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST),)
 
 
@@ -75,13 +102,19 @@ class PromoteConfig:
     """Gate thresholds (``configs/promote.yaml``).
 
     ``metric``: version tag ``metric.<metric>`` compared; ``higher_is_better`` its direction;
-    ``min_delta``: the challenger must beat the champion by at least this (0 = match or beat).
+    ``min_delta``: the challenger must beat the champion by *more* than this (``delta >
+    min_delta``; a tie never promotes, and 1e-4 keeps float noise from promoting either).
+    ``metric_prefixes``: how the evaluate run names the metric (as in ``RegisterConfig``), to
+    check each version's recorded figure against the run that measured it.
     ``smoke_check``: load the challenger and query it once before moving any alias.
-    ``require_same_test_split``: refuse when both versions record different test splits.
+    ``require_same_test_split``: refuse unless both evaluations measured the same test split.
     """
 
     metric: str = "map_at_r"
-    min_delta: float = 0.0
+    min_delta: float = DEFAULT_MIN_DELTA
+    metric_prefixes: list[str] = field(
+        default_factory=lambda: list(RegisterConfig().metric_prefixes)
+    )
     higher_is_better: bool = True
     smoke_check: bool = True
     smoke_k: int = 3
@@ -248,7 +281,7 @@ def smoke_image_bytes(size: int = 64) -> bytes:
 def smoke_check(model_uri: str, image: bytes | None = None, k: int = 3) -> dict[str, Any]:
     """Load ``model_uri`` as pyfunc and query one image; raises ``RegistryError`` on a bad answer."""
     t0 = time.perf_counter()
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = integrity.load_verified(model_uri)
     load_s = time.perf_counter() - t0
     query = pd.DataFrame({models.IMAGE_COLUMN: [image or smoke_image_bytes()]})
     t1 = time.perf_counter()
@@ -274,14 +307,86 @@ def smoke_check(model_uri: str, image: bytes | None = None, k: int = 3) -> dict[
 
 
 def _better(challenger: float, champion: float, min_delta: float, higher: bool) -> bool:
+    """Strict: the improvement must exceed ``min_delta``; equal figures never pass."""
     delta = challenger - champion if higher else champion - challenger
-    return delta >= min_delta - 1e-12
+    return delta > min_delta
+
+
+class UntrustedMetric(RegistryError):
+    """A version's recorded figure cannot be traced to the evaluation of its own runs."""
+
+
+@dataclass
+class Measured:
+    """A figure :func:`verified_metric` traced to its evaluate run, and what that run measured."""
+
+    value: float
+    evaluate_run: str
+    split: str | None
+    split_run: str | None
+    test_split_hash: str | None
+
+
+def verified_metric(
+    client: MlflowClient, version: ModelVersion, metric: str, prefixes: list[str]
+) -> Measured:
+    """The version's ``metric.<metric>``, once checked against the run that measured it.
+
+    Raises :class:`UntrustedMetric` when the version names no evaluate run, when that run did not
+    measure the extract run behind the version's own index run (``source_run_id``), or when its
+    metric differs from the tag.
+    """
+    tags = version.tags or {}
+    label = f"{version.name} v{version.version}"
+    recorded = version_metric(version, metric)
+    if recorded is None:
+        raise UntrustedMetric(f"{label} has no metric tag metric.{metric}")
+    eval_id, index_run = tags.get(TAG_EVALUATE_RUN), tags.get(TAG_SOURCE_RUN)
+    if not eval_id or not index_run:
+        raise UntrustedMetric(
+            f"{label} records no {TAG_EVALUATE_RUN}/{TAG_SOURCE_RUN}: its metric.{metric} "
+            "cannot be traced to an evaluation of its own runs"
+        )
+    try:
+        check_evaluation(client, eval_id, index_run_id=index_run)
+    except EvaluationMismatchError as exc:
+        raise UntrustedMetric(f"{label}: {exc}") from exc
+    run = _store(f"read evaluate run {eval_id}", client.get_run, eval_id)
+    measured = select_metrics(run.data.metrics, prefixes, [metric]).get(metric)
+    if measured is None or not math.isclose(measured, recorded, rel_tol=1e-9, abs_tol=1e-12):
+        raise UntrustedMetric(
+            f"{label} records metric.{metric}={recorded!r}, but its evaluate run {eval_id} "
+            f"measured {measured!r}"
+        )
+    return Measured(
+        value=measured,
+        evaluate_run=eval_id,
+        split=run.data.params.get("evaluate.split") or run.data.params.get("split"),
+        split_run=run.data.tags.get(INPUT_SPLIT_RUN),
+        test_split_hash=tags.get(TAG_TEST_SPLIT),
+    )
+
+
+def same_test_split(a: Measured, b: Measured) -> str | None:
+    """None when both evaluations measured the same frozen split, else why not."""
+    if a.split and b.split and a.split != b.split:
+        return f"the evaluations measured different splits ({a.split!r} vs {b.split!r})"
+    if a.split_run and a.split_run == b.split_run:
+        return None
+    if a.test_split_hash and b.test_split_hash:
+        if a.test_split_hash == b.test_split_hash:
+            return None
+        return "challenger and champion were evaluated on different test splits"
+    return (
+        f"cannot tell that evaluate runs {a.evaluate_run} and {b.evaluate_run} measured the same "
+        "frozen test split (no common split run, no test split hash on both)"
+    )
 
 
 def promote(
     client: MlflowClient | None = None,
     metric: str = "map_at_r",
-    min_delta: float = 0.0,
+    min_delta: float = DEFAULT_MIN_DELTA,
     *,
     higher_is_better: bool = True,
     smoke: bool = True,
@@ -290,6 +395,7 @@ def promote(
     require_same_test_split: bool = True,
     index_name: str = INDEX_MODEL,
     extractor_name: str = EXTRACTOR_MODEL,
+    metric_prefixes: list[str] | None = None,
 ) -> PromotionDecision:
     """Move ``champion`` to the ``challenger`` pair if it passes the gate; see the module doc.
 
@@ -298,6 +404,9 @@ def promote(
     """
     client = client or _store("connect to the registry", MlflowClient)
     decision = PromotionDecision(promoted=False, reason="", metric=metric)
+    if not min_delta >= 0:
+        raise RegistryError(f"min_delta must be >= 0 (a strict improvement), got {min_delta}")
+    prefixes = metric_prefixes if metric_prefixes is not None else PromoteConfig().metric_prefixes
 
     index_aliases = aliases(client, index_name)
     if index_aliases is None:
@@ -318,6 +427,17 @@ def promote(
         return decision
     if decision.challenger_value is None:
         decision.reason = f"challenger v{challenger_v} has no metric tag metric.{metric}"
+        return decision
+    if (challenger.tags or {}).get(TAG_ROLLED_BACK_AT):
+        decision.reason = (
+            f"challenger v{challenger_v} was rolled back at "
+            f"{challenger.tags[TAG_ROLLED_BACK_AT]}: register a new version to try it again"
+        )
+        return decision
+    try:
+        ours = verified_metric(client, challenger, metric, prefixes)
+    except UntrustedMetric as exc:
+        decision.reason = f"challenger figures not trusted: {exc}"
         return decision
     if decision.extractor_version is None:
         decision.reason = f"challenger v{challenger_v} has no {TAG_EXTRACTOR_VERSION} tag"
@@ -340,17 +460,20 @@ def promote(
                 f"champion v{champion_v} has no metric tag metric.{metric}: cannot compare"
             )
             return decision
-        split_a = (challenger.tags or {}).get(TAG_TEST_SPLIT)
-        split_b = (champion.tags or {}).get(TAG_TEST_SPLIT)
-        if require_same_test_split and split_a and split_b and split_a != split_b:
-            decision.reason = "challenger and champion were evaluated on different test splits"
+        try:
+            theirs = verified_metric(client, champion, metric, prefixes)
+        except UntrustedMetric as exc:
+            decision.reason = f"champion figures not trusted: {exc}"
             return decision
-        if not _better(
-            decision.challenger_value, decision.champion_value, min_delta, higher_is_better
-        ):
+        why = same_test_split(ours, theirs) if require_same_test_split else None
+        if why is not None:
+            decision.reason = why
+            return decision
+        if not _better(ours.value, theirs.value, min_delta, higher_is_better):
+            tie = " (a tie)" if ours.value == theirs.value else ""
             decision.reason = (
-                f"challenger {metric}={decision.challenger_value:.6g} does not beat champion "
-                f"{decision.champion_value:.6g} by min_delta={min_delta:g}"
+                f"challenger {metric}={ours.value:.6g} does not beat champion "
+                f"{theirs.value:.6g} by more than min_delta={min_delta:g}{tie}"
             )
             return decision
 
@@ -375,6 +498,10 @@ def promote(
         if old_ext_champion is not None and old_ext_champion != extractor_v:
             undo.set_alias(extractor_name, PREVIOUS, old_ext_champion, ext_aliases.get(PREVIOUS))
         undo.set_tag(challenger, TAG_PROMOTED_AT, _now())
+        # the candidate is decided: `challenger` names only undecided ones (module doc)
+        if ext_aliases.get(CHALLENGER) == extractor_v:
+            undo.delete_alias(extractor_name, CHALLENGER, extractor_v)
+        undo.delete_alias(index_name, CHALLENGER, challenger_v)
         undo.set_alias(extractor_name, CHAMPION, extractor_v, old_ext_champion)
         undo.set_alias(index_name, CHAMPION, challenger_v, champion_v)  # the commit point
 
@@ -384,7 +511,7 @@ def promote(
         decision.reason = f"no champion yet: {index_name} v{challenger_v} promoted"
     else:
         decision.reason = (
-            f"challenger {metric}={decision.challenger_value:.6g} >= champion "
+            f"challenger {metric}={decision.challenger_value:.6g} > champion "
             f"{decision.champion_value:.6g} + {min_delta:g}: v{challenger_v} replaces v{champion_v}"
         )
     log.info("%s", decision.reason)
@@ -404,6 +531,7 @@ def promote_with_config(
         require_same_test_split=cfg.require_same_test_split,
         index_name=cfg.index_name,
         extractor_name=cfg.extractor_name,
+        metric_prefixes=cfg.metric_prefixes,
     )
 
 
@@ -436,6 +564,12 @@ def rollback(
     if target_v == current_v:
         raise RegistryError(f"{index_name} v{current_v} is already {CHAMPION}")
     target = _version(client, index_name, target_v)
+    if to_version is None and (target.tags or {}).get(TAG_ROLLED_BACK_AT):
+        # going back to a version that was itself rolled back would flip-flop silently
+        raise RegistryError(
+            f"{index_name} v{target_v} (the champion before v{current_v}) was itself rolled back "
+            f"at {target.tags[TAG_ROLLED_BACK_AT]}; pass to_version explicitly"
+        )
     ext_v = (target.tags or {}).get(TAG_EXTRACTOR_VERSION)
     if ext_v is None:
         raise RegistryError(f"{index_name} v{target_v} has no {TAG_EXTRACTOR_VERSION} tag")
@@ -449,6 +583,7 @@ def rollback(
 
     def writes(undo: _Undo) -> None:
         undo.set_tag(current, TAG_ROLLED_BACK_AT, _now())
+        undo.set_tag(current, TAG_ROLLED_BACK_TO, target_v)
         if index_aliases.get(CHALLENGER) == current_v:  # do not let the next gate re-promote it
             undo.delete_alias(index_name, CHALLENGER, current_v)
         if new_previous is not None:

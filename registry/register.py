@@ -8,7 +8,18 @@ Registered names: ``imgsearch-extractor`` and ``imgsearch-index``. Every version
 * ``extractor_fingerprint``: :func:`imgsearch.models.backbones.fingerprint` of the extractor;
 * ``extractor_version`` on the index version, ``index_version`` on the extractor version;
 * ``metric.<name>``: the frozen test-split metrics (``metric.map_at_r``...) the promotion gate
-  compares, and ``test_split_hash`` when known (metrics of different test splits do not compare).
+  compares, with ``evaluate_run_id`` (the run that measured them), ``eval_split``,
+  ``eval_split_run_id`` and ``test_split_hash`` when known (metrics of different test splits do
+  not compare). :func:`evaluation` accepts an evaluate run only for the exact extract (and
+  index) runs it measured;
+* ``sha256.<artifact>/<file>`` and ``sha256.model``: the checksums loading verifies before any
+  parser reads a byte (:mod:`registry.integrity`); kept here because the artifact store cannot
+  write the registry.
+
+Frozen: once a version exists, its ``metric.*``, evaluation and ``sha256.*`` tags never change.
+A retried registration that carries the same values leaves them as they are; one that would
+attach another evaluation (or other bytes) to the version is refused
+(:class:`EvaluationMismatchError`).
 
 Both get the ``challenger`` alias. Registering is idempotent (RELIABILITY 11): before logging,
 the registry is searched for a READY version with the same ``source_run_id``, ``data_hash`` and
@@ -50,7 +61,7 @@ from imgsearch.errors import ExtractorMismatchError, ImgsearchError
 from imgsearch.models.backbones import fingerprint, load_extractor
 from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig
-from registry import models
+from registry import integrity, models
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,8 @@ SERVING_CONFIG: dict[str, Any] = {
     "allow_paths": False,
     "torch_threads": serving.DEFAULT_THREADS,
     "serving_mode": serving.DEFAULT_MODE,
+    # filled in at load time by registry.integrity.load_verified, from the version's tags
+    integrity.CONFIG_KEY: "",
 }
 
 EXTRACTOR_MODEL = "imgsearch-extractor"
@@ -76,7 +89,16 @@ TAG_FINGERPRINT = "extractor_fingerprint"
 TAG_EXTRACTOR_VERSION = "extractor_version"
 TAG_INDEX_VERSION = "index_version"
 TAG_TEST_SPLIT = "test_split_hash"
+TAG_EVALUATE_RUN = "evaluate_run_id"
+TAG_EVAL_SPLIT = "eval_split"
+TAG_EVAL_SPLIT_RUN = "eval_split_run_id"
 METRIC_TAG_PREFIX = "metric."
+#: tags an upstream run records about its inputs (steps.extract / index / evaluate)
+INPUT_EXTRACT_RUN = "imgsearch.input.extract_run_id"
+INPUT_SPLIT_RUN = "imgsearch.input.split_run_id"
+#: set at registration, never rewritten afterwards
+FROZEN_TAGS = (TAG_EVALUATE_RUN, TAG_EVAL_SPLIT, TAG_EVAL_SPLIT_RUN, TAG_TEST_SPLIT)
+FROZEN_PREFIXES = (METRIC_TAG_PREFIX, integrity.TAG_PREFIX)
 
 #: Distributions the served model imports; pinned to the installed versions when present.
 _RUNTIME_DISTRIBUTIONS = (
@@ -99,6 +121,10 @@ _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 
 class RegistryError(ImgsearchError):
     """The registry holds something the lifecycle cannot work with (missing tag, alias...)."""
+
+
+class EvaluationMismatchError(RegistryError):
+    """An evaluation does not belong to the runs or the version it is attached to."""
 
 
 @dataclass
@@ -322,11 +348,17 @@ def _register(
         log.info(
             "%s version %s already registered for run %s", name, existing.version, source_run_id
         )
-        _ensure_tags(client, existing, dict(extra_tags))
+        _check_frozen(existing, extra_tags)
+        _ensure_tags(client, existing, {k: v for k, v in extra_tags.items() if not is_frozen(k)})
         version, reused = existing, True
     else:
         info = log_fn()
-        tags = {**identity, TAG_REGISTER_RUN: _active_run_id(), **extra_tags}
+        tags = {
+            **identity,
+            TAG_REGISTER_RUN: _active_run_id(),
+            **extra_tags,
+            integrity.TAG_MODEL_TREE: _logged_tree_sha256(info.model_uri),
+        }
         # tags go in with the version in one call, so a found version always has its identity
         version = mlflow.register_model(info.model_uri, name, tags=tags)
         reused = False
@@ -334,6 +366,129 @@ def _register(
     if alias:
         client.set_registered_model_alias(name, alias, str(version.version))
     return client.get_model_version(name, str(version.version)), reused
+
+
+def is_frozen(key: str) -> bool:
+    return key in FROZEN_TAGS or key.startswith(FROZEN_PREFIXES)
+
+
+def _check_frozen(existing: ModelVersion, tags: Mapping[str, str]) -> None:
+    """Refuse to change what a version recorded at registration (its evaluation, its metrics,
+    its checksums); the same values again are a retry and change nothing."""
+    current = existing.tags or {}
+    changed = sorted(k for k, v in tags.items() if is_frozen(k) and current.get(k) != v)
+    if changed:
+        detail = ", ".join(f"{k}: {current.get(k)!r} -> {tags[k]!r}" for k in changed[:6])
+        raise EvaluationMismatchError(
+            f"{existing.name} version {existing.version} is already registered with other "
+            f"frozen tags ({detail}); a registered version's evaluation, metrics and checksums "
+            "never change: register new extract/index runs instead"
+        )
+
+
+def _logged_tree_sha256(model_uri: str) -> str:
+    """:func:`registry.integrity.tree_sha256` of the model as it now sits in the artifact store
+    (the same download :func:`registry.integrity.load_verified` will check)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)
+        return integrity.tree_sha256(Path(local))
+
+
+# --- evaluations -------------------------------------------------------------------------------
+
+
+def _run_tag(client: MlflowClient, run_id: str, key: str, what: str) -> str:
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise EvaluationMismatchError(f"{what} run {run_id} not found: {exc.message}") from exc
+    value = run.data.tags.get(key)
+    if not value:
+        raise EvaluationMismatchError(
+            f"{what} run {run_id} records no {key!r} tag: cannot tell what it measured or holds"
+        )
+    return str(value)
+
+
+def check_evaluation(
+    client: MlflowClient,
+    evaluate_run_id: str,
+    *,
+    extract_run_id: str | None = None,
+    index_run_id: str | None = None,
+) -> str:
+    """The extract run ``evaluate_run_id`` measured, checked against the runs being registered.
+
+    The evaluate step records its input as tag ``imgsearch.input.extract_run_id``; so does the
+    index step. Raises :class:`EvaluationMismatchError` unless the evaluation measured exactly
+    ``extract_run_id`` (when given) and the embeddings ``index_run_id`` was built from (when
+    given).
+    """
+    if extract_run_id is None and index_run_id is None:
+        raise TypeError("check_evaluation needs extract_run_id and/or index_run_id")
+    measured = _run_tag(client, evaluate_run_id, INPUT_EXTRACT_RUN, "evaluate")
+    if extract_run_id is not None and measured != extract_run_id:
+        raise EvaluationMismatchError(
+            f"evaluate run {evaluate_run_id} measured extract run {measured}, not {extract_run_id}: "
+            "an evaluation is accepted only for the runs it measured"
+        )
+    if index_run_id is not None:
+        built_from = _run_tag(client, index_run_id, INPUT_EXTRACT_RUN, "index")
+        if built_from != measured:
+            raise EvaluationMismatchError(
+                f"index run {index_run_id} holds the vectors of extract run {built_from}, but "
+                f"evaluate run {evaluate_run_id} measured extract run {measured}"
+            )
+    return measured
+
+
+def evaluation(
+    evaluate_run_id: str,
+    cfg: RegisterConfig,
+    *,
+    extract_run_id: str | None = None,
+    index_run_id: str | None = None,
+    client: MlflowClient | None = None,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """``(metrics, tags)`` to record on the versions made from ``extract_run_id`` /
+    ``index_run_id``, after :func:`check_evaluation` (give at least one of them).
+
+    ``metrics``: the run's metrics under ``cfg.metric_prefixes`` (bare names). ``tags``:
+    ``evaluate_run_id``, ``eval_split`` / ``eval_split_run_id`` (which split of which split run
+    it measured) and ``test_split_hash`` (of ``cfg.per_query_artifact``'s image ids) when known.
+    """
+    client = client or MlflowClient()
+    check_evaluation(
+        client, evaluate_run_id, extract_run_id=extract_run_id, index_run_id=index_run_id
+    )
+    run = client.get_run(evaluate_run_id)
+    metrics = select_metrics(run.data.metrics, cfg.metric_prefixes, cfg.metrics or None)
+    tags = {TAG_EVALUATE_RUN: evaluate_run_id}
+    split = run.data.params.get("evaluate.split") or run.data.params.get("split")
+    if split:
+        tags[TAG_EVAL_SPLIT] = split
+        if split != "test":
+            log.warning("evaluate run %s measured split %r, not 'test'", evaluate_run_id, split)
+    split_run = run.data.tags.get(INPUT_SPLIT_RUN)
+    if split_run:
+        tags[TAG_EVAL_SPLIT_RUN] = split_run
+    query_ids = _per_query_ids(client, evaluate_run_id, cfg.per_query_artifact)
+    if query_ids is not None:
+        tags[TAG_TEST_SPLIT] = test_split_hash(query_ids)
+    return metrics, tags
+
+
+def _per_query_ids(client: MlflowClient, run_id: str, artifact: str) -> list[str] | None:
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, artifact, tmp)
+            per_query = pd.read_parquet(path)
+    except (MlflowException, OSError):
+        log.info("no %s in evaluate run %s: test split not recorded", artifact, run_id)
+        return None
+    if schema.IMAGE_ID not in per_query.columns:
+        return None
+    return per_query[schema.IMAGE_ID].astype(str).tolist()
 
 
 # --- public API --------------------------------------------------------------------------------
@@ -359,7 +514,11 @@ def log_extractor_model(
     extractor_dir = Path(extractor_dir)
     fp = extractor_fingerprint(extractor_dir)
     source = source_run_id or _active_run_id()
-    tags = {**metric_tags(metrics or {}), **dict(extra_tags or {})}
+    tags = {
+        **metric_tags(metrics or {}),
+        **dict(extra_tags or {}),
+        **integrity.artifact_checksums({models.ARTIFACT_EXTRACTOR: extractor_dir}),
+    }
 
     def _log() -> Any:
         with _quiet_input_example():
@@ -405,7 +564,14 @@ def log_index_model(
     extractor_dir, index_dir = Path(extractor_dir), Path(index_dir)
     fp = extractor_fingerprint(extractor_dir)
     index = ImageIndex.load(index_dir, expected_extractor_fingerprint=fp)
-    tags = {**metric_tags(metrics or {}), **dict(extra_tags or {})}
+    tags = {
+        **metric_tags(metrics or {}),
+        **dict(extra_tags or {}),
+        # the index model ships its own copy of the extractor: both are checked at load
+        **integrity.artifact_checksums(
+            {models.ARTIFACT_EXTRACTOR: extractor_dir, models.ARTIFACT_INDEX: index_dir}
+        ),
+    }
     if extractor_version is not None:
         ext_version = client.get_model_version(extractor_name, str(extractor_version))
         ext_fp = (ext_version.tags or {}).get(TAG_FINGERPRINT)

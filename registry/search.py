@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -42,6 +41,7 @@ from imgsearch.config import from_dict, load_config
 from imgsearch.data.imageio import open_rgb, read_bytes
 from imgsearch.errors import ImageRejected
 from registry import models
+from registry.integrity import load_verified
 from registry.register import CHAMPION, EXTRACTOR_MODEL, INDEX_MODEL, TAG_EXTRACTOR_VERSION
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def load_served(
         version = champion_version(cfg, client)
     mv = client.get_model_version(cfg.index_name, str(version))
     uri = f"models:/{cfg.index_name}/{mv.version}"
-    model = mlflow.pyfunc.load_model(uri, model_config={"allow_paths": bool(cfg.allow_paths)})
+    model = load_verified(uri, client=client, model_config={"allow_paths": bool(cfg.allow_paths)})
     params_schema = model.metadata.get_params_schema()
     defaults = {p.name: p.default for p in params_schema.params} if params_schema else {}
     log.info("loaded %s", uri)

@@ -1,7 +1,11 @@
-"""Promotion gate: move ``champion`` to the ``challenger`` pair when it matches or beats it.
+"""Promotion gate: move ``champion`` to the ``challenger`` pair when it strictly beats it.
 
 Inputs: the registry (``imgsearch-index@challenger`` and its extractor version), thresholds from
-``configs/promote.yaml`` (``--metric``, ``--min-delta`` override them). ``--rollback`` instead
+``configs/promote.yaml`` (``--metric``, ``--min-delta`` override them). The gate trusts a
+version's figure only when it equals the metric of the evaluate run that measured that version's
+own runs on the same frozen test split, and promotes only on ``challenger - champion >
+min_delta`` (default 1e-4: a tie never promotes). After a promotion ``challenger`` is removed and
+``previous`` names the old champion; see :mod:`registry.promote` for the alias rules. ``--rollback`` instead
 re-points ``champion`` at the previous champion (or ``--to-version``).
 
 Produces: tags ``promote.promoted`` / ``promote.reason`` / versions, metrics

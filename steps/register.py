@@ -3,7 +3,9 @@
 Inputs (run ids):
   --extract-run-id   run holding the ``extractor/`` artifact (a save_extractor directory)
   --index-run-id     run holding the ``index/`` artifact (and ``ranking.yaml`` when tuned)
-  --evaluate-run-id  run whose test-split metrics (``map_at_r``...) are recorded on the versions
+  --evaluate-run-id  run whose test-split metrics (``map_at_r``...) are recorded on the versions;
+                     it must have measured the extract run above, the one the index was built
+                     from (registry.register.evaluation), else the step fails and registers nothing
 
 Produces: versions of ``imgsearch-extractor`` and ``imgsearch-index`` tagged with each other's
 version, the source runs, the data hash, the extractor fingerprint and ``metric.<name>``; both
@@ -25,13 +27,12 @@ from mlflow.exceptions import MlflowException
 from imgsearch.config import from_dict
 from imgsearch.search.ranking import RankingConfig
 from registry.register import (
-    TAG_TEST_SPLIT,
+    INPUT_EXTRACT_RUN,
     RegisterConfig,
+    evaluation,
     register_pair,
-    select_metrics,
-    test_split_hash,
 )
-from steps.common import artifact_path, base_parser, log_metrics, read_df, setup_logging, stage_run
+from steps.common import artifact_path, base_parser, log_metrics, setup_logging, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +53,27 @@ def _ranking(index_run_id: str, cfg: RegisterConfig, all_cfg: dict[str, Any]) ->
 
 
 def _evaluation(
-    evaluate_run_id: str, cfg: RegisterConfig
+    evaluate_run_id: str,
+    cfg: RegisterConfig,
+    *,
+    extract_run_id: str | None = None,
+    index_run_id: str | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
-    run = MlflowClient().get_run(evaluate_run_id)
-    metrics = select_metrics(run.data.metrics, cfg.metric_prefixes, cfg.metrics or None)
-    tags = {"evaluate_run_id": evaluate_run_id}
-    split = run.data.params.get("evaluate.split") or run.data.params.get("split")
-    if split:
-        tags["eval_split"] = split
-        if split != "test":
-            log.warning("evaluate run %s measured split %r, not 'test'", evaluate_run_id, split)
-    try:
-        per_query = read_df(evaluate_run_id, cfg.per_query_artifact)
-        if "image_id" in per_query.columns:
-            tags[TAG_TEST_SPLIT] = test_split_hash(per_query["image_id"].astype(str).tolist())
-    except (MlflowException, OSError):
-        log.info(
-            "no %s in evaluate run %s: test split not recorded",
-            cfg.per_query_artifact,
+    """Compatibility name for :func:`registry.register.evaluation` (call that instead, with the
+    runs being registered). Without run ids nothing is checked here; the promotion gate still
+    refuses figures whose evaluation did not measure the version's own index run."""
+    if extract_run_id is None and index_run_id is None:
+        log.warning(
+            "evaluate run %s not checked against the registered runs: call "
+            "registry.register.evaluation(..., index_run_id=...)",
             evaluate_run_id,
         )
-    return metrics, tags
+        run = MlflowClient().get_run(evaluate_run_id)
+        # a missing tag is refused by evaluation() with its reason
+        extract_run_id = run.data.tags.get(INPUT_EXTRACT_RUN) or "unrecorded"
+    return evaluation(
+        evaluate_run_id, cfg, extract_run_id=extract_run_id, index_run_id=index_run_id
+    )
 
 
 def run(
@@ -93,7 +94,10 @@ def run(
         )
         extractor_dir = artifact_path(extract_run_id, cfg.extractor_artifact)
         index_dir = artifact_path(index_run_id, cfg.index_artifact)
-        metrics, tags = _evaluation(evaluate_run_id, cfg)
+        # refused unless it measured exactly these extract and index runs
+        metrics, tags = evaluation(
+            evaluate_run_id, cfg, extract_run_id=extract_run_id, index_run_id=index_run_id
+        )
         pair = register_pair(
             extractor_dir,
             index_dir,

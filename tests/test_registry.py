@@ -41,6 +41,8 @@ from registry.promote import (
     rollback,
 )
 from registry.register import (
+    INPUT_EXTRACT_RUN,
+    INPUT_SPLIT_RUN,
     TAG_DATA_HASH,
     TAG_EXTRACTOR_VERSION,
     TAG_FINGERPRINT,
@@ -202,21 +204,54 @@ def pair(env: Env) -> tuple[RegisterConfig, RegisteredPair]:
     return cfg, register(env, cfg, 0.5, extractor_run_id=rid, index_run_id=rid)
 
 
+SPLIT_RUN: list[str] = []
+
+
+def upstream_runs(env: Env, metric: float, split_run: str | None = None) -> tuple[str, str, str]:
+    """(extract, index, evaluate) run ids tagged as the steps tag them: the index run and the
+    evaluate run both name the extract run; the evaluate run names the split run it measured."""
+    if split_run is None:
+        if not SPLIT_RUN:
+            with mlflow.start_run(experiment_id=env.experiment_id, run_name="split") as run:
+                pass
+            SPLIT_RUN.append(run.info.run_id)
+        split_run = SPLIT_RUN[0]
+    with mlflow.start_run(experiment_id=env.experiment_id, run_name="extract") as ex:
+        pass
+    inputs = {INPUT_EXTRACT_RUN: ex.info.run_id, INPUT_SPLIT_RUN: split_run}
+    with mlflow.start_run(experiment_id=env.experiment_id, run_name="index") as ix:
+        mlflow.set_tags(inputs)
+    with mlflow.start_run(experiment_id=env.experiment_id, run_name="evaluate") as ev:
+        mlflow.set_tags(inputs)
+        mlflow.log_params({"evaluate.split": "test"})
+        mlflow.log_metrics({"map_at_r": metric})
+    return ex.info.run_id, ix.info.run_id, ev.info.run_id
+
+
 def clone(env: Env, base: RegisteredPair, cfg: RegisterConfig, metric: float) -> RegisteredPair:
     """A new version pair under ``cfg``'s names that points at ``base``'s logged models: what
-    register_pair makes, without logging the 14 MB of weights again (the gate reads tags only;
-    the smoke check loads the real model through the version's source)."""
+    register_pair makes, without logging the 14 MB of weights again (the gate reads tags and the
+    evaluate run they name; the smoke check loads the real model through the version's source).
+    Each clone gets its own extract/index/evaluate runs, measured on the same split run."""
     client = env.client()
     for name in (cfg.extractor_name, cfg.index_name):
         if not client.search_registered_models(f"name = '{name}'"):
             client.create_registered_model(name)
-    metric_tag = {"metric.map_at_r": repr(float(metric))}
-    keep = (TAG_SOURCE_RUN, TAG_DATA_HASH, TAG_FINGERPRINT)
+    ex, ix, ev = upstream_runs(env, metric)
+    metric_tag = {"metric.map_at_r": repr(float(metric)), "evaluate_run_id": ev}
+    keep = (TAG_DATA_HASH, TAG_FINGERPRINT)
+    sums = {k: v for k, v in base.index.tags.items() if k.startswith("sha256.")}
+    ext_sums = {k: v for k, v in base.extractor.tags.items() if k.startswith("sha256.")}
     ext = client.create_model_version(
         cfg.extractor_name,
         base.extractor.source,
         run_id=base.extractor.run_id,
-        tags={**{k: base.extractor.tags[k] for k in keep}, **metric_tag},
+        tags={
+            **{k: base.extractor.tags[k] for k in keep},
+            **metric_tag,
+            **ext_sums,
+            TAG_SOURCE_RUN: ex,
+        },
     )
     idx = client.create_model_version(
         cfg.index_name,
@@ -225,6 +260,8 @@ def clone(env: Env, base: RegisteredPair, cfg: RegisterConfig, metric: float) ->
         tags={
             **{k: base.index.tags[k] for k in keep},
             **metric_tag,
+            **sums,
+            TAG_SOURCE_RUN: ix,
             TAG_EXTRACTOR_VERSION: str(ext.version),
         },
     )
@@ -446,18 +483,22 @@ def test_gate_promotes_first_refuses_worse_accepts_better_and_rolls_back(env: En
     assert worse.challenger_version == str(v2.index.version)
     assert (aliases(client, cfg.index_name), aliases(client, cfg.extractor_name)) == before
 
-    v3 = clone(env, base, cfg, 0.50)  # equal: "matches or beats" promotes
-    refused = promote(client, "map_at_r", 0.01, smoke=False, **kw)
-    assert not refused.promoted  # but not with a required improvement
-    equal = promote(client, "map_at_r", 0.0, smoke=False, **kw)
-    assert equal.promoted and equal.champion_version == str(v1.index.version)
+    clone(env, base, cfg, 0.50)  # equal: a tie never promotes (strict improvement)
+    tie = promote(client, "map_at_r", 0.0, smoke=False, **kw)
+    assert not tie.promoted and "tie" in tie.reason
+    v3 = clone(env, base, cfg, 0.60)
+    refused = promote(client, "map_at_r", 0.2, smoke=False, **kw)
+    assert not refused.promoted  # not with a larger required improvement
+    better = promote(client, "map_at_r", smoke=False, **kw)
+    assert better.promoted and better.champion_version == str(v1.index.version)
     assert aliases(client, cfg.index_name)["champion"] == str(v3.index.version)
     assert aliases(client, cfg.index_name)["previous"] == str(v1.index.version)
+    assert "challenger" not in aliases(client, cfg.index_name)  # decided: no longer a candidate
     assert client.get_model_version(cfg.index_name, str(v3.index.version)).tags[
         TAG_PREVIOUS_CHAMPION
     ] == str(v1.index.version)
     again = promote(client, "map_at_r", 0.0, smoke=False, **kw)
-    assert not again.promoted and "already" in again.reason
+    assert not again.promoted and "challenger" in again.reason
 
     back = rollback(client, **kw)
     assert (back.from_version, back.to_version) == (str(v3.index.version), str(v1.index.version))
@@ -571,11 +612,14 @@ def test_register_and_promote_steps(env: Env, monkeypatch: pytest.MonkeyPatch) -
     cfg, client = names(), env.client()
     with mlflow.start_run(run_name="extract") as extract_run:
         mlflow.log_artifacts(str(env.extractor_dir), "extractor")
+    inputs = {INPUT_EXTRACT_RUN: extract_run.info.run_id, INPUT_SPLIT_RUN: "split-run"}
     with mlflow.start_run(run_name="index") as index_run:
+        mlflow.set_tags(inputs)  # as steps.index records its input
         mlflow.log_artifacts(str(env.index_dir), "index")
         tuned = RankingConfig(popularity_weight=0.05)
         mlflow.log_text(yaml.safe_dump(dataclasses.asdict(tuned)), "ranking.yaml")
     with mlflow.start_run(run_name="evaluate") as evaluate_run:
+        mlflow.set_tags(inputs)  # as steps.evaluate records what it measured
         mlflow.log_params({"split": "test"})
         mlflow.log_metrics({"map_at_r": 0.42, "hit_at_1": 0.9})
         per_query = pd.DataFrame({"image_id": ["img1", "img0"], "ap": [1.0, 0.5]})
