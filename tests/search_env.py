@@ -85,12 +85,17 @@ def _build(tmp_path_factory: pytest.TempPathFactory) -> SearchEnv:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     with tracking(uri):
         exp = mlflow.create_experiment("search-tests", artifact_location=(root / "art").as_uri())
-        with mlflow.start_run(experiment_id=exp):
+        with mlflow.start_run(experiment_id=exp) as run:
+            # this run stands for the extract, index and evaluate runs: the gate traces the
+            # recorded figure to the evaluation of the version's own runs
+            mlflow.set_tag("imgsearch.input.extract_run_id", run.info.run_id)
+            mlflow.log_metric("map_at_r", 0.5)
             pair = register_pair(
                 ext_dir,
                 root / "index",
                 RankingConfig(),
                 metrics={"map_at_r": 0.5},
+                extra_tags={"evaluate_run_id": run.info.run_id},
                 cfg=RegisterConfig(),
                 client=client,
             )
