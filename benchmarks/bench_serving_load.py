@@ -88,7 +88,7 @@ class PeakSampler(threading.Thread):
 
 def bomb_png() -> str:
     buf = io.BytesIO()
-    Image.new("L", (7000, 5715), 0).save(buf, format="PNG")
+    Image.new("L", (7000, 5714), 0).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
