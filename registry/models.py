@@ -51,11 +51,13 @@ from PIL import Image
 from imgsearch import schema
 from imgsearch.config import from_dict
 from imgsearch.data.imageio import open_rgb, read_bytes
+from imgsearch.data.limits import DecodeLimits, RequestTooLarge, check_request
 from imgsearch.embed import query as serving
 from imgsearch.errors import ConfigError, ImageRejected
 from imgsearch.models.backbones import Extractor, fingerprint, load_extractor
 from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig, rank
+from registry import serving_guard
 from registry.integrity import verify_loaded
 
 log = logging.getLogger(__name__)
@@ -155,21 +157,43 @@ def _image_values(model_input: Any) -> list[Any]:
 
 
 def decode_images(
-    values: list[Any], *, allow_paths: bool = False
+    values: list[Any], *, allow_paths: bool = False, limits: DecodeLimits | None = None
 ) -> tuple[list[Image.Image | None], list[str | None]]:
-    """Decode every cell safely; a failure becomes an error string for that row, never a raise."""
-    images: list[Image.Image | None] = []
+    """Decode every cell safely; a bad cell becomes an error string for that row, never a raise.
+
+    With ``limits``, a request over them (rows, pixels per image or per request, judged from the
+    image headers) is refused whole with the reason (HTTP 400) before any pixel is decoded, and
+    large images are decoded at a reduced scale (:mod:`imgsearch.data.limits`).
+    """
+    if limits is not None and len(values) > limits.max_rows:
+        raise _invalid(f"request too large: {len(values)} rows > max_rows {limits.max_rows}")
+    datas: list[bytes | None] = []
     errors: list[str | None] = []
     for value in values:
         try:
-            images.append(open_rgb(image_bytes(value, allow_paths=allow_paths)))
+            datas.append(image_bytes(value, allow_paths=allow_paths))
             errors.append(None)
         except ImageRejected as exc:
-            images.append(None)
+            datas.append(None)
             errors.append(str(exc))
         except OSError as exc:  # an unreadable path
-            images.append(None)
+            datas.append(None)
             errors.append(f"unreadable: {exc.__class__.__name__}")
+    if limits is not None:
+        try:
+            check_request(datas, limits)
+        except RequestTooLarge as exc:
+            raise _invalid(f"request too large: {exc}") from exc
+    reduce_by = limits.reduction if limits is not None else None
+    images: list[Image.Image | None] = []
+    for row, data in enumerate(datas):
+        image = None
+        if data is not None:
+            try:
+                image = open_rgb(data, reduce_by=reduce_by)
+            except ImageRejected as exc:
+                errors[row] = str(exc)
+        images.append(image)
     if values and all(e is not None for e in errors):
         reasons = "; ".join(f"row {i}: {e}" for i, e in enumerate(errors[:5]))
         raise _invalid(f"no usable image in the request ({reasons})")
@@ -227,6 +251,14 @@ def _jsonable(df: pd.DataFrame) -> pd.DataFrame:
     return out.where(pd.notna(out), None)
 
 
+def _limits(context: Any) -> DecodeLimits:
+    """Per-request bounds from the model config (defaults for keys it does not log)."""
+    try:
+        return DecodeLimits.from_config(getattr(context, "model_config", None))
+    except ConfigError as exc:
+        raise _invalid(f"bad serving limits in the model config: {exc}") from exc
+
+
 def _allow_paths(context: Any) -> bool:
     config = getattr(context, "model_config", None) or {}
     return bool(config.get("allow_paths", False))
@@ -248,12 +280,16 @@ class ExtractorModel(PythonModel):
         self.extractor.eval()
         self.fingerprint = fingerprint(self.extractor)
         self.allow_paths = _allow_paths(context)
+        self.limits = _limits(context)
         self.serving = prepare_serving(self.extractor, context)
+        serving_guard.install()
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        images, errors = decode_images(_image_values(model_input), allow_paths=self.allow_paths)
+        images, errors = decode_images(
+            _image_values(model_input), allow_paths=self.allow_paths, limits=self.limits
+        )
         emb, rows = _embed(self.serving, images)
         vectors: list[list[float] | None] = [None] * len(images)
         for row, vec in zip(rows, emb, strict=True):
@@ -407,13 +443,17 @@ class IndexModel(PythonModel):
         self.allow_paths = _allow_paths(context)
         config = getattr(context, "model_config", None) or {}
         self.default_k = int(config.get("default_k", DEFAULT_K))
+        self.limits = _limits(context)
         self.serving = prepare_serving(self.extractor, context, self.index.meta)
+        serving_guard.install()
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         k, cfg = ranking_for_request(self.ranking, params, self.default_k)
-        images, errors = decode_images(_image_values(model_input), allow_paths=self.allow_paths)
+        images, errors = decode_images(
+            _image_values(model_input), allow_paths=self.allow_paths, limits=self.limits
+        )
         emb, rows = _embed(self.serving, images)
         frames: list[pd.DataFrame] = []
         if rows:

@@ -9,10 +9,13 @@ keeps answering.
 from __future__ import annotations
 
 import base64
+import io
+import time
 from collections.abc import Iterator
 
 import pytest
 import requests
+from PIL import Image
 
 from registry import models
 from tests.search_env import get_env, serve_model
@@ -71,3 +74,34 @@ def test_served_index_ranks_a_png_and_survives_garbage(served: tuple[str, list[b
 
     again = _invoke(base, {"dataframe_records": [{"image": png}], "params": {"k": 1}})
     assert again.status_code == 200 and again.json()["predictions"][0]["image_id"] == "img4"
+
+
+def test_served_index_bounds_hostile_requests(served: tuple[str, list[bytes]]) -> None:
+    """Issue #17 point 3 over real HTTP: every hostile request is a 4xx naming its reason, and
+    the server keeps answering good queries."""
+    base, images = served
+    png = base64.b64encode(images[4]).decode()
+    query = {"dataframe_split": {"columns": ["image"], "data": [[png]]}}
+
+    typo = _invoke(base, {**query, "params": {"k": 2, "catgory": "dogs"}})
+    assert 400 <= typo.status_code < 500, typo.text
+    assert "catgory" in typo.json()["message"]
+
+    nested = _invoke(base, '{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert 400 <= nested.status_code < 500, nested.text
+    assert "nest" in nested.json()["message"].lower()
+
+    buf = io.BytesIO()
+    Image.new("L", (7000, 5714), 0).save(
+        buf, format="PNG"
+    )  # 39.998 MP: just under the decoder's 40 MP bomb limit
+    bomb = base64.b64encode(buf.getvalue()).decode()
+    start = time.perf_counter()
+    bombs = _invoke(base, {"inputs": {"image": [bomb] * 8}})
+    assert time.perf_counter() - start < 5.0
+    assert 400 <= bombs.status_code < 500, bombs.text
+    assert "pixels" in bombs.json()["message"]
+
+    ok = _invoke(base, {**query, "params": {"k": 2, "category": "dogs"}})
+    assert ok.status_code == 200, ok.text
+    assert {r["category"] for r in ok.json()["predictions"]} == {"dogs"}

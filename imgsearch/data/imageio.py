@@ -35,7 +35,7 @@ import stat
 import struct
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -251,8 +251,13 @@ def load_image(
     min_size: int = 1,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     filename: str | None = None,
+    reduce_by: Callable[[int, int], int] | None = None,
 ) -> LoadedImage:
     """Decode untrusted ``data`` fully and normalise it to RGB.
+
+    ``reduce_by(width, height)`` (optional) gives an integer factor to decode at a reduced scale
+    (:func:`_reduced`): a query only needs a few hundred pixels, so a large image need not be held
+    at full size (see :class:`imgsearch.data.limits.DecodeLimits`). 1 decodes as is.
 
     ``filename`` (optional, only its extension is used) lets a format/extension mismatch be
     recorded as a fix. Raises :class:`ImageRejected` with ``reason`` one of ``empty_file``,
@@ -276,8 +281,8 @@ def load_image(
                 if getattr(im, "is_animated", False):
                     im.seek(0)
                     fixes.append("first_frame")
-                im.load()
-                rgb = _normalise(im, fixes)
+                factor = reduce_by(width, height) if reduce_by else 1
+                rgb = _reduced(im, kind, factor, fixes)
     except ImageRejected as exc:
         exc.detected_format = exc.detected_format or kind
         raise
@@ -303,6 +308,7 @@ def open_rgb(
     min_size: int = 1,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    reduce_by: Callable[[int, int], int] | None = None,
 ) -> Image.Image:
     """A path, bytes or a binary file object -> normalised RGB image (same checks as validate).
 
@@ -320,7 +326,31 @@ def open_rgb(
         if len(data) > max_bytes:
             raise ImageRejected("file_too_large", f"more than {max_bytes} bytes")
         name = None
-    return load_image(data, min_size=min_size, max_pixels=max_pixels, filename=name).image
+    loaded = load_image(
+        data, min_size=min_size, max_pixels=max_pixels, filename=name, reduce_by=reduce_by
+    )
+    return loaded.image
+
+
+def _reduced(im: Image.Image, kind: str, factor: int, fixes: list[str]) -> Image.Image:
+    """Decode and normalise ``im`` at 1/``factor`` of its size (``factor`` 1: as is).
+
+    JPEG: ``draft`` makes libjpeg decode at 1/2, 1/4 or 1/8 scale (the largest that keeps at
+    least 1/``factor``), so the full-size pixels never exist. Other formats have no reduced
+    decode: ``Image.reduce`` (box average) right after, so only the small copy is kept.
+    """
+    width, height = im.size
+    target = (-(-width // factor), -(-height // factor))
+    if factor > 1 and kind == "JPEG":
+        im.draft(im.mode, target)
+    im.load()
+    rgb = _normalise(im, fixes)
+    if factor > 1:
+        # draft scales by a power of two, never below the target: reduce by what is left
+        rest = min(rgb.size) // min(target)
+        rgb = rgb.reduce(rest) if rest > 1 else rgb
+        fixes.append("reduced")
+    return rgb
 
 
 def _check_size(width: int, height: int, *, min_size: int, max_pixels: int, kind: str) -> None:
