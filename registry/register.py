@@ -56,6 +56,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 import imgsearch
 from imgsearch import schema
+from imgsearch.data.limits import DecodeLimits
 from imgsearch.embed import query as serving
 from imgsearch.errors import ExtractorMismatchError, ImgsearchError
 from imgsearch.models.backbones import fingerprint, load_extractor
@@ -71,6 +72,8 @@ SERVING_CONFIG: dict[str, Any] = {
     "allow_paths": False,
     "torch_threads": serving.DEFAULT_THREADS,
     "serving_mode": serving.DEFAULT_MODE,
+    # request bounds (rows, pixels per image and per request): see imgsearch.data.limits
+    **DecodeLimits().as_config(),
     # filled in at load time by registry.integrity.load_verified, from the version's tags
     integrity.CONFIG_KEY: "",
 }
