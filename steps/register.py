@@ -31,7 +31,7 @@ from registry.register import (
     select_metrics,
     test_split_hash,
 )
-from steps.common import artifact_path, base_parser, log_metrics, read_df, setup_logging, stage_run
+from steps.common import Option, artifact_path, cli, log_metrics, read_df, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -126,22 +126,16 @@ def run(
         return active.info.run_id
 
 
+OPTIONS = (
+    Option("--extract-run-id", required=True),
+    Option("--index-run-id", required=True),
+    Option("--evaluate-run-id", required=True),
+    Option("--alias", "alias to set (default: configs/register.yaml)", key="register.alias"),
+)
+
+
 def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument("--extract-run-id", required=True)
-    parser.add_argument("--index-run-id", required=True)
-    parser.add_argument("--evaluate-run-id", required=True)
-    parser.add_argument("--alias", default="", help="alias to set (default: configs/register.yaml)")
-    args = parser.parse_args()
-    setup_logging()
-    run_id = run(
-        args.extract_run_id,
-        args.index_run_id,
-        args.evaluate_run_id,
-        overrides={"register.alias": args.alias},
-        profile=args.profile or None,
-    )
-    print(run_id)
+    cli(run, __doc__, OPTIONS)
 
 
 if __name__ == "__main__":
