@@ -62,45 +62,50 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from imgsearch import schema
 from imgsearch.config import from_dict, home_dir, load_config
+from imgsearch.data import incremental
 from imgsearch.data.watermark import (
+    NewData,
+    Watermark,
     decide,
     load_watermark,
-    replay_sample,
     save_watermark,
     select_new,
     source_key,
 )
 from imgsearch.embed.extract import load_embeddings, save_embeddings
 from imgsearch.errors import CatalogError, ConfigError, ImgsearchError
-from imgsearch.search.index import ImageIndex, gallery_meta
 from imgsearch.search.ranking import RankingConfig
 from monitoring import drift as drift_stage
+from monitoring.champion import INPUT, champion_quarantine_ids, find_champion, split_overrides
 from monitoring.daemon import IMPROVE_STAGE, stop_requested
-from registry import promote as promote_registry
+from monitoring.improve_summary import JobState, record
 from registry.promote import PromoteConfig
 from registry.register import (
     CHAMPION,
-    METRIC_TAG_PREFIX,
     TAG_EXTRACTOR_VERSION,
-    TAG_FINGERPRINT,
-    TAG_SOURCE_RUN,
-    TAG_TEST_SPLIT,
     RegisterConfig,
+    evaluation,
     log_index_model,
 )
-from steps import evaluate, extract, finetune, index, ingest, preprocess, promote, register, split
+from steps import evaluate, extract, finetune, ingest, preprocess, split
 from steps import validate as validate_step
+from steps.chain import Chain, ChainNames, run_chain
 from steps.common import (
+    EMBEDDINGS_ARTIFACT,
+    HEADLINE,
     PROFILE_ENV,
+    Option,
     artifact_path,
-    base_parser,
     log_df,
     log_metrics,
+    log_settings,
+    parse_cli,
     read_df,
     setup_logging,
 )
@@ -110,8 +115,6 @@ log = logging.getLogger(__name__)
 STAGE = IMPROVE_STAGE
 PAUSE_ENV = "IMGSEARCH_IMPROVE_PAUSE_AT"
 PAUSE_FILE_ENV = "IMGSEARCH_IMPROVE_PAUSE_FILE"
-HEADLINE = ("map_at_r", "map", "hit_at_1", "hit_at_10", "recall_at_10")
-INPUT = "imgsearch.input."
 __all__ = ["ImproveConfig", "decide", "run", "main"]
 
 
@@ -151,90 +154,6 @@ class Stopped(Exception):
     """The daemon asked to stop: the job returns before its next step."""
 
 
-# --- the champion --------------------------------------------------------------------------------
-
-
-@dataclass
-class Champion:
-    """The served pair and the runs its data, embeddings and frozen test split come from."""
-
-    index_version: str
-    extractor_version: str
-    fingerprint: str
-    extractor_run: str  # holds extractor/
-    index_run: str  # holds index/ and ranking.yaml
-    embeddings_run: str  # embeddings.parquet of every indexed image
-    data_run: str  # manifest.parquet (with split, sha256, pre_path) of every indexed image
-    frozen_split_run: str  # manifest.parquet whose test rows are the frozen test split
-    metrics: dict[str, float]
-    test_split_hash: str | None
-
-    @property
-    def extractor_uri(self) -> str:
-        return f"runs:/{self.extractor_run}/extractor"
-
-
-def find_champion(client: MlflowClient, index_name: str, extractor_name: str) -> Champion | None:
-    """The ``champion`` pair and its lineage; ``None`` when there is no champion yet."""
-    version = (promote_registry.aliases(client, index_name) or {}).get(CHAMPION)
-    if version is None:
-        return None
-    idx = client.get_model_version(index_name, str(version))
-    tags = idx.tags or {}
-    ext_v = tags.get(TAG_EXTRACTOR_VERSION)
-    if not ext_v:
-        raise ImgsearchError(f"{index_name} v{idx.version} has no {TAG_EXTRACTOR_VERSION} tag")
-    ext = client.get_model_version(extractor_name, ext_v)
-    index_run = tags.get(TAG_SOURCE_RUN) or str(idx.run_id)
-    extractor_run = (ext.tags or {}).get(TAG_SOURCE_RUN) or str(ext.run_id)
-    run_tags = client.get_run(index_run).data.tags
-    embeddings_run = run_tags.get(f"{INPUT}extract_run_id") or extractor_run
-    data_run = run_tags.get(f"{INPUT}split_run_id") or client.get_run(embeddings_run).data.tags.get(
-        f"{INPUT}split_run_id"
-    )
-    if not data_run:
-        raise ImgsearchError(f"cannot find the data of {index_name} v{idx.version} (no split run)")
-    frozen = data_run
-    evaluate_run = tags.get("evaluate_run_id")
-    if evaluate_run:
-        frozen = client.get_run(evaluate_run).data.tags.get(f"{INPUT}split_run_id") or data_run
-    metrics = {}
-    for key, value in tags.items():
-        if key.startswith(METRIC_TAG_PREFIX):
-            try:
-                metrics[key[len(METRIC_TAG_PREFIX) :]] = float(value)
-            except ValueError:
-                continue
-    return Champion(
-        index_version=str(idx.version),
-        extractor_version=str(ext_v),
-        fingerprint=str((ext.tags or {}).get(TAG_FINGERPRINT) or tags.get(TAG_FINGERPRINT)),
-        extractor_run=extractor_run,
-        index_run=index_run,
-        embeddings_run=embeddings_run,
-        data_run=data_run,
-        frozen_split_run=frozen,
-        metrics=metrics,
-        test_split_hash=tags.get(TAG_TEST_SPLIT),
-    )
-
-
-def champion_quarantine_ids(client: MlflowClient, data_run: str) -> set[str]:
-    """Ids the champion's own validate run quarantined (best effort: data -> preprocess -> validate)."""
-    try:
-        pre = client.get_run(data_run).data.tags.get(f"{INPUT}preprocess_run_id")
-        val = client.get_run(pre).data.tags.get(f"{INPUT}validate_run_id") if pre else None
-        if not val:
-            return set()
-        return set(read_df(val, "quarantine.parquet")[schema.IMAGE_ID].dropna().astype(str))
-    except (MlflowException, OSError, KeyError) as exc:
-        log.info("champion quarantine not found (%s): the watermark covers it after one run", exc)
-        return set()
-
-
-# --- small helpers -------------------------------------------------------------------------------
-
-
 def _pause_point(step: str) -> None:
     """Test hook (module docstring): sleep before ``step`` so a test can kill the job there."""
     if os.environ.get(PAUSE_ENV) != step:
@@ -252,20 +171,6 @@ def _nested(name: str, stage: str | None = None) -> Any:
     return run
 
 
-def _split_overrides(client: MlflowClient, split_run: str) -> dict[str, Any]:
-    """The frozen split's own settings, so new items are assigned the same way."""
-    params = client.get_run(split_run).data.params
-    out: dict[str, Any] = {}
-    for key in ("by", "seed", "fractions", "stratify_by"):
-        value = params.get(key)
-        if value is None:
-            continue
-        out[f"split.{key}"] = None if value == "None" else value
-    if out.get("split.stratify_by") is not None:
-        log.warning("the frozen split is stratified: new items may shift category cut points")
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def _metrics_of(run_id: str | None, prefix: str = "") -> dict[str, float]:
     if not run_id:
         return {}
@@ -273,32 +178,7 @@ def _metrics_of(run_id: str | None, prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in metrics.items() if k in HEADLINE}
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 # --- the job -------------------------------------------------------------------------------------
-
-
-@dataclass
-class JobState:
-    """What the job learnt so far; the summary is made from it."""
-
-    decision: str = "skip"
-    reason: str = ""
-    promoted: bool = False
-    index_extended: bool = False
-    champion_before: dict[str, str] = field(default_factory=dict)
-    champion_after: dict[str, str] = field(default_factory=dict)
-    counts: dict[str, float] = field(default_factory=dict)
-    drift: dict[str, Any] = field(default_factory=dict)
-    before: dict[str, float] = field(default_factory=dict)
-    after: dict[str, float] = field(default_factory=dict)
-    gates: list[dict[str, Any]] = field(default_factory=list)
-    runs: dict[str, str] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def run(
@@ -321,9 +201,11 @@ def run(
         mlflow.set_tag("imgsearch.stage", STAGE)
         if profile:
             mlflow.set_tag("imgsearch.profile", profile)
-        mlflow.log_params({f"improve.{k}": str(v)[:500] for k, v in asdict(cfg).items()})
-        if user:
-            mlflow.log_params({k: str(v)[:500] for k, v in user.items()})
+        # what the user asked for first, then the effective settings: an effective value whose
+        # name the user's text already took (``improve.finetune``: ``false`` vs ``False``) is
+        # logged as ``cfg.improve.finetune`` instead of being refused by MLflow
+        log_settings({k: str(v)[:500] for k, v in user.items()})
+        log_settings({f"improve.{k}": str(v)[:500] for k, v in asdict(cfg).items()})
         job = _Job(cfg, promote_cfg, register_cfg, profile, user, client, state)
         commit: Callable[[], None] | None = None
         try:
@@ -333,86 +215,26 @@ def run(
         except BaseException as exc:
             state.decision = "failed"
             state.reason = f"{type(exc).__name__}: {exc}"
-            _record(state, failed=True)
+            record(state, failed=True)
             raise
-        _record(state)
+        record(state)
         if commit is not None:
             commit()  # the watermark moves only now: the decision is logged
         log.info("improve: %s (%s)", state.decision, state.reason)
         return parent.info.run_id
 
 
-def _record(state: JobState, failed: bool = False) -> None:
-    """Tags, metrics and the summary on the parent run (best effort when the job failed)."""
-    try:
-        mlflow.set_tags(
-            {
-                "imgsearch.improve.decision": state.decision,
-                "imgsearch.improve.reason": state.reason[:5000],
-                "imgsearch.improve.promoted": str(state.promoted).lower(),
-                "imgsearch.improve.index_extended": str(state.index_extended).lower(),
-            }
-        )
-        log_metrics(state.counts)
-        log_metrics({k: v for k, v in state.drift.items() if k != "verdict"})
-        log_metrics({f"before.{k}": v for k, v in state.before.items()})
-        log_metrics({f"after.{k}": v for k, v in state.after.items()})
-        log_metrics({"promoted": float(state.promoted)})
-        mlflow.log_dict(state.summary(), "summary.json")
-        mlflow.log_text(summary_markdown(state), "summary.md")
-    except Exception as exc:
-        if not failed:
-            raise
-        log.error("could not record the failed job's summary: %s", exc)
+@dataclass
+class Intake:
+    """What ``newdata`` found, and what the watermark will take in when the job commits."""
 
-
-def summary_markdown(state: JobState) -> str:
-    c = state.counts
-    lines = [
-        f"# improve: {state.decision}",
-        "",
-        f"**Why**: {state.reason}",
-        "",
-        "## What was new",
-        f"- catalog images: {int(c.get('n_catalog', 0))}, already taken in: "
-        f"{int(c.get('n_already_seen', 0))}",
-        f"- new: {int(c.get('n_new', 0))} valid, {int(c.get('n_quarantined', 0))} quarantined, "
-        f"{int(c.get('n_deferred', 0))} deferred to a later run; pending (served, not trained on): "
-        f"{int(c.get('n_pending', 0))}",
-        "",
-        "## Drift",
-    ]
-    if state.drift:
-        d = state.drift
-        lines.append(
-            f"- {d.get('verdict', '?')}: score {_fmt(d.get('drift_score'))} vs calibrated "
-            f"threshold {_fmt(d.get('drift_threshold'))} (run {state.runs.get('drift', '?')})"
-        )
-    else:
-        lines.append("- not measured")
-    lines += ["", "## Metrics (frozen test split; new = the new data's test items)", ""]
-    names = sorted(set(state.before) | set(state.after))
-    if names:
-        lines += ["| metric | champion (before) | after |", "|---|---|---|"]
-        for name in names:
-            lines.append(
-                f"| {name} | {_fmt(state.before.get(name, ''))} | {_fmt(state.after.get(name, ''))} |"
-            )
-    else:
-        lines.append("(no evaluation)")
-    lines += ["", "## Gate"]
-    for gate in state.gates or [{"reason": "not run"}]:
-        lines.append(
-            f"- {gate.get('what', '')}: {'promoted' if gate.get('promoted') else 'kept champion'}"
-            f" - {gate.get('reason', '')}"
-        )
-    lines += [
-        "",
-        f"champion before: {state.champion_before}",
-        f"champion after: {state.champion_after}",
-        "",
-    ]
-    return "\n".join(lines)
+    source_key: str
+    watermark: Watermark
+    catalog: pd.DataFrame
+    found: NewData
+    taken: dict[str, str | None]
+    pending: list[str]
+    run_id: str
 
 
 class _Job:
@@ -443,18 +265,57 @@ class _Job:
         mlflow.set_tag(f"imgsearch.run.{name}", run_id)
         return run_id
 
+    def chain(self, names: ChainNames) -> Chain:
+        # the pause points keep their names: extract/index by run, the rest by stage
+        def before(stage: str, name: str) -> None:
+            self.step(name if stage in ("extract", "index") else stage)
+
+        return Chain(self.kw(), self.done, before, names)
+
     # --- the flow ---------------------------------------------------------------------------
     def execute(self) -> Callable[[], None] | None:
         """Do the work; return the watermark commit to run once the decision is recorded."""
-        st, cfg = self.state, self.cfg
+        st = self.state
         self.step("champion")
+        if not self.load_champion():
+            st.decision, st.reason = "skip", "no champion: run main first"
+            return None
+        old = read_df(self.champ.data_run, "manifest.parquet")
+        old[schema.IMAGE_ID] = old[schema.IMAGE_ID].astype(str)
+        new = self.new_data(old)
+        commit = self.committer(new)
+        if new.found.new.empty:
+            dups = len(new.found.duplicates)
+            st.counts.update({"n_new": 0.0, "n_quarantined": float(dups)})
+            st.decision, st.reason = "skip", "no new data"
+            if dups:
+                st.reason += f" ({dups} new ids with already seen bytes)"
+            return commit if new.taken else None
+        prepared = self.prepare(old, new.run_id)
+        if prepared is None:
+            return commit
+        combined, newtest = prepared
+        merged, new_ids = self.embed(combined, newtest)
+        decision, reason = decide(
+            bool(st.drift.get("drift_detected", 0.0)),
+            len(new_ids),
+            len(new.pending),
+            self.cfg.min_new_images,
+        )
+        st.decision, st.reason = decision, reason
+        log.info("improve decision: %s (%s)", decision, reason)
+        new_clean = [str(i) for i in new_ids]
+        if decision == "wait":
+            return self.on_wait(merged, newtest, combined, commit, new_clean)
+        return self.on_improve(merged, newtest, combined, commit, new_clean, new.pending)
+
+    def load_champion(self) -> bool:
         champ = find_champion(
             self.client, self.promote_cfg.index_name, self.promote_cfg.extractor_name
         )
         if champ is None:
-            st.decision, st.reason = "skip", "no champion: run main first"
-            return None
-        self.champ = champ
+            return False
+        st, self.champ = self.state, champ
         st.champion_before = {
             "index_version": champ.index_version,
             "extractor_version": champ.extractor_version,
@@ -467,16 +328,19 @@ class _Job:
                 "imgsearch.improve.champion_extractor_version": champ.extractor_version,
             }
         )
+        return True
 
-        # new data ------------------------------------------------------------------------
+    def new_data(self, old: pd.DataFrame) -> Intake:
+        """``ingest`` the catalog, then ``newdata``: what neither the watermark nor the champion has."""
+        cfg, champ, st = self.cfg, self.champ, self.state
         self.step("ingest")
         ingest_run = self.done("ingest", ingest.run(**self.kw()))
         params = self.client.get_run(ingest_run).data.params
-        source = {k: params[k] for k in ("catalog_source", "catalog_data_root") if k in params}
+        source: dict[str, str] = {
+            k: params[k] for k in ("catalog_source", "catalog_data_root") if k in params
+        }
         key = source_key(source)
         wm = load_watermark(cfg.watermarks, key, source)
-        old = read_df(champ.data_run, "manifest.parquet")
-        old[schema.IMAGE_ID] = old[schema.IMAGE_ID].astype(str)
         seen_ids = set(wm.seen) | set(old[schema.IMAGE_ID])
         rejected_before = champion_quarantine_ids(self.client, champ.data_run) - set(wm.seen)
         seen_ids |= rejected_before
@@ -486,7 +350,7 @@ class _Job:
         self.step("newdata")
         catalog = read_df(ingest_run, "manifest.parquet")
         found = select_new(catalog, seen_ids, seen_hashes, max_new=cfg.max_new_per_run)
-        taken = {
+        taken: dict[str, str | None] = {
             str(i): (None if pd.isna(h) else str(h))
             for i, h in zip(found.new[schema.IMAGE_ID], found.new[schema.SHA256], strict=True)
         }
@@ -504,58 +368,65 @@ class _Job:
             log_df(found.duplicates, "rejected.parquet")
             mlflow.log_dict(wm.to_dict(), "watermark_before.json")
         self.done("newdata", nd.info.run_id)
+        return Intake(key, wm, catalog, found, taken, pending, nd.info.run_id)
+
+    def committer(self, new: Intake) -> Callable[..., None]:
+        """The watermark advance, run only once the decision is recorded."""
+        st, cfg = self.state, self.cfg
 
         def commit(untrained: list[str] | None = None, trained: list[str] | None = None) -> None:
-            new_wm = wm.advanced(
-                taken,
+            job_run = mlflow.active_run()
+            assert job_run is not None  # the commit runs inside the job's parent run
+            new_wm = new.watermark.advanced(
+                new.taken,
                 untrained=untrained or [],
                 trained=trained or [],
-                record={"job_run_id": mlflow.active_run().info.run_id, "decision": st.decision},
+                record={"job_run_id": job_run.info.run_id, "decision": st.decision},
             )
             path = save_watermark(new_wm, cfg.watermarks)
             mlflow.log_dict(new_wm.to_dict(), "watermark.json")
             log.info("watermark %s: %d images taken in", path, len(new_wm.seen))
 
-        if found.new.empty:
-            st.counts.update({"n_new": 0.0, "n_quarantined": float(len(found.duplicates))})
-            st.decision, st.reason = "skip", "no new data"
-            if len(found.duplicates):
-                st.reason += f" ({len(found.duplicates)} new ids with already seen bytes)"
-            return commit if taken else None
+        return commit
 
+    def prepare(self, old: pd.DataFrame, newdata_run: str) -> tuple[str, str | None] | None:
+        """``validate``, ``preprocess``, ``split`` the new rows, then ``combine`` (None: none valid)."""
+        st = self.state
         self.step("validate")
-        val_run = self.done("validate", validate_step.run(nd.info.run_id, **self.kw()))
+        val_run = self.done("validate", validate_step.run(newdata_run, **self.kw()))
         n_quarantined = mlflow.get_run(val_run).data.metrics.get("n_quarantined_total", 0.0)
         st.counts["n_quarantined"] = float(n_quarantined)
-        clean = read_df(val_run, "manifest.parquet")
-        if clean.empty:
+        if read_df(val_run, "manifest.parquet").empty:
             st.counts["n_new"] = 0.0
             st.decision = "skip"
             st.reason = f"no new valid data ({int(n_quarantined)} new images quarantined)"
-            return commit
+            return None
         self.step("preprocess")
         pre_run = self.done("preprocess", preprocess.run(val_run, **self.kw()))
         self.step("split")
-        split_kw = self.kw(_split_overrides(self.client, champ.frozen_split_run))
+        split_kw = self.kw(split_overrides(self.client, self.champ.frozen_split_run))
         new_split_run = self.done("split", split.run(preprocess_run_id=pre_run, **split_kw))
+        self.pre_run, self.new_split_run = pre_run, new_split_run
         new_rows = extract.read_manifest(pre_run, new_split_run)
-        combined, newtest = self.combine(old, new_rows, pre_run, new_split_run)
+        return self.combine(old, new_rows, pre_run, new_split_run)
 
+    def embed(self, combined: str, newtest: str | None) -> tuple[str, np.ndarray]:
+        """``extract`` the new rows (champion's extractor), ``merge``, ``drift``, evaluate before."""
+        st, champ = self.state, self.champ
         self.step("extract")
         new_extract = self.done(
             "extract",
             extract.run(
-                pre_run,
-                split_run_id=new_split_run,
+                self.pre_run,
+                split_run_id=self.new_split_run,
                 extractor_uri=champ.extractor_uri,
                 **self.kw(),
             ),
         )
-        new_ids, new_emb = load_embeddings(artifact_path(new_extract, "embeddings.parquet"))
+        new_ids, new_emb = load_embeddings(artifact_path(new_extract, EMBEDDINGS_ARTIFACT))
         st.counts["n_new"] = float(len(new_ids))
         self.step("merge")
         merged = self.merge(new_ids, new_emb, combined)
-
         self.step("drift")
         drift_run = self.done(
             "drift", drift_stage.run(champ.embeddings_run, new_extract, **self.kw())
@@ -573,49 +444,55 @@ class _Job:
         if newtest is not None:
             ev = self.try_evaluate("evaluate_before_new", merged, newtest)
             st.before.update(_metrics_of(ev, "new."))
+        return merged, new_ids
 
-        decision, reason = decide(
-            bool(st.drift.get("drift_detected", 0.0)),
-            len(new_ids),
-            len(pending),
-            cfg.min_new_images,
-        )
-        st.decision, st.reason = decision, reason
-        log.info("improve decision: %s (%s)", decision, reason)
-        new_clean = [str(i) for i in new_ids]
+    def on_wait(
+        self,
+        merged: str,
+        newtest: str | None,
+        combined: str,
+        commit: Callable[..., None],
+        new_clean: list[str],
+    ) -> Callable[[], None] | None:
+        st = self.state
+        if not self.cfg.extend_index_on_wait:
+            st.reason += "; new data left pending (extend_index_on_wait: false)"
+            return None  # nothing taken in: the next run sees this data again
+        self.extend(merged, newtest, combined, "extend (wait)")
+        if not st.index_extended:
+            return None
+        return lambda: commit(untrained=new_clean)
 
-        if decision == "wait":
-            if not cfg.extend_index_on_wait:
-                st.reason += "; new data left pending (extend_index_on_wait: false)"
-                return None  # nothing taken in: the next run sees this data again
-            self.extend(merged, newtest, combined, "extend (wait)")
-            if not st.index_extended:
-                return None
-            return lambda: commit(untrained=new_clean)
-
-        # improve --------------------------------------------------------------------------
+    def on_improve(
+        self,
+        merged: str,
+        newtest: str | None,
+        combined: str,
+        commit: Callable[..., None],
+        new_clean: list[str],
+        pending: list[str],
+    ) -> Callable[[], None] | None:
+        st, cfg = self.state, self.cfg
         to_train = set(new_clean) | set(pending)
         ft_run = self.finetune(combined, to_train) if cfg.finetune else None
+        extended = lambda: commit(untrained=new_clean)  # noqa: E731
         if ft_run is None:
-            st.reason += (
-                "; no fine-tuning ("
-                + ("disabled" if not cfg.finetune else "no new training images")
-                + ")"
-            )
+            why = "disabled" if not cfg.finetune else "no new training images"
+            st.reason += f"; no fine-tuning ({why})"
             self.extend(merged, newtest, combined, "extend")
-            return (lambda: commit(untrained=new_clean)) if st.index_extended else None
+            return extended if st.index_extended else None
         ft_fp = mlflow.get_run(ft_run).data.params.get("extractor_fingerprint")
-        if ft_fp == champ.fingerprint:
+        if ft_fp == self.champ.fingerprint:
             st.reason += "; fine-tuning kept the champion's weights"
             self.extend(merged, newtest, combined, "extend")
-            return (lambda: commit(untrained=new_clean)) if st.index_extended else None
+            return extended if st.index_extended else None
         self.rebuild(ft_run, combined, newtest)
         if st.promoted:
             return lambda: commit(trained=sorted(to_train))
         if cfg.fallback_extend_on_refusal:
             self.extend(merged, newtest, combined, "extend (fallback)")
             if st.index_extended:
-                return lambda: commit(untrained=new_clean)
+                return extended
         return None  # nothing served the new data: retry with it next run
 
     # --- data ---------------------------------------------------------------------------------
@@ -623,19 +500,8 @@ class _Job:
         self, old: pd.DataFrame, new_rows: pd.DataFrame, pre_run: str, new_split_run: str
     ) -> tuple[str, str | None]:
         """Log the next generation's data (``combine``) and the new data's test set (``newtest``)."""
-        new_rows = new_rows.copy()
-        new_rows[schema.IMAGE_ID] = new_rows[schema.IMAGE_ID].astype(str)
-        conflicts = 0
-        if schema.SPLIT in old.columns:
-            # a new image of a known item goes where the item is: the frozen split never moves
-            items = old.assign(_item=old[schema.ITEM_ID].astype(str)).drop_duplicates("_item")
-            item_split = items.set_index("_item")[schema.SPLIT].to_dict()
-            known = new_rows[schema.ITEM_ID].astype(str).map(item_split)
-            moved = known.notna() & (known != new_rows[schema.SPLIT])
-            conflicts = int(moved.sum())
-            new_rows.loc[moved, schema.SPLIT] = known[moved]
-        combined = pd.concat([old, new_rows], ignore_index=True)
-        combined = combined.drop_duplicates(schema.IMAGE_ID, keep="first").reset_index(drop=True)
+        result = incremental.combine(old, new_rows)
+        combined = result.manifest
         with _nested("combine") as cr:
             mlflow.set_tags(
                 {
@@ -644,45 +510,27 @@ class _Job:
                     f"{INPUT}split_run_id": new_split_run,
                 }
             )
-            log_metrics(
-                {
-                    "n_old": len(old),
-                    "n_new": len(new_rows),
-                    "n_images": len(combined),
-                    "n_split_conflicts_fixed": conflicts,
-                    **{
-                        f"n_new_{s}": int((new_rows[schema.SPLIT] == s).sum())
-                        for s in schema.SPLITS
-                    },
-                }
-            )
+            log_metrics(result.metrics(len(old)))
             log_df(combined, "manifest.parquet")
             log_df(combined[[schema.IMAGE_ID, schema.ITEM_ID, schema.SPLIT]], "split.parquet")
         self.done("combine", cr.info.run_id)
-        self.new_rows = new_rows
+        self.new_rows = result.new_rows
 
-        test_items = set(new_rows.loc[new_rows[schema.SPLIT] == "test", schema.ITEM_ID].astype(str))
-        rows = combined[
-            combined[schema.ITEM_ID].astype(str).isin(test_items)
-            & (combined[schema.SPLIT] == "test")
-        ]
+        rows, test_items = incremental.new_test_rows(combined, result.new_rows)
         if len(rows) < 2:
             log.info("new data has %d test images: no new-data evaluation", len(rows))
             return cr.info.run_id, None
         with _nested("newtest") as nt:
             mlflow.set_tag(f"{INPUT}split_run_id", cr.info.run_id)
             log_metrics({"n_images": len(rows), "n_items": len(test_items)})
-            log_df(rows.reset_index(drop=True), "manifest.parquet")
+            log_df(rows, "manifest.parquet")
         return cr.info.run_id, self.done("newtest", nt.info.run_id)
 
     def merge(self, new_ids: np.ndarray, new_emb: np.ndarray, combined_run: str) -> str:
         """The champion extractor's embeddings of the combined data (old ones reused)."""
-        old_ids, old_emb = load_embeddings(
-            artifact_path(self.champ.embeddings_run, "embeddings.parquet")
-        )
-        keep = ~np.isin(old_ids.astype(str), new_ids.astype(str))
-        ids = np.concatenate([old_ids[keep], new_ids])
-        emb = np.vstack([old_emb[keep], new_emb]).astype(np.float32)
+        champ = self.champ
+        old_ids, old_emb = load_embeddings(artifact_path(champ.embeddings_run, EMBEDDINGS_ARTIFACT))
+        ids, emb, n_reused = incremental.merge_embeddings(old_ids, old_emb, new_ids, new_emb)
         manifest = read_df(combined_run, "manifest.parquet")
         with _nested("merge", "extract") as mr:
             mlflow.set_tags(
@@ -690,25 +538,25 @@ class _Job:
                     "imgsearch.extract.mode": "merge",
                     f"{INPUT}split_run_id": combined_run,
                     f"{INPUT}preprocess_run_id": combined_run,
-                    f"{INPUT}reference_run_id": self.champ.embeddings_run,
+                    f"{INPUT}reference_run_id": champ.embeddings_run,
                     f"{INPUT}new_extract_run_id": self.state.runs["extract"],
                 }
             )
-            mlflow.log_param("extractor_fingerprint", self.champ.fingerprint)
-            mlflow.log_param("extractor_uri", self.champ.extractor_uri)
+            mlflow.log_param("extractor_fingerprint", champ.fingerprint)
+            mlflow.log_param("extractor_uri", champ.extractor_uri)
             with tempfile.TemporaryDirectory() as tmp:
                 path = save_embeddings(
-                    Path(tmp) / "embeddings.parquet",
+                    Path(tmp) / EMBEDDINGS_ARTIFACT,
                     ids,
                     emb,
-                    metadata={"extractor_fingerprint": self.champ.fingerprint},
+                    metadata={"extractor_fingerprint": champ.fingerprint},
                 )
                 mlflow.log_artifact(str(path))
             log_df(
                 manifest[manifest[schema.IMAGE_ID].astype(str).isin(set(ids.astype(str)))],
                 "manifest.parquet",
             )
-            log_metrics({"n": len(ids), "n_reused": int(keep.sum()), "n_new": len(new_ids)})
+            log_metrics({"n": len(ids), "n_reused": n_reused, "n_new": len(new_ids)})
         return self.done("merge", mr.info.run_id)
 
     def try_evaluate(self, name: str, extract_run: str, split_run: str | None) -> str | None:
@@ -722,32 +570,16 @@ class _Job:
 
     def finetune(self, combined_run: str, to_train: set[str]) -> str | None:
         """``trainset`` (new + replay + val) then ``finetune`` from the champion's extractor."""
-        cfg, st = self.cfg, self.state
+        cfg = self.cfg
         combined = read_df(combined_run, "manifest.parquet")
-        ids = combined[schema.IMAGE_ID].astype(str)
-        train = combined[schema.SPLIT] == "train"
-        new_train = train & ids.isin(to_train)
-        if not new_train.any():
-            return None
-        old_train = combined[train & ~ids.isin(to_train)]
-        n_random = int(round(cfg.replay_fraction * int(new_train.sum())))
-        if cfg.replay_max is not None:
-            n_random = min(n_random, cfg.replay_max)
-        replay = replay_sample(
-            old_train[schema.IMAGE_ID].astype(str).tolist(),
-            old_train[schema.ITEM_ID].astype(str).tolist(),
-            combined.loc[new_train, schema.ITEM_ID].astype(str),
-            n_random,
-            seed=cfg.seed,
-            same_items=cfg.replay_same_items,
+        replay = incremental.ReplayConfig(
+            cfg.replay_fraction, cfg.replay_max, cfg.replay_same_items, cfg.seed
         )
-        rows = new_train | ids.isin(set(replay)) | (combined[schema.SPLIT] == "val")
-        counts = {
-            "n_train_new": int(new_train.sum()),
-            "n_train_replay": len(replay),
-            "n_val": int((combined[schema.SPLIT] == "val").sum()),
-        }
-        st.counts.update({k: float(v) for k, v in counts.items()})
+        picked = incremental.trainset(combined, to_train, replay)
+        if picked is None:
+            return None
+        rows, counts = picked
+        self.state.counts.update({k: float(v) for k, v in counts.items()})
         with _nested("trainset") as ts:
             mlflow.set_tag(f"{INPUT}split_run_id", combined_run)
             log_metrics(counts)
@@ -769,82 +601,60 @@ class _Job:
 
     # --- the two ways to a challenger ---------------------------------------------------------
     def rebuild(self, ft_run: str, combined_run: str, newtest: str | None) -> None:
+        """The fine-tuned extractor: extract everything, build the index, evaluate, gate."""
         st = self.state
-        self.step("extract_all")
-        ex = self.done(
-            "extract_all",
-            extract.run(
-                combined_run,
-                split_run_id=combined_run,
-                extractor_uri=f"runs:/{ft_run}/extractor",
-                **self.kw(),
-            ),
+
+        def evaluate_new(ex: str) -> None:
+            ev_new = self.try_evaluate("evaluate_new", ex, newtest)
+            st.after = {**_metrics_of(st.runs["evaluate"]), **_metrics_of(ev_new, "new.")}
+
+        runs = run_chain(
+            self.chain(ChainNames(extract="extract_all")),
+            data_run_id=combined_run,
+            eval_split_run_id=self.champ.frozen_split_run,
+            extractor_uri=f"runs:/{ft_run}/extractor",
+            after_evaluate=evaluate_new,
         )
-        self.step("index")
-        ix = self.done("index", index.run(ex, split_run_id=combined_run, **self.kw()))
-        self.step("evaluate")
-        ev = self.done("evaluate", evaluate.run(ex, self.champ.frozen_split_run, **self.kw()))
-        ev_new = self.try_evaluate("evaluate_new", ex, newtest)
-        st.after = {**_metrics_of(ev), **_metrics_of(ev_new, "new.")}
-        self.step("register")
-        self.done("register", register.run(ex, ix, ev, **self.kw()))
-        self.gate("fine-tuned challenger")
+        assert runs.promote is not None
+        self.record_gate(runs.promote, "fine-tuned challenger")
 
     def extend(self, merged_run: str, newtest: str | None, combined_run: str, what: str) -> None:
         """Add the new vectors to a copy of the champion's index; register it; gate it."""
-        st, champ = self.state, self.champ
-        self.step("index_add")
-        new_ids = read_df(self.state.runs["extract"], "manifest.parquet")[schema.IMAGE_ID]
-        new_ids_set = set(new_ids.astype(str))
-        with _nested("index_add", "index") as ir:
-            mlflow.set_tags(
-                {
-                    "imgsearch.index.mode": "add",
-                    f"{INPUT}extract_run_id": merged_run,
-                    f"{INPUT}split_run_id": combined_run,
-                    f"{INPUT}base_index_run_id": champ.index_run,
-                }
-            )
-            base = ImageIndex.load(
-                artifact_path(champ.index_run, "index"),
-                expected_extractor_fingerprint=champ.fingerprint,
-            )
-            ids, emb = load_embeddings(artifact_path(merged_run, "embeddings.parquet"))
-            in_index = set(base.meta[schema.IMAGE_ID].astype(str))
-            pick = np.array([str(i) in new_ids_set and str(i) not in in_index for i in ids])
-            manifest = read_df(combined_run, "manifest.parquet")
-            n_before = base.count
-            base.add(emb[pick], gallery_meta(ids[pick], manifest))
-            log_metrics({"count": base.count, "n_added": int(pick.sum()), "count_before": n_before})
-            mlflow.set_tag("index.factory", base.factory)
-            with tempfile.TemporaryDirectory() as tmp:
-                mlflow.log_artifacts(str(base.save(Path(tmp) / "index")), "index")
-            ranking = artifact_path(champ.index_run, "ranking.yaml")
-            mlflow.log_artifact(str(ranking))
-        ix = self.done("index_add", ir.info.run_id)
-        self.step("evaluate")
-        ev = self.done(
-            "evaluate_add", evaluate.run(merged_run, champ.frozen_split_run, **self.kw())
+        st = self.state
+        names = ChainNames(
+            index="index_add",
+            evaluate="evaluate_add",
+            register="register_index",
+            promote="promote_add",
         )
-        after = _metrics_of(ev)
-        if newtest is not None:
-            after.update({k: v for k, v in st.before.items() if k.startswith("new.")})
-        if not st.after:
-            st.after = after
-        self.step("register")
-        self.register_index(ix, ev)
-        self.gate(what, extended=True)
 
-    def register_index(self, index_run: str, evaluate_run: str) -> None:
+        def after_evaluate(ex: str) -> None:
+            after = _metrics_of(st.runs["evaluate_add"])
+            if newtest is not None:
+                after.update({k: v for k, v in st.before.items() if k.startswith("new.")})
+            if not st.after:
+                st.after = after
+
+        runs = run_chain(
+            self.chain(names),
+            data_run_id=combined_run,
+            eval_split_run_id=self.champ.frozen_split_run,
+            extract_run_id=merged_run,
+            add_to_index_run_id=self.champ.index_run,
+            register_with=lambda ex, ix, ev: self.register_index(ix, ev),
+            after_evaluate=after_evaluate,
+        )
+        assert runs.promote is not None
+        self.record_gate(runs.promote, what, extended=True)
+
+    def register_index(self, index_run: str, evaluate_run: str) -> str:
         """A new version of the index only, bound to the champion's extractor version."""
-        import yaml
-
         rc, champ = self.register_cfg, self.champ
         with _nested("register_index", "register") as rr:
             mlflow.set_tags(
                 {"index_run_id": index_run, "evaluate_run_id": evaluate_run, "mode": "index_only"}
             )
-            metrics, tags = register._evaluation(evaluate_run, rc)
+            metrics, tags = evaluation(evaluate_run, rc, index_run_id=index_run)
             ranking_data = yaml.safe_load(artifact_path(index_run, rc.ranking_artifact).read_text())
             section = (
                 ranking_data.get("ranking", ranking_data) if isinstance(ranking_data, dict) else {}
@@ -874,16 +684,15 @@ class _Job:
                 }
             )
             log_metrics({f"registered.{k}": v for k, v in metrics.items()})
-        self.done("register_index", rr.info.run_id)
+        return rr.info.run_id
 
-    def gate(self, what: str, extended: bool = False) -> None:
+    def record_gate(self, promote_run: str, what: str, extended: bool = False) -> None:
+        """What the gate (``promote``) decided, into the job's state."""
         st = self.state
-        self.step("promote")
-        pr = self.done("promote" if not extended else "promote_add", promote.run(**self.kw()))
-        tags = mlflow.get_run(pr).data.tags
+        tags = mlflow.get_run(promote_run).data.tags
         promoted = tags.get("promote.promoted") == "true"
         reason = tags.get("promote.reason", "")
-        st.gates.append({"what": what, "promoted": promoted, "reason": reason, "run": pr})
+        st.gates.append({"what": what, "promoted": promoted, "reason": reason, "run": promote_run})
         st.reason += f"; {what}: {'promoted' if promoted else 'refused'} ({reason})"
         if promoted:
             if extended:
@@ -897,30 +706,28 @@ class _Job:
             }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__)
-    parser.add_argument("--limit", default="", help="demo catalog: number of emoji (demo.limit)")
-    parser.add_argument("--min-new-images", default="", help="improve.min_new_images")
-    parser.add_argument(
+OPTIONS = (
+    Option("--limit", "demo catalog: number of emoji (demo.limit)", key="demo.limit"),
+    Option("--min-new-images", "improve.min_new_images", key="improve.min_new_images"),
+    Option(
         "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any config override, e.g. --set ingest.path=/data/photos (repeatable)",
-    )
-    args = parser.parse_args(argv)
-    setup_logging()
-    overrides: dict[str, Any] = {
-        "demo.limit": args.limit,
-        "improve.min_new_images": args.min_new_images,
-    }
-    for item in args.set:
+        "any config override KEY=VALUE, e.g. --set ingest.path=/data/photos (repeatable)",
+        repeat=True,
+    ),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    kwargs, overrides, profile = parse_cli(__doc__, OPTIONS, argv)
+    for item in kwargs["set"]:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            parser.error(f"--set wants KEY=VALUE, not {item!r}")
+            print(f"--set wants KEY=VALUE, not {item!r}", file=sys.stderr)
+            return 2
         overrides[key.strip()] = value
+    setup_logging()
     try:
-        run_id = run(args.profile or None, overrides)
+        run_id = run(profile, overrides)
     except (ImgsearchError, MlflowException) as exc:
         print(f"improve failed, nothing promoted, watermark unchanged: {exc}", file=sys.stderr)
         return 2

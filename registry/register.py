@@ -467,7 +467,9 @@ def evaluation(
     run = client.get_run(evaluate_run_id)
     metrics = select_metrics(run.data.metrics, cfg.metric_prefixes, cfg.metrics or None)
     tags = {TAG_EVALUATE_RUN: evaluate_run_id}
-    split = run.data.params.get("evaluate.split") or run.data.params.get("split")
+    # an `mlflow run -P split=''` leaves "" under "split" and the value used under "cfg.split"
+    params = run.data.params
+    split = params.get("evaluate.split") or params.get("cfg.split") or params.get("split")
     if split:
         tags[TAG_EVAL_SPLIT] = split
         if split != "test":

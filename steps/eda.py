@@ -21,7 +21,7 @@ import pandas as pd
 
 from imgsearch.config import from_dict
 from imgsearch.data.eda import EdaConfig, build_report
-from steps.common import base_parser, log_metrics, read_df, setup_logging, stage_run
+from steps.common import Option, cli, log_metrics, read_df, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +52,14 @@ def run(
         return active.info.run_id
 
 
+OPTIONS = (
+    Option("--validate-run-id", "run whose manifest and quarantine to report on", required=True),
+    Option("--preprocess-run-id", "also report this preprocess run's manifest/quarantine"),
+)
+
+
 def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument(
-        "--validate-run-id", required=True, help="run whose manifest and quarantine to report on"
-    )
-    parser.add_argument(
-        "--preprocess-run-id",
-        default="",
-        help="also report this preprocess run's manifest/quarantine",
-    )
-    args = parser.parse_args()
-    setup_logging()
-    run_id = run(args.validate_run_id, args.preprocess_run_id or None, profile=args.profile or None)
-    print(run_id)
+    cli(run, __doc__, OPTIONS)
 
 
 if __name__ == "__main__":

@@ -26,18 +26,17 @@ from imgsearch.config import from_dict
 from imgsearch.embed.extract import load_embeddings
 from imgsearch.evaluate.retrieval import EvaluateConfig, embedding_plots, evaluate
 from steps.common import (
+    EMBEDDINGS_ARTIFACT,
+    Option,
     artifact_path,
-    base_parser,
+    cli,
     log_df,
     log_metrics,
     read_df,
-    setup_logging,
     stage_run,
 )
 
 log = logging.getLogger(__name__)
-
-EMBEDDINGS_ARTIFACT = "embeddings.parquet"
 
 
 def run(
@@ -86,31 +85,24 @@ def run(
         return active.info.run_id
 
 
-def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument("--extract-run-id", required=True, help="run holding embeddings.parquet")
-    parser.add_argument(
-        "--split-run-id", required=True, help="run holding manifest.parquet with split"
-    )
-    parser.add_argument("--split", default="", help="train | val | test | all (default: config)")
-    parser.add_argument(
-        "--max-queries", default="", help="sample this many queries (default: config)"
-    )
-    parser.add_argument(
+OPTIONS = (
+    Option("--extract-run-id", f"run holding {EMBEDDINGS_ARTIFACT}", required=True),
+    Option("--split-run-id", "run holding manifest.parquet with split", required=True),
+    Option("--split", "train | val | test | all (default: config)", key="evaluate.split"),
+    Option(
+        "--max-queries", "sample this many queries (default: config)", key="evaluate.max_queries"
+    ),
+    Option(
         "--embeddings-artifact",
+        "artifact name in the extract run",
         default=EMBEDDINGS_ARTIFACT,
-        help="artifact name in the extract run",
-    )
-    args = parser.parse_args()
-    setup_logging()
-    run_id = run(
-        args.extract_run_id,
-        args.split_run_id,
-        overrides={"evaluate.split": args.split, "evaluate.max_queries": args.max_queries},
-        profile=args.profile or None,
-        embeddings_artifact=args.embeddings_artifact,
-    )
-    print(run_id)
+        empty_is_none=False,
+    ),
+)
+
+
+def main() -> None:
+    cli(run, __doc__, OPTIONS)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from imgsearch.models.backbones import (
     load_extractor,
     save_extractor,
 )
-from steps.common import base_parser, log_df, log_metrics, read_df, setup_logging, stage_run
+from steps.common import EMBEDDINGS_ARTIFACT, Option, cli, log_df, log_metrics, read_df, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run(
             result = extract(extractor, manifest, cfg, out=Path(tmp) / "embeddings.npy")
             log_metrics(result.metrics)
             path = save_embeddings(
-                Path(tmp) / "embeddings.parquet",
+                Path(tmp) / EMBEDDINGS_ARTIFACT,
                 result.ids,
                 result.embeddings,
                 metadata={"extractor_fingerprint": fp, "extractor_name": extractor.spec.name},
@@ -110,48 +110,25 @@ def run(
         return active.info.run_id
 
 
-def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument(
-        "--preprocess-run-id", required=True, help="run whose manifest.parquet (pre_path) to embed"
-    )
-    parser.add_argument(
-        "--split-run-id",
-        default="",
-        help="run whose manifest.parquet (with split) to embed instead",
-    )
-    parser.add_argument(
-        "--extractor-uri",
-        default="",
-        help="saved extractor dir or MLflow artifact URI (runs:/<id>/extractor)",
-    )
-    parser.add_argument(
+OPTIONS = (
+    Option("--preprocess-run-id", "run whose manifest.parquet (pre_path) to embed", required=True),
+    Option("--split-run-id", "run whose manifest.parquet (with split) to embed instead"),
+    Option("--extractor-uri", "saved extractor dir or MLflow artifact URI (runs:/<id>/extractor)"),
+    Option(
         "--backbone",
-        default="",
-        help="resnet50 | mobilenet_v2 | efficientnet_b0 | efficientnet_lite0",
-    )
-    parser.add_argument(
-        "--weights", default="", help="imagenet | none | checkpoint path (default: config)"
-    )
-    parser.add_argument(
-        "--batch-size", default="", help="images per forward pass (default: config)"
-    )
-    parser.add_argument("--precision", default="", help="fp32 | bf16 (default: config)")
-    args = parser.parse_args()
-    setup_logging()
-    run_id = run(
-        args.preprocess_run_id,
-        split_run_id=args.split_run_id or None,
-        extractor_uri=args.extractor_uri or None,
-        overrides={
-            "extract.backbone": args.backbone,
-            "extract.weights": args.weights,
-            "extract.batch_size": args.batch_size,
-            "extract.precision": args.precision,
-        },
-        profile=args.profile or None,
-    )
-    print(run_id)
+        "resnet50 | mobilenet_v2 | efficientnet_b0 | efficientnet_lite0",
+        key="extract.backbone",
+    ),
+    Option(
+        "--weights", "imagenet | none | checkpoint path (default: config)", key="extract.weights"
+    ),
+    Option("--batch-size", "images per forward pass (default: config)", key="extract.batch_size"),
+    Option("--precision", "fp32 | bf16 (default: config)", key="extract.precision"),
+)
+
+
+def main() -> None:
+    cli(run, __doc__, OPTIONS)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 from imgsearch.config import from_dict, load_config
 from imgsearch.data.demo import DemoConfig, demo_catalog
 from imgsearch.errors import ImgsearchError
-from steps.common import PROFILE_ENV, base_parser, setup_logging
+from steps.common import PROFILE_ENV, Option, cli
 
 
 def run(limit: int | None = None, profile: str | None = None) -> str:
@@ -21,13 +21,12 @@ def run(limit: int | None = None, profile: str | None = None) -> str:
     return str(demo_catalog(from_dict(DemoConfig, cfg.get("demo"))))
 
 
+OPTIONS = (Option("--limit", "number of emoji (default: config)", default=None, type=int),)
+
+
 def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument("--limit", type=int, default=None, help="number of emoji (default: config)")
-    args = parser.parse_args()
-    setup_logging()
     try:
-        print(run(args.limit, args.profile or None))
+        cli(run, __doc__, OPTIONS)
     except ImgsearchError as exc:
         sys.exit(f"fetch_demo: {exc}")
 

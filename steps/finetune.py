@@ -35,7 +35,7 @@ import mlflow
 from imgsearch.config import from_dict, home_dir
 from imgsearch.models.backbones import create_extractor, fingerprint, save_extractor
 from imgsearch.train.finetune import FinetuneConfig, finetune
-from steps.common import base_parser, log_df, log_metrics, setup_logging, stage_run
+from steps.common import Option, cli, log_df, log_metrics, stage_run
 from steps.extract import load_extractor_uri, read_manifest
 
 log = logging.getLogger(__name__)
@@ -108,52 +108,34 @@ def run(
         return active.info.run_id
 
 
-def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument(
-        "--split-run-id", required=True, help="run whose manifest.parquet has split"
-    )
-    parser.add_argument(
-        "--preprocess-run-id", default="", help="run whose manifest.parquet has pre_path (optional)"
-    )
-    parser.add_argument(
-        "--extractor-uri",
-        default="",
-        help="saved extractor dir or MLflow artifact URI (runs:/<id>/extractor)",
-    )
-    parser.add_argument(
-        "--backbone", default="", help="starting backbone (default: extract config)"
-    )
-    parser.add_argument(
-        "--weights", default="", help="imagenet | none | checkpoint path (default: extract config)"
-    )
-    parser.add_argument("--method", default="", help="supcon | simclr | moco (default: config)")
-    parser.add_argument("--epochs", default="", help="maximum epochs (default: config)")
-    parser.add_argument(
-        "--train-size", default="", help="training resolution in px (default: config)"
-    )
-    parser.add_argument("--max-minutes", default="", help="time budget (default: config)")
-    args = parser.parse_args()
-    setup_logging()
+OPTIONS = (
+    Option("--split-run-id", "run whose manifest.parquet has split", required=True),
+    Option("--preprocess-run-id", "run whose manifest.parquet has pre_path (optional)"),
+    Option("--extractor-uri", "saved extractor dir or MLflow artifact URI (runs:/<id>/extractor)"),
+    Option("--backbone", "starting backbone (default: extract config)", key="extract.backbone"),
+    Option(
+        "--weights",
+        "imagenet | none | checkpoint path (default: extract config)",
+        key="extract.weights",
+    ),
+    Option("--method", "supcon | simclr | moco (default: config)", key="finetune.method"),
+    Option("--epochs", "maximum epochs (default: config)", key="finetune.epochs"),
+    Option(
+        "--train-size", "training resolution in px (default: config)", key="finetune.train_size"
+    ),
+    Option("--max-minutes", "time budget (default: config)", key="finetune.max_minutes"),
+)
+
+
+def _paper_augment(kwargs: dict[str, Any], overrides: dict[str, Any]) -> None:
     # simclr and moco take their positives from augmented views: their papers' augmentations,
     # whatever the config's supcon recipe (augment: false) says.
-    paper_augment = {} if args.method.strip() in ("simclr", "moco") else ""
-    run_id = run(
-        args.split_run_id,
-        preprocess_run_id=args.preprocess_run_id or None,
-        extractor_uri=args.extractor_uri or None,
-        overrides={
-            "extract.backbone": args.backbone,
-            "extract.weights": args.weights,
-            "finetune.method": args.method,
-            "finetune.augment": paper_augment,
-            "finetune.epochs": args.epochs,
-            "finetune.train_size": args.train_size,
-            "finetune.max_minutes": args.max_minutes,
-        },
-        profile=args.profile or None,
-    )
-    print(run_id)
+    method = str(overrides["finetune.method"]).strip()
+    overrides["finetune.augment"] = {} if method in ("simclr", "moco") else ""
+
+
+def main() -> None:
+    cli(run, __doc__, OPTIONS, adjust=_paper_augment)
 
 
 if __name__ == "__main__":

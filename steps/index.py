@@ -14,6 +14,13 @@ the extractor fingerprint; load with ``imgsearch.search.index.ImageIndex.load``)
 With ``--split-run-id`` the ranking is tuned (``imgsearch.search.ranking.tune``) on the ``val`` images
 against the val gallery: ``ranking_tune.parquet`` (one row per grid point) and metrics
 ``val_map``, ``val_hit_at_1``, ``ranking_popularity_weight``, ``ranking_mmr_lambda``.
+
+Add mode (``--add-to-index-run-id``): instead of building, load that run's ``index/`` (its sha256
+verified, bound to the same extractor fingerprint), add the embeddings of the extract run that are
+not in it yet (their metadata from the manifest as above), and publish the result the same way
+(``ImageIndex.save``: checksummed, atomic). Metrics ``count``, ``count_before``, ``n_added``; tags
+``imgsearch.index.mode=add`` and ``imgsearch.input.base_index_run_id``; the ranking is not re-tuned:
+the base run's ``ranking.yaml`` is served as it is.
 """
 
 from __future__ import annotations
@@ -25,27 +32,31 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 import yaml
 from mlflow.exceptions import MlflowException
 
+from imgsearch import schema
 from imgsearch.config import from_dict
 from imgsearch.embed.extract import embeddings_metadata, load_embeddings
-from imgsearch.search.index import IndexConfig, build_index, gallery_meta
+from imgsearch.search.index import ImageIndex, IndexConfig, build_index, gallery_meta
 from imgsearch.search.ranking import RankingConfig, tune_on_split
 from steps.common import (
+    EMBEDDINGS_ARTIFACT,
+    Option,
     artifact_path,
-    base_parser,
+    cli,
     log_df,
     log_metrics,
     read_df,
-    setup_logging,
     stage_run,
 )
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS_ARTIFACT = "embeddings.parquet"
+INDEX_ARTIFACT = "index"
+RANKING_ARTIFACT = "ranking.yaml"
 MANIFEST_ARTIFACT = "manifest.parquet"
 FINGERPRINT_KEY = "extractor_fingerprint"
 
@@ -84,9 +95,14 @@ def run(
     manifest_run_id: str | None = None,
     embeddings_artifact: str = EMBEDDINGS_ARTIFACT,
     tune_max_queries: int = 2000,
+    add_to_index_run_id: str | None = None,
 ) -> str:
     with stage_run("index", overrides, profile) as (active, all_cfg):
-        inputs = {"extract_run_id": extract_run_id, "split_run_id": split_run_id}
+        inputs = {
+            "extract_run_id": extract_run_id,
+            "split_run_id": split_run_id,
+            "base_index_run_id": add_to_index_run_id,
+        }
         mlflow.set_tags({f"imgsearch.input.{k}": v for k, v in inputs.items() if v})
         cfg = from_dict(IndexConfig, all_cfg.get("index"))
         ranking_cfg = from_dict(RankingConfig, all_cfg.get("ranking"))
@@ -94,14 +110,16 @@ def run(
         ids, emb = load_embeddings(emb_file)
         fingerprint = _fingerprint(extract_run_id, emb_file)
         manifest = _manifest(extract_run_id, split_run_id, manifest_run_id)
+        if add_to_index_run_id:
+            _add_to_index(add_to_index_run_id, ids, emb, manifest, fingerprint)
+            return active.info.run_id
         meta = gallery_meta(ids, manifest)
 
         index, metrics = build_index(emb, meta, cfg, fingerprint)
         metrics["n_manifest_not_embedded"] = int(len(manifest) - len(meta))
         mlflow.set_tag("index.factory", index.factory)
         log_metrics(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifacts(str(index.save(Path(tmp) / "index")), "index")
+        _publish(index)
 
         if split_run_id:
             ranking_cfg, table = tune_on_split(
@@ -119,41 +137,54 @@ def run(
                 }
             )
         mlflow.log_text(
-            yaml.safe_dump(dataclasses.asdict(ranking_cfg), sort_keys=True), "ranking.yaml"
+            yaml.safe_dump(dataclasses.asdict(ranking_cfg), sort_keys=True), RANKING_ARTIFACT
         )
         return active.info.run_id
 
 
-def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument("--extract-run-id", required=True, help="run holding embeddings.parquet")
-    parser.add_argument(
-        "--split-run-id", default="", help="run holding manifest.parquet with split: tunes ranking"
+def _add_to_index(
+    base_run_id: str, ids: np.ndarray, emb: np.ndarray, manifest: pd.DataFrame, fingerprint: str
+) -> None:
+    """Add the vectors not yet in ``base_run_id``'s index to it; publish it and its ranking."""
+    mlflow.set_tag("imgsearch.index.mode", "add")
+    # load verifies the sha256 and refuses an index made by another extractor
+    index = ImageIndex.load(
+        artifact_path(base_run_id, INDEX_ARTIFACT), expected_extractor_fingerprint=fingerprint
     )
-    parser.add_argument(
-        "--manifest-run-id", default="", help="run holding manifest.parquet (default: see above)"
-    )
-    parser.add_argument(
-        "--factory", default="", help="FAISS factory string or auto (default: config)"
-    )
-    parser.add_argument(
+    in_index = set(index.meta[schema.IMAGE_ID].astype(str))
+    pick = np.array([str(i) not in in_index for i in ids], dtype=bool)
+    n_before = index.count
+    index.add(emb[pick], gallery_meta(ids[pick], manifest))
+    log_metrics({"count": index.count, "n_added": int(pick.sum()), "count_before": n_before})
+    mlflow.set_tag("index.factory", index.factory)
+    _publish(index)
+    mlflow.log_artifact(str(artifact_path(base_run_id, RANKING_ARTIFACT)))
+
+
+def _publish(index: ImageIndex) -> None:
+    """``ImageIndex.save`` writes the files and their checksums; the run holds them as ``index/``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifacts(str(index.save(Path(tmp) / INDEX_ARTIFACT)), INDEX_ARTIFACT)
+
+
+OPTIONS = (
+    Option("--extract-run-id", f"run holding {EMBEDDINGS_ARTIFACT}", required=True),
+    Option("--split-run-id", "run holding manifest.parquet with split: tunes ranking"),
+    Option("--manifest-run-id", "run holding manifest.parquet (default: see above)"),
+    Option("--factory", "FAISS factory string or auto (default: config)", key="index.factory"),
+    Option(
         "--embeddings-artifact",
+        "artifact name in the extract run",
         default=EMBEDDINGS_ARTIFACT,
-        help="artifact name in the extract run",
-    )
-    parser.add_argument("--tune-max-queries", type=int, default=2000, help="val queries for tuning")
-    args = parser.parse_args()
-    setup_logging()
-    run_id = run(
-        args.extract_run_id,
-        args.split_run_id or None,
-        overrides={"index.factory": args.factory},
-        profile=args.profile or None,
-        manifest_run_id=args.manifest_run_id or None,
-        embeddings_artifact=args.embeddings_artifact,
-        tune_max_queries=args.tune_max_queries,
-    )
-    print(run_id)
+        empty_is_none=False,
+    ),
+    Option("--tune-max-queries", "val queries for tuning", default=2000, type=int),
+    Option("--add-to-index-run-id", "add the new vectors to this run's index instead of building"),
+)
+
+
+def main() -> None:
+    cli(run, __doc__, OPTIONS)
 
 
 if __name__ == "__main__":

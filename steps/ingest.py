@@ -21,7 +21,7 @@ import mlflow
 from imgsearch.config import from_dict
 from imgsearch.data.demo import DemoConfig, demo_catalog
 from imgsearch.data.ingest import IngestConfig, ingest
-from steps.common import base_parser, log_df, log_metrics, setup_logging, stage_run
+from steps.common import Option, cli, log_df, log_metrics, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +41,23 @@ def run(overrides: dict[str, Any] | None = None, profile: str | None = None) -> 
         return active.info.run_id
 
 
-def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument(
+OPTIONS = (
+    Option(
         "--source",
-        default="",
+        "catalog kind (default: config)",
+        key="ingest.source",
         choices=["", "sql", "table", "folder"],
-        help="catalog kind (default: config)",
-    )
-    parser.add_argument("--url", default="", help="SQLAlchemy URL of the catalog database (sql)")
-    parser.add_argument(
-        "--path", default="", help="CSV/Parquet file (table) or folder of item folders (folder)"
-    )
-    parser.add_argument("--data-root", default="", help="folder the catalog's uris are resolved in")
-    args = parser.parse_args()
-    setup_logging()
-    run_id = run(
-        overrides={
-            "ingest.source": args.source,
-            "ingest.url": args.url,
-            "ingest.path": args.path,
-            "ingest.data_root": args.data_root,
-        },
-        profile=args.profile or None,
-    )
-    print(run_id)
+    ),
+    Option("--url", "SQLAlchemy URL of the catalog database (sql)", key="ingest.url"),
+    Option(
+        "--path", "CSV/Parquet file (table) or folder of item folders (folder)", key="ingest.path"
+    ),
+    Option("--data-root", "folder the catalog's uris are resolved in", key="ingest.data_root"),
+)
+
+
+def main() -> None:
+    cli(run, __doc__, OPTIONS)
 
 
 if __name__ == "__main__":

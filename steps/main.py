@@ -18,24 +18,11 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from steps import (
-    eda,
-    evaluate,
-    extract,
-    finetune,
-    index,
-    ingest,
-    preprocess,
-    promote,
-    register,
-    split,
-    validate,
-)
-from steps.common import base_parser, log_df, log_metrics, setup_logging
+from steps import eda, finetune, ingest, preprocess, split, validate
+from steps.chain import Chain, ChainNames, run_chain
+from steps.common import HEADLINE, Option, cli, log_df, log_metrics
 
 log = logging.getLogger(__name__)
-
-HEADLINE = ("hit_at_1", "hit_at_10", "precision_at_1", "map", "map_at_r", "recall_at_10")
 
 
 def run(
@@ -64,18 +51,15 @@ def run(
 
         def retrieval(prefix: str, extractor_uri: str | None) -> None:
             """extract -> index -> evaluate -> register (-> promote) with one extractor."""
-            ex = done(
-                f"{prefix}extract",
-                extract.run(
-                    ids["preprocess"], split_run_id=ids["split"], extractor_uri=extractor_uri, **kw
-                ),
+            runs = run_chain(
+                Chain(kw, done, names=ChainNames.prefixed(prefix)),
+                data_run_id=ids["split"],
+                eval_split_run_id=ids["split"],
+                preprocess_run_id=ids["preprocess"],
+                extractor_uri=extractor_uri,
+                do_promote=promote_,
             )
-            ix = done(f"{prefix}index", index.run(ex, split_run_id=ids["split"], **kw))
-            ev = done(f"{prefix}evaluate", evaluate.run(ex, ids["split"], **kw))
-            done(f"{prefix}register", register.run(ex, ix, ev, **kw))
-            if promote_:
-                done(f"{prefix}promote", promote.run(**kw))
-            metrics = mlflow.get_run(ev).data.metrics
+            metrics = mlflow.get_run(runs.evaluate).data.metrics
             log_metrics({f"{prefix}test.{k}": metrics[k] for k in HEADLINE if k in metrics})
 
         retrieval("", None)
@@ -114,30 +98,33 @@ def before_after(baseline_run_id: str, finetuned_run_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["metric", "baseline", "finetuned", "delta", "ratio"])
 
 
-def main() -> None:
-    setup_logging()
-    parser = base_parser(__doc__)
-    parser.add_argument("--limit", default="", help="demo: number of emoji (default: all)")
-    parser.add_argument(
+OPTIONS = (
+    Option("--limit", "demo: number of emoji (default: all)", key="demo.limit"),
+    Option(
         "--backbone",
-        default="",
-        help="resnet50 | mobilenet_v2 | efficientnet_b0 | efficientnet_lite0",
-    )
-    parser.add_argument("--weights", default="", help="imagenet | none | checkpoint path")
-    parser.add_argument("--factory", default="", help="FAISS index factory string, or auto")
-    parser.add_argument("--no-promote", action="store_true", help="register the challenger only")
-    parser.add_argument(
-        "--finetune", default="true", help="true | false: fine-tune after the baseline"
-    )
-    args = parser.parse_args()
-    overrides = {
-        "demo.limit": args.limit,
-        "extract.backbone": args.backbone,
-        "extract.weights": args.weights,
-        "index.factory": args.factory,
-    }
-    finetune_ = str(args.finetune).strip().lower() not in ("false", "0", "no", "off")
-    print(run(args.profile or None, overrides, not args.no_promote, finetune_))
+        "resnet50 | mobilenet_v2 | efficientnet_b0 | efficientnet_lite0",
+        key="extract.backbone",
+    ),
+    Option("--weights", "imagenet | none | checkpoint path", key="extract.weights"),
+    Option("--factory", "FAISS index factory string, or auto", key="index.factory"),
+    Option("--no-promote", "register the challenger only", flag_only=True),
+    Option(
+        "--finetune",
+        "true | false: fine-tune after the baseline",
+        default="true",
+        empty_is_none=False,
+    ),
+)
+
+
+def _switches(kwargs: dict[str, Any], overrides: dict[str, Any]) -> None:
+    kwargs["promote_"] = not kwargs.pop("no_promote")
+    finetune_ = str(kwargs.pop("finetune")).strip().lower()
+    kwargs["finetune_"] = finetune_ not in ("false", "0", "no", "off")
+
+
+def main() -> None:
+    cli(run, __doc__, OPTIONS, adjust=_switches)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import mlflow
 
 from imgsearch.config import from_dict, home_dir
 from imgsearch.data.preprocess import PreprocessConfig, preprocess
-from steps.common import base_parser, log_df, log_metrics, read_df, setup_logging, stage_run
+from steps.common import Option, cli, log_df, log_metrics, read_df, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +39,19 @@ def run(
         return active.info.run_id
 
 
+OPTIONS = (
+    Option("--validate-run-id", "run whose manifest.parquet to preprocess", required=True),
+    Option("--size", "output side in pixels (default: config)", key="preprocess.size"),
+    Option(
+        "--resize",
+        "resize_center_crop | letterbox | squash (default: config)",
+        key="preprocess.resize",
+    ),
+)
+
+
 def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument(
-        "--validate-run-id", required=True, help="run whose manifest.parquet to preprocess"
-    )
-    parser.add_argument("--size", default="", help="output side in pixels (default: config)")
-    parser.add_argument(
-        "--resize", default="", help="resize_center_crop | letterbox | squash (default: config)"
-    )
-    args = parser.parse_args()
-    setup_logging()
-    run_id = run(
-        args.validate_run_id,
-        overrides={"preprocess.size": args.size, "preprocess.resize": args.resize},
-        profile=args.profile or None,
-    )
-    print(run_id)
+    cli(run, __doc__, OPTIONS)
 
 
 if __name__ == "__main__":

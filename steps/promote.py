@@ -23,7 +23,7 @@ import mlflow
 
 from imgsearch.config import from_dict
 from registry.promote import PromoteConfig, promote_with_config, rollback
-from steps.common import base_parser, log_metrics, setup_logging, stage_run
+from steps.common import Option, cli, log_metrics, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +77,20 @@ def run(
         return active.info.run_id
 
 
+OPTIONS = (
+    Option("--metric", "version metric to compare (default: config)", key="promote.metric"),
+    Option("--min-delta", "required improvement (default: config)", key="promote.min_delta"),
+    Option("--rollback", "roll champion back instead", flag_only=True),
+    Option("--to-version", "with --rollback: the index version"),
+)
+
+
 def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument("--metric", default="", help="version metric to compare (default: config)")
-    parser.add_argument("--min-delta", default="", help="required improvement (default: config)")
-    parser.add_argument("--rollback", action="store_true", help="roll champion back instead")
-    parser.add_argument("--to-version", default="", help="with --rollback: the index version")
-    args = parser.parse_args()
-    setup_logging()
-    run_id = run(
-        overrides={"promote.metric": args.metric, "promote.min_delta": args.min_delta},
-        profile=args.profile or None,
-        do_rollback=args.rollback,
-        to_version=args.to_version or None,
-    )
-    print(run_id)
+    cli(run, __doc__, OPTIONS, adjust=_rollback_keywords)
+
+
+def _rollback_keywords(kwargs: dict[str, Any], overrides: dict[str, Any]) -> None:
+    kwargs["do_rollback"] = kwargs.pop("rollback")
 
 
 if __name__ == "__main__":

@@ -21,18 +21,16 @@ from typing import Any
 
 import mlflow
 import yaml
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from imgsearch.config import from_dict
 from imgsearch.search.ranking import RankingConfig
 from registry.register import (
-    INPUT_EXTRACT_RUN,
     RegisterConfig,
     evaluation,
     register_pair,
 )
-from steps.common import artifact_path, base_parser, log_metrics, setup_logging, stage_run
+from steps.common import Option, artifact_path, cli, log_metrics, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -50,30 +48,6 @@ def _ranking(index_run_id: str, cfg: RegisterConfig, all_cfg: dict[str, Any]) ->
         )
     section = all_cfg.get("ranking")
     return from_dict(RankingConfig, section if isinstance(section, dict) else {})
-
-
-def _evaluation(
-    evaluate_run_id: str,
-    cfg: RegisterConfig,
-    *,
-    extract_run_id: str | None = None,
-    index_run_id: str | None = None,
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Compatibility name for :func:`registry.register.evaluation` (call that instead, with the
-    runs being registered). Without run ids nothing is checked here; the promotion gate still
-    refuses figures whose evaluation did not measure the version's own index run."""
-    if extract_run_id is None and index_run_id is None:
-        log.warning(
-            "evaluate run %s not checked against the registered runs: call "
-            "registry.register.evaluation(..., index_run_id=...)",
-            evaluate_run_id,
-        )
-        run = MlflowClient().get_run(evaluate_run_id)
-        # a missing tag is refused by evaluation() with its reason
-        extract_run_id = run.data.tags.get(INPUT_EXTRACT_RUN) or "unrecorded"
-    return evaluation(
-        evaluate_run_id, cfg, extract_run_id=extract_run_id, index_run_id=index_run_id
-    )
 
 
 def run(
@@ -130,22 +104,16 @@ def run(
         return active.info.run_id
 
 
+OPTIONS = (
+    Option("--extract-run-id", required=True),
+    Option("--index-run-id", required=True),
+    Option("--evaluate-run-id", required=True),
+    Option("--alias", "alias to set (default: configs/register.yaml)", key="register.alias"),
+)
+
+
 def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument("--extract-run-id", required=True)
-    parser.add_argument("--index-run-id", required=True)
-    parser.add_argument("--evaluate-run-id", required=True)
-    parser.add_argument("--alias", default="", help="alias to set (default: configs/register.yaml)")
-    args = parser.parse_args()
-    setup_logging()
-    run_id = run(
-        args.extract_run_id,
-        args.index_run_id,
-        args.evaluate_run_id,
-        overrides={"register.alias": args.alias},
-        profile=args.profile or None,
-    )
-    print(run_id)
+    cli(run, __doc__, OPTIONS)
 
 
 if __name__ == "__main__":

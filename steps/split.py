@@ -19,7 +19,7 @@ import mlflow
 from imgsearch import schema
 from imgsearch.config import from_dict
 from imgsearch.data.split import SplitConfig, split
-from steps.common import base_parser, log_df, log_metrics, read_df, setup_logging, stage_run
+from steps.common import Option, cli, log_df, log_metrics, read_df, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +47,19 @@ def run(
         return active.info.run_id
 
 
+SOURCES = (
+    Option("--preprocess-run-id", "run whose manifest.parquet to split"),
+    Option("--validate-run-id", "run whose manifest.parquet to split"),
+)
+OPTIONS = (
+    Option("--by", "item | image (default: config)", key="split.by"),
+    Option("--seed", "hash seed (default: config)", key="split.seed"),
+    Option("--fractions", "train,val,test as YAML, e.g. '[0.6, 0.2, 0.2]'", key="split.fractions"),
+)
+
+
 def main() -> None:
-    parser = base_parser(__doc__)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--preprocess-run-id", default="", help="run whose manifest.parquet to split"
-    )
-    source.add_argument("--validate-run-id", default="", help="run whose manifest.parquet to split")
-    parser.add_argument("--by", default="", help="item | image (default: config)")
-    parser.add_argument("--seed", default="", help="hash seed (default: config)")
-    parser.add_argument(
-        "--fractions", default="", help="train,val,test as YAML, e.g. '[0.6, 0.2, 0.2]'"
-    )
-    args = parser.parse_args()
-    setup_logging()
-    run_id = run(
-        validate_run_id=args.validate_run_id or None,
-        preprocess_run_id=args.preprocess_run_id or None,
-        overrides={"split.by": args.by, "split.seed": args.seed, "split.fractions": args.fractions},
-        profile=args.profile or None,
-    )
-    print(run_id)
+    cli(run, __doc__, OPTIONS, one_of=SOURCES)
 
 
 if __name__ == "__main__":

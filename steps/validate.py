@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from imgsearch import schema
 from imgsearch.config import from_dict, home_dir
 from imgsearch.data.validate import ValidateConfig, validate
-from steps.common import base_parser, log_df, log_metrics, read_df, setup_logging, stage_run
+from steps.common import Option, cli, log_df, log_metrics, read_df, stage_run
 
 log = logging.getLogger(__name__)
 STAGE = "validate"
@@ -61,29 +61,25 @@ def _ingest_rejections(run_id: str) -> pd.DataFrame:
     return rejected.reindex(columns=list(schema.QUARANTINE_COLUMNS))
 
 
-def main() -> None:
-    parser = base_parser(__doc__)
-    parser.add_argument("--ingest-run-id", required=True, help="run id of the ingest stage")
-    parser.add_argument("--min-size", default="", help="shorter side in pixels (validate.min_size)")
-    parser.add_argument(
+OPTIONS = (
+    Option("--ingest-run-id", "run id of the ingest stage", required=True),
+    Option("--min-size", "shorter side in pixels (validate.min_size)", key=f"{STAGE}.min_size"),
+    Option(
         "--near-duplicate-scope",
-        default="",
-        help="item | all | none (validate.near_duplicate_scope)",
-    )
-    parser.add_argument(
-        "--max-images-per-item", default="", help="cap per item (validate.max_images_per_item)"
-    )
-    parser.add_argument("--workers", default="", help="decoding processes (validate.workers)")
-    args = parser.parse_args()
-    setup_logging()
-    overrides = {
-        f"{STAGE}.min_size": args.min_size,
-        f"{STAGE}.near_duplicate_scope": args.near_duplicate_scope,
-        f"{STAGE}.max_images_per_item": args.max_images_per_item,
-        f"{STAGE}.workers": args.workers,
-    }
-    run_id = run(args.ingest_run_id, overrides, profile=args.profile or None)
-    print(run_id)
+        "item | all | none (validate.near_duplicate_scope)",
+        key=f"{STAGE}.near_duplicate_scope",
+    ),
+    Option(
+        "--max-images-per-item",
+        "cap per item (validate.max_images_per_item)",
+        key=f"{STAGE}.max_images_per_item",
+    ),
+    Option("--workers", "decoding processes (validate.workers)", key=f"{STAGE}.workers"),
+)
+
+
+def main() -> None:
+    cli(run, __doc__, OPTIONS)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""The retrieval chain: extract -> index -> evaluate -> register -> promote, written once.
+
+``steps.main`` runs it for the baseline and the fine-tuned extractor; ``monitoring.improve`` runs
+it for a fine-tuned challenger (a full rebuild) and to extend the champion's index with new
+vectors (no extract: the embeddings exist; ``index`` in add mode; an index-only registration).
+Each step is a nested run; ``Chain.done(name, run_id)`` records it (the caller's ``imgsearch.run.*``
+tags) and ``Chain.before(stage, name)`` runs before each step (improve: the stop/pause hooks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from steps import evaluate, extract, index, promote, register
+
+STAGES = ("extract", "index", "evaluate", "register", "promote")
+
+
+@dataclass(frozen=True)
+class ChainNames:
+    """The name each step's run is recorded under (``done``)."""
+
+    extract: str = "extract"
+    index: str = "index"
+    evaluate: str = "evaluate"
+    register: str = "register"
+    promote: str = "promote"
+
+    @classmethod
+    def prefixed(cls, prefix: str) -> ChainNames:
+        return cls(*(f"{prefix}{stage}" for stage in STAGES))
+
+
+@dataclass
+class Chain:
+    """How the chain's steps are run and recorded."""
+
+    kw: Mapping[str, Any]  # ``overrides`` and ``profile`` for every step
+    done: Callable[[str, str], str]
+    before: Callable[[str, str], None] = lambda stage, name: None
+    names: ChainNames = field(default_factory=ChainNames)
+
+    def _step(self, stage: str, call: Callable[[], str]) -> str:
+        name = getattr(self.names, stage)
+        self.before(stage, name)
+        return self.done(name, call())
+
+
+@dataclass
+class ChainRuns:
+    extract: str
+    index: str
+    evaluate: str
+    register: str
+    promote: str | None
+
+
+def run_chain(
+    chain: Chain,
+    *,
+    data_run_id: str,
+    eval_split_run_id: str,
+    preprocess_run_id: str | None = None,
+    extractor_uri: str | None = None,
+    extract_run_id: str | None = None,
+    add_to_index_run_id: str | None = None,
+    register_with: Callable[[str, str, str], str] | None = None,
+    after_evaluate: Callable[[str], None] | None = None,
+    do_promote: bool = True,
+) -> ChainRuns:
+    """Run the chain; returns the run id of each step.
+
+    ``data_run_id``: the manifest (with split) to embed and index. ``eval_split_run_id``: the split
+    the evaluation (and so the gate) measures. ``extract_run_id`` given: no extract step, its
+    embeddings are indexed. ``add_to_index_run_id``: index in add mode on that run's index.
+    ``register_with(extract, index, evaluate) -> run_id`` replaces ``steps.register.run``;
+    ``after_evaluate(extract_run_id)`` runs between evaluate and register.
+    """
+    kw = dict(chain.kw)
+    if extract_run_id is None:
+        extract_run_id = chain._step(
+            "extract",
+            lambda: extract.run(
+                preprocess_run_id or data_run_id,
+                split_run_id=data_run_id,
+                extractor_uri=extractor_uri,
+                **kw,
+            ),
+        )
+    ex = extract_run_id
+    ix = chain._step(
+        "index",
+        lambda: index.run(
+            ex, split_run_id=data_run_id, add_to_index_run_id=add_to_index_run_id, **kw
+        ),
+    )
+    ev = chain._step("evaluate", lambda: evaluate.run(ex, eval_split_run_id, **kw))
+    if after_evaluate is not None:
+        after_evaluate(ex)
+    reg = register_with or (lambda e, i, v: register.run(e, i, v, **kw))
+    rg = chain._step("register", lambda: reg(ex, ix, ev))
+    pr = chain._step("promote", lambda: promote.run(**kw)) if do_promote else None
+    return ChainRuns(ex, ix, ev, rg, pr)
