@@ -108,6 +108,8 @@ class PromoteConfig:
     check each version's recorded figure against the run that measured it.
     ``smoke_check``: load the challenger and query it once before moving any alias.
     ``require_same_test_split``: refuse unless both evaluations measured the same test split.
+    ``extends_index``: the challenger only adds images to the champion's index with the same
+    extractor version (see :func:`promote`): it must not regress, instead of beating.
     """
 
     metric: str = "map_at_r"
@@ -119,6 +121,7 @@ class PromoteConfig:
     smoke_check: bool = True
     smoke_k: int = 3
     require_same_test_split: bool = True
+    extends_index: bool = False
     index_name: str = INDEX_MODEL
     extractor_name: str = EXTRACTOR_MODEL
 
@@ -312,6 +315,12 @@ def _better(challenger: float, champion: float, min_delta: float, higher: bool) 
     return delta > min_delta
 
 
+def _not_worse(challenger: float, champion: float, higher: bool) -> bool:
+    """An index extension (same extractor, more images) must only not regress."""
+    delta = challenger - champion if higher else champion - challenger
+    return delta >= 0
+
+
 class UntrustedMetric(RegistryError):
     """A version's recorded figure cannot be traced to the evaluation of its own runs."""
 
@@ -396,8 +405,14 @@ def promote(
     index_name: str = INDEX_MODEL,
     extractor_name: str = EXTRACTOR_MODEL,
     metric_prefixes: list[str] | None = None,
+    extends_index: bool = False,
 ) -> PromotionDecision:
     """Move ``champion`` to the ``challenger`` pair if it passes the gate; see the module doc.
+
+    ``extends_index``: the challenger is the champion's index with new images added, built with
+    the champion's own extractor version (the improve job's add path); it then only has to not
+    regress on the frozen test split (a bigger gallery cannot be expected to score higher), and
+    this relaxation applies only when the extractor versions really are the same.
 
     Returns the decision (``promoted`` False with a reason when the gate refuses). Raises
     :class:`RegistryUnavailableError` when the store cannot be read or written (nothing changed).
@@ -469,7 +484,15 @@ def promote(
         if why is not None:
             decision.reason = why
             return decision
-        if not _better(ours.value, theirs.value, min_delta, higher_is_better):
+        same_extractor = (champion.tags or {}).get(TAG_EXTRACTOR_VERSION) == extractor_v
+        if same_extractor and extends_index:
+            if not _not_worse(ours.value, theirs.value, higher_is_better):
+                decision.reason = (
+                    f"index extension {metric}={ours.value:.6g} is worse than champion "
+                    f"{theirs.value:.6g} (same extractor v{extractor_v})"
+                )
+                return decision
+        elif not _better(ours.value, theirs.value, min_delta, higher_is_better):
             tie = " (a tie)" if ours.value == theirs.value else ""
             decision.reason = (
                 f"challenger {metric}={ours.value:.6g} does not beat champion "
@@ -532,6 +555,7 @@ def promote_with_config(
         index_name=cfg.index_name,
         extractor_name=cfg.extractor_name,
         metric_prefixes=cfg.metric_prefixes,
+        extends_index=cfg.extends_index,
     )
 
 

@@ -101,5 +101,11 @@ def run_chain(
         after_evaluate(ex)
     reg = register_with or (lambda e, i, v: register.run(e, i, v, **kw))
     rg = chain._step("register", lambda: reg(ex, ix, ev))
-    pr = chain._step("promote", lambda: promote.run(**kw)) if do_promote else None
+    promote_kw = dict(kw)
+    if add_to_index_run_id is not None:
+        # the champion's index plus new images, same extractor: the gate asks only for no
+        # regression on the frozen test split (registry.promote.promote, extends_index)
+        overrides = {**(kw.get("overrides") or {}), "promote.extends_index": True}
+        promote_kw["overrides"] = overrides
+    pr = chain._step("promote", lambda: promote.run(**promote_kw)) if do_promote else None
     return ChainRuns(ex, ix, ev, rg, pr)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.test_pipeline import _catalog
+from tests.conftest import make_folder_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = """
@@ -42,7 +42,7 @@ evaluate:
 def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment for ``mlflow run``: configs with the ci profile aimed at a tiny catalog."""
     root = tmp_path_factory.mktemp("entry_points")
-    catalog = _catalog(root / "catalog", n_items=6, per_item=3)
+    catalog = make_folder_catalog(root / "catalog", n_items=6, per_item=3)
     configs = root / "configs"
     shutil.copytree(ROOT / "configs", configs)
     ci = configs / "profiles" / "ci.yaml"

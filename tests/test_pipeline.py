@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from PIL import Image, ImageDraw
+
+from registry.promote import PromoteConfig
+from tests.conftest import make_folder_catalog
 
 RETRIEVAL = ("extract", "index", "evaluate", "register", "promote")
 STAGES = ("ingest", "validate", "preprocess", "eda", "split", *RETRIEVAL)
@@ -21,47 +22,10 @@ STAGES = ("ingest", "validate", "preprocess", "eda", "split", *RETRIEVAL)
 PARENT_TAGS = (*STAGES, "finetune", *(f"finetuned.{s}" for s in RETRIEVAL))
 
 
-def _catalog(root: Path, n_items: int = 15, per_item: int = 3) -> Path:
-    """One folder per item; an item's images are the same shape in different colours/offsets."""
-    rng = np.random.default_rng(0)
-    for i in range(n_items):
-        folder = root / f"item{i:02d}"
-        folder.mkdir(parents=True)
-        sides = 3 + i % 5
-        for j in range(per_item):
-            img = Image.new("RGB", (64, 64), tuple(int(c) for c in rng.integers(0, 255, 3)))
-            draw = ImageDraw.Draw(img)
-            cx, cy, r = 32 + j * 2, 32 - j, 12 + i % 4 * 4
-            angle = np.pi * i / 7
-            pts = [
-                (
-                    cx + r * np.cos(angle + 2 * np.pi * k / sides),
-                    cy + r * np.sin(angle + 2 * np.pi * k / sides),
-                )
-                for k in range(sides)
-            ]
-            draw.polygon(pts, fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-            img.save(folder / f"{j}.png")
-    (root / "item00" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    return root
-
-
-@pytest.fixture()
-def private_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("IMGSEARCH_HOME", str(tmp_path / "home"))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
-
-
-def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, private_mlflow: str) -> None:
+def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, mlflow_store: str) -> None:
     from steps import main
 
-    data = _catalog(tmp_path / "catalog")
+    data = make_folder_catalog(tmp_path / "catalog")
     overrides = {
         "ingest.source": "folder",
         "ingest.path": str(data),
@@ -110,9 +74,13 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, private_mlfl
     assert table.loc["map_at_r", "finetuned"] == pytest.approx(tuned)
     assert {"fq_nmi", "fq_ratio", "hit_at_1"} <= set(table.index)
 
-    # the fine-tuned pair is version 2 and the challenger; it is champion only if it won the gate
+    # the fine-tuned pair is version 2; it is champion only if it won the (strict) gate, and then
+    # `challenger` is gone (it names undecided candidates) and `previous` is version 1
+    won = tuned - baseline > PromoteConfig().min_delta
     for name in ("imgsearch-extractor", "imgsearch-index"):
-        challenger = client.get_model_version_by_alias(name, "challenger")
-        assert str(challenger.version) == "2"
-    champion = client.get_model_version_by_alias("imgsearch-index", "champion")
-    assert str(champion.version) == ("2" if tuned >= baseline else "1")
+        aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+        if won:
+            assert aliases.get("champion") == "2" and aliases.get("previous") == "1"
+            assert "challenger" not in aliases
+        else:
+            assert aliases.get("champion") == "1" and aliases.get("challenger") == "2"
