@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 
 from imgsearch.data.imageio import open_rgb
 from imgsearch.embed import query as serving
-from imgsearch.embed.extract import embed_images
+from imgsearch.embed.query import embed_images
 from imgsearch.errors import WeightsUnavailableError
 from imgsearch.models.backbones import Extractor, create_extractor, fingerprint, save_extractor
 from imgsearch.search.index import ImageIndex, IndexConfig

@@ -1,6 +1,6 @@
 """Index: build the FAISS index of the served catalog, measure it, and tune the ranking on val.
 
-Inputs: ``--extract-run-id`` (its ``embeddings.parquet`` from ``imgsearch.embed.extract.save_embeddings``
+Inputs: ``--extract-run-id`` (its ``embeddings.parquet`` from ``imgsearch.embed.files.save_embeddings``
 and its ``extractor_fingerprint`` param, else the same key in the embeddings file's metadata),
 the manifest (``manifest.parquet`` of ``--manifest-run-id``, else of ``--split-run-id``, else of
 the extract run or the run it names in an ``imgsearch.input.*_run_id`` tag), ``configs/index.yaml``
@@ -30,7 +30,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from imgsearch.config import from_dict
-from imgsearch.embed.extract import embeddings_metadata, load_embeddings
+from imgsearch.embed.files import embeddings_metadata, load_embeddings
 from imgsearch.search.index import IndexConfig, build_index, gallery_meta
 from imgsearch.search.ranking import RankingConfig, tune_on_split
 from steps.common import (

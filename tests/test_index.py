@@ -352,7 +352,7 @@ def test_index_step_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     import mlflow
     import yaml
 
-    from imgsearch.embed.extract import save_embeddings
+    from imgsearch.embed.files import save_embeddings
     from imgsearch.search.ranking import RankingConfig
     from steps import index as step
     from steps.common import artifact_path, log_df
