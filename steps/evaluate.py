@@ -24,7 +24,8 @@ import mlflow
 from imgsearch import schema
 from imgsearch.config import from_dict
 from imgsearch.embed.files import load_embeddings
-from imgsearch.evaluate.retrieval import EvaluateConfig, embedding_plots, evaluate
+from imgsearch.evaluate.plots import embedding_plots
+from imgsearch.evaluate.retrieval import EvaluateConfig, evaluate
 from steps.common import (
     artifact_path,
     base_parser,

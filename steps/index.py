@@ -31,7 +31,9 @@ from mlflow.exceptions import MlflowException
 
 from imgsearch.config import from_dict
 from imgsearch.embed.files import embeddings_metadata, load_embeddings
-from imgsearch.search.index import IndexConfig, build_index, gallery_meta
+from imgsearch.search.factory import IndexConfig
+from imgsearch.search.index import gallery_meta
+from imgsearch.search.measure import build_index
 from imgsearch.search.ranking import RankingConfig, tune_on_split
 from steps.common import (
     artifact_path,

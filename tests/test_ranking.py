@@ -8,10 +8,11 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from imgsearch.errors import ConfigError
-from imgsearch.search.index import ImageIndex, IndexConfig
+from imgsearch.evaluate.metrics import average_precision_at_k
+from imgsearch.search.factory import IndexConfig
+from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import (
     RankingConfig,
-    average_precision_at_k,
     mmr,
     popularity,
     rank,

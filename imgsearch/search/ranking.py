@@ -38,7 +38,9 @@ import pandas as pd
 
 from imgsearch import schema
 from imgsearch.errors import ConfigError
-from imgsearch.search.index import ImageIndex, IndexConfig
+from imgsearch.evaluate import metrics as M
+from imgsearch.search.factory import IndexConfig
+from imgsearch.search.index import ImageIndex
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,6 @@ POPULARITY = "popularity"
 #: Leading columns of :func:`rank`'s output (``query`` and ``rank`` only for 2-D queries).
 RESULT_COLUMNS = (QUERY, RANK, schema.IMAGE_ID, schema.ITEM_ID, SCORE, SIMILARITY, POPULARITY)
 _EXACT_CHUNK = 65_536
-_TRUE_STRINGS = frozenset({"1", "true", "t", "yes", "y"})
 
 
 def _default_grid() -> dict[str, list[Any]]:
@@ -118,20 +119,6 @@ def popularity(meta: pd.DataFrame) -> np.ndarray:
     return np.mean(parts, axis=0)
 
 
-def _truthy(series: pd.Series) -> np.ndarray:
-    def one(value: Any) -> bool:
-        if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
-            return False
-        if isinstance(value, str):
-            return value.strip().lower() in _TRUE_STRINGS
-        try:
-            return bool(value)
-        except (TypeError, ValueError):
-            return False
-
-    return np.fromiter((one(v) for v in series), dtype=bool, count=len(series))
-
-
 def allowed_mask(meta: pd.DataFrame, cfg: RankingConfig) -> np.ndarray:
     """Boolean mask of the rows the filters of ``cfg`` keep.
 
@@ -139,7 +126,7 @@ def allowed_mask(meta: pd.DataFrame, cfg: RankingConfig) -> np.ndarray:
     """
     mask = np.ones(len(meta), dtype=bool)
     if cfg.exclude_nsfw and schema.NSFW in meta.columns:
-        mask &= ~_truthy(meta[schema.NSFW])
+        mask &= ~schema.parse_flags(meta[schema.NSFW]).fillna(False).to_numpy(dtype=bool)
     if cfg.categories is not None:
         if cfg.category_column not in meta.columns:
             raise ConfigError(
@@ -156,20 +143,50 @@ def allowed_mask(meta: pd.DataFrame, cfg: RankingConfig) -> np.ndarray:
     return mask
 
 
-def _ids_of(index: ImageIndex, column: str) -> np.ndarray:
-    """``column`` of the index metadata as a str array, computed once per index state."""
-    return np.asarray(
-        index.cached(f"ranking.str:{column}", lambda: index.meta[column].astype(str).to_numpy())
-    )
+@dataclass
+class RankingTable:
+    """What ranking derives from an index's metadata, computed once and held beside the index.
+
+    Build it with :meth:`from_index` when the index is loaded (or after :meth:`ImageIndex.add`)
+    and pass it to every :func:`rank` call: the str id columns and popularity are computed here
+    once, and the filter mask of each filter setting on first use. A table is tied to the
+    metadata it was built from; :func:`rank` refuses one built for another index state.
+    """
+
+    meta: pd.DataFrame
+    image_ids: np.ndarray  # (N,) str
+    item_ids: np.ndarray  # (N,) str
+    popularity: np.ndarray  # (N,) float64 in [0, 1]
+    _masks: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_index(cls, index: ImageIndex) -> RankingTable:
+        meta = index.meta
+        return cls(
+            meta=meta,
+            image_ids=meta[schema.IMAGE_ID].astype(str).to_numpy(),
+            item_ids=meta[schema.ITEM_ID].astype(str).to_numpy(),
+            popularity=np.asarray(popularity(meta)),
+        )
+
+    def allowed(self, cfg: RankingConfig) -> np.ndarray:
+        """:func:`allowed_mask` of ``cfg``'s filters, computed once per filter setting."""
+        key = (
+            cfg.exclude_nsfw,
+            cfg.category_column,
+            None if cfg.categories is None else tuple(sorted(map(str, cfg.categories))),
+        )
+        if key not in self._masks:
+            self._masks[key] = allowed_mask(self.meta, cfg)
+        return self._masks[key]
 
 
-def _popularity_of(index: ImageIndex) -> np.ndarray:
-    return np.asarray(index.cached("ranking.popularity", lambda: popularity(index.meta)))
-
-
-def _mask_of(index: ImageIndex, cfg: RankingConfig) -> np.ndarray:
-    key = f"ranking.mask:{cfg.exclude_nsfw}:{cfg.category_column}:{sorted(map(str, cfg.categories or []))}:{cfg.categories is None}"
-    return np.asarray(index.cached(key, lambda: allowed_mask(index.meta, cfg)))
+def _table_for(index: ImageIndex, table: RankingTable | None) -> RankingTable:
+    if table is None:
+        return RankingTable.from_index(index)
+    if table.meta is not index.meta:
+        raise ValueError("the ranking table was built for another index state (rebuild it)")
+    return table
 
 
 # --- MMR -----------------------------------------------------------------------------------------
@@ -239,10 +256,10 @@ def _exact_allowed(
 
 def _candidates(
     index: ImageIndex,
+    table: RankingTable,
     queries: np.ndarray,
     k: int,
     cfg: RankingConfig,
-    allowed: np.ndarray,
     exclusions: list[frozenset[str]],
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per query, (positions, similarities) of allowed, non-excluded rows, best first.
@@ -252,8 +269,7 @@ def _candidates(
     cells) it scans the allowed rows exactly.
     """
     n = index.count
-    image_ids = _ids_of(index, schema.IMAGE_ID)
-    items = _ids_of(index, schema.ITEM_ID)
+    image_ids, items, allowed = table.image_ids, table.item_ids, table.allowed(cfg)
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(queries)
     pending = list(range(len(queries)))
     fetch = min(max(int(cfg.candidates), k), n)
@@ -286,18 +302,18 @@ def _candidates(
 # --- rank ----------------------------------------------------------------------------------------
 def _order(
     index: ImageIndex,
+    table: RankingTable,
     pos: np.ndarray,
     sim: np.ndarray,
     k: int,
     cfg: RankingConfig,
-    pop_all: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    pop = pop_all[pos] if len(pos) else np.zeros(0)
+    pop = table.popularity[pos] if len(pos) else np.zeros(0)
     score = sim.astype(np.float64) + cfg.popularity_weight * pop
     order = np.lexsort((pos, -sim, -score))  # score desc, then similarity desc, then position
     pos, sim, pop, score = pos[order], sim[order], pop[order], score[order]
     if cfg.one_per_item and len(pos):
-        items = _ids_of(index, schema.ITEM_ID)[pos]
+        items = table.item_ids[pos]
         first = ~pd.Series(items).duplicated().to_numpy()
         pos, sim, pop, score = pos[first], sim[first], pop[first], score[first]
     pool = max(int(cfg.candidates), k)
@@ -315,12 +331,16 @@ def rank(
     k: int,
     cfg: RankingConfig | None = None,
     exclude_ids: Iterable[str] | Sequence[Iterable[str]] | None = None,
+    *,
+    table: RankingTable | None = None,
 ) -> pd.DataFrame:
     """The top-``k`` gallery rows for each query, filtered and re-ranked by ``cfg``.
 
     query_emb: (D,) for one query or (M, D), L2-normalised float32 from the index's extractor.
     exclude_ids: image ids never returned: one collection for every query, or (2-D queries) a
         sequence of M collections, one per query.
+    table: the index's :class:`RankingTable` (built here when not given: pass one when ranking
+        many times against the same index). Raises ValueError when it belongs to another index.
     Returns one row per hit, best first: for 2-D queries columns ``query`` (0-based row of
     ``query_emb``) and ``rank`` (1-based) lead; for a 1-D query they are left out (the rows are
     in rank order). Then ``image_id, item_id, score, similarity, popularity`` and the index's
@@ -336,13 +356,12 @@ def rank(
             f"queries must be (D,) or (M, D) with D={index.dim}, got {np.shape(query_emb)}"
         )
     exclusions = _exclusions(exclude_ids, len(queries), per_query_ok=not single)
-    allowed = _mask_of(index, cfg)
-    pop_all = _popularity_of(index)
-    found = _candidates(index, queries, k, cfg, allowed, exclusions)
+    table = _table_for(index, table)
+    found = _candidates(index, table, queries, k, cfg, exclusions)
 
     frames = []
     for j, (pos, sim) in enumerate(found):
-        pos, sim, pop, score = _order(index, pos, sim, k, cfg, pop_all)
+        pos, sim, pop, score = _order(index, table, pos, sim, k, cfg)
         frame = pd.DataFrame(
             {
                 QUERY: np.full(len(pos), j, dtype=np.int64),
@@ -368,21 +387,6 @@ def rank(
 
 
 # --- tuning --------------------------------------------------------------------------------------
-def average_precision_at_k(relevant: np.ndarray, n_relevant: int) -> float:
-    """AP@k of one ranked list: ``sum_i P@i * rel_i / min(n_relevant, k)`` with k = len(list).
-
-    relevant: (k,) booleans in rank order; n_relevant: relevant rows in the whole gallery.
-    Equals scikit-learn's ``average_precision_score`` when the list ranks the whole gallery.
-    """
-    rel = np.asarray(relevant, dtype=bool)
-    if n_relevant <= 0:
-        raise ValueError("average precision needs at least one relevant row")
-    if not len(rel):
-        return 0.0
-    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
-    return float((precision * rel).sum() / min(n_relevant, len(rel)))
-
-
 def _grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     keys = list(grid)
     return [
@@ -418,7 +422,8 @@ def tune(
     unknown = sorted(set(grid) - fields)
     if unknown or any(len(v) == 0 for v in grid.values()):
         raise ConfigError(f"tune: bad grid (unknown keys {unknown} or empty value lists)")
-    if "popularity_weight" in grid and not _popularity_of(index).any():
+    table = RankingTable.from_index(index)
+    if "popularity_weight" in grid and not table.popularity.any():
         grid["popularity_weight"] = [0.0]
     queries = np.ascontiguousarray(np.atleast_2d(val_queries_emb), dtype=np.float32)
     q_items = np.asarray([str(i) for i in val_query_items], dtype=object)
@@ -428,8 +433,6 @@ def tune(
     if q_ids is not None and len(q_ids) != len(queries):
         raise ValueError(f"{len(queries)} queries but {len(q_ids)} query ids")
     exclusions = [[i] for i in q_ids] if q_ids is not None else None
-    gallery_items = _ids_of(index, schema.ITEM_ID)
-    gallery_ids = _ids_of(index, schema.IMAGE_ID)
     depth = max(1, min(int(k), index.count))
 
     rows = []
@@ -437,46 +440,57 @@ def tune(
     for point in _grid_points(grid):
         cfg = dataclasses.replace(base, **point)
         configs.append(cfg)
-        allowed = _mask_of(index, cfg)
-        hits = rank(index, queries, depth, cfg, exclude_ids=exclusions)
-        by_query = {q: g for q, g in hits.groupby(QUERY, sort=False)}
-        aps, top1, recalls, skipped = [], [], [], 0
-        for j in range(len(queries)):
-            relevant_rows = allowed & (gallery_items == q_items[j])
-            if q_ids is not None:
-                relevant_rows &= gallery_ids != q_ids[j]
-            n_rel = int(relevant_rows.sum())
-            if cfg.one_per_item:
-                n_rel = min(n_rel, 1)
-            if n_rel == 0:
-                skipped += 1
-                continue
-            got = by_query.get(j)
-            rel = (
-                (got[schema.ITEM_ID].astype(str).to_numpy() == q_items[j])
-                if got is not None
-                else np.zeros(0, dtype=bool)
-            )
-            aps.append(average_precision_at_k(rel, n_rel))
-            top1.append(bool(rel[:1].any()))
-            recalls.append(rel.sum() / n_rel)
+        hits = rank(index, queries, depth, cfg, exclude_ids=exclusions, table=table)
         row = {key: (value if value is not None else np.nan) for key, value in point.items()}
-        row.update(
-            {
-                "map": float(np.mean(aps)) if aps else float("nan"),
-                "hit_at_1": float(np.mean(top1)) if top1 else float("nan"),
-                "recall_at_k": float(np.mean(recalls)) if recalls else float("nan"),
-                "n_queries": len(aps),
-                "n_skipped": skipped,
-            }
-        )
+        row.update(_score_point(table, cfg, hits, q_items, q_ids))
         rows.append(row)
         log.info("tune %s: mAP@%d %.4f", point, depth, row["map"])
-    table = pd.DataFrame(rows)
-    scores = table["map"].fillna(-np.inf).to_numpy()
+    result = pd.DataFrame(rows)
+    scores = result["map"].fillna(-np.inf).to_numpy()
     best = int(np.argmax(scores))  # first maximum: the earlier grid point wins ties
-    table["best"] = np.arange(len(table)) == best
-    return configs[best], table
+    result["best"] = np.arange(len(result)) == best
+    return configs[best], result
+
+
+def _score_point(
+    table: RankingTable,
+    cfg: RankingConfig,
+    hits: pd.DataFrame,
+    q_items: np.ndarray,
+    q_ids: list[str] | None,
+) -> dict[str, Any]:
+    """mAP@k (:func:`imgsearch.evaluate.metrics.average_precision_at_k`), hit@1 and recall@k of
+    one grid point's rankings; relevant = a gallery row of the query's item that passes the
+    filters (not the query itself); queries without one are skipped."""
+    allowed = table.allowed(cfg)
+    by_query = {q: g for q, g in hits.groupby(QUERY, sort=False)}
+    aps, top1, recalls, skipped = [], [], [], 0
+    for j in range(len(q_items)):
+        relevant_rows = allowed & (table.item_ids == q_items[j])
+        if q_ids is not None:
+            relevant_rows &= table.image_ids != q_ids[j]
+        n_rel = int(relevant_rows.sum())
+        if cfg.one_per_item:
+            n_rel = min(n_rel, 1)
+        if n_rel == 0:
+            skipped += 1
+            continue
+        got = by_query.get(j)
+        rel = (
+            (got[schema.ITEM_ID].astype(str).to_numpy() == q_items[j])
+            if got is not None
+            else np.zeros(0, dtype=bool)
+        )
+        aps.append(M.average_precision_at_k(rel, n_rel))
+        top1.append(bool(rel[:1].any()))
+        recalls.append(rel.sum() / n_rel)
+    return {
+        "map": float(np.mean(aps)) if aps else float("nan"),
+        "hit_at_1": float(np.mean(top1)) if top1 else float("nan"),
+        "recall_at_k": float(np.mean(recalls)) if recalls else float("nan"),
+        "n_queries": len(aps),
+        "n_skipped": skipped,
+    }
 
 
 def tune_on_split(
