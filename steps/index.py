@@ -11,7 +11,7 @@ Produces: artifact ``index/`` (``index.faiss``, ``meta.parquet``, ``index.json``
 the extractor fingerprint; load with ``imgsearch.search.index.ImageIndex.load``), metrics ``build_s``,
 ``recall_at_10_vs_exact``, ``latency_ms_p50/p95``, ``qps_batch1``, ``qps_batch1000``, ``count``,
 ``nprobe``/``ef_search``; tag ``index.factory``; ``ranking.yaml`` (the ranking config to serve).
-With ``--split-run-id`` the ranking is tuned (``imgsearch.search.ranking.tune``) on the ``val`` images
+With ``--split-run-id`` the ranking is tuned (``imgsearch.search.tuning.tune``) on the ``val`` images
 against the val gallery: ``ranking_tune.parquet`` (one row per grid point) and metrics
 ``val_map``, ``val_hit_at_1``, ``ranking_popularity_weight``, ``ranking_mmr_lambda``.
 """
@@ -34,7 +34,8 @@ from imgsearch.embed.files import embeddings_metadata, load_embeddings
 from imgsearch.search.factory import IndexConfig
 from imgsearch.search.index import gallery_meta
 from imgsearch.search.measure import build_index
-from imgsearch.search.ranking import RankingConfig, tune_on_split
+from imgsearch.search.ranking import RankingConfig
+from imgsearch.search.tuning import tune_on_split
 from steps.common import (
     artifact_path,
     base_parser,
