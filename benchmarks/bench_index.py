@@ -3,7 +3,7 @@
 Data: ``--clusters`` Gaussian clusters in ``--dim`` dimensions (centres uniform on the sphere,
 isotropic noise of total norm ``--noise`` relative to a unit centre, so two points of a cluster
 have cosine ~ 1 / (1 + noise^2)), normalised, generated in chunks. For each ``--n`` it builds the
-index ``imgsearch.search.index.build_index`` picks (factory "auto", search parameters tuned to the target
+index ``imgsearch.search.measure.build_index`` picks (factory "auto", search parameters tuned to the target
 recall), then prints build time, recall@10 against exact search (``faiss.IndexFlatIP`` on
 ``--queries`` sample queries), latency per single query, and QPS at batch 1 and 1000.
 
@@ -22,7 +22,8 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from imgsearch.search.index import IndexConfig, build_index
+from imgsearch.search.factory import IndexConfig
+from imgsearch.search.measure import build_index
 
 CHUNK = 100_000
 

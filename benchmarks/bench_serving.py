@@ -45,10 +45,11 @@ from PIL import Image, ImageDraw
 
 from imgsearch.data.imageio import open_rgb
 from imgsearch.embed import query as serving
-from imgsearch.embed.extract import embed_images
+from imgsearch.embed.query import embed_images
 from imgsearch.errors import WeightsUnavailableError
 from imgsearch.models.backbones import Extractor, create_extractor, fingerprint, save_extractor
-from imgsearch.search.index import ImageIndex, IndexConfig
+from imgsearch.search.factory import IndexConfig
+from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig
 from registry import models
 from registry.register import MODEL_CODE

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pandas as pd
 
 # --- manifest: one row per image -------------------------------------------------------------
@@ -61,3 +64,36 @@ def quarantine_rows(rows: list[dict[str, object]]) -> pd.DataFrame:
     if extra:
         raise ValueError(f"unknown quarantine columns: {sorted(extra)}")
     return pd.DataFrame([{c: r.get(c) for c in QUARANTINE_COLUMNS} for r in rows]).astype("object")
+
+
+# --- flag columns (nsfw) ------------------------------------------------------------------------
+#: Accepted spellings of a flag in a text column (compared after strip + lower-case).
+TRUE_SPELLINGS = frozenset({"true", "t", "yes", "y", "1"})
+FALSE_SPELLINGS = frozenset({"false", "f", "no", "n", "0"})
+
+
+def parse_flag(value: Any) -> bool | None:
+    """One flag value parsed strictly: ``True``/``False``, or ``None`` when unknown.
+
+    bool -> itself; a number -> ``value != 0``; a str -> True/False when it is one of
+    :data:`TRUE_SPELLINGS` / :data:`FALSE_SPELLINGS`; missing (None, NaN, NA) and anything else
+    (other text, lists, ...) -> None. Callers decide what unknown means (EDA counts it apart;
+    ranking's ``exclude_nsfw`` keeps the row).
+    """
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return bool(value != 0)
+    text = str(value).strip().lower()
+    if text in TRUE_SPELLINGS:
+        return True
+    if text in FALSE_SPELLINGS:
+        return False
+    return None
+
+
+def parse_flags(values: pd.Series) -> pd.Series:
+    """:func:`parse_flag` of each value, as a nullable ``boolean`` Series (unknown -> NA)."""
+    return values.map(parse_flag).astype("boolean")

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from imgsearch.config import from_dict
-from imgsearch.embed.extract import embeddings_metadata, load_embeddings
+from imgsearch.embed.files import embeddings_metadata, load_embeddings
 from imgsearch.errors import ExtractorMismatchError
 from imgsearch.monitor.drift import (
     EVIDENTLY_THRESHOLDS,

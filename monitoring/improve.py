@@ -78,7 +78,7 @@ from imgsearch.data.watermark import (
     select_new,
     source_key,
 )
-from imgsearch.embed.extract import load_embeddings, save_embeddings
+from imgsearch.embed.files import load_embeddings, save_embeddings
 from imgsearch.errors import CatalogError, ConfigError, ImgsearchError
 from imgsearch.search.ranking import RankingConfig
 from monitoring import drift as drift_stage

@@ -56,7 +56,7 @@ from imgsearch.embed import query as serving
 from imgsearch.errors import ConfigError, ImageRejected
 from imgsearch.models.backbones import Extractor, fingerprint, load_extractor
 from imgsearch.search.index import ImageIndex
-from imgsearch.search.ranking import RankingConfig, rank
+from imgsearch.search.ranking import RankingConfig, RankingTable, rank
 from registry import serving_guard
 from registry.integrity import verify_loaded
 
@@ -438,6 +438,7 @@ class IndexModel(PythonModel):
         self.index = ImageIndex.load(
             Path(context.artifacts[ARTIFACT_INDEX]), expected_extractor_fingerprint=self.fingerprint
         )
+        self.ranking_table = RankingTable.from_index(self.index)  # ranking's arrays, made once
         ranking_path = context.artifacts.get(ARTIFACT_RANKING)
         self.ranking = read_ranking(Path(ranking_path) if ranking_path else None)
         self.allow_paths = _allow_paths(context)
@@ -458,7 +459,8 @@ class IndexModel(PythonModel):
         frames: list[pd.DataFrame] = []
         if rows:
             try:
-                hits = rank(self.index, emb, k, cfg)  # 2-D queries: `query` is the row of `emb`
+                # 2-D queries: `query` is the row of `emb`
+                hits = rank(self.index, emb, k, cfg, table=self.ranking_table)
             except (
                 ConfigError,
                 ValueError,

@@ -1,6 +1,6 @@
 """Evaluate: retrieval metrics and feature quality of an extract run's embeddings on one split.
 
-Inputs: ``--extract-run-id`` (its ``embeddings.parquet``, written by ``imgsearch.embed.extract.save_embeddings``),
+Inputs: ``--extract-run-id`` (its ``embeddings.parquet``, written by ``imgsearch.embed.files.save_embeddings``),
 ``--split-run-id`` (its ``manifest.parquet`` with ``split``), ``configs/evaluate.yaml``
 (``--split`` and ``--max-queries`` override it). The gallery protocol is in
 :mod:`imgsearch.evaluate.retrieval`: each image of the split queries all the other images of the split;
@@ -23,8 +23,9 @@ import mlflow
 
 from imgsearch import schema
 from imgsearch.config import from_dict
-from imgsearch.embed.extract import load_embeddings
-from imgsearch.evaluate.retrieval import EvaluateConfig, embedding_plots, evaluate
+from imgsearch.embed.files import load_embeddings
+from imgsearch.evaluate.plots import embedding_plots
+from imgsearch.evaluate.retrieval import EvaluateConfig, evaluate
 from steps.common import (
     EMBEDDINGS_ARTIFACT,
     Option,

@@ -8,7 +8,7 @@ MLflow artifact URI such as ``runs:/<id>/extractor``) or else ``--backbone``/``-
 (``configs/extract.yaml``).
 
 Produces: ``embeddings.parquet`` (``image_id`` + float32 L2-normalised ``embedding``; see
-``imgsearch.embed.extract.save_embeddings``), ``extractor/`` (``weights.pt`` + ``spec.json``, reload with
+``imgsearch.embed.files.save_embeddings``), ``extractor/`` (``weights.pt`` + ``spec.json``, reload with
 ``imgsearch.models.backbones.load_extractor``), ``manifest.parquet`` (the embedded rows of the input
 manifest), ``quarantine.parquet`` (this stage's failures, stage="extract"), param
 ``extractor_fingerprint`` and metrics ``n``, ``n_ok``, ``n_failed``, ``n_from_cache``,
@@ -27,7 +27,8 @@ import pandas as pd
 
 from imgsearch import schema
 from imgsearch.config import from_dict
-from imgsearch.embed.extract import ExtractConfig, extract, save_embeddings
+from imgsearch.embed.extract import ExtractConfig, extract
+from imgsearch.embed.files import save_embeddings
 from imgsearch.models.backbones import (
     Extractor,
     create_extractor,

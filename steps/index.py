@@ -1,6 +1,6 @@
 """Index: build the FAISS index of the served catalog, measure it, and tune the ranking on val.
 
-Inputs: ``--extract-run-id`` (its ``embeddings.parquet`` from ``imgsearch.embed.extract.save_embeddings``
+Inputs: ``--extract-run-id`` (its ``embeddings.parquet`` from ``imgsearch.embed.files.save_embeddings``
 and its ``extractor_fingerprint`` param, else the same key in the embeddings file's metadata),
 the manifest (``manifest.parquet`` of ``--manifest-run-id``, else of ``--split-run-id``, else of
 the extract run or the run it names in an ``imgsearch.input.*_run_id`` tag), ``configs/index.yaml``
@@ -11,7 +11,7 @@ Produces: artifact ``index/`` (``index.faiss``, ``meta.parquet``, ``index.json``
 the extractor fingerprint; load with ``imgsearch.search.index.ImageIndex.load``), metrics ``build_s``,
 ``recall_at_10_vs_exact``, ``latency_ms_p50/p95``, ``qps_batch1``, ``qps_batch1000``, ``count``,
 ``nprobe``/``ef_search``; tag ``index.factory``; ``ranking.yaml`` (the ranking config to serve).
-With ``--split-run-id`` the ranking is tuned (``imgsearch.search.ranking.tune``) on the ``val`` images
+With ``--split-run-id`` the ranking is tuned (``imgsearch.search.tuning.tune``) on the ``val`` images
 against the val gallery: ``ranking_tune.parquet`` (one row per grid point) and metrics
 ``val_map``, ``val_hit_at_1``, ``ranking_popularity_weight``, ``ranking_mmr_lambda``.
 
@@ -39,9 +39,12 @@ from mlflow.exceptions import MlflowException
 
 from imgsearch import schema
 from imgsearch.config import from_dict
-from imgsearch.embed.extract import embeddings_metadata, load_embeddings
-from imgsearch.search.index import ImageIndex, IndexConfig, build_index, gallery_meta
-from imgsearch.search.ranking import RankingConfig, tune_on_split
+from imgsearch.embed.files import embeddings_metadata, load_embeddings
+from imgsearch.search.factory import IndexConfig
+from imgsearch.search.index import ImageIndex, gallery_meta
+from imgsearch.search.measure import build_index
+from imgsearch.search.ranking import RankingConfig
+from imgsearch.search.tuning import tune_on_split
 from steps.common import (
     EMBEDDINGS_ARTIFACT,
     Option,

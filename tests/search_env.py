@@ -29,9 +29,10 @@ import requests
 from mlflow import MlflowClient
 
 from imgsearch.data.imageio import open_rgb
-from imgsearch.embed.extract import embed_images
+from imgsearch.embed.query import embed_images
 from imgsearch.models.backbones import fingerprint, load_extractor
-from imgsearch.search.index import ImageIndex, IndexConfig
+from imgsearch.search.factory import IndexConfig
+from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig
 from registry.promote import promote
 from registry.register import INDEX_MODEL, RegisterConfig, RegisteredPair, register_pair

@@ -249,7 +249,7 @@ def test_fast_verdict_equals_evidently_report_no_drift() -> None:
 def test_drift_stage_logs_verdict_and_artifacts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_tsne: None
 ) -> None:
-    from imgsearch.embed.extract import save_embeddings
+    from imgsearch.embed.files import save_embeddings
     from monitoring import drift as stage
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -12,9 +12,9 @@ from imgsearch import schema
 from imgsearch.config import from_dict, load_config
 from imgsearch.errors import CatalogError, ConfigError
 from imgsearch.evaluate import retrieval as E
+from imgsearch.evaluate.plots import embedding_plots
 from imgsearch.evaluate.retrieval import (
     EvaluateConfig,
-    embedding_plots,
     evaluate,
     retrieval_map_at_r,
     retrieval_scores,

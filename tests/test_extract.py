@@ -14,16 +14,11 @@ from PIL import Image, ImageDraw
 from imgsearch import schema
 from imgsearch.data import imageio
 from imgsearch.data.preprocess import PreprocessConfig, preprocess
-from imgsearch.embed import extract as extract_mod
-from imgsearch.embed.extract import (
-    ExtractConfig,
-    embed_images,
-    embeddings_metadata,
-    extract,
-    load_embeddings,
-    resolve_parallelism,
-    save_embeddings,
-)
+from imgsearch.embed import files as files_mod
+from imgsearch.embed import mapper as mapper_mod
+from imgsearch.embed.extract import ExtractConfig, extract, resolve_parallelism
+from imgsearch.embed.files import embeddings_metadata, load_embeddings, save_embeddings
+from imgsearch.embed.query import embed_images
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import Extractor, create_extractor
 
@@ -203,13 +198,13 @@ def test_bf16_is_gated_on_first_batch_cosine(
     fp32 = extract(extractor, manifest, CFG, progress=False)
     bf16 = extract(extractor, manifest, dataclasses.replace(CFG, precision="bf16"), progress=False)
     assert "bf16_min_cosine" in bf16.metrics
-    if bf16.metrics["bf16_min_cosine"] >= extract_mod.BF16_MIN_COSINE:
+    if bf16.metrics["bf16_min_cosine"] >= mapper_mod.BF16_MIN_COSINE:
         assert bf16.metrics["bf16_used"] == float(bf16.metrics["bf16_speedup"] > 1)
     if bf16.metrics["bf16_used"]:
-        assert bf16.metrics["bf16_min_cosine"] >= extract_mod.BF16_MIN_COSINE
+        assert bf16.metrics["bf16_min_cosine"] >= mapper_mod.BF16_MIN_COSINE
         assert (np.sum(bf16.embeddings * fp32.embeddings, axis=1) > 0.99).all()
         np.testing.assert_allclose(np.linalg.norm(bf16.embeddings, axis=1), 1.0, atol=1e-5)
-    monkeypatch.setattr(extract_mod, "BF16_MIN_COSINE", 1.01)  # unreachable: must fall back
+    monkeypatch.setattr(mapper_mod, "BF16_MIN_COSINE", 1.01)  # unreachable: must fall back
     refused = extract(
         extractor, manifest, dataclasses.replace(CFG, precision="bf16"), progress=False
     )
@@ -264,7 +259,7 @@ def test_config_validation_and_parallelism() -> None:
 
 
 def test_embeddings_file_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(extract_mod, "_PARQUET_ROWS_PER_GROUP", 4)  # several row groups
+    monkeypatch.setattr(files_mod, "_PARQUET_ROWS_PER_GROUP", 4)  # several row groups
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((11, 5)).astype(np.float32)
     ids = np.array([f"id{i}" for i in range(11)], dtype=object)
@@ -333,3 +328,32 @@ def test_step_logs_embeddings_extractor_and_failures(
         )
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_runner_per_partition_writes_shards_equal_to_one_pass(
+    extractor: Extractor, manifest: pd.DataFrame, tmp_path: Path
+) -> None:
+    """The parts are public: a partition-wise runner (Spark) calls the same reader -> mapper ->
+    writer per slice and writes shards with the schema of the single file, same vectors."""
+    from imgsearch.embed.mapper import Mapper
+    from imgsearch.embed.reader import ManifestReader
+    from imgsearch.embed.runner import Runner
+    from imgsearch.embed.writer import EmbeddingWriter
+
+    whole = extract(extractor, manifest, CFG, progress=False)
+    runner = Runner(
+        reader_builder=lambda: ManifestReader(extractor.spec.preprocess, batch_size=3),
+        mapper_builder=lambda: Mapper(extractor, torch.device("cpu")),
+        writer_builder=lambda n: EmbeddingWriter(n, extractor.spec.embedding_dim),
+    )
+    shards, failures = [], []
+    for i, part in enumerate((manifest.iloc[:5], manifest.iloc[5:])):
+        result = runner(part)
+        failures += [row["image_id"] for row in result.failures]
+        shards.append(result.writer.save(tmp_path / "emb" / f"part-{i:05d}.parquet", {"fp": "x"}))
+    assert sorted(failures) == sorted(whole.failures["image_id"])
+    got = pd.read_parquet(tmp_path / "emb")  # the folder of shards reads as one table
+    assert got["image_id"].tolist() == list(whole.ids)
+    ids, emb = zip(*(load_embeddings(p) for p in shards), strict=True)
+    np.testing.assert_allclose(np.concatenate(emb), whole.embeddings, atol=1e-6)
+    assert embeddings_metadata(shards[0]) == embeddings_metadata(shards[1])

@@ -14,22 +14,19 @@ import pandas as pd
 import pytest
 
 from imgsearch.errors import ConfigError, ExtractorMismatchError, IndexIntegrityError
-from imgsearch.search import index as index_mod
-from imgsearch.search.index import (
+from imgsearch.search import measure as measure_mod
+from imgsearch.search.factory import IndexConfig, choose_factory
+from imgsearch.search.index import INDEX_FILE, INFO_FILE, META_FILE, ImageIndex
+from imgsearch.search.measure import build_index
+from imgsearch.search.publish import (
     CURRENT_FILE,
-    INDEX_FILE,
-    INFO_FILE,
-    META_FILE,
-    ImageIndex,
-    IndexConfig,
-    build_index,
-    choose_factory,
     current_index,
     current_version,
     publish_index,
     refresh_current,
     set_current,
 )
+from imgsearch.search.ranking import RankingTable, rank
 
 FP = "fingerprint-a"
 
@@ -153,15 +150,15 @@ def test_tuning_reaches_target_on_hard_data() -> None:
     idx, metrics = build_index(emb, make_meta(3000), cfg, FP)
     assert metrics["nprobe"] > 1
     idx.set_search_params(nprobe=1)
-    truth = index_mod.exact_neighbours(emb, emb[:100], 10)
-    assert index_mod._recall_at(idx.search(emb[:100], 10)[1], truth) < 0.9
+    truth = measure_mod.exact_neighbours(emb, emb[:100], 10)
+    assert measure_mod.recall_at(idx.search(emb[:100], 10)[1], truth) < 0.9
 
 
 def test_recall_helper_against_naive() -> None:
     found = np.array([[1, 2, 3], [4, 5, -1]])
     truth = np.array([[3, 2, 9], [5, 6, 7]])
     naive = (len({1, 2, 3} & {3, 2, 9}) + len({4, 5} & {5, 6, 7})) / 6
-    assert index_mod._recall_at(found, truth) == pytest.approx(naive)
+    assert measure_mod.recall_at(found, truth) == pytest.approx(naive)
 
 
 # --- incremental add --------------------------------------------------------------------------
@@ -179,12 +176,17 @@ def test_add_appends_rows_and_is_searchable(small) -> None:
         idx.add(emb[:1], meta[:1])
 
 
-def test_add_invalidates_cache(built: ImageIndex, small) -> None:
+def test_add_makes_a_ranking_table_stale(built: ImageIndex, small) -> None:
+    """Ranking's derived arrays live in a RankingTable held beside the index (no memo on the
+    index): after add() the old table is refused and a new one sees the new rows."""
     emb, meta = small
-    assert built.cached("n", lambda: len(built.meta)) == 300
+    table = RankingTable.from_index(built)
+    assert len(table.image_ids) == 300
     extra = make_meta(2, start=1000)
     built.add(unit(2, 16, seed=9), extra)
-    assert built.cached("n", lambda: len(built.meta)) == 302
+    with pytest.raises(ValueError, match="another index state"):
+        rank(built, emb[0], 3, table=table)
+    assert len(RankingTable.from_index(built).image_ids) == 302
 
 
 # --- save / load / integrity ------------------------------------------------------------------
@@ -302,7 +304,9 @@ def test_killed_publisher_leaves_old_current(built: ImageIndex, tmp_path: Path) 
     script = textwrap.dedent(
         f"""
         import os, numpy as np, pandas as pd
-        from imgsearch.search.index import ImageIndex, IndexConfig, publish_index
+        from imgsearch.search.factory import IndexConfig
+        from imgsearch.search.index import ImageIndex
+        from imgsearch.search.publish import publish_index
         x = np.eye(4, dtype=np.float32)
         meta = pd.DataFrame({{"image_id": list("abcd"), "item_id": list("abcd")}})
         idx = ImageIndex.build(x, meta, IndexConfig(), "fp")
@@ -352,7 +356,7 @@ def test_index_step_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     import mlflow
     import yaml
 
-    from imgsearch.embed.extract import save_embeddings
+    from imgsearch.embed.files import save_embeddings
     from imgsearch.search.ranking import RankingConfig
     from steps import index as step
     from steps.common import artifact_path, log_df

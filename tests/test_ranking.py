@@ -7,16 +7,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
+from imgsearch import schema
 from imgsearch.errors import ConfigError
-from imgsearch.search.index import ImageIndex, IndexConfig
-from imgsearch.search.ranking import (
-    RankingConfig,
-    average_precision_at_k,
-    mmr,
-    popularity,
-    rank,
-    tune,
-)
+from imgsearch.evaluate.metrics import average_precision_at_k
+from imgsearch.search.factory import IndexConfig
+from imgsearch.search.index import ImageIndex
+from imgsearch.search.ranking import RankingConfig, RankingTable, popularity, rank
+from imgsearch.search.rerank import mmr
+from imgsearch.search.tuning import tune
 
 D = 16
 
@@ -130,6 +128,28 @@ def test_nsfw_unknown_values_are_kept() -> None:
     assert sorted(hits["image_id"]) == sorted(
         meta["image_id"][[i for i in range(20) if i % 5 in (1, 2, 4)]]
     )
+
+
+def test_flags_parse_strictly_with_documented_spellings() -> None:
+    """One flag parser (schema.parse_flags) for EDA and ranking: unknown stays unknown (NA);
+    ranking's exclude_nsfw keeps unknown rows."""
+    values = pd.Series([True, False, 1, 0, 2.5, " Yes ", "n", "T", "0", "maybe", None, np.nan, [1]])
+    got = schema.parse_flags(values)
+    assert str(got.dtype) == "boolean"
+    expected = [True, False, True, False, True, True, False, True, False, None, None, None, None]
+    assert [None if pd.isna(v) else bool(v) for v in got] == expected
+
+
+def test_table_held_by_the_caller_gives_the_same_ranking() -> None:
+    meta = catalog()
+    index = make_index(meta)
+    q = unit(3, seed=4)
+    cfg = RankingConfig(popularity_weight=0.1, exclude_nsfw=True, categories=["dogs", "cats"])
+    table = RankingTable.from_index(index)
+    pd.testing.assert_frame_equal(rank(index, q, 7, cfg, table=table), rank(index, q, 7, cfg))
+    other = make_index(catalog(n=10))
+    with pytest.raises(ValueError, match="another index state"):
+        rank(other, q, 3, cfg, table=table)
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
@@ -326,7 +346,7 @@ def test_config_validation() -> None:
 
 
 def test_tune_on_split_uses_only_that_split_and_refuses_a_missing_one() -> None:
-    from imgsearch.search.ranking import tune_on_split
+    from imgsearch.search.tuning import tune_on_split
 
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(6, 8))

@@ -15,7 +15,7 @@ from torch import nn
 
 from imgsearch.data.preprocess import PreprocessConfig
 from imgsearch.embed import query as serving
-from imgsearch.embed.extract import embed_images
+from imgsearch.embed.query import embed_images
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import Extractor, ExtractorSpec, create_extractor
 from registry import models

@@ -226,26 +226,6 @@ def _log_hist(values: pd.Series, xlabel: str) -> tuple[Figure, str]:
     return fig, text
 
 
-def _truthy(series: pd.Series) -> pd.Series:
-    """bool/0-1/'true'/'yes' -> bool; anything unreadable -> NA."""
-
-    def one(v: Any) -> Any:
-        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
-            return pd.NA
-        if isinstance(v, (bool, np.bool_)):
-            return bool(v)
-        if isinstance(v, (int, float, np.integer, np.floating)):
-            return bool(v != 0)
-        text = str(v).strip().lower()
-        if text in {"true", "t", "yes", "y", "1"}:
-            return True
-        if text in {"false", "f", "no", "n", "0"}:
-            return False
-        return pd.NA
-
-    return series.map(one).astype("boolean")
-
-
 def _split_tags(value: Any) -> list[str]:
     if isinstance(value, (list, tuple, np.ndarray)):
         return [str(t).strip() for t in value if str(t).strip()]
@@ -370,7 +350,7 @@ def _count_distribution(items: pd.DataFrame, column: str, out_dir: Path) -> _Sec
 def _nsfw(items: pd.DataFrame, out_dir: Path) -> _Section:
     if not _present(items, schema.NSFW):
         return _Section("nsfw", "NSFW share", _note(NOT_IN_CATALOG))
-    flags = _truthy(items[schema.NSFW])
+    flags = schema.parse_flags(items[schema.NSFW])
     counts = pd.Series(
         {
             "safe": int((flags == False).sum()),  # noqa: E712 - nullable boolean comparison
@@ -622,7 +602,7 @@ def report_metrics(manifest: pd.DataFrame, quarantine: pd.DataFrame) -> dict[str
             images_per_item_max=float(per_item.max()),
         )
     if _present(items, schema.NSFW):
-        flags = _truthy(items[schema.NSFW]).dropna()
+        flags = schema.parse_flags(items[schema.NSFW]).dropna()
         if len(flags):
             metrics["nsfw_share"] = float(flags.mean())
     for column in (schema.DOWNLOADS, schema.LIKES):

@@ -23,6 +23,10 @@ its own setting.
   (PyTorch has deprecated its quantised tensors in favour of torchao's PT2E flow; this eager
   FX path still works in torch 2.14 and is what a successor should port.)
 
+:func:`embed_images` is the plain reference of the query path (eval mode, fp32): the same
+``to_uint8`` -> ``to_tensor`` -> extractor as batch extraction; :class:`ServingExtractor` gives what
+it gives, up to the recorded cosine.
+
 bf16 and ``torch.compile`` are not offered here: on CPUs without native bf16 (no AVX512-BF16 or
 AMX) bf16 is emulated and slower, and compiled ResNet50 was slower than eager on one thread after
 a minute of compiling (figures in the README).
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import warnings
@@ -44,8 +49,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from imgsearch.data import imageio
 from imgsearch.data.preprocess import to_tensor, to_uint8
-from imgsearch.embed.extract import _as_rgb
+from imgsearch.embed.mapper import min_cosine
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import Extractor
 
@@ -106,13 +112,48 @@ def torch_threads(threads: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+def as_rgb(img: Image.Image) -> Image.Image:
+    """RGB as :func:`imageio.open_rgb` would make it: other modes go through a lossless re-encode
+    (PNG, or TIFF for modes PNG cannot hold) and the same normalisation (alpha on the fixed
+    background, 16-bit scaling, palette/CMYK conversion)."""
+    if img.mode == "RGB":
+        return img
+    buffer = io.BytesIO()
+    try:
+        img.save(buffer, format="PNG")
+    except (OSError, KeyError, ValueError):
+        buffer = io.BytesIO()
+        img.save(buffer, format="TIFF")
+    return imageio.open_rgb(buffer.getvalue())
+
+
+def embed_images(
+    extractor: Extractor, images: Sequence[Image.Image], *, batch_size: int = 64
+) -> np.ndarray:
+    """Embed decoded images (``open_rgb`` output, or any PIL image) -> ``(N, D)`` float32, unit norm.
+
+    Same preprocessing as batch extraction (``to_uint8`` then ``to_tensor``), fp32, eval mode.
+    """
+    pre = extractor.spec.preprocess
+    out = np.empty((len(images), extractor.spec.embedding_dim), dtype=np.float32)
+    device = next(extractor.parameters()).device
+    was_training = extractor.training
+    extractor.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                pixels = np.stack([to_uint8(as_rgb(img), pre) for img in chunk])
+                x = to_tensor(pixels, pre).to(device)
+                out[start : start + len(chunk)] = extractor(x).float().cpu().numpy()
+    finally:
+        extractor.train(was_training)
+    return out
+
+
 def _pixels(images: Sequence[Image.Image], extractor: Extractor) -> torch.Tensor:
     pre = extractor.spec.preprocess
-    return to_tensor(np.stack([to_uint8(_as_rgb(img), pre) for img in images]), pre)
-
-
-def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(nn.functional.cosine_similarity(a.float(), b.float(), dim=1).min())
+    return to_tensor(np.stack([to_uint8(as_rgb(img), pre) for img in images]), pre)
 
 
 @dataclass
@@ -228,7 +269,7 @@ def _try_fused(extractor: Extractor, metrics: dict[str, Any]) -> nn.Module | Non
         fused = fuse(extractor)
         x = _probe(extractor)
         with torch.inference_mode():
-            cosine = _min_cosine(
+            cosine = min_cosine(
                 extractor(x), fused(x.contiguous(memory_format=torch.channels_last))
             )
     except Exception as exc:  # noqa: BLE001 - tracing fails in many ways on custom backbones
@@ -255,7 +296,7 @@ def _try_int8(
     try:
         int8 = quantize_int8(extractor, calibration)
         with torch.inference_mode():
-            cosine = _min_cosine(extractor(held_out), int8(held_out))
+            cosine = min_cosine(extractor(held_out), int8(held_out))
     except Exception as exc:  # noqa: BLE001 - an op without a quantised kernel, a backend missing
         log.warning("int8 quantisation failed (%s: %s)", type(exc).__name__, exc)
         metrics["int8_error"] = f"{type(exc).__name__}: {exc}"

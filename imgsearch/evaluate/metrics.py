@@ -20,6 +20,7 @@ rank ``i``:
 - ``ap_at_r`` (Musgrave, Belongie & Lim, "A Metric Learning Reality Check", ECCV 2020):
   ``(1/R) sum_{i<=R, rel_i} P@i``; its mean over queries is MAP@R. Exact when ``L >= R``.
 - ``r_precision``: ``sum(rel_1..R) / R``.
+- :func:`average_precision_at_k` (one ranked list cut at k): ``(1/min(R, k)) sum_{i<=k, rel_i} P@i``.
 
 Queries with ``R == 0`` get NaN per-query values; :func:`retrieval_metrics` leaves them out of
 the means and counts them as ``n_queries_without_relevant``.
@@ -125,6 +126,23 @@ def retrieval_metrics(
     ``n_queries_without_relevant`` (left out). Means are NaN when no query has a relevant image.
     """
     return aggregate(per_query_metrics(relevance, n_relevant, ks), np.asarray(n_relevant))
+
+
+def average_precision_at_k(relevant: np.ndarray, n_relevant: int) -> float:
+    """AP@k of one ranked list: ``sum_i P@i * rel_i / min(n_relevant, k)`` with k = len(list).
+
+    relevant: (k,) booleans in rank order; n_relevant: relevant rows in the whole gallery.
+    Equals scikit-learn's ``average_precision_score`` when the list ranks the whole gallery.
+    Unlike ``ap`` of :func:`per_query_metrics` (divided by R), the divisor is capped at the list's
+    length: the AP@k of a ranked list cut at k (what ranking tuning maximises).
+    """
+    rel = np.asarray(relevant, dtype=bool)
+    if n_relevant <= 0:
+        raise ValueError("average precision needs at least one relevant row")
+    if not len(rel):
+        return 0.0
+    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+    return float((precision * rel).sum() / min(n_relevant, len(rel)))
 
 
 # --- feature quality -------------------------------------------------------------------------

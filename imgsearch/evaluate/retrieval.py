@@ -1,4 +1,4 @@
-"""Evaluate embeddings: retrieval on one split, feature quality, and 2-D embedding plots.
+"""Evaluate embeddings: retrieval on one split and feature quality (plots: :mod:`imgsearch.evaluate.plots`).
 
 Gallery and queries (the protocol every reported figure follows):
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,7 +149,7 @@ def retrieval_scores(
         raise ValueError(f"{len(labels)} item ids for {len(x)} embeddings")
     _, counts = np.unique(labels, return_counts=True)
     depth = max(int(counts.max()) - 1 if len(counts) else 0, *(int(k) for k in ks))
-    queries = _sample_queries(len(x), max_queries, seed)
+    queries = sample_queries(len(x), max_queries, seed)
     parts: list[dict[str, np.ndarray]] = []
     n_rel_parts: list[np.ndarray] = []
     for _, _, rel, n_rel in rank_relevance(x, labels, queries, depth=depth):
@@ -174,7 +173,8 @@ def retrieval_map_at_r(
     )
 
 
-def _sample_queries(n: int, max_queries: int | None, seed: int) -> np.ndarray:
+def sample_queries(n: int, max_queries: int | None, seed: int) -> np.ndarray:
+    """Positions of the queries: all ``n``, or a seeded sorted sample of ``max_queries``."""
     if max_queries is None or max_queries >= n:
         return np.arange(n)
     rng = np.random.default_rng(seed)
@@ -250,7 +250,7 @@ def evaluate(
     """
     rows, x, n_missing = _gallery(ids, emb, manifest, cfg)
     labels = rows[schema.ITEM_ID].astype(str).to_numpy()
-    queries = _sample_queries(len(rows), cfg.max_queries, cfg.seed)
+    queries = sample_queries(len(rows), cfg.max_queries, cfg.seed)
 
     parts: list[dict[str, np.ndarray]] = []
     qpos_parts, n_rel_parts, first_parts, top1_parts = [], [], [], []
@@ -337,96 +337,3 @@ def _value_columns(ks: Sequence[int]) -> set[str]:
     for k in ks:
         names |= {f"hit_at_{k}", f"precision_at_{k}", f"recall_at_{k}"}
     return names
-
-
-# --- plots -----------------------------------------------------------------------------------
-
-
-def embedding_plots(
-    emb: np.ndarray,
-    categories: np.ndarray | Sequence[Any] | None,
-    out_dir: Path,
-    max_points: int = 2000,
-    seed: int = 0,
-    methods: Sequence[str] = ("tsne", "umap"),
-) -> list[Path]:
-    """2-D t-SNE (scikit-learn) and UMAP (umap-learn) scatter plots coloured by category.
-
-    A seeded sample of at most ``max_points`` embeddings is projected (after PCA to 50 dimensions
-    for t-SNE). With more than 19 categories, the 19 most frequent get a colour and the rest are
-    grey "other". Writes ``embeddings_<method>.png`` into ``out_dir`` and returns their paths.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = M.l2_normalise(emb)
-    n = len(x)
-    if n < 5:
-        raise ValueError(f"need at least 5 embeddings to plot, got {n}")
-    cats = (
-        np.full(n, "all", dtype=object)
-        if categories is None
-        else np.asarray(categories).astype(str)
-    )
-    if len(cats) != n:
-        raise ValueError(f"{len(cats)} categories for {n} embeddings")
-    idx = _sample_queries(n, max_points, seed)
-    x, cats = x[idx], cats[idx]
-    names, counts = np.unique(cats, return_counts=True)
-    keep = list(names[np.argsort(-counts, kind="stable")][:19]) if len(names) > 20 else list(names)
-    shown = np.array([c if c in keep else "other" for c in cats], dtype=object)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    for method in methods:
-        xy = _project(x, method, seed)
-        fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
-        cmap = plt.get_cmap("tab20")
-        for i, name in enumerate([*keep, "other"]):
-            mask = shown == name
-            if mask.any():
-                colour = (0.6, 0.6, 0.6, 1.0) if name == "other" else cmap(i % 20)
-                ax.scatter(
-                    xy[mask, 0], xy[mask, 1], s=6, color=colour, label=f"{name} ({int(mask.sum())})"
-                )
-        title = {"tsne": "t-SNE", "umap": "UMAP"}.get(method, method)
-        ax.set_title(f"{title} of {len(x)} embeddings, coloured by category")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.legend(
-            fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False
-        )
-        fig.tight_layout()
-        path = out_dir / f"embeddings_{method}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def _project(x: np.ndarray, method: str, seed: int) -> np.ndarray:
-    n = len(x)
-    if method == "tsne":
-        from sklearn.decomposition import PCA
-        from sklearn.manifold import TSNE
-
-        dims = min(50, n, x.shape[1])
-        reduced = (
-            PCA(n_components=dims, random_state=seed).fit_transform(x) if x.shape[1] > dims else x
-        )
-        perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
-        return np.asarray(
-            TSNE(
-                n_components=2, perplexity=perplexity, init="pca", random_state=seed
-            ).fit_transform(reduced)
-        )
-    if method == "umap":
-        import umap
-
-        reducer = umap.UMAP(
-            n_components=2, n_neighbors=min(15, n - 1), metric="cosine", random_state=seed
-        )
-        return np.asarray(reducer.fit_transform(x))
-    raise ConfigError(f"unknown projection {method!r} (known: tsne, umap)")

@@ -54,6 +54,7 @@ from torch import nn
 
 from imgsearch.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from imgsearch.errors import ConfigError, WeightsUnavailableError
+from imgsearch.paths import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +192,6 @@ def _package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _hash_prefix(filename: str) -> str | None:
     match = re.search(r"-([a-f0-9]{6,})\.", filename)
     return match.group(1) if match else None
@@ -225,7 +218,7 @@ def seed_offline_weights() -> list[Path]:
     for filename, source in _offline_files().items():
         target = _hub_checkpoint_dir() / filename
         if not target.is_file():
-            if not _sha256_file(source).startswith(_hash_prefix(filename) or ""):
+            if not sha256_file(source).startswith(_hash_prefix(filename) or ""):
                 log.warning(
                     "offline weights %s do not match their published hash; not used", source
                 )

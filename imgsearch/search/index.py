@@ -1,4 +1,4 @@
-"""FAISS index over L2-normalised image embeddings, with its metadata, checksums and atomic publishing.
+"""FAISS index over L2-normalised image embeddings, with its metadata and checksums.
 
 An :class:`ImageIndex` pairs a FAISS index with a metadata table: row ``i`` of ``meta`` is FAISS
 id ``i`` (ids are positional; :meth:`ImageIndex.add` appends). Vectors are L2-normalised float32,
@@ -14,15 +14,13 @@ On disk an index is a directory::
 
 :meth:`ImageIndex.load` reads the bytes, checks their sha256 against ``index.json`` and only then
 hands them to FAISS (``faiss.deserialize_index``) and pandas, so a tampered file is refused before a
-parser sees it (RELIABILITY 8). :func:`publish_index` writes a new version next to the old ones and
-moves a ``CURRENT`` pointer with one ``os.replace`` (RELIABILITY 9).
+parser sees it (RELIABILITY 8).
 
-Factory choice (:func:`choose_factory`): ``Flat`` (exact) up to ``flat_max`` vectors; above, an
-inverted file ``IVF{nlist}`` with ``nlist`` the power of two nearest ``sqrt(n)`` (cells of about
-``sqrt(n)`` vectors: cheap k-means training and a small coarse search), storing the vectors
-``Flat`` when they fit the memory budget, else ``SQ8`` (4x smaller), else ``PQ{m}``. Search
-parameters (``nprobe`` / ``efSearch``) left unset are tuned at build time: doubled until
-recall@10 against exact search reaches ``target_recall`` on sample queries drawn from the data.
+Elsewhere in :mod:`imgsearch.search`: the factory choice (:mod:`~imgsearch.search.factory`),
+building with tuned search parameters and measured recall (:mod:`~imgsearch.search.measure`),
+versioned atomic publishing behind a ``CURRENT`` pointer (:mod:`~imgsearch.search.publish`) and
+ranking (:mod:`~imgsearch.search.ranking`).
+
 """
 
 from __future__ import annotations
@@ -31,14 +29,6 @@ import hashlib
 import io
 import json
 import logging
-import math
-import os
-import shutil
-import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -49,115 +39,25 @@ from tqdm.auto import tqdm
 
 from imgsearch import schema
 from imgsearch.errors import ConfigError, ExtractorMismatchError, IndexIntegrityError
-from imgsearch.paths import atomic_writer, fsync_dir
+from imgsearch.paths import sha256_file
+from imgsearch.search.factory import METRICS, IndexConfig, choose_factory
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.parquet"
 INFO_FILE = "index.json"
-CURRENT_FILE = "CURRENT"
-VERSIONS_DIR = "versions"
 FORMAT_VERSION = 1
 
-_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _ADD_CHUNK = 100_000
 _NORM_TOLERANCE = 1e-2
-
-
-@dataclass
-class IndexConfig:
-    """How to build an index.
-
-    factory: a FAISS factory string (``"Flat"``, ``"IVF1024,Flat"``, ``"HNSW32,Flat"``, ...) or
-        ``"auto"`` for :func:`choose_factory`.
-    metric: ``"ip"`` (inner product = cosine on unit vectors) or ``"l2"``.
-    nprobe / ef_search: search parameters of IVF / HNSW indexes; ``None`` tunes them at build time
-        to reach ``target_recall`` (recall@10 vs exact) on ``eval_queries`` sample queries.
-    train_sample: at most this many vectors train an index that needs training (IVF, PQ, SQ).
-    memory_budget_mb: what the stored vectors may take; drives the auto choice of Flat/SQ8/PQ.
-    flat_max: up to this many vectors ``auto`` picks exact search.
-    max_nprobe / max_ef_search: upper bounds of the tuning.
-    seed: for sampling training vectors and evaluation queries.
-    """
-
-    factory: str = "auto"
-    metric: str = "ip"
-    nprobe: int | None = None
-    ef_search: int | None = None
-    target_recall: float = 0.95
-    eval_queries: int = 500
-    train_sample: int = 100_000
-    memory_budget_mb: float = 4096.0
-    flat_max: int = 50_000
-    max_nprobe: int = 256
-    max_ef_search: int = 1024
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.metric not in _METRICS:
-            raise ConfigError(
-                f"IndexConfig.metric must be one of {sorted(_METRICS)}, got {self.metric!r}"
-            )
-        if not 0.0 < self.target_recall <= 1.0:
-            raise ConfigError(
-                f"IndexConfig.target_recall must be in (0, 1], got {self.target_recall}"
-            )
-        for name in ("nprobe", "ef_search"):
-            value = getattr(self, name)
-            if value is not None and int(value) < 1:
-                raise ConfigError(f"IndexConfig.{name} must be >= 1 or null, got {value}")
-        if self.eval_queries < 1 or self.train_sample < 1 or self.flat_max < 0:
-            raise ConfigError(
-                "IndexConfig: eval_queries and train_sample must be >= 1, flat_max >= 0"
-            )
-
-
-def _nearest_pow2(x: float) -> int:
-    return int(2 ** round(math.log2(max(x, 1.0))))
-
-
-def choose_factory(n: int, d: int, memory_budget_mb: float = 4096.0, flat_max: int = 50_000) -> str:
-    """The FAISS factory string for ``n`` vectors of dimension ``d`` (rule in the module docstring).
-
-    >>> choose_factory(10_000, 512)
-    'Flat'
-    >>> choose_factory(1_000_000, 512)
-    'IVF1024,Flat'
-    >>> choose_factory(1_000_000, 512, memory_budget_mb=1024)
-    'IVF1024,SQ8'
-    """
-    if n < 0 or d < 1:
-        raise ValueError(f"choose_factory: need n >= 0 and d >= 1, got n={n}, d={d}")
-    if n <= flat_max:
-        return "Flat"
-    nlist = max(16, _nearest_pow2(math.sqrt(n)))
-    budget = memory_budget_mb * 2**20
-    if n * d * 4 <= budget:
-        return f"IVF{nlist},Flat"
-    if n * d <= budget:
-        return f"IVF{nlist},SQ8"
-    # PQ: m bytes per vector; the largest divisor of d (<= d/2, so at least 2 dims per sub-quantiser)
-    # that fits the budget, at least one byte per vector.
-    m_fit = max(1, int(budget // max(n, 1)))
-    divisors = [m for m in range(1, d // 2 + 1) if d % m == 0 and m <= m_fit]
-    m = max(divisors) if divisors else 1
-    return f"IVF{nlist},PQ{m}"
 
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _check_embeddings(emb: np.ndarray, dim: int | None = None) -> np.ndarray:
+def check_embeddings(emb: np.ndarray, dim: int | None = None) -> np.ndarray:
     arr = np.ascontiguousarray(emb, dtype=np.float32)
     if arr.ndim != 2 or arr.shape[1] < 1:
         raise ValueError(f"embeddings must be a 2-D (N, D) array, got shape {arr.shape}")
@@ -205,9 +105,9 @@ class ImageIndex:
         extractor_fingerprint: str | None = None,
         search_params: dict[str, int] | None = None,
     ) -> None:
-        if metric not in _METRICS:
-            raise ConfigError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
-        if index.metric_type != _METRICS[metric]:
+        if metric not in METRICS:
+            raise ConfigError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+        if index.metric_type != METRICS[metric]:
             raise ValueError(f"FAISS index metric {index.metric_type} does not match {metric!r}")
         self.index = index
         self.meta = _check_meta(meta, int(index.ntotal))
@@ -215,7 +115,7 @@ class ImageIndex:
         self.metric = metric
         self.extractor_fingerprint = extractor_fingerprint
         self.search_params: dict[str, int] = {}
-        self._cache: dict[str, Any] = {}
+        self._direct_map = False  # IVF: reconstruct() needs FAISS's id -> list map, made once
         self.set_search_params(**(search_params or {}))
 
     # --- construction ------------------------------------------------------------------------
@@ -233,7 +133,7 @@ class ImageIndex:
         Raises ValueError on bad shapes, non-normalised vectors or duplicate image ids.
         """
         cfg = cfg or IndexConfig()
-        arr = _check_embeddings(emb)
+        arr = check_embeddings(emb)
         meta = _check_meta(meta, len(arr))
         n, d = arr.shape
         factory = (
@@ -244,7 +144,7 @@ class ImageIndex:
         if "IDMap" in factory:
             raise ConfigError(f"factory {factory!r}: ids are positional, IDMap is not supported")
         try:
-            index = faiss.index_factory(d, factory, _METRICS[cfg.metric])
+            index = faiss.index_factory(d, factory, METRICS[cfg.metric])
         except RuntimeError as exc:
             raise ConfigError(f"bad FAISS factory string {factory!r}: {exc}") from exc
         if not index.is_trained:
@@ -280,7 +180,7 @@ class ImageIndex:
         Image ids must stay unique across the whole index. An IVF index keeps its trained
         centroids (retrain by rebuilding when the data moved far).
         """
-        arr = _check_embeddings(emb, self.dim)
+        arr = check_embeddings(emb, self.dim)
         meta = _check_meta(meta, len(arr))
         clash = set(meta[schema.IMAGE_ID]) & set(self.meta[schema.IMAGE_ID])
         if clash:
@@ -290,7 +190,7 @@ class ImageIndex:
         combined = pd.concat([self.meta, meta], ignore_index=True)
         self._add_vectors(arr)
         self.meta = combined
-        self._cache.clear()
+        self._direct_map = False
 
     # --- properties and parameters -----------------------------------------------------------
     @property
@@ -304,30 +204,24 @@ class ImageIndex:
     def __len__(self) -> int:
         return self.count
 
-    def _ivf(self) -> Any | None:
+    def ivf(self) -> Any | None:
         try:
             return faiss.extract_index_ivf(self.index)
         except RuntimeError:
             return None
 
-    def _hnsw(self) -> Any | None:
+    def hnsw(self) -> Any | None:
         return self.index if hasattr(self.index, "hnsw") else None
 
     def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Set ``nprobe`` (IVF) / ``ef_search`` (HNSW); a parameter the index has not is ignored."""
         space = faiss.ParameterSpace()
-        if nprobe is not None and self._ivf() is not None:
+        if nprobe is not None and self.ivf() is not None:
             space.set_index_parameter(self.index, "nprobe", int(nprobe))
             self.search_params["nprobe"] = int(nprobe)
-        if ef_search is not None and self._hnsw() is not None:
+        if ef_search is not None and self.hnsw() is not None:
             space.set_index_parameter(self.index, "efSearch", int(ef_search))
             self.search_params["ef_search"] = int(ef_search)
-
-    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
-        """A value derived from the metadata, computed once (cleared by :meth:`add`)."""
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
 
     # --- queries -----------------------------------------------------------------------------
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -359,10 +253,10 @@ class ImageIndex:
         pos = np.asarray(positions, dtype=np.int64).ravel()
         if len(pos) and (pos.min() < 0 or pos.max() >= self.count):
             raise IndexError(f"positions out of range [0, {self.count})")
-        ivf = self._ivf()
-        if ivf is not None and not self._cache.get("_direct_map"):
+        ivf = self.ivf()
+        if ivf is not None and not self._direct_map:
             ivf.make_direct_map()
-            self._cache["_direct_map"] = True
+            self._direct_map = True
         if not len(pos):
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.asarray(self.index.reconstruct_batch(pos), dtype=np.float32)
@@ -387,8 +281,8 @@ class ImageIndex:
         self.meta.to_parquet(out / META_FILE, index=False)
         info = self.info()
         info["sha256"] = {
-            INDEX_FILE: _sha256_file(out / INDEX_FILE),
-            META_FILE: _sha256_file(out / META_FILE),
+            INDEX_FILE: sha256_file(out / INDEX_FILE),
+            META_FILE: sha256_file(out / META_FILE),
         }
         (out / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         return out
@@ -462,259 +356,12 @@ def verify_dir(directory: Path | str) -> dict[str, Any]:
     info = read_info(src)
     for name in (INDEX_FILE, META_FILE):
         try:
-            digest = _sha256_file(src / name)
+            digest = sha256_file(src / name)
         except OSError as exc:
             raise IndexIntegrityError(f"cannot read {src / name}: {exc}") from exc
         if digest != info["sha256"].get(name):
             raise IndexIntegrityError(f"{src / name}: sha256 does not match index.json")
     return info
-
-
-# --- build with measurements ---------------------------------------------------------------------
-def _recall_at(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over queries of |found ∩ truth| / |truth| (ignoring -1 padding of ``truth``)."""
-    hits, total = 0, 0
-    for f, t in zip(found, truth, strict=True):
-        t = t[t >= 0]
-        hits += len(np.intersect1d(f[f >= 0], t))
-        total += len(t)
-    return hits / total if total else 1.0
-
-
-def exact_neighbours(emb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the exact top-``k`` inner-product neighbours, (M, k).
-
-    ``faiss.knn`` with ``METRIC_INNER_PRODUCT``: the brute force ``IndexFlatIP`` runs, without
-    copying the database into an index (2 GB saved at 1M x 512).
-    """
-    _, positions = faiss.knn(
-        np.ascontiguousarray(queries, dtype=np.float32),
-        np.ascontiguousarray(emb, dtype=np.float32),
-        k,
-        metric=faiss.METRIC_INNER_PRODUCT,
-    )
-    return np.asarray(positions, dtype=np.int64)
-
-
-def _tune(
-    index: ImageIndex,
-    queries: np.ndarray,
-    truth: np.ndarray,
-    k: int,
-    name: str,
-    start: int,
-    maximum: int,
-    target: float,
-) -> int:
-    """A small value of search parameter ``name`` reaching ``target`` recall (or ``maximum``).
-
-    Doubles from ``start`` until the target is met, then bisects between the last failing and
-    the first passing value (three steps: within 1/8 of the interval).
-    """
-
-    def recall_with(value: int) -> float:
-        index.set_search_params(**{name: value})
-        recall = _recall_at(index.search(queries, k)[1], truth)
-        log.info("tuning %s=%d: recall@%d %.4f", name, value, k, recall)
-        return recall
-
-    low, value = 0, start
-    while not (passed := recall_with(value) >= target) and value < maximum:
-        low, value = value, min(value * 2, maximum)
-    high = value
-    for _ in range(3 if passed else 0):
-        if high - low <= 1 or low == 0:
-            break
-        mid = (low + high) // 2
-        if recall_with(mid) >= target:
-            high = mid
-        else:
-            low = mid
-    index.set_search_params(**{name: high})
-    return high
-
-
-def measure(
-    index: ImageIndex, queries: np.ndarray, truth: np.ndarray, k: int = 10
-) -> dict[str, float]:
-    """Recall@k vs ``truth``, single-query latency (p50/p95 ms) and QPS at batch 1 and 1000."""
-    metrics: dict[str, float] = {}
-    metrics[f"recall_at_{k}_vs_exact"] = _recall_at(index.search(queries, k)[1], truth)
-    times = []
-    for row in queries:
-        t0 = time.perf_counter()
-        index.search(row[None, :], k)
-        times.append(time.perf_counter() - t0)
-    lat = np.asarray(times) * 1000.0
-    metrics["latency_ms_p50"] = float(np.percentile(lat, 50))
-    metrics["latency_ms_p95"] = float(np.percentile(lat, 95))
-    metrics["latency_ms_mean"] = float(lat.mean())
-    metrics["qps_batch1"] = float(len(lat) / max(lat.sum() / 1000.0, 1e-12))
-    batch = np.resize(queries, (1000, queries.shape[1])) if len(queries) else queries
-    t0 = time.perf_counter()
-    index.search(batch, k)
-    metrics["qps_batch1000"] = float(len(batch) / max(time.perf_counter() - t0, 1e-12))
-    return metrics
-
-
-def build_index(
-    emb: np.ndarray,
-    meta: pd.DataFrame,
-    cfg: IndexConfig | None = None,
-    extractor_fingerprint: str | None = None,
-) -> tuple[ImageIndex, dict[str, Any]]:
-    """Build an index and measure it against exact search.
-
-    Sample queries are drawn from ``emb`` (``cfg.eval_queries`` of them); their exact top-10
-    comes from ``faiss.IndexFlatIP``. Unset search parameters are tuned on one half of the
-    sample, and the reported recall/latency are measured on the other half.
-    Returns ``(index, metrics)``; metrics: build_s, train/add time included, tune_s,
-    recall_at_10_vs_exact, latency_ms_p50/p95/mean, qps_batch1, qps_batch1000, count, dim,
-    factory (str), nprobe / ef_search when relevant.
-    """
-    cfg = cfg or IndexConfig()
-    arr = _check_embeddings(emb)
-    t0 = time.perf_counter()
-    index = ImageIndex.build(arr, meta, cfg, extractor_fingerprint)
-    metrics: dict[str, Any] = {
-        "build_s": time.perf_counter() - t0,
-        "count": index.count,
-        "dim": index.dim,
-        "factory": index.factory,
-    }
-    if index.count == 0:
-        return index, metrics
-    k = min(10, index.count)
-    rng = np.random.default_rng(cfg.seed + 1)
-    n_q = min(cfg.eval_queries, index.count)
-    pick = rng.choice(index.count, n_q, replace=False)
-    queries = arr[pick]
-    truth = exact_neighbours(arr, queries, k)
-    tune_q, tune_t = queries, truth
-    eval_q, eval_t = queries, truth
-    if n_q >= 20:  # tune on one half, report on the other
-        half = n_q // 2
-        tune_q, tune_t, eval_q, eval_t = queries[:half], truth[:half], queries[half:], truth[half:]
-    t1 = time.perf_counter()
-    if index._ivf() is not None and cfg.nprobe is None:
-        index.set_search_params(
-            nprobe=_tune(index, tune_q, tune_t, k, "nprobe", 1, cfg.max_nprobe, cfg.target_recall)
-        )
-    if index._hnsw() is not None and cfg.ef_search is None:
-        index.set_search_params(
-            ef_search=_tune(
-                index, tune_q, tune_t, k, "ef_search", 16, cfg.max_ef_search, cfg.target_recall
-            )
-        )
-    metrics["tune_s"] = time.perf_counter() - t1
-    measured = measure(index, eval_q, eval_t, k)
-    if k != 10:  # tiny index: report under the usual name, the figure is recall@count
-        measured["recall_at_10_vs_exact"] = measured.pop(f"recall_at_{k}_vs_exact")
-    metrics.update(measured)
-    metrics.update(index.search_params)
-    if metrics["recall_at_10_vs_exact"] < cfg.target_recall:
-        log.warning(
-            "index %s reaches recall@10 %.3f < target %.3f (search params %s)",
-            index.factory,
-            metrics["recall_at_10_vs_exact"],
-            cfg.target_recall,
-            index.search_params,
-        )
-    return index, metrics
-
-
-# --- atomic publishing ---------------------------------------------------------------------------
-def _fsync_tree(path: Path) -> None:
-    for child in path.iterdir():
-        if child.is_file():
-            with open(child, "rb") as fh:
-                os.fsync(fh.fileno())
-    fsync_dir(path)
-
-
-def set_current(root: Path | str, version_dir: Path | str) -> None:
-    """Point ``root/CURRENT`` at ``version_dir`` (inside ``root/versions``) in one atomic step.
-
-    The pointer is written to a temporary file, fsynced, then ``os.replace``d: readers see the
-    old or the new pointer, never a partial one. Also the way to roll back to an older version.
-    """
-    root = Path(root)
-    target = Path(version_dir).resolve()
-    versions = (root / VERSIONS_DIR).resolve()
-    if target.parent != versions:
-        raise ValueError(f"{version_dir} is not a version directory of {root}")
-    verify_dir(target)
-    with atomic_writer(root / CURRENT_FILE) as fh:
-        fh.write(f"{VERSIONS_DIR}/{target.name}\n".encode())
-
-
-def publish_index(index: ImageIndex, root: Path | str) -> Path:
-    """Publish ``index`` under ``root`` atomically and return its version directory.
-
-    Writes into ``root/versions/.tmp-<uuid>``, fsyncs, renames it to
-    ``root/versions/<UTC time>-<uuid>``, re-verifies the checksums, then moves ``CURRENT`` with
-    :func:`set_current`. A crash before that last ``os.replace`` leaves the old index current
-    (a stray ``.tmp-*`` directory at worst, ignored by readers).
-    """
-    root = Path(root)
-    versions = root / VERSIONS_DIR
-    versions.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:12]
-    tmp = versions / f".tmp-{token}"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    final = versions / f"{stamp}-{token}"
-    try:
-        index.save(tmp)
-        _fsync_tree(tmp)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(versions)
-    set_current(root, final)
-    log.info("published index %s (%d vectors) at %s", index.factory, index.count, final)
-    return final
-
-
-def current_version(root: Path | str) -> Path:
-    """The version directory ``root/CURRENT`` points at (refuses pointers leaving ``root/versions``)."""
-    root = Path(root)
-    try:
-        text = (root / CURRENT_FILE).read_text().strip()
-    except OSError as exc:
-        raise IndexIntegrityError(f"no published index under {root}: {exc}") from exc
-    versions = (root / VERSIONS_DIR).resolve()
-    target = (root / text).resolve()
-    if target.parent != versions or target.name.startswith("."):
-        raise IndexIntegrityError(f"{root / CURRENT_FILE} points outside {versions}: {text!r}")
-    return target
-
-
-def current_index(
-    root: Path | str, expected_extractor_fingerprint: str | None = None
-) -> ImageIndex:
-    """Load the index ``root/CURRENT`` points at (checksums verified by :meth:`ImageIndex.load`)."""
-    return ImageIndex.load(current_version(root), expected_extractor_fingerprint)
-
-
-def refresh_current(
-    root: Path | str,
-    serving: ImageIndex | None,
-    expected_extractor_fingerprint: str | None = None,
-) -> ImageIndex:
-    """Load the current index, or keep ``serving`` when the current one is refused.
-
-    For a server that reloads on a schedule: a tampered or mismatched new version raises inside,
-    is logged as an error, and the index already in memory keeps serving. With nothing serving
-    yet the error propagates.
-    """
-    try:
-        return current_index(root, expected_extractor_fingerprint)
-    except (IndexIntegrityError, ExtractorMismatchError) as exc:
-        if serving is None:
-            raise
-        log.error("refused the current index under %s, keeping the serving one: %s", root, exc)
-        return serving
 
 
 #: Manifest columns not carried into an index's metadata (local cache paths).

@@ -20,16 +20,16 @@ by maximal marginal relevance (Carbonell & Goldstein, SIGIR 1998)::
 on the stored candidate vectors; ``mmr_lambda = 1`` is pure relevance (the same order as
 ``None``), smaller values trade relevance for diversity.
 
-:func:`tune` grid-searches these settings on validation queries, maximising mAP@k where relevant
-means "same item" and the query image itself is excluded.
+:func:`imgsearch.search.tuning.tune` grid-searches these settings on validation queries; MMR
+itself is :func:`imgsearch.search.rerank.mmr`. A :class:`RankingTable` holds what ranking derives
+from an index's metadata (str ids, popularity, filter masks), built once by whoever holds the index.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,8 @@ import pandas as pd
 
 from imgsearch import schema
 from imgsearch.errors import ConfigError
-from imgsearch.search.index import ImageIndex, IndexConfig
+from imgsearch.search.index import ImageIndex
+from imgsearch.search.rerank import mmr
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ POPULARITY = "popularity"
 #: Leading columns of :func:`rank`'s output (``query`` and ``rank`` only for 2-D queries).
 RESULT_COLUMNS = (QUERY, RANK, schema.IMAGE_ID, schema.ITEM_ID, SCORE, SIMILARITY, POPULARITY)
 _EXACT_CHUNK = 65_536
-_TRUE_STRINGS = frozenset({"1", "true", "t", "yes", "y"})
 
 
 def _default_grid() -> dict[str, list[Any]]:
@@ -118,20 +118,6 @@ def popularity(meta: pd.DataFrame) -> np.ndarray:
     return np.mean(parts, axis=0)
 
 
-def _truthy(series: pd.Series) -> np.ndarray:
-    def one(value: Any) -> bool:
-        if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
-            return False
-        if isinstance(value, str):
-            return value.strip().lower() in _TRUE_STRINGS
-        try:
-            return bool(value)
-        except (TypeError, ValueError):
-            return False
-
-    return np.fromiter((one(v) for v in series), dtype=bool, count=len(series))
-
-
 def allowed_mask(meta: pd.DataFrame, cfg: RankingConfig) -> np.ndarray:
     """Boolean mask of the rows the filters of ``cfg`` keep.
 
@@ -139,7 +125,7 @@ def allowed_mask(meta: pd.DataFrame, cfg: RankingConfig) -> np.ndarray:
     """
     mask = np.ones(len(meta), dtype=bool)
     if cfg.exclude_nsfw and schema.NSFW in meta.columns:
-        mask &= ~_truthy(meta[schema.NSFW])
+        mask &= ~schema.parse_flags(meta[schema.NSFW]).fillna(False).to_numpy(dtype=bool)
     if cfg.categories is not None:
         if cfg.category_column not in meta.columns:
             raise ConfigError(
@@ -156,50 +142,50 @@ def allowed_mask(meta: pd.DataFrame, cfg: RankingConfig) -> np.ndarray:
     return mask
 
 
-def _ids_of(index: ImageIndex, column: str) -> np.ndarray:
-    """``column`` of the index metadata as a str array, computed once per index state."""
-    return np.asarray(
-        index.cached(f"ranking.str:{column}", lambda: index.meta[column].astype(str).to_numpy())
-    )
+@dataclass
+class RankingTable:
+    """What ranking derives from an index's metadata, computed once and held beside the index.
 
-
-def _popularity_of(index: ImageIndex) -> np.ndarray:
-    return np.asarray(index.cached("ranking.popularity", lambda: popularity(index.meta)))
-
-
-def _mask_of(index: ImageIndex, cfg: RankingConfig) -> np.ndarray:
-    key = f"ranking.mask:{cfg.exclude_nsfw}:{cfg.category_column}:{sorted(map(str, cfg.categories or []))}:{cfg.categories is None}"
-    return np.asarray(index.cached(key, lambda: allowed_mask(index.meta, cfg)))
-
-
-# --- MMR -----------------------------------------------------------------------------------------
-def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> np.ndarray:
-    """Maximal marginal relevance selection (Carbonell & Goldstein 1998).
-
-    relevance: (C,) relevance of each candidate to the query; vectors: (C, D) unit vectors of the
-    candidates (diversity = cosine between them). Returns the indices (into the candidates) of
-    ``min(k, C)`` picks in selection order; the first pick is the most relevant (the diversity
-    term of an empty selection is 0); ties go to the lower index.
+    Build it with :meth:`from_index` when the index is loaded (or after :meth:`ImageIndex.add`)
+    and pass it to every :func:`rank` call: the str id columns and popularity are computed here
+    once, and the filter mask of each filter setting on first use. A table is tied to the
+    metadata it was built from; :func:`rank` refuses one built for another index state.
     """
-    rel = np.asarray(relevance, dtype=np.float64)
-    vec = np.asarray(vectors, dtype=np.float64)
-    if rel.ndim != 1 or vec.ndim != 2 or len(rel) != len(vec):
-        raise ValueError(
-            f"mmr: relevance (C,) and vectors (C, D) expected, got {rel.shape}, {vec.shape}"
+
+    meta: pd.DataFrame
+    image_ids: np.ndarray  # (N,) str
+    item_ids: np.ndarray  # (N,) str
+    popularity: np.ndarray  # (N,) float64 in [0, 1]
+    _masks: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_index(cls, index: ImageIndex) -> RankingTable:
+        meta = index.meta
+        return cls(
+            meta=meta,
+            image_ids=meta[schema.IMAGE_ID].astype(str).to_numpy(),
+            item_ids=meta[schema.ITEM_ID].astype(str).to_numpy(),
+            popularity=np.asarray(popularity(meta)),
         )
-    n = min(int(k), len(rel))
-    picked: list[int] = []
-    available = np.ones(len(rel), dtype=bool)
-    max_sim = np.zeros(len(rel), dtype=np.float64)
-    for step in range(n):
-        value = lam * rel - (1.0 - lam) * max_sim if step else lam * rel
-        value = np.where(available, value, -np.inf)
-        best = int(np.argmax(value))
-        picked.append(best)
-        available[best] = False
-        sims = vec @ vec[best]
-        max_sim = sims if step == 0 else np.maximum(max_sim, sims)
-    return np.asarray(picked, dtype=np.int64)
+
+    def allowed(self, cfg: RankingConfig) -> np.ndarray:
+        """:func:`allowed_mask` of ``cfg``'s filters, computed once per filter setting."""
+        key = (
+            cfg.exclude_nsfw,
+            cfg.category_column,
+            None if cfg.categories is None else tuple(sorted(map(str, cfg.categories))),
+        )
+        if key not in self._masks:
+            self._masks[key] = allowed_mask(self.meta, cfg)
+        return self._masks[key]
+
+
+def _table_for(index: ImageIndex, table: RankingTable | None) -> RankingTable:
+    if table is None:
+        return RankingTable.from_index(index)
+    if table.meta is not index.meta:
+        raise ValueError("the ranking table was built for another index state (rebuild it)")
+    return table
 
 
 # --- candidate retrieval with filters ----------------------------------------------------------
@@ -239,10 +225,10 @@ def _exact_allowed(
 
 def _candidates(
     index: ImageIndex,
+    table: RankingTable,
     queries: np.ndarray,
     k: int,
     cfg: RankingConfig,
-    allowed: np.ndarray,
     exclusions: list[frozenset[str]],
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per query, (positions, similarities) of allowed, non-excluded rows, best first.
@@ -252,8 +238,7 @@ def _candidates(
     cells) it scans the allowed rows exactly.
     """
     n = index.count
-    image_ids = _ids_of(index, schema.IMAGE_ID)
-    items = _ids_of(index, schema.ITEM_ID)
+    image_ids, items, allowed = table.image_ids, table.item_ids, table.allowed(cfg)
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(queries)
     pending = list(range(len(queries)))
     fetch = min(max(int(cfg.candidates), k), n)
@@ -286,18 +271,18 @@ def _candidates(
 # --- rank ----------------------------------------------------------------------------------------
 def _order(
     index: ImageIndex,
+    table: RankingTable,
     pos: np.ndarray,
     sim: np.ndarray,
     k: int,
     cfg: RankingConfig,
-    pop_all: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    pop = pop_all[pos] if len(pos) else np.zeros(0)
+    pop = table.popularity[pos] if len(pos) else np.zeros(0)
     score = sim.astype(np.float64) + cfg.popularity_weight * pop
     order = np.lexsort((pos, -sim, -score))  # score desc, then similarity desc, then position
     pos, sim, pop, score = pos[order], sim[order], pop[order], score[order]
     if cfg.one_per_item and len(pos):
-        items = _ids_of(index, schema.ITEM_ID)[pos]
+        items = table.item_ids[pos]
         first = ~pd.Series(items).duplicated().to_numpy()
         pos, sim, pop, score = pos[first], sim[first], pop[first], score[first]
     pool = max(int(cfg.candidates), k)
@@ -315,12 +300,16 @@ def rank(
     k: int,
     cfg: RankingConfig | None = None,
     exclude_ids: Iterable[str] | Sequence[Iterable[str]] | None = None,
+    *,
+    table: RankingTable | None = None,
 ) -> pd.DataFrame:
     """The top-``k`` gallery rows for each query, filtered and re-ranked by ``cfg``.
 
     query_emb: (D,) for one query or (M, D), L2-normalised float32 from the index's extractor.
     exclude_ids: image ids never returned: one collection for every query, or (2-D queries) a
         sequence of M collections, one per query.
+    table: the index's :class:`RankingTable` (built here when not given: pass one when ranking
+        many times against the same index). Raises ValueError when it belongs to another index.
     Returns one row per hit, best first: for 2-D queries columns ``query`` (0-based row of
     ``query_emb``) and ``rank`` (1-based) lead; for a 1-D query they are left out (the rows are
     in rank order). Then ``image_id, item_id, score, similarity, popularity`` and the index's
@@ -336,13 +325,12 @@ def rank(
             f"queries must be (D,) or (M, D) with D={index.dim}, got {np.shape(query_emb)}"
         )
     exclusions = _exclusions(exclude_ids, len(queries), per_query_ok=not single)
-    allowed = _mask_of(index, cfg)
-    pop_all = _popularity_of(index)
-    found = _candidates(index, queries, k, cfg, allowed, exclusions)
+    table = _table_for(index, table)
+    found = _candidates(index, table, queries, k, cfg, exclusions)
 
     frames = []
     for j, (pos, sim) in enumerate(found):
-        pos, sim, pop, score = _order(index, pos, sim, k, cfg, pop_all)
+        pos, sim, pop, score = _order(index, table, pos, sim, k, cfg)
         frame = pd.DataFrame(
             {
                 QUERY: np.full(len(pos), j, dtype=np.int64),
@@ -365,149 +353,3 @@ def rank(
     if single:
         out = out.drop(columns=[QUERY, RANK])
     return out
-
-
-# --- tuning --------------------------------------------------------------------------------------
-def average_precision_at_k(relevant: np.ndarray, n_relevant: int) -> float:
-    """AP@k of one ranked list: ``sum_i P@i * rel_i / min(n_relevant, k)`` with k = len(list).
-
-    relevant: (k,) booleans in rank order; n_relevant: relevant rows in the whole gallery.
-    Equals scikit-learn's ``average_precision_score`` when the list ranks the whole gallery.
-    """
-    rel = np.asarray(relevant, dtype=bool)
-    if n_relevant <= 0:
-        raise ValueError("average precision needs at least one relevant row")
-    if not len(rel):
-        return 0.0
-    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
-    return float((precision * rel).sum() / min(n_relevant, len(rel)))
-
-
-def _grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    keys = list(grid)
-    return [
-        dict(zip(keys, values, strict=True))
-        for values in itertools.product(*(grid[k] for k in keys))
-    ]
-
-
-def tune(
-    index: ImageIndex,
-    val_queries_emb: np.ndarray,
-    val_query_items: Sequence[Any] | np.ndarray,
-    grid: Mapping[str, Sequence[Any]] | None = None,
-    *,
-    base: RankingConfig | None = None,
-    query_ids: Sequence[Any] | np.ndarray | None = None,
-    k: int = 100,
-) -> tuple[RankingConfig, pd.DataFrame]:
-    """Grid-search ranking settings on validation queries, maximising mAP@k.
-
-    index: the validation gallery; val_queries_emb (M, D) and val_query_items (M,): the queries
-    and their items (relevant = a gallery row of the same item that passes the filters);
-    query_ids (M,): the queries' own image ids, excluded from their results (pass them when the
-    queries are gallery images). grid: RankingConfig field -> values (default ``base.tune_grid``);
-    without usable popularity columns ``popularity_weight`` collapses to ``[0.0]``.
-    Queries with no relevant row are skipped (counted in ``n_skipped``).
-    Returns the best config (ties go to the earlier grid point) and a table with one row per
-    grid point: the grid values, ``map``, ``hit_at_1``, ``recall_at_k``, ``n_queries``, ``n_skipped``.
-    """
-    base = base or RankingConfig()
-    grid = dict(grid if grid is not None else base.tune_grid)
-    fields = {f.name for f in dataclasses.fields(RankingConfig)} - {"tune_grid"}
-    unknown = sorted(set(grid) - fields)
-    if unknown or any(len(v) == 0 for v in grid.values()):
-        raise ConfigError(f"tune: bad grid (unknown keys {unknown} or empty value lists)")
-    if "popularity_weight" in grid and not _popularity_of(index).any():
-        grid["popularity_weight"] = [0.0]
-    queries = np.ascontiguousarray(np.atleast_2d(val_queries_emb), dtype=np.float32)
-    q_items = np.asarray([str(i) for i in val_query_items], dtype=object)
-    if len(q_items) != len(queries):
-        raise ValueError(f"{len(queries)} queries but {len(q_items)} query items")
-    q_ids = None if query_ids is None else [str(i) for i in query_ids]
-    if q_ids is not None and len(q_ids) != len(queries):
-        raise ValueError(f"{len(queries)} queries but {len(q_ids)} query ids")
-    exclusions = [[i] for i in q_ids] if q_ids is not None else None
-    gallery_items = _ids_of(index, schema.ITEM_ID)
-    gallery_ids = _ids_of(index, schema.IMAGE_ID)
-    depth = max(1, min(int(k), index.count))
-
-    rows = []
-    configs = []
-    for point in _grid_points(grid):
-        cfg = dataclasses.replace(base, **point)
-        configs.append(cfg)
-        allowed = _mask_of(index, cfg)
-        hits = rank(index, queries, depth, cfg, exclude_ids=exclusions)
-        by_query = {q: g for q, g in hits.groupby(QUERY, sort=False)}
-        aps, top1, recalls, skipped = [], [], [], 0
-        for j in range(len(queries)):
-            relevant_rows = allowed & (gallery_items == q_items[j])
-            if q_ids is not None:
-                relevant_rows &= gallery_ids != q_ids[j]
-            n_rel = int(relevant_rows.sum())
-            if cfg.one_per_item:
-                n_rel = min(n_rel, 1)
-            if n_rel == 0:
-                skipped += 1
-                continue
-            got = by_query.get(j)
-            rel = (
-                (got[schema.ITEM_ID].astype(str).to_numpy() == q_items[j])
-                if got is not None
-                else np.zeros(0, dtype=bool)
-            )
-            aps.append(average_precision_at_k(rel, n_rel))
-            top1.append(bool(rel[:1].any()))
-            recalls.append(rel.sum() / n_rel)
-        row = {key: (value if value is not None else np.nan) for key, value in point.items()}
-        row.update(
-            {
-                "map": float(np.mean(aps)) if aps else float("nan"),
-                "hit_at_1": float(np.mean(top1)) if top1 else float("nan"),
-                "recall_at_k": float(np.mean(recalls)) if recalls else float("nan"),
-                "n_queries": len(aps),
-                "n_skipped": skipped,
-            }
-        )
-        rows.append(row)
-        log.info("tune %s: mAP@%d %.4f", point, depth, row["map"])
-    table = pd.DataFrame(rows)
-    scores = table["map"].fillna(-np.inf).to_numpy()
-    best = int(np.argmax(scores))  # first maximum: the earlier grid point wins ties
-    table["best"] = np.arange(len(table)) == best
-    return configs[best], table
-
-
-def tune_on_split(
-    emb: np.ndarray,
-    meta: pd.DataFrame,
-    base: RankingConfig,
-    extractor_fingerprint: str,
-    split: str = "val",
-    max_queries: int = 2000,
-    seed: int = 0,
-) -> tuple[RankingConfig, pd.DataFrame]:
-    """Tune ``base`` on one split: its images form an exact (Flat) gallery and a seeded sample of
-    at most ``max_queries`` of them query it (each query's own image excluded).
-
-    ``emb`` (N, D) and ``meta`` (N rows, with ``split`` and ``item_id``) are aligned. Raises
-    ``ValueError`` when the split has no rows.
-    """
-    if schema.SPLIT not in meta.columns or not (meta[schema.SPLIT] == split).any():
-        raise ValueError(f"the manifest has no split=={split!r} rows to tune the ranking on")
-    rows = (meta[schema.SPLIT] == split).to_numpy()
-    gallery = ImageIndex.build(
-        emb[rows], meta[rows], IndexConfig(factory="Flat"), extractor_fingerprint
-    )
-    pick = np.arange(gallery.count)
-    if len(pick) > max_queries:
-        pick = np.sort(np.random.default_rng(seed).choice(len(pick), max_queries, replace=False))
-    return tune(
-        gallery,
-        emb[rows][pick],
-        gallery.meta[schema.ITEM_ID].to_numpy()[pick],
-        base=base,
-        query_ids=gallery.meta[schema.IMAGE_ID].to_numpy()[pick],
-        k=min(base.candidates, gallery.count),
-    )
