@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,10 +94,37 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None) -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(names)}")
+    hints = _type_hints(cls)
+    data = {key: _as_declared(hints.get(key), value) for key, value in data.items()}
     try:
         return cls(**data)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{cls.__name__}: {exc}") from exc
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that does not evaluate: no coercion
+        return {}
+
+
+def _as_declared(hint: Any, value: Any) -> Any:
+    """A number where the field wants text, as text: ``--path 2024`` is the folder ``2024``.
+
+    Overrides are parsed as YAML (:func:`parse_value`), which cannot know that ``2024`` names
+    a folder; the field's declared type can. Only ``str`` fields that accept no number are
+    coerced; everything else is left for the dataclass to judge.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        allowed = set(typing.get_args(hint))
+    else:
+        allowed = {hint}
+    if str in allowed and not allowed & {int, float, Any}:
+        return str(value)
+    return value
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,7 +16,7 @@ from imgsearch import schema as S
 from imgsearch.config import from_dict, load_config
 from imgsearch.data.ingest import IngestConfig, ingest, ingest_folder, ingest_sql, ingest_table
 from imgsearch.errors import CatalogError, ConfigError
-from imgsearch.paths import str_to_path
+from imgsearch.paths import resolve_within, str_to_path
 
 INJECTION = "' OR 1=1; --"
 
@@ -445,7 +445,12 @@ def test_folder_listing(root: Path, tmp_path: Path) -> None:
     assert not any(".hidden" in i or ".git" in i for i in ids)
     assert result.manifest.set_index(S.IMAGE_ID).loc["102/sub/c.png", S.ITEM_ID] == "102"
     reasons = dict(zip(result.rejected[S.IMAGE_ID], result.rejected[S.REASON], strict=True))
-    assert reasons == {"loose.png": "no_item", "102/pipe.png": "not_a_file"}
+    assert reasons == {
+        "loose.png": "no_item",
+        "102/pipe.png": "not_a_file",
+        "101/.hidden.png": "hidden",  # skipped, but recorded
+        ".git": "hidden",  # one row for the folder; its content is not walked
+    }
 
 
 def test_folder_symlinks(root: Path, tmp_path: Path) -> None:
@@ -495,6 +500,89 @@ def test_folder_non_utf8_names(root: Path, tmp_path: Path) -> None:
     assert row[S.URI] == "file:%FFitem/caf%E9.png"
     assert str_to_path(row[S.PATH]).read_bytes() == b"bytes"
     result.manifest.to_parquet(tmp_path / "manifest.parquet")  # UTF-8 only: must not raise
+
+
+def test_folder_non_utf8_name_beside_its_escaped_spelling(root: Path, tmp_path: Path) -> None:
+    """``caf\\xe9.png`` (not UTF-8) and a file literally named ``caf\\xe9.png``: escaping
+    makes them one id; the batch goes on, the escaped one is quarantined with its reason."""
+    with open(os.fsencode(root) + b"/101/caf\xe9.png", "wb") as fh:
+        fh.write(b"latin-1 name")
+    (root / "101" / "caf\\xe9.png").write_bytes(b"literal name")
+    os.mkdir(os.fsencode(root) + b"/x\xff")  # an item folder, and one spelled like its escape
+    (root / "x\\xff").mkdir()
+    with open(os.fsencode(root) + b"/x\xff/1.png", "wb") as fh:
+        fh.write(b"a")
+    (root / "x\\xff" / "2.png").write_bytes(b"b")
+    result = ingest_folder(root)
+    manifest = result.manifest.set_index(S.IMAGE_ID)
+    assert manifest.loc["101/caf\\xe9.png", S.URI] == "101/caf\\xe9.png"
+    assert str_to_path(manifest.loc["101/caf\\xe9.png", S.PATH]).read_bytes() == b"literal name"
+    assert manifest.loc["x\\xff/2.png", S.ITEM_ID] == "x\\xff"
+    assert not manifest.index.duplicated().any()
+    rejected = result.rejected.set_index(S.IMAGE_ID)
+    assert rejected.loc["101/caf\\xe9.png", S.REASON] == "ambiguous_id"
+    assert rejected.loc["101/caf\\xe9.png", S.URI] == "file:101/caf%E9.png"
+    assert rejected.loc["x\\xff/1.png", S.REASON] == "ambiguous_id"  # two items would merge
+    assert result.metrics["n_rejected_ambiguous_id"] == 2
+    result.rejected.to_parquet(tmp_path / "rejected.parquet")  # UTF-8 only: must not raise
+
+
+def test_folder_names_are_names_not_uris(root: Path) -> None:
+    (root / "file:weird").mkdir()
+    (root / "file:weird" / "a.png").write_bytes(b"weird")
+    (root / "FILE:%41").mkdir()
+    (root / "FILE:%41" / "b.png").write_bytes(b"percent")
+    result = ingest_folder(root)
+    manifest = result.manifest.set_index(S.IMAGE_ID)
+    assert manifest.loc["file:weird/a.png", S.ITEM_ID] == "file:weird"
+    assert str_to_path(manifest.loc["file:weird/a.png", S.PATH]).read_bytes() == b"weird"
+    assert str_to_path(manifest.loc["FILE:%41/b.png", S.PATH]).read_bytes() == b"percent"
+    for uri in manifest[S.URI]:  # every uri reads back as the file it was listed from
+        assert resolve_within(root, uri).is_file(), uri
+    assert len(result.rejected) == 0
+
+
+def test_csv_row_with_more_fields_than_the_header_is_refused(root: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first.csv"  # pandas would take image_id as the index and shift the rest
+    first.write_text("image_id,item_id,uri\na,101,101/a.png,oops\nb,101,101/b.png\n")
+    with pytest.raises(CatalogError, match=r"more fields than the header.*lines \[2\]"):
+        ingest_table(first, IngestConfig(data_root=str(root)))
+    later = tmp_path / "later.tsv"
+    later.write_text("image_id\titem_id\turi\na\t101\t101/a.png\nb\t101\t101/b.png\tx\n")
+    with pytest.raises(CatalogError, match="line 3"):
+        ingest_table(later, IngestConfig(data_root=str(root)))
+    # a trailing separator on every line loses nothing: read as it reads
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_text("image_id,item_id,uri\na,101,101/a.png,\nb,101,101/b.png,\n")
+    manifest = ingest_table(trailing, IngestConfig(data_root=str(root))).manifest
+    assert manifest[S.URI].tolist() == ["101/a.png", "101/b.png"]
+
+
+def test_a_catalog_without_images_stops_at_ingest(root: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CatalogError, match="no usable images"):
+        ingest_folder(tmp_path / "empty")
+    (tmp_path / "header.csv").write_text("image_id,item_id,uri\n")
+    with pytest.raises(CatalogError, match="no usable images"):
+        ingest_table(tmp_path / "header.csv", IngestConfig(data_root=str(root)))
+    (tmp_path / "outside.csv").write_text("image_id,item_id,uri\na,1,../../etc/passwd\n")
+    with pytest.raises(CatalogError, match="all rejected.*unsafe_path"):
+        ingest_table(tmp_path / "outside.csv", IngestConfig(data_root=str(root)))
+    # filters that leave nothing are a choice: an empty manifest, not an error
+    chosen = ingest_folder(root, IngestConfig(filters={"item_id": "no-such-item"}))
+    assert len(chosen.manifest) == 0
+
+
+def test_a_numeric_path_override_stays_a_path(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--path 2024`` reaches the config as YAML ``2024`` (an int): still the folder ``2024``."""
+    (root / "2024").mkdir()
+    (root / "2024" / "201").mkdir()
+    (root / "2024" / "201" / "a.png").write_bytes(b"x")
+    monkeypatch.chdir(root)
+    all_cfg = load_config(None, {"ingest.source": "folder", "ingest.path": "2024"})
+    cfg = from_dict(IngestConfig, all_cfg["ingest"])
+    assert cfg.path == "2024"
+    assert ingest(cfg).manifest[S.IMAGE_ID].tolist() == ["201/a.png"]
 
 
 # --- config -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Three kinds of catalog give the same manifest for the same collection:
 - ``table``: a CSV/TSV or Parquet file with one row per image.
 - ``folder``: one folder per item (``item_id`` = the folder name, ``image_id`` = the path relative to
   the folder); every non-hidden regular file is listed, whatever its extension (validation decides
-  what is an image).
+  what is an image); see :mod:`imgsearch.data.ingest_folder`.
 
 Column mappings name, for each manifest column, the catalog column it comes from
 (``{"item_id": "model_id", "uri": "path"}``); an unmapped manifest column is taken from a catalog
@@ -24,11 +24,16 @@ schema, ``stage="ingest"``) with a reason, never dropped silently:
 - ``missing_value``: ``image_id``, ``item_id`` or ``uri`` is empty;
 - ``no_item``: (folder) a file directly in the folder, outside any item folder;
 - ``not_a_file``: (folder) a FIFO, socket or device;
-- ``duplicate_folder``: (folder) a symlinked folder whose target was already listed.
+- ``duplicate_folder``: (folder) a symlinked folder whose target was already listed;
+- ``hidden``: (folder) a name starting with ``.`` (a hidden folder is one row, not walked);
+- ``ambiguous_id``: a name that is not UTF-8 whose ``\\xNN`` escape (below) is also another
+  image's or item's real name: the escaped one is rejected, the real name is kept.
 
 Rows left out by ``filters`` are a choice, not a rejection. Malformed catalogs raise
 :class:`CatalogError`: missing required columns, duplicated column names, duplicate image ids,
-unknown columns when strict, catalog columns that clash with manifest columns.
+unknown columns when strict, catalog columns that clash with manifest columns, a CSV row with
+more fields than the header (named by line number), and a catalog with no usable image at all
+(unless filters left the rows out): the first stage that can tell stops the pipeline.
 
 Ids become text (``101``, ``"007"`` stay as written). The manifest is sorted by ``image_id``.
 Text that is not UTF-8 (file names from a folder or a CSV) is made storable in Parquet: ids get
@@ -38,12 +43,11 @@ Text that is not UTF-8 (file names from a folder or a CSV) is made storable in P
 
 from __future__ import annotations
 
+import csv
 import logging
-import os
-import stat
-from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+import warnings
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,76 +56,36 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from imgsearch import schema as S
-from imgsearch.errors import CatalogError, ConfigError, UnsafePathError
-from imgsearch.paths import Resolver, is_within, path_to_str
+from imgsearch.data.catalog import (
+    ALL_CANONICAL,
+    CSV_SUFFIXES,
+    IMAGE_CANONICAL,
+    ITEM_CANONICAL,
+    MAX_NAMED,
+    PARQUET_SUFFIXES,
+    IngestConfig,
+    IngestResult,
+    clean_text,
+    filter_frame,
+    finish,
+    plan_columns,
+    refuse_duplicates,
+)
+from imgsearch.data.catalog import data_root as resolve_data_root
+from imgsearch.data.ingest_folder import ingest_folder
+from imgsearch.errors import CatalogError, ConfigError
+
+__all__ = [
+    "IngestConfig",
+    "IngestResult",
+    "default_sql_data_root",
+    "ingest",
+    "ingest_folder",
+    "ingest_sql",
+    "ingest_table",
+]
 
 log = logging.getLogger(__name__)
-
-SOURCES = ("sql", "table", "folder")
-STAGE = "ingest"
-CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
-PARQUET_SUFFIXES = (".parquet", ".pq")
-#: columns ingest or a later stage writes: a catalog column may not take these names
-RESERVED = (S.PATH, S.SHA256, S.FORMAT, S.WIDTH, S.HEIGHT, S.FIXES, S.PHASH, S.PRE_PATH, S.SPLIT)
-ITEM_CANONICAL = (S.ITEM_ID, *S.ITEM_ATTRIBUTES)
-IMAGE_CANONICAL = S.REQUIRED_MANIFEST_COLUMNS
-ALL_CANONICAL = (*S.REQUIRED_MANIFEST_COLUMNS, *S.ITEM_ATTRIBUTES)
-_MAX_NAMED = 10  # how many offending names an error message lists
-
-
-@dataclass
-class IngestConfig:
-    """Where the catalog is and how its columns map onto the manifest.
-
-    ``url``: SQLAlchemy URL (``sql``). ``path``: the CSV/Parquet file (``table``) or the folder
-    (``folder``). ``data_root``: the folder uris are resolved in; ``None`` means the SQLite
-    file's folder, the table file's folder, or the folder itself. ``item_columns`` /
-    ``image_columns``: manifest column -> catalog column, for the items and images tables (a
-    ``table`` source uses both, merged). ``filters``: manifest column -> value or list of values
-    (rows kept when the column equals the value or is in the list; ``None`` matches empty).
-    ``strict``: unmapped, non-canonical catalog columns are an error instead of passing through.
-    ``db_schema``: database schema of the two tables (PostgreSQL ``public`` etc.).
-    """
-
-    source: str = "sql"
-    url: str | None = None
-    path: str | None = None
-    data_root: str | None = None
-    items_table: str = "items"
-    images_table: str = "images"
-    item_columns: dict[str, str] = field(default_factory=dict)
-    image_columns: dict[str, str] = field(default_factory=dict)
-    filters: dict[str, Any] = field(default_factory=dict)
-    strict: bool = False
-    db_schema: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ConfigError(f"ingest.source must be one of {SOURCES}, not {self.source!r}")
-        for name in ("item_columns", "image_columns", "filters"):
-            value = getattr(self, name)
-            if value is None:
-                setattr(self, name, {})
-            elif not isinstance(value, Mapping):
-                raise ConfigError(f"ingest.{name} must be a mapping, not {type(value).__name__}")
-        for name in ("item_columns", "image_columns"):
-            for out, src in getattr(self, name).items():
-                if not isinstance(out, str) or not isinstance(src, str) or not out or not src:
-                    raise ConfigError(
-                        f"ingest.{name}: {out!r} -> {src!r} must map a name to a name"
-                    )
-                if out in RESERVED:
-                    raise ConfigError(f"ingest.{name}: {out!r} is written by the pipeline itself")
-
-
-@dataclass
-class IngestResult:
-    """The manifest, the rows refused (quarantine schema) and figures; ``source`` describes the catalog."""
-
-    manifest: pd.DataFrame
-    rejected: pd.DataFrame
-    metrics: dict[str, float]
-    source: dict[str, str] = field(default_factory=dict)
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -170,7 +134,7 @@ def ingest_sql(url: str, cfg: IngestConfig | None = None) -> IngestResult:
     root_text = cfg.data_root or default_sql_data_root(url)
     if root_text is None:
         raise ConfigError(f"ingest.data_root is required for {description}")
-    data_root = _data_root(root_text)
+    data_root = resolve_data_root(root_text)
 
     try:
         engine = sa.create_engine(parsed)
@@ -184,7 +148,7 @@ def ingest_sql(url: str, cfg: IngestConfig | None = None) -> IngestResult:
         raise CatalogError(f"cannot read the catalog at {description}: {exc}") from exc
     finally:
         engine.dispose()
-    result = _finish(frame, data_root, [])
+    result = finish(frame, data_root, [], filtered=bool(cfg.filters))
     result.metrics["n_orphan_images"] = float(n_orphans)
     result.source = {
         "catalog_source": f"sql {description} items={cfg.items_table} images={cfg.images_table}",
@@ -205,7 +169,7 @@ def _query(engine: sa.Engine, cfg: IngestConfig) -> tuple[pd.DataFrame, int]:
     items = sa.Table(cfg.items_table, meta, autoload_with=engine, schema=cfg.db_schema)
     images = sa.Table(cfg.images_table, meta, autoload_with=engine, schema=cfg.db_schema)
 
-    image_plan = _plan_columns(
+    image_plan = plan_columns(
         list(images.columns.keys()),
         cfg.image_columns,
         canonical=IMAGE_CANONICAL,
@@ -213,7 +177,7 @@ def _query(engine: sa.Engine, cfg: IngestConfig) -> tuple[pd.DataFrame, int]:
         strict=cfg.strict,
         where=f"images table {cfg.images_table!r}",
     )
-    item_plan = _plan_columns(
+    item_plan = plan_columns(
         list(items.columns.keys()),
         cfg.item_columns,
         canonical=ITEM_CANONICAL,
@@ -282,40 +246,10 @@ def ingest_table(path: Path, cfg: IngestConfig | None = None) -> IngestResult:
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"catalog file not found: {path}")
-    data_root = _data_root(cfg.data_root or path.resolve().parent)
+    data_root = resolve_data_root(cfg.data_root or path.resolve().parent)
     mapping = _merged_mapping(cfg)
-    suffix = path.suffix.lower()
-    text_columns = {mapping.get(name, name): str for name in S.REQUIRED_MANIFEST_COLUMNS}
-    try:
-        if suffix in CSV_SUFFIXES:
-            sep = CSV_SUFFIXES[suffix]
-            # the raw header: pandas would rename a duplicated column "a" to "a.1"
-            header = pd.read_csv(
-                path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False,
-                encoding_errors="surrogateescape",
-            )  # fmt: skip
-            _refuse_duplicates(header.iloc[0].tolist() if len(header) else [], f"{path.name}")
-            # ids and uris stay text ("007" is not 7); bytes that are not UTF-8 survive in uris
-            frame = pd.read_csv(
-                path, sep=sep, dtype=text_columns, encoding_errors="surrogateescape"
-            )
-            for name in frame.columns:  # other text must be valid UTF-8 for Parquet
-                if frame[name].dtype == object and name not in text_columns:
-                    frame[name] = frame[name].map(
-                        lambda v: _clean_text(v) if isinstance(v, str) else v
-                    )
-        elif suffix in PARQUET_SUFFIXES:
-            _refuse_duplicates(pq.read_schema(path).names, path.name)
-            frame = pd.read_parquet(path)
-        else:
-            raise CatalogError(
-                f"{path.name}: unknown table format {suffix!r}; use one of "
-                f"{sorted((*CSV_SUFFIXES, *PARQUET_SUFFIXES))}"
-            )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as exc:
-        raise CatalogError(f"cannot read {path}: {exc}") from exc
-
-    plan = _plan_columns(
+    frame = _read_table(path, mapping)
+    plan = plan_columns(
         [str(c) for c in frame.columns],
         mapping,
         canonical=ALL_CANONICAL,
@@ -324,13 +258,74 @@ def ingest_table(path: Path, cfg: IngestConfig | None = None) -> IngestResult:
         where=path.name,
     )
     frame = pd.DataFrame({out: frame[src] for out, src in plan.items()})
-    frame = _filter_frame(frame, cfg.filters)
-    result = _finish(frame, data_root, [])
+    frame = filter_frame(frame, cfg.filters)
+    result = finish(frame, data_root, [], filtered=bool(cfg.filters))
     result.source = {
         "catalog_source": f"table {path.resolve()}",
         "catalog_data_root": str(data_root),
     }
     return result
+
+
+def _read_table(path: Path, mapping: dict[str, str]) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in CSV_SUFFIXES:
+            return _read_csv(path, CSV_SUFFIXES[suffix], mapping)
+        if suffix in PARQUET_SUFFIXES:
+            refuse_duplicates(pq.read_schema(path).names, path.name)
+            return pd.read_parquet(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as exc:
+        raise CatalogError(f"cannot read {path}: {exc}") from exc
+    raise CatalogError(
+        f"{path.name}: unknown table format {suffix!r}; use one of "
+        f"{sorted((*CSV_SUFFIXES, *PARQUET_SUFFIXES))}"
+    )
+
+
+def _read_csv(path: Path, sep: str, mapping: dict[str, str]) -> pd.DataFrame:
+    # the raw header: pandas would rename a duplicated column "a" to "a.1"
+    header = pd.read_csv(
+        path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False,
+        encoding_errors="surrogateescape",
+    )  # fmt: skip
+    names = header.iloc[0].tolist() if len(header) else []
+    refuse_duplicates(names, path.name)
+    # ids and uris stay text ("007" is not 7); bytes that are not UTF-8 survive in uris
+    text_columns = {mapping.get(name, name): str for name in S.REQUIRED_MANIFEST_COLUMNS}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pd.errors.ParserWarning)
+        # index_col=False: with more fields than header names in the first row, pandas would
+        # otherwise take the first column(s) as the index and shift every column to the left
+        frame = pd.read_csv(
+            path, sep=sep, dtype=text_columns, encoding_errors="surrogateescape", index_col=False
+        )
+    if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+        _refuse_ragged(path, sep, len(names))
+    for name in frame.columns:  # other text must be valid UTF-8 for Parquet
+        if frame[name].dtype == object and name not in text_columns:
+            frame[name] = frame[name].map(lambda v: clean_text(v) if isinstance(v, str) else v)
+    return frame
+
+
+def _refuse_ragged(path: Path, sep: str, n_fields: int) -> None:
+    """Raise naming the lines with more (non-empty) fields than the header.
+
+    pandas warns and drops the extra fields (``index_col=False``) without saying where; the
+    csv module says which line. Extra fields that are all empty (a trailing separator) are data
+    lost by nobody, so they pass.
+    """
+    lines: list[int] = []
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        for record in reader:
+            if len(record) > n_fields and any(f.strip() for f in record[n_fields:]):
+                lines.append(reader.line_num)
+    if lines:
+        raise CatalogError(
+            f"{path.name}: {len(lines)} rows have more fields than the header's {n_fields} "
+            f"(lines {lines[:MAX_NAMED]}); quote the fields or fix the rows"
+        )
 
 
 def _merged_mapping(cfg: IngestConfig) -> dict[str, str]:
@@ -342,286 +337,3 @@ def _merged_mapping(cfg: IngestConfig) -> dict[str, str]:
     if clash:
         raise ConfigError(f"item_columns and image_columns map {sorted(clash)} differently")
     return {**cfg.item_columns, **cfg.image_columns}
-
-
-# --- folder tree -------------------------------------------------------------------------------
-
-
-def ingest_folder(path: Path, cfg: IngestConfig | None = None) -> IngestResult:
-    """List a folder tree: ``<path>/<item_id>/**/<file>``; hidden files and folders are skipped."""
-    cfg = replace(cfg or IngestConfig(), source="folder", path=str(path))
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CatalogError(f"catalog folder not found: {folder}")
-    data_root = _data_root(cfg.data_root or folder)
-    folder_real = os.fsencode(folder.resolve())
-    root = os.fsencode(data_root)
-    if folder_real != root and not is_within(folder_real, root):
-        raise ConfigError(f"folder {folder} is not inside data_root {data_root}")
-    prefix = os.path.relpath(folder_real, root) if folder_real != root else b""
-    rows, rejected = _list_folder(folder_real, prefix, data_root)
-    frame = pd.DataFrame(rows, columns=[S.IMAGE_ID, S.ITEM_ID, S.URI])
-    frame = _filter_frame(frame, cfg.filters)
-    result = _finish(frame, data_root, rejected)
-    result.source = {
-        "catalog_source": f"folder {folder.resolve()}",
-        "catalog_data_root": str(data_root),
-    }
-    return result
-
-
-def _list_folder(
-    folder: bytes, prefix: bytes, data_root: Path
-) -> tuple[list[dict[str, str]], list[dict[str, object]]]:
-    """Depth-first listing on bytes (``folder`` is resolved).
-
-    A symlinked folder is followed only when it resolves inside the data root and outside
-    ``folder`` and every folder followed before (else the same files would be listed twice, or
-    forever in a loop); the others become rejected rows.
-    """
-    rows: list[dict[str, str]] = []
-    rejected: list[dict[str, object]] = []
-    resolver = Resolver(data_root)
-    followed: list[bytes] = [folder]
-    stack: list[bytes] = [b""]  # folders to list, relative to ``folder``
-    while stack:
-        rel_dir = stack.pop()
-        with os.scandir(os.path.join(folder, rel_dir) if rel_dir else folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            if entry.name.startswith(b"."):
-                continue
-            rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
-            uri = path_to_str(os.path.join(prefix, rel) if prefix else rel)
-            where = {
-                S.IMAGE_ID: _clean_text(os.fsdecode(rel)),
-                S.ITEM_ID: _clean_text(os.fsdecode(rel.split(b"/", 1)[0])),
-                S.URI: uri,
-            }
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(rel)
-            elif _is_folder_link(entry):
-                try:
-                    target = resolver.resolve_bytes(uri)
-                except UnsafePathError as exc:
-                    rejected.append(_reject(where, "unsafe_path", f"symlinked folder: {exc}"))
-                    continue
-                seen = [
-                    f
-                    for f in followed
-                    if f == target or is_within(target, f) or is_within(f, target)
-                ]
-                if seen:
-                    detail = f"symlink to a folder listed already: {os.fsdecode(target)!r}"
-                    rejected.append(_reject(where, "duplicate_folder", detail))
-                    continue
-                followed.append(target)
-                stack.append(rel)
-            elif not _regular_or_link(entry):
-                rejected.append(
-                    _reject(where, "not_a_file", "not a regular file (FIFO, socket or device)")
-                )
-            elif rel_dir == b"":
-                rejected.append(_reject(where, "no_item", "file outside any item folder"))
-            else:
-                rows.append(where)
-    return rows, rejected
-
-
-def _is_folder_link(entry: os.DirEntry[bytes]) -> bool:
-    try:
-        return entry.is_symlink() and entry.is_dir(follow_symlinks=True)
-    except OSError:  # a looping link: resolve_within refuses it as a file
-        return False
-
-
-def _regular_or_link(entry: os.DirEntry[bytes]) -> bool:
-    """Regular files, and symlinks of any kind (resolve_within judges them, open reports dangling)."""
-    try:
-        mode = entry.stat(follow_symlinks=False).st_mode
-    except OSError:  # vanished while listing
-        return False
-    return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
-
-
-# --- shared ------------------------------------------------------------------------------------
-
-
-def _data_root(root: str | os.PathLike[str]) -> Path:
-    path = Path(root).expanduser().resolve()
-    if not path.is_dir():
-        raise CatalogError(f"data root not found: {path}")
-    return path
-
-
-def _refuse_duplicates(names: Sequence[Any], where: str) -> None:
-    dupes = sorted(str(n) for n, count in Counter(names).items() if count > 1)
-    if dupes:
-        raise CatalogError(f"{where}: duplicated column names {dupes[:_MAX_NAMED]}")
-
-
-def _plan_columns(
-    available: Sequence[str],
-    mapping: Mapping[str, str],
-    *,
-    canonical: Sequence[str],
-    required: Sequence[str],
-    strict: bool,
-    where: str,
-) -> dict[str, str]:
-    """Manifest column -> catalog column, for one table. Raises CatalogError naming what is wrong."""
-    _refuse_duplicates(available, where)
-    absent = sorted(f"{out}<-{src}" for out, src in mapping.items() if src not in available)
-    if absent:
-        raise CatalogError(
-            f"{where}: mapped columns not found: {absent}; columns: {list(available)}"
-        )
-    plan = dict(mapping)
-    used = set(mapping.values())
-    for name in canonical:
-        if name not in plan and name in available and name not in used:
-            plan[name] = name
-            used.add(name)
-    missing = [name for name in required if name not in plan]
-    if missing:
-        raise CatalogError(
-            f"{where}: missing required columns {missing}; map them with a column mapping "
-            f"(for example {{{missing[0]!r}: <column>}}); columns: {list(available)}"
-        )
-    extra = [c for c in available if c not in used]
-    if strict and extra:
-        raise CatalogError(f"{where}: unknown columns {extra[:_MAX_NAMED]} (strict mapping)")
-    clash = [c for c in extra if c in plan or c in RESERVED]
-    if clash:
-        raise CatalogError(
-            f"{where}: columns {clash} clash with manifest columns; map them to other names "
-            "(for example {'source_width': 'width'}) or map the manifest column to them"
-        )
-    plan.update({c: c for c in extra})
-    return plan
-
-
-def _filter_frame(frame: pd.DataFrame, filters: Mapping[str, Any]) -> pd.DataFrame:
-    """The pandas twin of :func:`_sql_condition` for table and folder sources."""
-    if not filters:
-        return frame
-    keep = pd.Series(True, index=frame.index)
-    for name, value in filters.items():
-        if name not in frame.columns:
-            raise ConfigError(
-                f"ingest.filters: unknown column {name!r}; columns: {list(frame.columns)}"
-            )
-        if isinstance(value, Mapping):
-            raise ConfigError(f"ingest.filters: a value must be a scalar or a list, not {value!r}")
-        values = list(value) if isinstance(value, list | tuple | set) else [value]
-        column = frame[name]
-        if name in S.REQUIRED_MANIFEST_COLUMNS:  # ids are text in the manifest
-            values = [None if v is None else str(v) for v in values]
-            column = column.astype("string")
-        match = column.isin([v for v in values if v is not None])
-        if None in values:
-            match |= column.isna()
-        keep &= match.fillna(False).astype(bool)
-    return frame[keep]
-
-
-def _clean_text(text: str) -> str:
-    """``text`` as valid UTF-8 (Parquet needs it): undecodable bytes become ``\\xNN`` escapes."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        try:
-            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        except UnicodeEncodeError:
-            return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _as_text(value: Any) -> str | None:
-    """A catalog id/uri as text; ``None`` when empty."""
-    if value is None or (not isinstance(value, str | bytes) and pd.isna(value)):
-        return None
-    if isinstance(value, bytes):
-        value = os.fsdecode(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # an integer id that went through a float column (NaN elsewhere)
-    text = str(value)
-    return text if text.strip() else None
-
-
-def _reject(where: Mapping[str, Any], reason: str, detail: str) -> dict[str, object]:
-    return {
-        S.IMAGE_ID: where.get(S.IMAGE_ID),
-        S.ITEM_ID: where.get(S.ITEM_ID),
-        S.URI: where.get(S.URI),
-        S.STAGE: STAGE,
-        S.REASON: reason,
-        S.DETAIL: detail,
-    }
-
-
-def _finish(
-    frame: pd.DataFrame, data_root: Path, rejected: list[dict[str, object]]
-) -> IngestResult:
-    """Normalise ids and uris, refuse duplicates, resolve paths, add absent attributes as NA."""
-    frame = frame.reset_index(drop=True)
-    ids = frame[S.IMAGE_ID].map(_as_text)
-    items = frame[S.ITEM_ID].map(_as_text)
-    uris = frame[S.URI].map(_as_text)  # raw: bytes that are not UTF-8 still name their file
-    rejected = list(rejected)
-
-    dupes = ids[ids.notna() & ids.duplicated(keep=False)].unique().tolist()
-    if dupes:
-        raise CatalogError(f"duplicate image ids ({len(dupes)}): {sorted(dupes)[:_MAX_NAMED]}")
-    clean = pd.DataFrame(
-        {
-            S.IMAGE_ID: ids.map(_clean_text, na_action="ignore"),
-            S.ITEM_ID: items.map(_clean_text, na_action="ignore"),
-            S.URI: uris.map(path_to_str, na_action="ignore"),
-        }
-    )
-
-    resolver = Resolver(data_root)
-    keep: list[int] = []
-    paths: list[str] = []
-    for pos, (image_id, item_id, uri) in enumerate(zip(ids, items, uris, strict=True)):
-        if image_id is None or item_id is None or uri is None:
-            empty = [
-                c for c, v in zip(clean.columns, (image_id, item_id, uri), strict=True) if v is None
-            ]
-            detail = f"empty {', '.join(empty)}"
-            rejected.append(_reject(clean.iloc[pos].to_dict(), "missing_value", detail))
-            continue
-        try:
-            paths.append(path_to_str(resolver.resolve_bytes(uri)))
-        except UnsafePathError as exc:
-            rejected.append(_reject(clean.iloc[pos].to_dict(), "unsafe_path", str(exc)))
-            continue
-        keep.append(pos)
-
-    manifest = frame.iloc[keep].reset_index(drop=True)
-    for name in clean.columns:
-        manifest[name] = clean[name].iloc[keep].to_numpy()
-    manifest[S.PATH] = paths
-    for name in S.ITEM_ATTRIBUTES:
-        if name not in manifest.columns:
-            manifest[name] = pd.Series(pd.NA, index=manifest.index, dtype="object")
-    first = [*S.REQUIRED_MANIFEST_COLUMNS, S.PATH, *S.ITEM_ATTRIBUTES]
-    manifest = manifest[first + [c for c in manifest.columns if c not in first]]
-    manifest = manifest.sort_values(S.IMAGE_ID, kind="stable").reset_index(drop=True)
-
-    rejected_df = S.quarantine_rows(rejected)
-    metrics = {
-        "n_items": float(manifest[S.ITEM_ID].nunique()),
-        "n_images": float(len(manifest)),
-        "n_rejected": float(len(rejected_df)),
-    }
-    for reason, count in Counter(r[S.REASON] for r in rejected).items():
-        metrics[f"n_rejected_{reason}"] = float(count)
-    log.info(
-        "ingest: %d images of %d items, %d rejected",
-        len(manifest),
-        manifest[S.ITEM_ID].nunique(),
-        len(rejected_df),
-    )
-    return IngestResult(manifest=manifest, rejected=rejected_df, metrics=metrics)
