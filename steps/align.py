@@ -11,7 +11,9 @@ Produces: ``text_encoder/`` (tower + projection + the extractor fingerprint it s
 metrics ``text_<kind>_<lang>_<metric>`` on the ``test`` split with ``chance_...`` beside them
 (:mod:`imgsearch.evaluate.text_search`), ``text_search.csv`` (the headline table),
 ``text_examples.html`` (example queries with their top-5 thumbnails), ``per_query_text.parquet``,
-``history.csv`` and the curves ``align_*`` per epoch.
+``history.csv`` and the curves ``align_*`` per epoch; ``keywords.parquet`` (top-k catalog
+keywords of every image, precision@k on test logged); ``restricted_flags.parquet`` (zero-shot
+restricted-content score of every image, the threshold calibrated on val, precision/recall on test).
 """
 
 from __future__ import annotations
@@ -22,17 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
+from imgsearch.models.text import make_text_tower
+from imgsearch.search.restricted import RestrictedPolicy
 
 from imgsearch import schema
+from imgsearch.categorize.keywords import image_keywords, precision_at_k, vocabulary
 from imgsearch.config import config_dir, from_dict
 from imgsearch.embed.files import load_embeddings
 from imgsearch.embed.text_query import TextQueryEncoder
+from imgsearch.errors import ConfigError
 from imgsearch.evaluate.text_report import examples_html
 from imgsearch.evaluate.text_search import evaluate_text_search, headline
 from imgsearch.models.backbones import fingerprint, load_extractor
-from imgsearch.models.text import make_text_tower
-from imgsearch.search.restricted import RestrictedPolicy
+from imgsearch.search.restricted_images import calibrate, flag_quality, restricted_scores
 from imgsearch.train.align import AlignConfig, align, check_texts
 from steps.common import (
     EMBEDDINGS_ARTIFACT,
@@ -49,6 +55,8 @@ log = logging.getLogger(__name__)
 
 TEXTS_ARTIFACT = "texts.parquet"
 ENCODER_ARTIFACT = "text_encoder"
+KEYWORDS_ARTIFACT = "keywords.parquet"
+FLAGS_ARTIFACT = "restricted_flags.parquet"
 
 
 def restricted_items(texts: pd.DataFrame, policy: RestrictedPolicy) -> pd.DataFrame:
@@ -68,6 +76,67 @@ def _images(manifest: pd.DataFrame, ids: Any) -> pd.DataFrame:
     meta = manifest[[c for c in cols if c in manifest.columns]].astype({schema.IMAGE_ID: str})
     order = pd.DataFrame({schema.IMAGE_ID: [str(i) for i in ids]})
     return order.merge(meta, on=schema.IMAGE_ID, how="left", validate="one_to_one")
+
+
+def _keywords(
+    encoder: TextQueryEncoder, texts: pd.DataFrame, images: pd.DataFrame, emb: np.ndarray, k: int
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Top-k catalog keywords for every image; precision@k on the test images."""
+    vocab = vocabulary(texts)
+    keywords = image_keywords(images[schema.IMAGE_ID], emb, vocab, encoder.encode, k=k)
+    test = images[images[schema.SPLIT] == "test"]
+    test_kw = keywords[keywords[schema.IMAGE_ID].isin(set(test[schema.IMAGE_ID]))]
+    metrics = precision_at_k(test_kw, test, texts, vocab, k=k)
+    metrics["keywords_vocabulary_size"] = float(len(vocab))
+    return keywords, metrics
+
+
+def _flags(
+    encoder: TextQueryEncoder,
+    policy: RestrictedPolicy,
+    blocked: pd.DataFrame,
+    images: pd.DataFrame,
+    emb: np.ndarray,
+    target_recall: float,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Zero-shot restricted-content scores for every image, calibrated on val, measured on test."""
+    scores = restricted_scores(emb, encoder.encode(policy.terms()))
+    truth = images[schema.ITEM_ID].isin(set(blocked["item_id"])).to_numpy()
+    split = images[schema.SPLIT].to_numpy()
+    flags = pd.DataFrame(
+        {schema.IMAGE_ID: images[schema.IMAGE_ID], "score": scores, "restricted_item": truth}
+    )
+    try:
+        cal = calibrate(scores[split == "val"], truth[split == "val"], target_recall)
+    except ConfigError as exc:
+        log.warning("restricted-content check not calibrated: %s", exc)
+        return flags.assign(flagged=False), {}
+    test = split == "test"
+    quality = flag_quality(scores[test], truth[test], cal.threshold)
+    metrics = {f"restricted_flag_test_{k}": v for k, v in quality.items()}
+    metrics.update(
+        {
+            "restricted_flag_threshold": cal.threshold,
+            "restricted_flag_val_recall": cal.val_recall,
+            "restricted_flag_val_precision": cal.val_precision,
+        }
+    )
+    return flags.assign(flagged=scores >= cal.threshold), metrics
+
+
+def _log_outputs(encoder: TextQueryEncoder, tables: dict[str, pd.DataFrame], html: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        encoder.save(out / ENCODER_ARTIFACT)
+        mlflow.log_artifacts(str(out / ENCODER_ARTIFACT), ENCODER_ARTIFACT)
+        for name, table in tables.items():
+            if name.endswith(".parquet"):
+                log_df(table, name)
+            else:
+                table.to_csv(out / name, index=False, float_format="%.4f")
+                mlflow.log_artifact(str(out / name))
+        (out / "text_examples.html").write_text(html)
+        mlflow.log_artifact(str(out / "text_examples.html"))
 
 
 def run(
@@ -94,35 +163,64 @@ def run(
         blocked = restricted_items(texts, policy)
         kept = texts[~texts[schema.ITEM_ID].isin(set(blocked["item_id"]))]
         log_metrics(
-            {"n_texts": len(texts), "n_restricted_texts": len(blocked),
-             "n_restricted_items": blocked["item_id"].nunique()}
+            {
+                "n_texts": len(texts),
+                "n_restricted_texts": len(blocked),
+                "n_restricted_items": blocked["item_id"].nunique(),
+            }
         )
-        tower = make_text_tower(str(section.get("tower", "ngram")), **(section.get("tower_options") or {}))
+        tower = make_text_tower(
+            str(section.get("tower", "ngram")), **(section.get("tower_options") or {})
+        )
         result = align(kept, images, emb, tower, cfg)
         for row in result.history:
-            log_metrics({f"align_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-        log_metrics({**result.val_metrics, "best_epoch": result.best_epoch,
-                     "n_train_items": result.n_train_items, "n_train_texts": result.n_train_texts})
+            log_metrics(
+                {f"align_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+            )
+        log_metrics(
+            {
+                **result.val_metrics,
+                "best_epoch": result.best_epoch,
+                "n_train_items": result.n_train_items,
+                "n_train_texts": result.n_train_texts,
+            }
+        )
         extractor = load_extractor(artifact_path(extract_run_id, "extractor"))
         encoder = TextQueryEncoder(tower, result.head, fingerprint(extractor))
-        scores = evaluate_text_search(encoder.encode, kept, images, emb, split="test",
-                                      ks=tuple(section.get("ks", (1, 10))))
-        log_metrics(scores.metrics)
-        log_df(scores.per_query, "per_query_text.parquet")
         mlflow.set_tag("imgsearch.text.extractor_fingerprint", encoder.extractor_fingerprint)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            encoder.save(out / ENCODER_ARTIFACT)
-            mlflow.log_artifacts(str(out / ENCODER_ARTIFACT), ENCODER_ARTIFACT)
-            table = headline(scores.metrics)
-            table.to_csv(out / "text_search.csv", index=False, float_format="%.4f")
-            pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
-            blocked.to_csv(out / "restricted_items.csv", index=False)
-            paths = dict(zip(images[schema.IMAGE_ID], images.get(schema.PATH, pd.Series(dtype=str)).astype(str), strict=False))
-            items_of = dict(zip(images[schema.IMAGE_ID], images[schema.ITEM_ID].astype(str), strict=True))
-            (out / "text_examples.html").write_text(examples_html(scores.per_query, paths, items_of))
-            for name in ("text_search.csv", "history.csv", "restricted_items.csv", "text_examples.html"):
-                mlflow.log_artifact(str(out / name))
+        scores = evaluate_text_search(
+            encoder.encode, kept, images, emb, split="test", ks=tuple(section.get("ks", (1, 10)))
+        )
+        keywords, kw_metrics = _keywords(
+            encoder, kept, images, emb, int(section.get("keywords_k", 5))
+        )
+        flags, flag_metrics = _flags(
+            encoder, policy, blocked, images, emb, float(section.get("flag_target_recall", 0.8))
+        )
+        log_metrics({**scores.metrics, **kw_metrics, **flag_metrics})
+        table = headline(scores.metrics)
+        paths = dict(
+            zip(
+                images[schema.IMAGE_ID],
+                images.get(schema.PATH, pd.Series(dtype=str)).astype(str),
+                strict=False,
+            )
+        )
+        items_of = dict(
+            zip(images[schema.IMAGE_ID], images[schema.ITEM_ID].astype(str), strict=True)
+        )
+        _log_outputs(
+            encoder,
+            {
+                "text_search.csv": table,
+                "history.csv": pd.DataFrame(result.history),
+                "restricted_items.csv": blocked,
+                "per_query_text.parquet": scores.per_query,
+                KEYWORDS_ARTIFACT: keywords,
+                FLAGS_ARTIFACT: flags,
+            },
+            examples_html(scores.per_query, paths, items_of),
+        )
         log.info("text search (test):\n%s", table.to_string(index=False))
         return active.info.run_id
 
@@ -131,7 +229,11 @@ OPTIONS = (
     Option("--extract-run-id", f"run holding {EMBEDDINGS_ARTIFACT} and extractor/", required=True),
     Option("--split-run-id", "run holding manifest.parquet with split", required=True),
     Option("--texts-run-id", f"run holding {TEXTS_ARTIFACT} (the ingest run)", required=True),
-    Option("--tower", "ngram | minilm | hybrid | clip | a sentence-transformers name", key="align.tower"),
+    Option(
+        "--tower",
+        "ngram | minilm | hybrid | clip | a sentence-transformers name",
+        key="align.tower",
+    ),
     Option("--epochs", "training epochs (default: config)", key="align.train.epochs"),
 )
 

@@ -42,7 +42,9 @@ def synthetic(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
     concept = {w: rng.standard_normal(dim) for w in COLOURS + SHAPES}
     pairs = list(itertools.product(COLOURS, SHAPES))
     order = rng.permutation(len(pairs))
-    split_of = {i: ("test" if n < 10 else "val" if n < 18 else "train") for n, i in enumerate(order)}
+    split_of = {
+        i: ("test" if n < 10 else "val" if n < 18 else "train") for n, i in enumerate(order)
+    }
     texts, images, emb = [], [], []
     for i, (colour, shape) in enumerate(pairs):
         item = f"item{i}"

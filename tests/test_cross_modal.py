@@ -60,7 +60,9 @@ def test_top_order_partial_equals_full_sort():
     full = np.argsort(neg, axis=1, kind="stable")
     for length in (0, 1, 3, 29, 30, 50):
         part = top_order(neg, length)
-        assert np.array_equal(np.take_along_axis(neg, part, 1), np.take_along_axis(neg, full[:, : part.shape[1]], 1))
+        assert np.array_equal(
+            np.take_along_axis(neg, part, 1), np.take_along_axis(neg, full[:, : part.shape[1]], 1)
+        )
 
 
 def test_mismatched_dims_are_refused():

@@ -72,21 +72,30 @@ def image_keywords(
 
 
 def precision_at_k(
-    keywords: pd.DataFrame, images: pd.DataFrame, texts: pd.DataFrame, vocab: pd.DataFrame, k: int = 5
+    keywords: pd.DataFrame,
+    images: pd.DataFrame,
+    texts: pd.DataFrame,
+    vocab: pd.DataFrame,
+    k: int = 5,
 ) -> dict[str, float]:
     """Mean precision@k per language over images whose item has a tag in the vocabulary."""
     tags = texts[texts["kind"] == "tag"].assign(
         keyword=lambda d: d["text"].astype(str).str.strip().str.lower()
     )
     known = tags.merge(vocab[["lang", "keyword"]], on=["lang", "keyword"])
-    truth = set(zip(known[schema.ITEM_ID].astype(str), known["lang"], known["keyword"], strict=True))
+    truth = set(
+        zip(known[schema.ITEM_ID].astype(str), known["lang"], known["keyword"], strict=True)
+    )
     has_tag = set(zip(known[schema.ITEM_ID].astype(str), known["lang"], strict=True))
-    item_of = dict(zip(images[schema.IMAGE_ID].astype(str), images[schema.ITEM_ID].astype(str), strict=True))
+    item_of = dict(
+        zip(images[schema.IMAGE_ID].astype(str), images[schema.ITEM_ID].astype(str), strict=True)
+    )
     top = keywords[keywords["rank"] <= k].copy()
     top["item"] = top[schema.IMAGE_ID].map(item_of)
     top = top[[(i, lang) in has_tag for i, lang in zip(top["item"], top["lang"], strict=True)]]
     top["hit"] = [
-        (i, lang, w) in truth for i, lang, w in zip(top["item"], top["lang"], top["keyword"], strict=True)
+        (i, lang, w) in truth
+        for i, lang, w in zip(top["item"], top["lang"], top["keyword"], strict=True)
     ]
     out: dict[str, float] = {}
     for lang, group in top.groupby("lang"):

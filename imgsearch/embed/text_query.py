@@ -50,7 +50,9 @@ class TextQueryEncoder:
             if not t.strip():
                 raise ConfigError("an empty text query cannot be searched")
             if len(t) > MAX_QUERY_CHARS:
-                raise ConfigError(f"a text query is limited to {MAX_QUERY_CHARS} characters, got {len(t)}")
+                raise ConfigError(
+                    f"a text query is limited to {MAX_QUERY_CHARS} characters, got {len(t)}"
+                )
         feats = np.asarray(self.tower.encode(texts), dtype=np.float32)
         self.head.eval()
         with torch.no_grad():
@@ -103,5 +105,7 @@ def load_text_encoder(directory: Path) -> TextQueryEncoder:
         extractor_fingerprint=str(meta["extractor_fingerprint"]),
     )
     if encoder.fingerprint() != meta.get("fingerprint"):
-        raise ConfigError(f"the text encoder in {directory} does not match its recorded fingerprint")
+        raise ConfigError(
+            f"the text encoder in {directory} does not match its recorded fingerprint"
+        )
     return encoder

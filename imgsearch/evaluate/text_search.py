@@ -99,7 +99,11 @@ def headline(metrics: dict[str, float]) -> pd.DataFrame:
             continue
         prefix = key[: -len("map_at_r")]
         kind, lang = prefix[len("text_") : -1].split("_", 1)
-        row: dict[str, object] = {"kind": kind, "lang": lang, "n_queries": metrics.get(prefix + "n_queries")}
+        row: dict[str, object] = {
+            "kind": kind,
+            "lang": lang,
+            "n_queries": metrics.get(prefix + "n_queries"),
+        }
         for name in HEADLINE:
             row[name] = metrics.get(prefix + name)
             row[f"chance_{name}"] = metrics.get(f"chance_{prefix}{name}")

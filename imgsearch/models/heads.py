@@ -71,7 +71,9 @@ def save_head(head: Projection, directory: Path) -> None:
     """Write ``head.json`` (the spec) and ``head.pt`` (the state dict) into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(head.spec), sort_keys=True))
-    torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()}, directory / WEIGHTS_FILE)
+    torch.save(
+        {k: v.detach().cpu() for k, v in head.state_dict().items()}, directory / WEIGHTS_FILE
+    )
 
 
 def load_head(directory: Path) -> Projection:

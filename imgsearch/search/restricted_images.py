@@ -43,7 +43,9 @@ def calibrate(scores: np.ndarray, truth: np.ndarray, target_recall: float = 0.8)
     precision, recall, thresholds = precision_recall_curve(truth, scores)
     ok = np.flatnonzero(recall[:-1] >= target_recall)
     i = int(ok[-1]) if len(ok) else 0
-    return FlagCalibration(float(thresholds[i]), target_recall, float(precision[i]), float(recall[i]))
+    return FlagCalibration(
+        float(thresholds[i]), target_recall, float(precision[i]), float(recall[i])
+    )
 
 
 def flag_quality(scores: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str, float]:

@@ -105,9 +105,7 @@ def check_texts(texts: pd.DataFrame) -> pd.DataFrame:
     return texts[list(TEXT_COLUMNS)].astype(str)
 
 
-def _side(
-    texts: pd.DataFrame, images: pd.DataFrame, emb: np.ndarray, tower: TextFeatures
-) -> _Side:
+def _side(texts: pd.DataFrame, images: pd.DataFrame, emb: np.ndarray, tower: TextFeatures) -> _Side:
     both = sorted(set(texts[schema.ITEM_ID]) & set(images[schema.ITEM_ID]))
     pos = {item: i for i, item in enumerate(both)}
     t = texts[texts[schema.ITEM_ID].isin(pos)]
@@ -180,7 +178,9 @@ def project(head: Projection, feats: np.ndarray, batch: int = 4096) -> np.ndarra
 def _val_scores(head: Projection, val: _Side, kinds: Sequence[str]) -> dict[str, float]:
     chosen = _val_queries(val, kinds)
     q = project(head, val.text_feats[chosen])
-    metrics, _ = cross_modal_scores(q, val.text_items[chosen], val.img_emb, val.img_items, ks=(1, 10))
+    metrics, _ = cross_modal_scores(
+        q, val.text_items[chosen], val.img_emb, val.img_items, ks=(1, 10)
+    )
     return metrics
 
 
@@ -238,12 +238,12 @@ def align(
 
 def _fit(train: _Side, val: _Side, cfg: AlignConfig) -> AlignResult:
     torch.manual_seed(cfg.seed)
-    spec = HeadSpec(cfg.head, train.text_feats.shape[1], train.img_emb.shape[1], cfg.hidden, cfg.dropout)
+    spec = HeadSpec(
+        cfg.head, train.text_feats.shape[1], train.img_emb.shape[1], cfg.hidden, cfg.dropout
+    )
     head = Projection(spec)
     scale = torch.nn.Parameter(torch.tensor(float(np.log(1.0 / cfg.temperature))))
-    opt = torch.optim.AdamW(
-        [*head.parameters(), scale], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    opt = torch.optim.AdamW([*head.parameters(), scale], lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = _Batches(train, cfg)
     best: dict[str, Any] = {"score": -np.inf, "epoch": 0, "state": None, "metrics": {}}
     history: list[dict[str, float]] = []
@@ -260,8 +260,12 @@ def _fit(train: _Side, val: _Side, cfg: AlignConfig) -> AlignResult:
             }
         )
         if metrics["map_at_r"] > best["score"]:
-            best = {"score": metrics["map_at_r"], "epoch": epoch, "metrics": metrics,
-                    "state": copy.deepcopy(head.state_dict())}
+            best = {
+                "score": metrics["map_at_r"],
+                "epoch": epoch,
+                "metrics": metrics,
+                "state": copy.deepcopy(head.state_dict()),
+            }
         elif epoch - best["epoch"] >= cfg.patience:
             log.info("align: early stop at epoch %d (best %d)", epoch, best["epoch"])
             break

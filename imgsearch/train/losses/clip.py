@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+
 def clip_loss(text, image, logit_scale):
     logits = logit_scale.exp().clamp(max=100) * text @ image.T
     labels = torch.arange(len(text))
