@@ -190,7 +190,8 @@ def _train_epoch(
     head.train()
     losses = []
     for feats, images in batches.epoch():
-        loss = clip_loss(head(feats), images, scale)
+        ids = torch.arange(len(images))  # one text and one image per item: the diagonal
+        loss = clip_loss(images, head(feats), ids, ids, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
