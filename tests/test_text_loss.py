@@ -19,7 +19,9 @@ def reference(
     img = F.normalize(img.double(), dim=1)
     txt = F.normalize(txt.double(), dim=1)
 
-    def direction(a: torch.Tensor, b: torch.Tensor, a_items: list[int], b_items: list[int]) -> float:
+    def direction(
+        a: torch.Tensor, b: torch.Tensor, a_items: list[int], b_items: list[int]
+    ) -> float:
         total, anchors = 0.0, 0
         for i in range(a.shape[0]):
             positives = [j for j in range(b.shape[0]) if b_items[j] == a_items[i]]
@@ -31,7 +33,9 @@ def reference(
             anchors += 1
         return total / anchors
 
-    return (direction(img, txt, img_items, txt_items) + direction(txt, img, txt_items, img_items)) / 2
+    return (
+        direction(img, txt, img_items, txt_items) + direction(txt, img, txt_items, img_items)
+    ) / 2
 
 
 @pytest.fixture()

@@ -62,7 +62,17 @@ MAX_JOIN_LETTERS = 24
 SHORT = 4  # a token this long or shorter may be glued across whitespace
 
 _APOSTROPHES = set("'\u2019\u2018\u02bc\u02b9`\u00b4\u2032")
-_LEET_LATIN = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "@": "a", "$": "s"}
+_LEET_LATIN = {
+    "0": "o",
+    "1": "i",
+    "3": "e",
+    "4": "a",
+    "5": "s",
+    "7": "t",
+    "8": "b",
+    "@": "a",
+    "$": "s",
+}
 _LEET_LATIN_L = {**_LEET_LATIN, "1": "l"}
 _LEET_CYR = {"0": "о", "3": "з", "4": "ч", "6": "б", "@": "а"}
 # Cyrillic -> Latin look-alikes (lower case, and lower-case forms of upper-case look-alikes).
@@ -249,7 +259,9 @@ class RestrictedPolicy:
         unknown = sorted(set(data) - {"name", "leet", "languages"})
         if unknown:
             raise ConfigError(f"{path}: unknown keys {unknown}")
-        return cls(data["languages"], str(data.get("name", path.stem)), bool(data.get("leet", True)))
+        return cls(
+            data["languages"], str(data.get("name", path.stem)), bool(data.get("leet", True))
+        )
 
     def _order(self, lang: str | None) -> list[_Language]:
         first = [self.languages[lang]] if lang in self.languages else []
@@ -294,7 +306,14 @@ class RestrictedPolicy:
         return None
 
     def _match(
-        self, text: str, origin: list[int], tokens: Sequence[_Token], i: int, j: int, word: str, lang: str
+        self,
+        text: str,
+        origin: list[int],
+        tokens: Sequence[_Token],
+        i: int,
+        j: int,
+        word: str,
+        lang: str,
     ) -> Match:
         start, end = origin[tokens[i].start], origin[tokens[j - 1].end - 1] + 1
         return Match(word, lang, text[start:end], (start, end), self.name)
