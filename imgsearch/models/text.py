@@ -80,7 +80,7 @@ def offline_minilm_path() -> Path | None:
 class SentenceTransformerTower:
     """A sentence-transformers encoder; output L2-normalised float32."""
 
-    def __init__(self, model: str = MINILM, batch_size: int = 64, kind: str = "minilm") -> None:
+    def __init__(self, model: str = MINILM, batch_size: int = 128, kind: str = "minilm") -> None:
         from sentence_transformers import SentenceTransformer
 
         self.model_id = str(model)
