@@ -161,8 +161,10 @@ def test_minilm_save_load_keeps_the_fingerprint(
 
 
 def test_hybrid_blocks_are_weighted_unit_vectors(minilm: TextTower, tmp_path: Path) -> None:
-    ngram = NgramTower(dim=12)
-    hybrid = HybridTower([minilm, ngram], weights=[3, 1]).fit(TEXTS)
+    hybrid = make_text_tower("hybrid", parts=[minilm, {"name": "ngram", "dim": 12}], weights=[3, 1])
+    assert isinstance(hybrid, HybridTower)
+    hybrid.fit(TEXTS)
+    ngram = hybrid.parts[1]
     assert hybrid.dim == 384 + 12
     texts = ["red car", "racing car"]
     vecs = hybrid.encode(texts)
