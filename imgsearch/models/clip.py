@@ -194,7 +194,9 @@ class ClipTower:
         """``pixels``: ``(N, 3, S, S)`` float, preprocessed as :meth:`image_tower` says ->
         ``(N, dim)`` float32, L2 = 1, in the same space as :meth:`encode`."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ConfigError(f"clip.encode_images: expected (N, 3, S, S), got {tuple(pixels.shape)}")
+            raise ConfigError(
+                f"clip.encode_images: expected (N, 3, S, S), got {tuple(pixels.shape)}"
+            )
         feats = self.model.encode_image(pixels.float())  # type: ignore[operator]
         return l2_normalize(feats.float().numpy())
 
@@ -204,7 +206,11 @@ class ClipTower:
         return ClipImageTower(visual, self.dim, preprocess_config(self.model), self.transform)
 
     def _params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "pretrained": self.pretrained, "batch_size": self.batch_size}
+        return {
+            "model_name": self.model_name,
+            "pretrained": self.pretrained,
+            "batch_size": self.batch_size,
+        }
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -233,7 +239,11 @@ class ClipTower:
             raise ConfigError(f"{directory} holds a {meta['kind']!r} tower, not {KIND!r}")
         if not (Path(directory) / WEIGHTS_FILE).is_file():
             raise WeightsUnavailableError(f"{directory}: no {WEIGHTS_FILE}")
-        tower = cls(f"local-dir:{Path(directory).resolve()}", pretrained=None, batch_size=meta["params"]["batch_size"])
+        tower = cls(
+            f"local-dir:{Path(directory).resolve()}",
+            pretrained=None,
+            batch_size=meta["params"]["batch_size"],
+        )
         tower.model_name = meta["params"]["model_name"]
         tower.pretrained = meta["params"]["pretrained"]
         return tower

@@ -80,7 +80,7 @@ def offline_minilm_path() -> Path | None:
 class SentenceTransformerTower:
     """A sentence-transformers encoder; output L2-normalised float32."""
 
-    def __init__(self, model: str = MINILM, batch_size: int = 64, kind: str = "minilm") -> None:
+    def __init__(self, model: str = MINILM, batch_size: int = 128, kind: str = "minilm") -> None:
         from sentence_transformers import SentenceTransformer
 
         self.model_id = str(model)
@@ -117,7 +117,10 @@ class SentenceTransformerTower:
     @property
     def dim(self) -> int:
         model = self.model
-        get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        get = (
+            getattr(model, "get_embedding_dimension", None)
+            or model.get_sentence_embedding_dimension
+        )
         dim = get()
         if dim is None:
             raise ConfigError(f"{self.model_id}: sentence-transformers reports no embedding size")
@@ -181,7 +184,9 @@ class HybridTower:
             raise ConfigError("hybrid tower: give at least two parts")
         w = np.ones(len(self.parts)) if weights is None else np.asarray(weights, dtype=float)
         if w.shape != (len(self.parts),) or not np.all(w > 0):
-            raise ConfigError(f"hybrid tower: need {len(self.parts)} positive weights, got {weights}")
+            raise ConfigError(
+                f"hybrid tower: need {len(self.parts)} positive weights, got {weights}"
+            )
         self.weights = [float(v) for v in w / w.sum()]
 
     @property
@@ -286,7 +291,9 @@ def load_text_tower(directory: Path) -> TextTower:
     meta = read_meta(directory)
     kind = meta["kind"]
     if kind not in LOADERS:
-        raise ConfigError(f"{directory}: unknown text tower kind {kind!r}; known: {sorted(LOADERS)}")
+        raise ConfigError(
+            f"{directory}: unknown text tower kind {kind!r}; known: {sorted(LOADERS)}"
+        )
     tower = LOADERS[kind](Path(directory))
     if tower.fingerprint() != meta["fingerprint"]:
         raise ExtractorMismatchError(

@@ -58,7 +58,9 @@ class TextTower(Protocol):
 def check_texts(texts: Sequence[str], who: str) -> list[str]:
     """A list of non-empty strings, or :class:`TextInputError` naming the first bad one."""
     if isinstance(texts, str | bytes):
-        raise TextInputError(f"{who}: expected a sequence of strings, got a single {type(texts).__name__}")
+        raise TextInputError(
+            f"{who}: expected a sequence of strings, got a single {type(texts).__name__}"
+        )
     out = list(texts)
     for i, text in enumerate(out):
         if not isinstance(text, str):

@@ -123,7 +123,9 @@ class NgramTower:
 
     def _fitted(self) -> tuple[TfidfVectorizer, np.ndarray]:
         if self.vectorizer_ is None or self.components_ is None:
-            raise ConfigError("ngram tower is not fitted: call fit(train_texts) or load a saved one")
+            raise ConfigError(
+                "ngram tower is not fitted: call fit(train_texts) or load a saved one"
+            )
         return self.vectorizer_, self.components_
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -151,7 +153,12 @@ class NgramTower:
     def save(self, directory: Path) -> Path:
         arrays = self._arrays()
         directory = write_meta(Path(directory), KIND, asdict(self.params), self.fingerprint())
-        np.savez(directory / ARRAYS_FILE, **arrays)
+        np.savez(
+            directory / ARRAYS_FILE,
+            terms=arrays["terms"],
+            idf=arrays["idf"],
+            components=arrays["components"],
+        )
         return directory
 
     @classmethod
@@ -164,7 +171,9 @@ class NgramTower:
             with np.load(Path(directory) / ARRAYS_FILE, allow_pickle=False) as data:
                 terms, idf, components = data["terms"], data["idf"], data["components"]
         except (OSError, KeyError, ValueError) as exc:
-            raise ConfigError(f"{directory / ARRAYS_FILE}: not a saved ngram tower ({exc})") from exc
+            raise ConfigError(
+                f"{directory / ARRAYS_FILE}: not a saved ngram tower ({exc})"
+            ) from exc
         if components.shape != (tower.dim, len(terms)) or idf.shape != (len(terms),):
             raise ConfigError(
                 f"{directory}: arrays do not fit (terms {terms.shape}, idf {idf.shape}, "

@@ -11,8 +11,9 @@ Every loss L2-normalises its inputs, takes ``temperature > 0`` and raises ``Valu
 malformed input (wrong shapes, too small a batch, a non-positive temperature).
 """
 
+from imgsearch.train.losses.clip import ClipLoss, clip_loss
 from imgsearch.train.losses.moco import MoCo, moco_loss
 from imgsearch.train.losses.ntxent import nt_xent_loss
 from imgsearch.train.losses.supcon import supcon_loss
 
-__all__ = ["MoCo", "moco_loss", "nt_xent_loss", "supcon_loss"]
+__all__ = ["ClipLoss", "clip_loss", "MoCo", "moco_loss", "nt_xent_loss", "supcon_loss"]

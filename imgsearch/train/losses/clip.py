@@ -55,7 +55,10 @@ def _check(
         raise ValueError(f"embedding sizes differ: {image_emb.shape[1]} vs {text_emb.shape[1]}")
     if image_emb.shape[0] < 1 or text_emb.shape[0] < 1:
         raise ValueError("the batch needs at least one image and one text")
-    for name, items, emb in (("image_items", image_items, image_emb), ("text_items", text_items, text_emb)):
+    for name, items, emb in (
+        ("image_items", image_items, image_emb),
+        ("text_items", text_items, text_emb),
+    ):
         if items.ndim != 1 or items.shape[0] != emb.shape[0]:
             raise ValueError(f"{name} must be ({emb.shape[0]},), got {tuple(items.shape)}")
         if items.dtype.is_floating_point or items.dtype == torch.bool:
