@@ -263,6 +263,12 @@ class RestrictedPolicy:
             data["languages"], str(data.get("name", path.stem)), bool(data.get("leet", True))
         )
 
+    def terms(self, lang: str | None = None) -> list[str]:
+        """The policy's words and phrases as written (one language, or all), sorted: the texts a
+        zero-shot image check embeds (:mod:`imgsearch.search.restricted_images`)."""
+        chosen = [self.languages[lang]] if lang in self.languages else self.languages.values()
+        return sorted({w for language in chosen for w in (*language.words.values(), *language.phrases.values())})
+
     def _order(self, lang: str | None) -> list[_Language]:
         first = [self.languages[lang]] if lang in self.languages else []
         return first + [v for k, v in self.languages.items() if k != lang]
