@@ -26,8 +26,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from imgsearch.models.text import make_text_tower
-from imgsearch.search.restricted import RestrictedPolicy
 
 from imgsearch import schema
 from imgsearch.categorize.keywords import image_keywords, precision_at_k, vocabulary
@@ -38,6 +36,8 @@ from imgsearch.errors import ConfigError
 from imgsearch.evaluate.text_report import examples_html
 from imgsearch.evaluate.text_search import evaluate_text_search, headline
 from imgsearch.models.backbones import fingerprint, load_extractor
+from imgsearch.models.text import make_text_tower
+from imgsearch.search.restricted import RestrictedPolicy
 from imgsearch.search.restricted_images import calibrate, flag_quality, restricted_scores
 from imgsearch.train.align import AlignConfig, align, check_texts
 from steps.common import (
@@ -50,10 +50,10 @@ from steps.common import (
     read_df,
     stage_run,
 )
+from steps.ingest import TEXTS_ARTIFACT
 
 log = logging.getLogger(__name__)
 
-TEXTS_ARTIFACT = "texts.parquet"
 ENCODER_ARTIFACT = "text_encoder"
 KEYWORDS_ARTIFACT = "keywords.parquet"
 FLAGS_ARTIFACT = "restricted_flags.parquet"

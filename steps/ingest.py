@@ -6,7 +6,8 @@ with npm when absent).
 
 Produces: ``manifest.parquet`` (one row per image: ``image_id``, ``item_id``, ``uri``, ``path``,
 item attributes, image attributes), ``rejected.parquet`` (quarantine schema: rows refused, with
-a reason), params ``catalog_source`` and ``catalog_data_root``, metrics ``n_items``, ``n_images``,
+a reason; bad item texts too), ``texts.parquet`` (item_id, lang, kind, text: the catalog's item
+texts, :mod:`imgsearch.data.texts`; read by ``align``), params ``catalog_source`` and ``catalog_data_root``, metrics ``n_items``, ``n_images``,
 ``n_rejected`` (``n_rejected_<reason>``; ``n_orphan_images`` for SQL).
 """
 
@@ -19,11 +20,14 @@ from typing import Any
 import mlflow
 
 from imgsearch.config import from_dict
-from imgsearch.data.demo import DemoConfig, demo_catalog
+from imgsearch.data.demo import DEMO_TEXTS_TABLE, DemoConfig, demo_catalog
 from imgsearch.data.ingest import IngestConfig, ingest
+from imgsearch.data.texts import empty_texts
 from steps.common import Option, cli, log_df, log_metrics, stage_run
 
 log = logging.getLogger(__name__)
+
+TEXTS_ARTIFACT = "texts.parquet"
 
 
 def run(overrides: dict[str, Any] | None = None, profile: str | None = None) -> str:
@@ -31,13 +35,14 @@ def run(overrides: dict[str, Any] | None = None, profile: str | None = None) -> 
         cfg = from_dict(IngestConfig, all_cfg.get("ingest"))
         if cfg.source == "sql" and not cfg.url:
             catalog = demo_catalog(from_dict(DemoConfig, all_cfg.get("demo")))
-            cfg = dataclasses.replace(cfg, url=f"sqlite:///{catalog}")
+            cfg = dataclasses.replace(cfg, url=f"sqlite:///{catalog}", texts_table=DEMO_TEXTS_TABLE)
             mlflow.set_tag("imgsearch.demo", "true")
         result = ingest(cfg)
         mlflow.log_params(result.source)
         log_metrics(result.metrics)
         log_df(result.manifest, "manifest.parquet")
         log_df(result.rejected, "rejected.parquet")
+        log_df(result.texts if result.texts is not None else empty_texts(), TEXTS_ARTIFACT)
         return active.info.run_id
 
 

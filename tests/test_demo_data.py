@@ -105,7 +105,7 @@ def test_write_catalog(tmp_path: Path) -> None:
     db = tmp_path / "catalog.sqlite"
     counts = write_catalog(packages, tmp_path, db)
     items, images = read_db(db)
-    assert counts == {"n_items": 6, "n_images": 11}
+    assert counts == {"n_items": 6, "n_images": 11, "n_texts": 0}
     assert len(items) == 6 and len(images) == 11  # the last emoji has no Twitter drawing
     assert set(images["vendor"]) == {"google", "twitter"}
     assert "twitter/1F605" not in set(images["image_id"]) and "google/1F605" in set(
@@ -271,8 +271,31 @@ def test_fetch_demo_step_uses_home(
         for entry in emoji:
             entry[f"has_img_{vendor}"] = True
         place_in_cache(make_tgz(tmp_path, vendor, emoji), cache)
+    _place_emojibase(
+        cache / "npm", [{"hexcode": emoji[0]["unified"], "label": "first", "tags": ["x"]}]
+    )
     path = Path(fetch_demo.run(limit=2))
     assert path == cache.resolve() / "emoji-google-twitter-facebook-apple-2.sqlite"
     items, images = read_db(path)
     assert len(items) == 2 and len(images) == 8
     assert os.path.commonpath([path, tmp_path / "home"]) == str(tmp_path / "home")
+    with sqlite3.connect(path) as conn:  # the emojibase labels and tags, both languages
+        texts = conn.execute("SELECT lang, kind, text FROM texts ORDER BY 1, 2").fetchall()
+    conn.close()
+    assert texts == [
+        ("en", "label", "first"),
+        ("en", "tag", "x"),
+        ("ru", "label", "first"),
+        ("ru", "tag", "x"),
+    ]
+
+
+def _place_emojibase(npm_dir: Path, entries: list[dict[str, object]]) -> None:
+    """A fake emojibase-data tarball in the npm cache (en and ru with the same entries)."""
+    npm_dir.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(entries).encode()
+    with tarfile.open(npm_dir / "emojibase-data-17.0.0.tgz", "w:gz") as tar:
+        for lang in ("en", "ru"):
+            info = tarfile.TarInfo(f"package/{lang}/compact.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

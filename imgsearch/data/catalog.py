@@ -48,6 +48,10 @@ class IngestConfig:
     (rows kept when the column equals the value or is in the list; ``None`` matches empty).
     ``strict``: unmapped, non-canonical catalog columns are an error instead of passing through.
     ``db_schema``: database schema of the two tables (PostgreSQL ``public`` etc.).
+    Item texts (:mod:`imgsearch.data.texts`): ``texts_table`` (a table of the SQL catalog),
+    ``texts_path`` (a CSV/Parquet file, relative to the data root, for table/folder catalogs),
+    ``text_columns`` (manifest column -> text kind) in language ``text_lang``, tags split on
+    ``tag_separator``.
     """
 
     source: str = "sql"
@@ -61,11 +65,16 @@ class IngestConfig:
     filters: dict[str, Any] = field(default_factory=dict)
     strict: bool = False
     db_schema: str | None = None
+    texts_table: str | None = None
+    texts_path: str | None = None
+    text_columns: dict[str, str] = field(default_factory=dict)
+    text_lang: str = "en"
+    tag_separator: str = ","
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ConfigError(f"ingest.source must be one of {SOURCES}, not {self.source!r}")
-        for name in ("item_columns", "image_columns", "filters"):
+        for name in ("item_columns", "image_columns", "filters", "text_columns"):
             value = getattr(self, name)
             if value is None:
                 setattr(self, name, {})
@@ -89,6 +98,7 @@ class IngestResult:
     rejected: pd.DataFrame
     metrics: dict[str, float]
     source: dict[str, str] = field(default_factory=dict)
+    texts: pd.DataFrame | None = None  # item_id, lang, kind, text (imgsearch.data.texts)
 
 
 # --- rows -> manifest ---------------------------------------------------------------------------

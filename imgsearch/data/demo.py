@@ -37,6 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from imgsearch.config import home_dir
+from imgsearch.data.demo_texts import (
+    TEXT_LANGS,
+    TEXT_PACKAGE,
+    TEXT_VERSION,
+    emoji_texts,
+    unpack_texts,
+)
 from imgsearch.errors import CatalogError, ConfigError, FetchError
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,7 @@ log = logging.getLogger(__name__)
 PACKAGE = "emoji-datasource-{vendor}"
 VERSION = "16.0.0"
 VENDORS = ("google", "twitter", "facebook", "apple")
+DEMO_TEXTS_TABLE = "texts"  # item_id, lang, kind (label | tag), text: emojibase-data, per language
 IMAGE_DIR = (
     "img/{vendor}/64"  # inside the package; the other sizes and sprite sheets are not unpacked
 )
@@ -65,6 +73,7 @@ class DemoConfig:
     vendors: list[str] = field(default_factory=lambda: list(VENDORS))
     limit: int | None = None
     cache_dir: str | None = None
+    text_langs: list[str] = field(default_factory=lambda: list(TEXT_LANGS))
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.vendors) - set(VENDORS))
@@ -81,11 +90,14 @@ def default_cache_dir() -> Path:
 def demo_catalog(cfg: DemoConfig) -> Path:
     """The demo SQLite catalog of ``cfg`` (fetched when absent); its uris are relative to its folder."""
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    return fetch_emoji(cache_dir, cfg.vendors, cfg.limit)
+    return fetch_emoji(cache_dir, cfg.vendors, cfg.limit, cfg.text_langs)
 
 
 def fetch_emoji(
-    cache_dir: Path, vendors: Sequence[str] = VENDORS, limit: int | None = None
+    cache_dir: Path,
+    vendors: Sequence[str] = VENDORS,
+    limit: int | None = None,
+    text_langs: Sequence[str] = (),
 ) -> Path:
     """Fetch (once), unpack (once) and write the SQLite catalog; returns its path.
 
@@ -104,8 +116,12 @@ def fetch_emoji(
     for vendor in cfg.vendors:
         tgz = npm_pack(f"{PACKAGE.format(vendor=vendor)}@{VERSION}", cache_dir / "npm")
         packages[vendor] = unpack(tgz, cache_dir / vendor, vendor)
+    texts = {}
+    if text_langs:
+        tgz = npm_pack(f"{TEXT_PACKAGE}@{TEXT_VERSION}", cache_dir / "npm")
+        texts = unpack_texts(tgz, cache_dir / TEXT_PACKAGE, text_langs)
     db_path = cache_dir / f"emoji-{'-'.join(cfg.vendors)}-{cfg.limit or 'all'}.sqlite"
-    write_catalog(packages, cache_dir, db_path, cfg.limit)
+    write_catalog(packages, cache_dir, db_path, cfg.limit, texts)
     return db_path
 
 
@@ -204,11 +220,17 @@ def select_emoji(
 
 
 def write_catalog(
-    packages: Mapping[str, Path], data_root: Path, db_path: Path, limit: int | None = None
-) -> dict[str, int]:
+    packages: Mapping[str, Path],
+    data_root: Path,
+    db_path: Path,
+    limit: int | None = None,
+    texts: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> dict[str, float]:
     """Write the SQLite catalog of the unpacked ``packages`` (vendor -> ``.../package``).
 
-    uris are relative to ``data_root``. Replaces ``db_path`` atomically. Returns counts.
+    uris are relative to ``data_root``. ``texts``: emojibase entries per language, written as
+    the ``texts`` table (:mod:`imgsearch.data.demo_texts`; empty without). Replaces ``db_path``
+    atomically. Returns counts and the text match rate per language.
     """
     data_root = Path(data_root).resolve()
     per_vendor = {vendor: _read_emoji(Path(pkg), vendor) for vendor, pkg in packages.items()}
@@ -239,8 +261,13 @@ def write_catalog(
                 CREATE TABLE images (
                     image_id TEXT PRIMARY KEY, item_id TEXT NOT NULL REFERENCES items(item_id),
                     uri TEXT NOT NULL, vendor TEXT NOT NULL);
+                CREATE TABLE texts (
+                    item_id TEXT NOT NULL REFERENCES items(item_id), lang TEXT NOT NULL,
+                    kind TEXT NOT NULL, text TEXT NOT NULL);
                 """
             )
+            text_rows, stats = emoji_texts(texts or {}, [str(i["unified"]) for i in chosen])
+            conn.executemany("INSERT INTO texts VALUES (?, ?, ?, ?)", text_rows)
             for item in chosen:
                 unified = str(item["unified"])
                 conn.execute(
@@ -263,4 +290,4 @@ def write_catalog(
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     log.info("demo catalog %s: %d emoji, %d drawings", db_path, len(chosen), n_images)
-    return {"n_items": len(chosen), "n_images": n_images}
+    return {"n_items": len(chosen), "n_images": n_images, "n_texts": len(text_rows), **stats}

@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from imgsearch import schema as S
+from imgsearch.data import texts as T
 from imgsearch.data.catalog import (
     ALL_CANONICAL,
     CSV_SUFFIXES,
@@ -92,16 +93,49 @@ log = logging.getLogger(__name__)
 
 
 def ingest(cfg: IngestConfig) -> IngestResult:
-    """Read the catalog ``cfg`` describes. See the module docstring for the rules."""
+    """Read the catalog ``cfg`` describes, with its item texts. See the module docstring for the rules."""
     if cfg.source == "sql":
         if not cfg.url:
             raise ConfigError("ingest.url is required for source 'sql'")
-        return ingest_sql(cfg.url, cfg)
-    if not cfg.path:
+        result = ingest_sql(cfg.url, cfg)
+    elif not cfg.path:
         raise ConfigError(f"ingest.path is required for source {cfg.source!r}")
-    if cfg.source == "table":
-        return ingest_table(Path(cfg.path), cfg)
-    return ingest_folder(Path(cfg.path), cfg)
+    elif cfg.source == "table":
+        result = ingest_table(Path(cfg.path), cfg)
+    else:
+        result = ingest_folder(Path(cfg.path), cfg)
+    return with_texts(result, cfg)
+
+
+def with_texts(result: IngestResult, cfg: IngestConfig) -> IngestResult:
+    """Attach the catalog's item texts (:mod:`imgsearch.data.texts`); bad rows join the rejected."""
+    manifest = result.manifest
+    parts = [T.from_columns(manifest, cfg.text_columns, cfg.text_lang, cfg.tag_separator)]
+    rejected = [result.rejected]
+    items = set(manifest[S.ITEM_ID].astype(str))
+    table: pd.DataFrame | None = None
+    if cfg.texts_table:
+        if cfg.source != "sql" or not cfg.url:
+            raise ConfigError("ingest.texts_table is for sql catalogs; use ingest.texts_path")
+        table, where = T.read_sql_table(cfg.url, cfg.texts_table, cfg.db_schema), cfg.texts_table
+    elif cfg.texts_path:
+        root = Path(result.source.get("catalog_data_root") or ".")
+        path = Path(cfg.texts_path)
+        path = path if path.is_absolute() else root / path
+        table, where = T.read_file(path), path.name
+    if table is not None:
+        texts, bad = T.check_table(table, items, where)
+        parts.append(texts)
+        rejected.append(bad)
+    result.texts = T.combine(parts)
+    bad_rows = [r for r in rejected[1:] if len(r)]
+    if bad_rows:
+        result.rejected = pd.concat([result.rejected, *bad_rows], ignore_index=True)
+    if cfg.text_columns or table is not None:
+        result.metrics.update(
+            T.text_metrics(result.texts, pd.concat(rejected[1:] or [S.empty_quarantine()]))
+        )
+    return result
 
 
 # --- SQL ---------------------------------------------------------------------------------------
