@@ -272,7 +272,7 @@ def test_fetch_demo_step_uses_home(
             entry[f"has_img_{vendor}"] = True
         place_in_cache(make_tgz(tmp_path, vendor, emoji), cache)
     _place_emojibase(
-        cache / "npm", [{"hexcode": emoji[0]["unified"], "label": "first", "tags": ["x"]}]
+        cache / "npm", [{"hexcode": emoji[-1]["unified"], "label": "first", "tags": ["x"]}]
     )
     path = Path(fetch_demo.run(limit=2))
     assert path == cache.resolve() / "emoji-google-twitter-facebook-apple-2.sqlite"
