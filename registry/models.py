@@ -57,7 +57,7 @@ from imgsearch.errors import ConfigError, ImageRejected
 from imgsearch.models.backbones import Extractor, fingerprint, load_extractor
 from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig, RankingTable, rank
-from registry import serving_guard
+from registry import serving_guard, text_queries
 from registry.integrity import verify_loaded
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,20 @@ def decode_images(
     return images, errors
 
 
+def _decode_some(
+    values: list[Any], allow_paths: bool, limits: DecodeLimits
+) -> tuple[list[Image.Image | None], list[str | None]]:
+    """Decode the image cells of a request whose other rows are texts: a bad image fails its
+    row only (the texts still make it a usable request)."""
+    try:
+        return decode_images(values, allow_paths=allow_paths, limits=limits)
+    except MlflowException as exc:
+        if "no usable image" not in exc.message:
+            raise
+        errors: list[str | None] = [str(exc.message)] * len(values)
+    return [None] * len(values), errors
+
+
 def _embed(
     served: serving.ServingExtractor, images: list[Image.Image | None]
 ) -> tuple[np.ndarray, list[int]]:
@@ -313,19 +327,33 @@ PARAM_TYPES: dict[str, str] = {
     "one_per_item": "boolean",
 }
 DEFAULT_K = 10
+TEXT_WEIGHT = "text_weight"
 
 
-def index_signature(ranking: RankingConfig, k: int = DEFAULT_K) -> ModelSignature:
+def index_signature(
+    ranking: RankingConfig, k: int = DEFAULT_K, text: bool = False
+) -> ModelSignature:
     """Input ``image`` (string) and ranking params whose defaults are the logged ranking config.
+
+    With ``text`` (the model ships an aligned text encoder) the columns are ``image``, ``text``
+    and ``lang``, each optional per request, and the param ``text_weight`` mixes a row that has
+    both (:mod:`registry.text_queries`).
 
     ``category`` is a comma-separated list of categories to keep ('' = all); ``mmr_lambda`` is
     the relevance/diversity trade-off of maximal marginal relevance (see :mod:`imgsearch.search.ranking`).
     """
     defaults = param_defaults(ranking, k)
-    params = ParamSchema(
-        [ParamSpec(name, PARAM_TYPES[name], defaults[name]) for name in PARAM_TYPES]
-    )
-    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), params=params)
+    specs = [ParamSpec(name, PARAM_TYPES[name], defaults[name]) for name in PARAM_TYPES]
+    if not text:
+        return ModelSignature(
+            inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), params=ParamSchema(specs)
+        )
+    specs.append(ParamSpec(TEXT_WEIGHT, "double", text_queries.DEFAULT_TEXT_WEIGHT))
+    columns = [
+        ColSpec("string", name, required=False)
+        for name in (IMAGE_COLUMN, text_queries.TEXT_COLUMN, text_queries.LANG_COLUMN)
+    ]
+    return ModelSignature(inputs=Schema(columns), params=ParamSchema(specs))
 
 
 def param_defaults(ranking: RankingConfig, k: int = DEFAULT_K) -> dict[str, Any]:
@@ -430,7 +458,8 @@ class IndexModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         # the registry's checksums (not index.json's), before torch or FAISS parses a byte
-        verify_loaded(context, (ARTIFACT_EXTRACTOR, ARTIFACT_INDEX))
+        text_parts = tuple(a for a in text_queries.TEXT_ARTIFACTS if a in context.artifacts)
+        verify_loaded(context, (ARTIFACT_EXTRACTOR, ARTIFACT_INDEX, *text_parts))
         self.extractor = load_extractor(Path(context.artifacts[ARTIFACT_EXTRACTOR]))
         self.extractor.eval()
         self.fingerprint = fingerprint(self.extractor)
@@ -446,28 +475,89 @@ class IndexModel(PythonModel):
         self.default_k = int(config.get("default_k", DEFAULT_K))
         self.limits = _limits(context)
         self.serving = prepare_serving(self.extractor, context, self.index.meta)
+        # refuses a text encoder aligned to another extractor (ExtractorMismatchError)
+        self.text = text_queries.TextSide.load(dict(context.artifacts), self.fingerprint)
         serving_guard.install()
+
+    def _queries(
+        self, model_input: Any, text_weight: float
+    ) -> tuple[np.ndarray, list[int], list[str | None], set[int]]:
+        """One vector per usable row (image, text, or both mixed), its row numbers, per-row
+        errors, and the rows that hold a text (they skip flagged images)."""
+        if not text_queries.has_text(model_input):
+            images, errors = decode_images(
+                _image_values(model_input), allow_paths=self.allow_paths, limits=self.limits
+            )
+            emb, rows = _embed(self.serving, images)
+            return emb, rows, errors, set()
+        if self.text is None:
+            raise _invalid("this index model has no text encoder: send images, or run `align`")
+        texts, langs = text_queries.text_cells(model_input, len(model_input))
+        self.text.check(texts, langs)  # a restricted word refuses the whole request (HTTP 400)
+        cells = list(model_input[IMAGE_COLUMN]) if IMAGE_COLUMN in model_input.columns else []
+        cells += [None] * (len(texts) - len(cells))
+        with_image = [i for i, c in enumerate(cells) if text_queries._cell(c) is not None]
+        errors: list[str | None] = [None] * len(texts)
+        image_emb: dict[int, np.ndarray] = {}
+        if with_image:
+            images, image_errors = _decode_some(
+                [cells[i] for i in with_image], self.allow_paths, self.limits
+            )
+            for j, err in enumerate(image_errors):
+                errors[with_image[j]] = err
+            if any(img is not None for img in images):
+                emb, rows = _embed(self.serving, images)
+                image_emb = {with_image[r]: e for r, e in zip(rows, emb, strict=True)}
+        text_emb = self.text.embed(texts)
+        vectors, rows = [], []
+        for i in range(len(texts)):
+            if errors[i] is not None:  # its image failed: the row fails, texts or not
+                continue
+            vec = text_queries.combine(image_emb.get(i), text_emb.get(i), text_weight)
+            if vec is None:
+                errors[i] = errors[i] or "missing_query: a row needs an image or a text"
+                continue
+            vectors.append(vec)
+            rows.append(i)
+        if not vectors:
+            reasons = "; ".join(f"row {i}: {e}" for i, e in enumerate(errors[:5]) if e)
+            raise _invalid(f"no usable query in the request ({reasons})")
+        return np.stack(vectors).astype(np.float32), rows, errors, set(text_emb)
+
+    def _rank(
+        self, emb: np.ndarray, rows: list[int], k: int, cfg: RankingConfig, text_rows: set[int]
+    ) -> pd.DataFrame:
+        """Ranked hits of each query row; text queries skip the images flagged as restricted."""
+        flagged = self.text.flagged if self.text is not None and text_rows else frozenset()
+        depth = min(k + len(flagged), MAX_K + len(flagged))
+        try:
+            # 2-D queries: `query` is the row of `emb`
+            hits = rank(self.index, emb, depth, cfg, table=self.ranking_table)
+        except (ConfigError, ValueError) as exc:  # e.g. a category filter on an index without one
+            raise _invalid(f"cannot rank: {exc}") from exc
+        hits[QUERY] = np.asarray(rows, dtype=np.int64)[hits[QUERY].to_numpy(dtype=np.int64)]
+        if flagged:
+            drop = hits[QUERY].isin(text_rows) & hits[schema.IMAGE_ID].astype(str).isin(flagged)
+            hits = hits[~drop].copy()
+            hits[RANK] = hits.groupby(QUERY).cumcount() + 1
+        hits = hits[hits[RANK] <= k]
+        hits[ERROR] = None
+        return hits
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        k, cfg = ranking_for_request(self.ranking, params, self.default_k)
-        images, errors = decode_images(
-            _image_values(model_input), allow_paths=self.allow_paths, limits=self.limits
+        params = dict(params or {})
+        text_weight = _as_float(
+            params.pop(TEXT_WEIGHT, text_queries.DEFAULT_TEXT_WEIGHT), TEXT_WEIGHT
         )
-        emb, rows = _embed(self.serving, images)
+        if not 0.0 <= text_weight <= 1.0:
+            raise _invalid(f"{TEXT_WEIGHT} must be in [0, 1], got {text_weight}")
+        k, cfg = ranking_for_request(self.ranking, params, self.default_k)
+        emb, rows, errors, text_rows = self._queries(model_input, text_weight)
         frames: list[pd.DataFrame] = []
         if rows:
-            try:
-                # 2-D queries: `query` is the row of `emb`
-                hits = rank(self.index, emb, k, cfg, table=self.ranking_table)
-            except (
-                ConfigError,
-                ValueError,
-            ) as exc:  # e.g. a category filter on an index without one
-                raise _invalid(f"cannot rank: {exc}") from exc
-            hits[QUERY] = np.asarray(rows, dtype=np.int64)[hits[QUERY].to_numpy(dtype=np.int64)]
-            hits[ERROR] = None
+            hits = self._rank(emb, rows, k, cfg, text_rows)
             frames.append(hits)
             for i in sorted(set(rows) - set(hits[QUERY])):  # a query the filters left empty
                 errors[i] = "no_results: no gallery image passes the ranking filters"

@@ -62,7 +62,7 @@ from imgsearch.errors import ExtractorMismatchError, ImgsearchError
 from imgsearch.models.backbones import fingerprint, load_extractor
 from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig
-from registry import integrity, models
+from registry import integrity, models, text_model
 
 log = logging.getLogger(__name__)
 
@@ -556,9 +556,14 @@ def log_index_model(
     extractor_name: str = EXTRACTOR_MODEL,
     alias: str = CHALLENGER,
     client: MlflowClient | None = None,
+    text_artifacts: Mapping[str, Path] | None = None,
 ) -> ModelVersion:
     """Log the index + its extractor + ranking config as an :class:`~registry.models.IndexModel`
     in the active run and register it as ``name``.
+
+    ``text_artifacts`` (``text_encoder`` and optionally ``restricted_policy``,
+    ``restricted_flags``; :mod:`registry.text_queries`) make it answer text queries; a text
+    encoder aligned to another extractor is refused (``ExtractorMismatchError``).
 
     Refuses (``ExtractorMismatchError``) an index built with another extractor, and
     (``IndexIntegrityError``) a tampered index, before logging anything. ``extractor_version`` (a
@@ -569,12 +574,19 @@ def log_index_model(
     extractor_dir, index_dir = Path(extractor_dir), Path(index_dir)
     fp = extractor_fingerprint(extractor_dir)
     index = ImageIndex.load(index_dir, expected_extractor_fingerprint=fp)
+    text_artifacts = {k: Path(v) for k, v in (text_artifacts or {}).items()}
+    text_tags = text_model.check_text_artifacts(text_artifacts, fp)
     tags = {
+        **text_tags,
         **metric_tags(metrics or {}),
         **dict(extra_tags or {}),
         # the index model ships its own copy of the extractor: both are checked at load
         **integrity.artifact_checksums(
-            {models.ARTIFACT_EXTRACTOR: extractor_dir, models.ARTIFACT_INDEX: index_dir}
+            {
+                models.ARTIFACT_EXTRACTOR: extractor_dir,
+                models.ARTIFACT_INDEX: index_dir,
+                **text_artifacts,
+            }
         ),
     }
     if extractor_version is not None:
@@ -602,9 +614,10 @@ def log_index_model(
                         models.ARTIFACT_EXTRACTOR: str(extractor_dir),
                         models.ARTIFACT_INDEX: str(index_dir),
                         models.ARTIFACT_RANKING: str(ranking_path),
+                        **{k: str(v) for k, v in text_artifacts.items()},
                     },
                     code_paths=code_paths(),
-                    signature=models.index_signature(ranking_cfg, default_k),
+                    signature=models.index_signature(ranking_cfg, default_k, bool(text_artifacts)),
                     pip_requirements=pip_requirements(),
                     model_config={**SERVING_CONFIG, "default_k": int(default_k)},
                 )
@@ -642,6 +655,7 @@ def register_pair(
     extra_tags: Mapping[str, str] | None = None,
     cfg: RegisterConfig | None = None,
     client: MlflowClient | None = None,
+    text_artifacts: Mapping[str, Path] | None = None,
 ) -> RegisteredPair:
     """Register the extractor, then the index tagged with the extractor's version, then tag the
     extractor with the index's version; alias both ``cfg.alias``. Idempotent.
@@ -675,6 +689,7 @@ def register_pair(
         extractor_name=cfg.extractor_name,
         alias=cfg.alias,
         client=client,
+        text_artifacts=text_artifacts,
     )
     reused = (ext.tags or {}).get(TAG_INDEX_VERSION) == str(idx.version)
     _ensure_tags(client, ext, {TAG_INDEX_VERSION: str(idx.version)})

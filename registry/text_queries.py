@@ -38,6 +38,9 @@ LANG_COLUMN = "lang"
 ARTIFACT_TEXT = "text_encoder"
 ARTIFACT_POLICY = "restricted_policy"
 ARTIFACT_FLAGS = "restricted_flags"
+TEXT_ARTIFACTS = (ARTIFACT_TEXT, ARTIFACT_POLICY, ARTIFACT_FLAGS)
+POLICY_FILE = "restricted.yaml"  # inside the restricted_policy artifact directory
+FLAGS_FILE = "restricted_flags.parquet"  # inside the restricted_flags artifact directory
 DEFAULT_TEXT_WEIGHT = 0.5
 
 
@@ -92,12 +95,12 @@ class TextSide:
             return None
         encoder = load_text_encoder(Path(directory))
         encoder.check_extractor(extractor_fingerprint)  # ExtractorMismatchError: refused at load
-        policy_path = artifacts.get(ARTIFACT_POLICY)
-        policy = RestrictedPolicy.load(Path(policy_path)) if policy_path else None
-        flags_path = artifacts.get(ARTIFACT_FLAGS)
+        policy_dir = artifacts.get(ARTIFACT_POLICY)
+        policy = RestrictedPolicy.load(Path(policy_dir) / POLICY_FILE) if policy_dir else None
+        flags_dir = artifacts.get(ARTIFACT_FLAGS)
         flagged: frozenset[str] = frozenset()
-        if flags_path:
-            flags = pd.read_parquet(flags_path)
+        if flags_dir:
+            flags = pd.read_parquet(Path(flags_dir) / FLAGS_FILE)
             flagged = frozenset(flags.loc[flags["flagged"].astype(bool), "image_id"].astype(str))
         return cls(encoder, policy, flagged)
 
@@ -111,7 +114,9 @@ class TextSide:
             match = self.policy.check(text, lang=lang)
             if match is not None:
                 self.refused += 1
-                log.warning("refused a text query (restricted word %r); %d so far", match.word, self.refused)
+                log.warning(
+                    "refused a text query (restricted word %r); %d so far", match.word, self.refused
+                )
                 raise _invalid(
                     f"query refused: row {row} contains a restricted word ({match.word!r}, {match.lang}); "
                     "this service does not search for it"

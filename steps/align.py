@@ -8,17 +8,20 @@ from the text tower is trained on ``train`` items, early-stopped on ``val`` text
 of training and listed in ``restricted_items.csv``.
 
 Produces: ``text_encoder/`` (tower + projection + the extractor fingerprint it serves),
+``restricted_policy/`` (the policy file it was trained under),
 metrics ``text_<kind>_<lang>_<metric>`` on the ``test`` split with ``chance_...`` beside them
 (:mod:`imgsearch.evaluate.text_search`), ``text_search.csv`` (the headline table),
 ``text_examples.html`` (example queries with their top-5 thumbnails), ``per_query_text.parquet``,
 ``history.csv`` and the curves ``align_*`` per epoch; ``keywords.parquet`` (top-k catalog
-keywords of every image, precision@k on test logged); ``restricted_flags.parquet`` (zero-shot
+keywords of every image, precision@k on test logged); ``restricted_flags/`` (zero-shot
 restricted-content score of every image, the threshold calibrated on val, precision/recall on test).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,11 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from imgsearch import schema
 from imgsearch.categorize.keywords import image_keywords, precision_at_k, vocabulary
-from imgsearch.config import config_dir, from_dict
+from imgsearch.config import config_dir, from_dict, load_config
 from imgsearch.embed.files import load_embeddings
 from imgsearch.embed.text_query import TextQueryEncoder
 from imgsearch.errors import ConfigError
@@ -40,8 +44,13 @@ from imgsearch.models.text import make_text_tower
 from imgsearch.search.restricted import RestrictedPolicy
 from imgsearch.search.restricted_images import calibrate, flag_quality, restricted_scores
 from imgsearch.train.align import AlignConfig, align, check_texts
+from registry.text_queries import ARTIFACT_FLAGS as FLAGS_ARTIFACT
+from registry.text_queries import ARTIFACT_POLICY as POLICY_ARTIFACT
+from registry.text_queries import ARTIFACT_TEXT as ENCODER_ARTIFACT
+from registry.text_queries import FLAGS_FILE, POLICY_FILE
 from steps.common import (
     EMBEDDINGS_ARTIFACT,
+    PROFILE_ENV,
     Option,
     artifact_path,
     cli,
@@ -54,9 +63,7 @@ from steps.ingest import TEXTS_ARTIFACT
 
 log = logging.getLogger(__name__)
 
-ENCODER_ARTIFACT = "text_encoder"
 KEYWORDS_ARTIFACT = "keywords.parquet"
-FLAGS_ARTIFACT = "restricted_flags.parquet"
 
 
 def restricted_items(texts: pd.DataFrame, policy: RestrictedPolicy) -> pd.DataFrame:
@@ -124,11 +131,25 @@ def _flags(
     return flags.assign(flagged=scores >= cal.threshold), metrics
 
 
-def _log_outputs(encoder: TextQueryEncoder, tables: dict[str, pd.DataFrame], html: str) -> None:
+def _log_outputs(
+    encoder: TextQueryEncoder,
+    policy_file: Path,
+    flags: pd.DataFrame,
+    tables: dict[str, pd.DataFrame],
+    html: str,
+) -> None:
+    """The encoder, the policy it was trained under and the image flags, each a directory
+    artifact (what ``register`` ships in the index model), then the tables and the page."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         encoder.save(out / ENCODER_ARTIFACT)
         mlflow.log_artifacts(str(out / ENCODER_ARTIFACT), ENCODER_ARTIFACT)
+        (out / POLICY_ARTIFACT).mkdir()
+        shutil.copyfile(policy_file, out / POLICY_ARTIFACT / POLICY_FILE)
+        mlflow.log_artifacts(str(out / POLICY_ARTIFACT), POLICY_ARTIFACT)
+        (out / FLAGS_ARTIFACT).mkdir()
+        flags.to_parquet(out / FLAGS_ARTIFACT / FLAGS_FILE, index=False)
+        mlflow.log_artifacts(str(out / FLAGS_ARTIFACT), FLAGS_ARTIFACT)
         for name, table in tables.items():
             if name.endswith(".parquet"):
                 log_df(table, name)
@@ -137,6 +158,24 @@ def _log_outputs(encoder: TextQueryEncoder, tables: dict[str, pd.DataFrame], htm
                 mlflow.log_artifact(str(out / name))
         (out / "text_examples.html").write_text(html)
         mlflow.log_artifact(str(out / "text_examples.html"))
+
+
+def wanted(
+    texts_run_id: str, overrides: dict[str, Any] | None = None, profile: str | None = None
+) -> bool:
+    """Whether the chain should align: ``align.enabled`` and the ingest run has texts."""
+    section = (
+        load_config(profile or os.environ.get(PROFILE_ENV) or None, overrides).get("align") or {}
+    )
+    if not section.get("enabled", True):
+        return False
+    try:
+        texts = read_df(texts_run_id, TEXTS_ARTIFACT)
+    except (MlflowException, OSError):
+        return False
+    if texts.empty:
+        log.info("align skipped: the catalog has no item texts (ingest run %s)", texts_run_id)
+    return not texts.empty
 
 
 def run(
@@ -159,7 +198,8 @@ def run(
         texts = check_texts(read_df(texts_run_id, TEXTS_ARTIFACT))
         ids, emb = load_embeddings(artifact_path(extract_run_id, EMBEDDINGS_ARTIFACT))
         images = _images(read_df(split_run_id, "manifest.parquet"), ids)
-        policy = RestrictedPolicy.load(config_dir() / str(section.get("policy", "restricted.yaml")))
+        policy_file = config_dir() / str(section.get("policy", "restricted.yaml"))
+        policy = RestrictedPolicy.load(policy_file)
         blocked = restricted_items(texts, policy)
         kept = texts[~texts[schema.ITEM_ID].isin(set(blocked["item_id"]))]
         log_metrics(
@@ -211,13 +251,14 @@ def run(
         )
         _log_outputs(
             encoder,
+            policy_file,
+            flags,
             {
                 "text_search.csv": table,
                 "history.csv": pd.DataFrame(result.history),
                 "restricted_items.csv": blocked,
                 "per_query_text.parquet": scores.per_query,
                 KEYWORDS_ARTIFACT: keywords,
-                FLAGS_ARTIFACT: flags,
             },
             examples_html(scores.per_query, paths, items_of),
         )

@@ -1,4 +1,4 @@
-"""The retrieval chain: extract -> index -> evaluate -> register -> promote, written once.
+"""The retrieval chain: extract -> index -> evaluate -> align -> register -> promote, written once.
 
 ``steps.main`` runs it for the baseline and the fine-tuned extractor; ``monitoring.improve`` runs
 it for a fine-tuned challenger (a full rebuild) and to extend the champion's index with new
@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from steps import evaluate, extract, index, promote, register
+from steps import align, evaluate, extract, index, promote, register
 
-STAGES = ("extract", "index", "evaluate", "register", "promote")
+STAGES = ("extract", "index", "evaluate", "align", "register", "promote")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class ChainNames:
     extract: str = "extract"
     index: str = "index"
     evaluate: str = "evaluate"
+    align: str = "align"
     register: str = "register"
     promote: str = "promote"
 
@@ -53,6 +54,7 @@ class ChainRuns:
     extract: str
     index: str
     evaluate: str
+    align: str | None
     register: str
     promote: str | None
 
@@ -66,7 +68,8 @@ def run_chain(
     extractor_uri: str | None = None,
     extract_run_id: str | None = None,
     add_to_index_run_id: str | None = None,
-    register_with: Callable[[str, str, str], str] | None = None,
+    texts_run_id: str | None = None,
+    register_with: Callable[[str, str, str, str | None], str] | None = None,
     after_evaluate: Callable[[str], None] | None = None,
     do_promote: bool = True,
 ) -> ChainRuns:
@@ -75,7 +78,10 @@ def run_chain(
     ``data_run_id``: the manifest (with split) to embed and index. ``eval_split_run_id``: the split
     the evaluation (and so the gate) measures. ``extract_run_id`` given: no extract step, its
     embeddings are indexed. ``add_to_index_run_id``: index in add mode on that run's index.
-    ``register_with(extract, index, evaluate) -> run_id`` replaces ``steps.register.run``;
+    ``texts_run_id``: the ingest run holding ``texts.parquet``; when it has texts (and
+    ``align.enabled``), ``align`` maps a text tower into this extractor's image space and the
+    registered index answers text queries too.
+    ``register_with(extract, index, evaluate, align) -> run_id`` replaces ``steps.register.run``;
     ``after_evaluate(extract_run_id)`` runs between evaluate and register.
     """
     kw = dict(chain.kw)
@@ -99,8 +105,11 @@ def run_chain(
     ev = chain._step("evaluate", lambda: evaluate.run(ex, eval_split_run_id, **kw))
     if after_evaluate is not None:
         after_evaluate(ex)
-    reg = register_with or (lambda e, i, v: register.run(e, i, v, **kw))
-    rg = chain._step("register", lambda: reg(ex, ix, ev))
+    al = None
+    if texts_run_id is not None and align.wanted(texts_run_id, **kw):
+        al = chain._step("align", lambda: align.run(ex, data_run_id, texts_run_id, **kw))
+    reg = register_with or (lambda e, i, v, a: register.run(e, i, v, align_run_id=a, **kw))
+    rg = chain._step("register", lambda: reg(ex, ix, ev, al))
     promote_kw = dict(kw)
     if add_to_index_run_id is not None:
         # the champion's index plus new images, same extractor: the gate asks only for no
@@ -108,4 +117,4 @@ def run_chain(
         overrides = {**(kw.get("overrides") or {}), "promote.extends_index": True}
         promote_kw["overrides"] = overrides
     pr = chain._step("promote", lambda: promote.run(**promote_kw)) if do_promote else None
-    return ChainRuns(ex, ix, ev, rg, pr)
+    return ChainRuns(ex, ix, ev, al, rg, pr)

@@ -1,8 +1,9 @@
 """The whole pipeline, each stage a nested MLflow run under this one.
 
-ingest -> validate -> preprocess -> eda -> split -> extract -> index -> evaluate -> register -> promote
-then, unless ``--no-finetune``: finetune (from the baseline extractor, on train, early-stopped on
-val) -> extract -> index -> evaluate -> register -> promote. The gate promotes the fine-tuned
+ingest -> validate -> preprocess -> eda -> split -> extract -> index -> evaluate -> align ->
+register -> promote, then, unless ``--no-finetune``: finetune (from the baseline extractor, on
+train, early-stopped on val) -> extract -> index -> evaluate -> align -> register -> promote.
+``align`` (text search) runs when the catalog has item texts (``configs/align.yaml``). The gate promotes the fine-tuned
 models only when they match or beat the baseline on the frozen test split.
 
 Inputs: the catalog named by configs/ingest.yaml (default: the emoji demo catalog, fetched when
@@ -57,6 +58,7 @@ def run(
                 eval_split_run_id=ids["split"],
                 preprocess_run_id=ids["preprocess"],
                 extractor_uri=extractor_uri,
+                texts_run_id=ids["ingest"],
                 do_promote=promote_,
             )
             metrics = mlflow.get_run(runs.evaluate).data.metrics

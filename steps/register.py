@@ -7,6 +7,10 @@ Inputs (run ids):
                      it must have measured the extract run above, the one the index was built
                      from (registry.register.evaluation), else the step fails and registers nothing
 
+  --align-run-id     optional: an align run of the same extract run; its text encoder, policy and
+                     image flags ship in the index model (text queries), and ``imgsearch-text``
+                     is registered, tagged with the extractor and index versions
+
 Produces: versions of ``imgsearch-extractor`` and ``imgsearch-index`` tagged with each other's
 version, the source runs, the data hash, the extractor fingerprint and ``metric.<name>``; both
 aliased ``challenger``. A retried step reuses the versions it made (idempotent). Logs
@@ -30,6 +34,8 @@ from registry.register import (
     evaluation,
     register_pair,
 )
+from registry.text_model import log_text_model
+from registry.text_queries import TEXT_ARTIFACTS
 from steps.common import Option, artifact_path, cli, log_metrics, stage_run
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ def run(
     evaluate_run_id: str,
     overrides: dict[str, Any] | None = None,
     profile: str | None = None,
+    align_run_id: str | None = None,
 ) -> str:
     with stage_run("register", overrides, profile) as (active, all_cfg):
         cfg = from_dict(RegisterConfig, all_cfg.get("register"))
@@ -66,6 +73,9 @@ def run(
                 "evaluate_run_id": evaluate_run_id,
             }
         )
+        if align_run_id:
+            mlflow.set_tag("align_run_id", align_run_id)
+        texts = {a: artifact_path(align_run_id, a) for a in TEXT_ARTIFACTS} if align_run_id else {}
         extractor_dir = artifact_path(extract_run_id, cfg.extractor_artifact)
         index_dir = artifact_path(index_run_id, cfg.index_artifact)
         # refused unless it measured exactly these extract and index runs
@@ -81,8 +91,19 @@ def run(
             metrics=metrics,
             extra_tags=tags,
             cfg=cfg,
+            text_artifacts=texts,
         )
         summary = pair.summary()
+        if align_run_id:
+            text = log_text_model(
+                texts,
+                extractor_version=pair.extractor,
+                index_version=pair.index,
+                source_run_id=align_run_id,
+                alias=cfg.alias,
+            )
+            summary["text_version"] = str(text.version)
+            mlflow.log_param("text_version", text.version)
         mlflow.log_params(
             {
                 "extractor_version": summary["extractor_version"],
@@ -108,6 +129,7 @@ OPTIONS = (
     Option("--extract-run-id", required=True),
     Option("--index-run-id", required=True),
     Option("--evaluate-run-id", required=True),
+    Option("--align-run-id", "align run: its text encoder ships in the index (text queries)"),
     Option("--alias", "alias to set (default: configs/register.yaml)", key="register.alias"),
 )
 
