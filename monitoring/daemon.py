@@ -24,19 +24,15 @@ a job can poll :func:`stop_requested` between its steps to return early.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import hashlib
 import logging
-import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -47,6 +43,8 @@ from apscheduler.util import ref_to_obj
 
 from imgsearch.config import from_dict, home_dir, load_config
 from imgsearch.errors import ConfigError, DaemonAlreadyRunning
+from monitoring.lock import hold, lock_path
+from monitoring.orphans import mark_orphans
 
 log = logging.getLogger(__name__)
 
@@ -102,40 +100,11 @@ def make_trigger(cfg: DaemonConfig) -> BaseTrigger:
 
 
 def lock_path_for(cfg: DaemonConfig) -> Path:
-    """``<db>.lock`` next to a SQLite store; else ``<home>/daemon-<hash of the URL>.lock``."""
-    if cfg.lock_path:
-        return Path(cfg.lock_path)
-    from sqlalchemy.engine import make_url
-
-    url = make_url(cfg.url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        db = Path(str(url.database)).expanduser().resolve()
-        return db.with_name(db.name + ".lock")
-    key = url.render_as_string(hide_password=True)
-    return home_dir() / f"daemon-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
+    """The lock of ``cfg``'s job store, keyed on the store itself (:mod:`monitoring.lock`)."""
+    return Path(cfg.lock_path) if cfg.lock_path else lock_path(cfg.url)
 
 
-@contextlib.contextmanager
-def daemon_lock(path: Path) -> Iterator[IO[str]]:
-    """Hold an exclusive, non-blocking ``flock`` on ``path``; raise :class:`DaemonAlreadyRunning`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 - held for the life of the context
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise DaemonAlreadyRunning(
-                f"another daemon holds {path} (pid {holder}); one daemon per job store"
-            ) from exc
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield handle
-    finally:
-        handle.close()  # closing the descriptor releases the lock
+daemon_lock = hold  # the name the tests and older callers know
 
 
 # --- the scheduler ---------------------------------------------------------------------------
@@ -206,6 +175,9 @@ def serve(cfg: DaemonConfig, once: bool = False, stop: threading.Event | None = 
     """Hold the lock, then run once or schedule until ``stop`` (SIGTERM/SIGINT) is set."""
     stop = stop or _STOP
     with daemon_lock(lock_path_for(cfg)):
+        mark_orphans(
+            f"found RUNNING at daemon start {datetime.now().isoformat(timespec='seconds')}"
+        )
         if once:
             run_once(cfg)
             return 0

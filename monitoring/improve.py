@@ -56,6 +56,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,15 @@ from imgsearch.data.watermark import (
     source_key,
 )
 from imgsearch.embed.files import load_embeddings, save_embeddings
-from imgsearch.errors import CatalogError, ConfigError, ImgsearchError
+from imgsearch.errors import CatalogError, ConfigError, DaemonAlreadyRunning, ImgsearchError
 from imgsearch.search.ranking import RankingConfig
+from monitoring import daemon
 from monitoring import drift as drift_stage
 from monitoring.champion import INPUT, champion_quarantine_ids, find_champion, split_overrides
 from monitoring.daemon import IMPROVE_STAGE, stop_requested
 from monitoring.improve_summary import JobState, record
+from monitoring.lock import hold
+from monitoring.orphans import mark_orphans
 from registry.promote import PromoteConfig
 from registry.register import (
     CHAMPION,
@@ -93,6 +97,7 @@ from registry.register import (
     evaluation,
     log_index_model,
 )
+from registry.text_queries import TEXT_ARTIFACTS
 from steps import evaluate, extract, finetune, ingest, preprocess, split
 from steps import validate as validate_step
 from steps.chain import Chain, ChainNames, run_chain
@@ -613,6 +618,7 @@ class _Job:
             data_run_id=combined_run,
             eval_split_run_id=self.champ.frozen_split_run,
             extractor_uri=f"runs:/{ft_run}/extractor",
+            texts_run_id=st.runs.get("ingest"),  # a new extractor: text search re-aligned to it
             after_evaluate=evaluate_new,
         )
         assert runs.promote is not None
@@ -641,14 +647,16 @@ class _Job:
             eval_split_run_id=self.champ.frozen_split_run,
             extract_run_id=merged_run,
             add_to_index_run_id=self.champ.index_run,
-            register_with=lambda ex, ix, ev: self.register_index(ix, ev),
+            texts_run_id=st.runs.get("ingest"),
+            register_with=lambda ex, ix, ev, al: self.register_index(ix, ev, al),
             after_evaluate=after_evaluate,
         )
         assert runs.promote is not None
         self.record_gate(runs.promote, what, extended=True)
 
-    def register_index(self, index_run: str, evaluate_run: str) -> str:
-        """A new version of the index only, bound to the champion's extractor version."""
+    def register_index(self, index_run: str, evaluate_run: str, align_run: str | None) -> str:
+        """A new version of the index only, bound to the champion's extractor version (with the
+        text encoder of ``align_run``, aligned to that same extractor, when there is one)."""
         rc, champ = self.register_cfg, self.champ
         with _nested("register_index", "register") as rr:
             mlflow.set_tags(
@@ -672,6 +680,9 @@ class _Job:
                 extractor_name=rc.extractor_name,
                 alias=rc.alias,
                 client=self.client,
+                text_artifacts=(
+                    {a: artifact_path(align_run, a) for a in TEXT_ARTIFACTS} if align_run else None
+                ),
             )
             if rc.alias:
                 self.client.set_registered_model_alias(
@@ -726,8 +737,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         overrides[key.strip()] = value
     setup_logging()
+    # the daemon's own lock: a hand run never overlaps the daemon (RELIABILITY 12)
+    lock = daemon.lock_path_for(daemon.load(profile, overrides))
     try:
-        run_id = run(profile, overrides)
+        with hold(lock):
+            mark_orphans(
+                f"found RUNNING at improve start {datetime.now().isoformat(timespec='seconds')}"
+            )
+            run_id = run(profile, overrides)
+    except DaemonAlreadyRunning as exc:
+        print(f"refusing to start: {exc}", file=sys.stderr)
+        return daemon.EXIT_LOCKED
     except (ImgsearchError, MlflowException) as exc:
         print(f"improve failed, nothing promoted, watermark unchanged: {exc}", file=sys.stderr)
         return 2
