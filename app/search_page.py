@@ -35,7 +35,15 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 from imgsearch import schema  # noqa: E402
 from imgsearch.errors import ImageRejected, ImgsearchError  # noqa: E402
-from registry.feedback import DOWN, UP, FeedbackStore, Vote, feedback_url, query_sha256  # noqa: E402
+from registry.feedback import (  # noqa: E402
+    DOWN,
+    UP,
+    FeedbackStore,
+    Vote,
+    feedback_url,
+    query_sha256,
+    text_query_sha256,
+)
 from registry.search import (  # noqa: E402
     SearchConfig,
     Served,
@@ -45,6 +53,7 @@ from registry.search import (  # noqa: E402
     preview,
     read_query,
     search,
+    search_text,
 )
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -199,6 +208,7 @@ def _results(
     qsha: str,
     query_image_id: str | None,
     columns: int,
+    query_text: str | None = None,
 ) -> None:
     paths = (
         catalog.set_index(catalog[schema.IMAGE_ID].astype(str))[schema.PATH].to_dict()
@@ -239,6 +249,7 @@ def _results(
                                 index_version=served.index_version,
                                 extractor_version=served.extractor_version,
                                 session=st.session_state["session"],
+                                query_text=query_text,
                             )
                         )
                         st.success("Thanks, feedback recorded.")
@@ -266,6 +277,12 @@ def main() -> None:
     params = _controls(served, cfg, catalog)
     store = feedback_store(feedback_url(cfg.feedback_url or None))
 
+    words = st.text_input(
+        "Search by words (e.g. cat, красная машина)", key="words", max_chars=500
+    ).strip()
+    if words:
+        _text_search(words, served, params, catalog, store, cfg)
+        return
     try:
         data, query_image_id, label = _query(cfg, catalog)
     except ImageRejected as exc:
@@ -298,6 +315,39 @@ def main() -> None:
             query_image_id,
             max(1, int(cfg.grid_columns)),
         )
+    with st.expander("Feedback so far"):
+        st.dataframe(store.summary())
+
+
+def _text_search(
+    words: str,
+    served: Served,
+    params: dict[str, Any],
+    catalog: pd.DataFrame,
+    store: FeedbackStore,
+    cfg: SearchConfig,
+) -> None:
+    """Results of a text query; a refused one (a restricted word) says why."""
+    try:
+        hits = search_text(served, [words], None, params)
+    except MlflowException as exc:
+        st.error(f"Search refused: {exc.message}")
+        return
+    errors = hits["error"].dropna() if "error" in hits.columns else pd.Series([], dtype=object)
+    if not errors.empty:
+        st.warning(f"No results: {errors.iloc[0]}")
+        return
+    st.write(f"{len(hits)} results for “{words}”")
+    _results(
+        hits,
+        served,
+        catalog,
+        store,
+        text_query_sha256(words),
+        None,
+        max(1, int(cfg.grid_columns)),
+        query_text=words,
+    )
     with st.expander("Feedback so far"):
         st.dataframe(store.summary())
 

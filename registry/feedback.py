@@ -54,6 +54,8 @@ feedback_table = sa.Table(
     sa.Column("index_version", sa.String(64), nullable=True),
     sa.Column("extractor_version", sa.String(64), nullable=True),
     sa.Column("session", sa.String(128), nullable=True),
+    sa.Column("query_text", sa.Text, nullable=True),  # a text query (None for an image)
+    sa.Column("query_lang", sa.String(16), nullable=True),
     sa.CheckConstraint("vote IN (-1, 1)", name="vote_is_up_or_down"),
 )
 COLUMNS = tuple(c.name for c in feedback_table.columns)
@@ -72,6 +74,15 @@ def query_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def text_query_sha256(text: str, lang: str | None = None) -> str:
+    """A text query's id: the sha256 of ``text:<lang>:<text>`` (never equal to an image's)."""
+    return query_sha256(f"text:{lang or ''}:{text}".encode())
+
+
+#: columns added after the first release: added to an existing table when missing
+_ADDED_COLUMNS = ("query_text", "query_lang")
+
+
 @dataclass(frozen=True)
 class Vote:
     """One vote on one result row of one query."""
@@ -86,6 +97,8 @@ class Vote:
     index_version: str | None = None
     extractor_version: str | None = None
     session: str | None = None
+    query_text: str | None = None
+    query_lang: str | None = None
 
     def __post_init__(self) -> None:
         if self.vote not in (UP, DOWN):
@@ -117,6 +130,20 @@ class FeedbackStore:
             engine = sa.create_engine(parsed)
         self.engine = engine
         metadata.create_all(self.engine, checkfirst=True)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A table made by an older release gains the new nullable columns (old rows: NULL)."""
+        have = {c["name"] for c in sa.inspect(self.engine).get_columns(feedback_table.name)}
+        for name in _ADDED_COLUMNS:
+            if name not in have:
+                column = feedback_table.c[name]
+                ddl = sa.schema.DDL(
+                    f"ALTER TABLE {feedback_table.name} ADD COLUMN {name} "
+                    f"{column.type.compile(dialect=self.engine.dialect)}"
+                )  # constant names from this module, never user input
+                with self.engine.begin() as conn:
+                    conn.execute(ddl)
 
     def record(self, vote: Vote, *, now: datetime | None = None) -> int:
         """Store one vote; returns its row id. Bound parameters only (never formatted SQL)."""
@@ -132,6 +159,8 @@ class FeedbackStore:
             "index_version": vote.index_version,
             "extractor_version": vote.extractor_version,
             "session": vote.session,
+            "query_text": vote.query_text,
+            "query_lang": vote.query_lang,
         }
         with self.engine.begin() as conn:
             result = conn.execute(feedback_table.insert().values(**row))

@@ -197,9 +197,17 @@ _OUTPUT_COLUMNS = (
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m registry.search",
-        description="Search the registered image index with one or more query images.",
+        description="Search the registered index with query images, or by words (--text).",
     )
-    p.add_argument("images", nargs="+", type=Path, help="query image files")
+    p.add_argument("images", nargs="*", type=Path, help="query image files")
+    p.add_argument(
+        "--text",
+        action="append",
+        default=None,
+        help="a text query (repeatable); with one image: mixed",
+    )
+    p.add_argument("--lang", default=None, help="language of the text queries (en, ru, ...)")
+    p.add_argument("--text-weight", type=float, default=None, help="image+text mix: text share")
     p.add_argument("--k", type=int, default=None, help="results per query (default: config)")
     p.add_argument("--popularity-weight", type=float, default=None)
     p.add_argument("--mmr-lambda", type=float, default=None, help="diversity; 1.0 = none")
@@ -225,7 +233,24 @@ def request_params(args: argparse.Namespace, cfg: SearchConfig) -> dict[str, Any
         params["one_per_item"] = True
     if args.category:
         params["category"] = ",".join(args.category)
+    if getattr(args, "text_weight", None) is not None:
+        params["text_weight"] = float(args.text_weight)
     return params
+
+
+def search_text(
+    served: Served,
+    texts: Sequence[str],
+    lang: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    image: bytes | None = None,
+) -> pd.DataFrame:
+    """Ranked results for text queries (one per text; ``image`` given: each mixed with it)."""
+    frame = pd.DataFrame({"text": list(texts), "lang": [lang] * len(texts)})
+    if image is not None:
+        frame["image"] = base64.b64encode(image).decode()
+    clean = {k: v for k, v in dict(params or {}).items() if v is not None}
+    return served.model.predict(frame, params=clean)
 
 
 def _render(df: pd.DataFrame, fmt: str) -> str:
@@ -244,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     cfg = load_search_config(args.profile, overrides)
     params = request_params(args, cfg)
+    if args.text:
+        return _main_text(args, cfg, params)
+    if not args.images:
+        print("give query image files, or --text", file=sys.stderr)
+        return 2
 
     good: list[bytes] = []
     good_files: list[str] = []
@@ -274,6 +304,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# {served.label}", file=sys.stderr)
     print(_render(out[columns], args.format))
     return 1 if rejected else 0
+
+
+def _main_text(args: argparse.Namespace, cfg: SearchConfig, params: dict[str, Any]) -> int:
+    """``--text``: one query per text (mixed with the one image when given). A refused query
+    (a restricted word, no text encoder) prints why and exits 2."""
+    if len(args.images) > 1:
+        print("--text mixes with at most one image", file=sys.stderr)
+        return 2
+    image = read_query(args.images[0], cfg.max_upload_bytes) if args.images else None
+    try:
+        served = load_served(cfg)
+        out = search_text(served, args.text, args.lang, params, image)
+    except MlflowException as exc:
+        print(f"search refused: {exc.message}", file=sys.stderr)
+        return 2
+    out.insert(1, "file", [args.text[int(q)] for q in out["query"]])
+    columns = [c for c in _OUTPUT_COLUMNS if c in out.columns]
+    if "error" in columns and out["error"].isna().all():
+        columns.remove("error")
+    print(f"# {served.label}", file=sys.stderr)
+    print(_render(out[columns], args.format))
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,14 +27,20 @@ import mlflow
 import pandas as pd
 import pytest
 import requests
+import torch
 from mlflow import MlflowClient
 
+from imgsearch.config import config_dir
 from imgsearch.data.imageio import open_rgb
 from imgsearch.embed.query import embed_images
+from imgsearch.embed.text_query import TextQueryEncoder
 from imgsearch.models.backbones import fingerprint, load_extractor
+from imgsearch.models.heads import HeadSpec, Projection
+from imgsearch.models.text import make_text_tower
 from imgsearch.search.factory import IndexConfig
 from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig
+from registry import text_queries as tq
 from registry.promote import promote
 from registry.register import INDEX_MODEL, RegisterConfig, RegisteredPair, register_pair
 from tests.test_registry import fresh_tracking_uri, make_extractor_dir, png_bytes
@@ -82,6 +89,7 @@ def _build(tmp_path_factory: pytest.TempPathFactory) -> SearchEnv:
     emb = embed_images(ext, [open_rgb(b) for b in images])
     index = ImageIndex.build(emb, meta, IndexConfig(factory="Flat"), fingerprint(ext))
     index.save(root / "index")
+    text_artifacts = _text_parts(root, fingerprint(ext), emb.shape[1])
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     with tracking(uri):
@@ -99,9 +107,33 @@ def _build(tmp_path_factory: pytest.TempPathFactory) -> SearchEnv:
                 extra_tags={"evaluate_run_id": run.info.run_id},
                 cfg=RegisterConfig(),
                 client=client,
+                text_artifacts=text_artifacts,
             )
         assert promote(client, smoke=False).promoted
     return SearchEnv(uri, root, images, paths, meta, pair)
+
+
+#: the text side of the test index: words of the two categories, "cat"/"кошка" near the cats
+TEXTS = ["cat", "кошка", "kitten", "dog", "собака", "puppy", "thing", "animal", "pet", "house"]
+
+
+def _text_parts(root: Path, extractor_fp: str, dim: int) -> dict[str, Path]:
+    """A text encoder (ngram tower + a seeded projection), the demo policy and one flagged
+    image (img5), as the align step would log them."""
+    tower = make_text_tower("ngram", dim=8)
+    tower.fit(TEXTS * 3)
+    torch.manual_seed(0)
+    encoder = TextQueryEncoder(tower, Projection(HeadSpec("linear", tower.dim, dim)), extractor_fp)
+    encoder.save(root / tq.ARTIFACT_TEXT)
+    (root / tq.ARTIFACT_POLICY).mkdir()
+    shutil.copyfile(
+        config_dir() / "restricted.yaml", root / tq.ARTIFACT_POLICY / tq.POLICY_FILE
+    )
+    (root / tq.ARTIFACT_FLAGS).mkdir()
+    pd.DataFrame({"image_id": ["img5"], "score": [0.9], "flagged": [True]}).to_parquet(
+        root / tq.ARTIFACT_FLAGS / tq.FLAGS_FILE
+    )
+    return {name: root / name for name in tq.TEXT_ARTIFACTS}
 
 
 @contextlib.contextmanager

@@ -157,3 +157,12 @@ def test_no_champion_is_a_message_not_a_crash(
         at.run()
     assert not at.exception
     assert any("No model to search with" in e for e in _errors(at))
+
+
+def test_a_typed_query_is_answered_and_a_restricted_one_refused(app: AppTest) -> None:
+    app.text_input(key="words").input("cat").run()
+    assert not _errors(app)
+    assert not app.exception, app.exception
+    assert _vote_keys(app, "+"), [w.value for w in app.warning]
+    app.text_input(key="words").input("Ребёнок").run()
+    assert any("restricted word" in e for e in _errors(app))
