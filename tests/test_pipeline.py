@@ -16,7 +16,34 @@ from mlflow import MlflowClient
 from registry.promote import PromoteConfig
 from tests.conftest import make_folder_catalog
 
-RETRIEVAL = ("extract", "index", "evaluate", "register", "promote")
+RETRIEVAL = ("extract", "index", "evaluate", "align", "register", "promote")
+SHAPES = {
+    3: ("triangle", "треугольник"),
+    4: ("square", "квадрат"),
+    5: ("pentagon", "пятиугольник"),
+    6: ("hexagon", "шестиугольник"),
+    7: ("heptagon", "семиугольник"),
+}
+
+
+def write_texts(path: Path, n_items: int = 15) -> Path:
+    """English and Russian labels and tags of the folder catalog's polygons (one restricted)."""
+    rows = []
+    for i in range(n_items):
+        en, ru = SHAPES[3 + i % 5]
+        item = f"item{i:02d}"
+        rows += [
+            (item, "en", "label", f"{en} shape"),
+            (item, "ru", "label", f"{ru}"),
+            (item, "en", "tag", en),
+            (item, "en", "tag", "polygon"),
+            (item, "ru", "tag", "фигура"),
+        ]
+    rows.append(("item01", "en", "tag", "a child's drawing"))  # restricted: item01 left out
+    pd.DataFrame(rows, columns=["item_id", "lang", "kind", "text"]).to_csv(path, index=False)
+    return path
+
+
 STAGES = ("ingest", "validate", "preprocess", "eda", "split", *RETRIEVAL)
 #: run-id tags on the parent: the baseline stages, then the fine-tuned model's
 PARENT_TAGS = (*STAGES, "finetune", *(f"finetuned.{s}" for s in RETRIEVAL))
@@ -29,6 +56,7 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, mlflow_store
     overrides = {
         "ingest.source": "folder",
         "ingest.path": str(data),
+        "ingest.texts_path": str(write_texts(tmp_path / "texts.csv")),
         "extract.backbone": "mobilenet_v2",
         "extract.weights": "none",
         "preprocess.size": 64,
@@ -57,6 +85,15 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, mlflow_store
         + validate_run.data.metrics.get("quarantine.truncated", 0)
         == 1
     )
+
+    # text search: aligned for each extractor, on train items only, the restricted item left out
+    align_run = client.get_run(parent.data.tags["imgsearch.run.finetuned.align"])
+    assert align_run.data.metrics["n_restricted_items"] == 1
+    assert "text_label_en_hit_at_10" in align_run.data.metrics
+    assert "chance_text_label_ru_map_at_r" in align_run.data.metrics
+    text_versions = client.search_model_versions("name = 'imgsearch-text'")
+    assert len(text_versions) == 2
+    assert {v.tags["index_version"] for v in text_versions} == {"1", "2"}
 
     assert "test.map_at_r" in parent.data.metrics
     assert 0.0 <= parent.data.metrics["test.map_at_r"] <= 1.0
