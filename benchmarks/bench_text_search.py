@@ -84,6 +84,7 @@ def run_config(spec: str, texts: pd.DataFrame, images: pd.DataFrame, emb: object
         row[f"{lang}_hit@10"] = scores.get(p + "hit_at_10")
         row[f"{lang}_map@r"] = scores.get(p + "map_at_r")
         row[f"{lang}_hit@10/target"] = (scores.get(p + "hit_at_10") or 0) / hit_target
+        row[f"{lang}_map@r/target"] = (scores.get(p + "map_at_r") or 0) / map_target
         row[f"{lang}_chance_hit@10"] = scores.get(f"chance_{p}hit_at_10")
     return row
 
