@@ -34,9 +34,7 @@ def calls(path: Path) -> list[str]:
 
 
 @pytest.fixture
-def cfg(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
-) -> daemon.DaemonConfig:
+def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str) -> daemon.DaemonConfig:
     """A job store in ``tmp_path``; the tracking store (the job lock, orphans) private too."""
     monkeypatch.setenv(CALLS_ENV, str(tmp_path / "calls.txt"))
     return daemon.DaemonConfig(
@@ -322,3 +320,64 @@ def test_a_daemon_is_refused_while_a_hand_run_works(
     assert code == daemon.EXIT_LOCKED
     assert "refusing to start" in capsys.readouterr().err
     assert calls(tmp_path / "calls.txt") == []  # the job never ran
+
+
+# --- orphans: runs a SIGKILLed job left RUNNING are marked KILLED at start -----------------------
+
+
+def make_orphans(experiment: str) -> dict[str, str]:
+    """By hand, in ``experiment`` (get-or-create): what a SIGKILLed improve job leaves behind (a
+    RUNNING parent, child and grandchild), a finished improve run, and an unrelated RUNNING run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    exp = found.experiment_id if found else client.create_experiment(experiment)
+    stage = "imgsearch.stage"
+    parent = client.create_run(exp, tags={stage: "improve"}, run_name="improve").info.run_id
+    child = client.create_run(
+        exp, tags={stage: "index", "mlflow.parentRunId": parent}, run_name="index_add"
+    ).info.run_id
+    grandchild = client.create_run(
+        exp, tags={stage: "evaluate", "mlflow.parentRunId": child}, run_name="evaluate"
+    ).info.run_id
+    done = client.create_run(exp, tags={stage: "improve"}).info.run_id
+    client.set_tag(done, "imgsearch.improve.decision", "skip")
+    client.set_terminated(done, "FINISHED")
+    other = client.create_run(exp, tags={stage: "main"}, run_name="main").info.run_id
+    return {"parent": parent, "child": child, "grandchild": grandchild, "done": done,
+            "other": other}  # fmt: skip
+
+
+def assert_marked(runs: dict[str, str], context: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for name in ("parent", "child", "grandchild"):
+        run = client.get_run(runs[name])
+        assert run.info.status == "KILLED", name
+        assert run.info.end_time is not None
+        assert run.data.tags["imgsearch.improve.decision"] == "killed"
+        why = run.data.tags["imgsearch.improve.killed_reason"]
+        assert why.startswith(f"orphaned: found RUNNING at {context} 20"), why
+    assert client.get_run(runs["parent"]).data.tags["imgsearch.improve.reason"] == why
+    done = client.get_run(runs["done"])
+    assert done.info.status == "FINISHED"
+    assert done.data.tags["imgsearch.improve.decision"] == "skip"
+    other = client.get_run(runs["other"])  # not the lock's business: left alone
+    assert other.info.status == "RUNNING"
+    assert "imgsearch.improve.decision" not in other.data.tags
+
+
+def test_daemon_start_marks_orphaned_improve_runs_killed(
+    cfg: daemon.DaemonConfig, tmp_path: Path
+) -> None:
+    runs = make_orphans(f"improve-orphans-{tmp_path.name}")
+    assert "decision=?" in daemon.status(cfg)
+    assert daemon.serve(cfg, once=True) == 0
+    assert_marked(runs, "daemon start")
+    text = daemon.status(cfg)
+    assert f"{runs['parent']} KILLED decision=killed" in text
+    assert "decision=?" not in text
+    assert "reason=orphaned: found RUNNING at daemon start" in text
+    assert calls(tmp_path / "calls.txt") == ["x"]  # and the job ran
