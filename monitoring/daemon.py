@@ -12,10 +12,16 @@ stored in a SQLAlchemy job store (``daemon.jobstore_url``; default SQLite under
 the job runs once. When the configured trigger equals the stored one, the stored next run time is
 kept, so a restart neither skips nor repeats a run.
 
-One daemon per job store (RELIABILITY 12): an exclusive ``fcntl.flock`` on a lock file next to a
-SQLite store (for a server URL: a lock file per URL under the home dir, which only guards one
-host) is held for the daemon's life; a second daemon exits with status 3. The OS drops the lock
-when the process dies, even on SIGKILL, so a stale lock never blocks a restart.
+One daemon per job store (RELIABILITY 12), one improve job per MLflow tracking store
+(:mod:`monitoring.lock`): for its whole life the daemon holds an exclusive ``fcntl.flock`` on a
+lock file next to the resolved SQLite job store (for a server URL: a lock file per normalised URL
+under the home dir, which only guards one host), then the job lock of the tracking store, the one
+``python -m monitoring.improve`` takes when run by hand. A second daemon, or a daemon started while
+a hand run works, exits with status 3. The OS drops the locks when the process dies, even on
+SIGKILL, so a stale lock never blocks a restart. Right after taking them the daemon marks improve
+runs a killed job left RUNNING as ``KILLED`` (:mod:`monitoring.orphans`). The job runs in this
+process under the daemon's lock and must not take it again (``improve.run`` does not; only
+``improve.main`` does).
 
 SIGTERM / SIGINT stop the scheduler from taking new runs and wait for the running job to finish;
 a job can poll :func:`stop_requested` between its steps to return early.
@@ -24,6 +30,7 @@ a job can poll :func:`stop_requested` between its steps to return early.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -43,13 +50,12 @@ from apscheduler.util import ref_to_obj
 
 from imgsearch.config import from_dict, home_dir, load_config
 from imgsearch.errors import ConfigError, DaemonAlreadyRunning
-from monitoring.lock import hold, lock_path
-from monitoring.orphans import mark_orphans
+from monitoring import lock as locks
+from monitoring.orphans import IMPROVE_STAGE, mark_orphans
 
 log = logging.getLogger(__name__)
 
 STAGE = "daemon"
-IMPROVE_STAGE = "improve"
 EXIT_LOCKED = 3
 _STOP = threading.Event()
 
@@ -100,11 +106,16 @@ def make_trigger(cfg: DaemonConfig) -> BaseTrigger:
 
 
 def lock_path_for(cfg: DaemonConfig) -> Path:
-    """The lock of ``cfg``'s job store, keyed on the store itself (:mod:`monitoring.lock`)."""
-    return Path(cfg.lock_path) if cfg.lock_path else lock_path(cfg.url)
+    """``<db>.lock`` next to the resolved SQLite store; else ``<home>/daemon-<hash of the key>.lock``
+    (:func:`monitoring.lock.store_key`: any spelling of the same store gives the same file)."""
+    if cfg.lock_path:
+        return Path(cfg.lock_path)
+    return locks.lock_path(cfg.url)
 
 
-daemon_lock = hold  # the name the tests and older callers know
+def daemon_lock(path: Path) -> contextlib.AbstractContextManager[Path]:
+    """Hold the daemon's store lock ``path``; raise :class:`DaemonAlreadyRunning` if it is taken."""
+    return locks.hold(path, "daemon", "one daemon per job store")
 
 
 # --- the scheduler ---------------------------------------------------------------------------
@@ -174,10 +185,8 @@ def run_once(cfg: DaemonConfig) -> Any:
 def serve(cfg: DaemonConfig, once: bool = False, stop: threading.Event | None = None) -> int:
     """Hold the lock, then run once or schedule until ``stop`` (SIGTERM/SIGINT) is set."""
     stop = stop or _STOP
-    with daemon_lock(lock_path_for(cfg)):
-        mark_orphans(
-            f"found RUNNING at daemon start {datetime.now().isoformat(timespec='seconds')}"
-        )
+    with daemon_lock(lock_path_for(cfg)), locks.job_lock(holder="daemon"):
+        mark_orphans(context="daemon start")
         if once:
             run_once(cfg)
             return 0
@@ -225,6 +234,11 @@ def status(cfg: DaemonConfig, last: int = 10) -> str:
             lines.append("daemon: not running")
     except DaemonAlreadyRunning as exc:
         lines.append(f"daemon: running ({exc})")
+    try:
+        with locks.job_lock(holder="daemon status"):
+            lines.append(f"improve job: none running on {locks.store_key(locks.tracking_uri())}")
+    except DaemonAlreadyRunning as exc:
+        lines.append(f"improve job: running ({exc})")
 
     import mlflow
 

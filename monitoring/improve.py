@@ -40,6 +40,10 @@ were: the only writes that matter are the gate's alias moves (all-or-nothing) an
 (``os.replace``), both at the end. The next run redoes the work. A store that fails during the
 gate raises :class:`registry.promote.RegistryUnavailableError` (the CLI exits 2): nothing changed.
 The daemon's SIGTERM is honoured between steps (:func:`monitoring.daemon.stop_requested`).
+Run by hand, :func:`main` first takes the job lock the daemon holds (:func:`monitoring.lock.job_lock`,
+keyed on the resolved MLflow tracking store; refused: exit status 3) and marks the improve runs a
+killed job left RUNNING as ``KILLED`` (:mod:`monitoring.orphans`); :func:`run` takes no lock, as the
+daemon calls it in-process under its own.
 
 Test hook: ``IMGSEARCH_IMPROVE_PAUSE_AT=<step>`` makes the job touch ``$IMGSEARCH_IMPROVE_PAUSE_FILE``
 (when set) and sleep 600 s before that step, so a test can SIGKILL it at a known point.
@@ -47,6 +51,7 @@ Test hook: ``IMGSEARCH_IMPROVE_PAUSE_AT=<step>`` makes the job touch ``$IMGSEARC
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -56,7 +61,6 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +84,13 @@ from imgsearch.data.watermark import (
     source_key,
 )
 from imgsearch.embed.files import load_embeddings, save_embeddings
-from imgsearch.errors import CatalogError, ConfigError, DaemonAlreadyRunning, ImgsearchError
+from imgsearch.errors import CatalogError, ConfigError, ImgsearchError
 from imgsearch.search.ranking import RankingConfig
-from monitoring import daemon
 from monitoring import drift as drift_stage
 from monitoring.champion import INPUT, champion_quarantine_ids, find_champion, split_overrides
-from monitoring.daemon import IMPROVE_STAGE, stop_requested
+from monitoring.daemon import EXIT_LOCKED, IMPROVE_STAGE, stop_requested
 from monitoring.improve_summary import JobState, record
-from monitoring.lock import hold
+from monitoring.lock import JobAlreadyRunning, job_lock
 from monitoring.orphans import mark_orphans
 from registry.promote import PromoteConfig
 from registry.register import (
@@ -737,20 +740,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         overrides[key.strip()] = value
     setup_logging()
-    # the daemon's own lock: a hand run never overlaps the daemon (RELIABILITY 12)
-    lock = daemon.lock_path_for(daemon.load(profile, overrides))
-    try:
-        with hold(lock):
-            mark_orphans(
-                f"found RUNNING at improve start {datetime.now().isoformat(timespec='seconds')}"
-            )
+    with contextlib.ExitStack() as held:
+        try:  # the daemon's job lock (monitoring.lock): one improve job per tracking store
+            held.enter_context(job_lock(holder="monitoring.improve by hand"))
+        except JobAlreadyRunning as exc:
+            print(f"refusing to start: {exc}", file=sys.stderr)
+            return EXIT_LOCKED
+        try:
+            mark_orphans(context="improve start")
             run_id = run(profile, overrides)
-    except DaemonAlreadyRunning as exc:
-        print(f"refusing to start: {exc}", file=sys.stderr)
-        return daemon.EXIT_LOCKED
-    except (ImgsearchError, MlflowException) as exc:
-        print(f"improve failed, nothing promoted, watermark unchanged: {exc}", file=sys.stderr)
-        return 2
+        except (ImgsearchError, MlflowException) as exc:
+            print(f"improve failed, nothing promoted, watermark unchanged: {exc}", file=sys.stderr)
+            return 2
     tags = mlflow.get_run(run_id).data.tags
     print(run_id)
     print(

@@ -1,15 +1,28 @@
-"""One job per store: an exclusive ``flock`` keyed on the store itself, not on how it is spelled.
+"""One job per store: an exclusive ``fcntl.flock`` on a lock file derived from the store itself.
 
-``store_key`` turns a SQLAlchemy URL into the identity of the store: a SQLite file by its resolved
-path (symlinks, ``..`` and relative paths resolved), a server database by backend, host, port and
-database name (driver, user, password and query options dropped: ``postgresql+psycopg://a@H/db``
-and ``postgresql://b@h:5432/db`` are one store). The lock file lives next to a SQLite file, and
-for a server store under the home dir (which guards one host; the scale issue turns it into the
-database's own advisory lock).
+A store is identified by :func:`store_key`, not by how its URL happens to be spelled: a SQLite (or
+MLflow file-store) path is resolved (symlinks, ``..``, relative to the working directory), so
+``sqlite:///link/../link/mlflow.db`` and ``sqlite:////abs/mlflow.db`` are the same store; a
+server URL is reduced to scheme (driver dropped), host, port (default ports made explicit) and
+database, without user, password or query.
 
-The daemon holds the lock of its job store for its whole life; ``python -m monitoring.improve``
-run by hand takes the same lock for its run (so it cannot overlap the daemon, nor the daemon it).
-The OS drops a ``flock`` when its process dies, even on SIGKILL, so a stale lock never blocks.
+Two locks use it:
+
+* the daemon's store lock (``monitoring.daemon``): one daemon per APScheduler job store
+  (RELIABILITY 12), ``<db>.lock`` next to a SQLite job store;
+* the job lock (:func:`job_lock`): one improve job per **MLflow tracking store**, taken by the
+  daemon for its whole life and by ``python -m monitoring.improve`` run by hand. The tracking store
+  is the one thing both agree on (a hand run does not know the daemon's job store) and the thing a
+  second job would race on (the champion aliases, the runs, the watermark's data). Lock file:
+  ``<db>.improve.lock`` next to a SQLite store (or ``<dir>.improve.lock`` next to a file store),
+  else ``$IMGSEARCH_HOME/improve-<sha of the key>.lock`` for a server URL (which guards one host
+  only).
+
+The OS drops a ``flock`` when its process dies, even on SIGKILL, so a stale lock never blocks a
+restart; and holding the job lock proves that no other job on this host is live, which is what
+lets :mod:`monitoring.orphans` mark RUNNING improve runs as killed. A ``flock`` taken on a second
+descriptor of the same file conflicts even inside one process, so code already holding the job
+lock (the daemon's in-process job, ``improve.run``) must never take it again.
 """
 
 from __future__ import annotations
@@ -18,49 +31,93 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
-
-from sqlalchemy.engine import make_url
+from urllib.parse import urlsplit
 
 from imgsearch.config import home_dir
 from imgsearch.errors import DaemonAlreadyRunning
 
-_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
+JOB_LOCK = "improve"
+_DEFAULT_PORTS = {
+    "http": 80,
+    "https": 443,
+    "postgresql": 5432,
+    "postgres": 5432,
+    "mysql": 3306,
+    "mssql": 1433,
+}
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The resolved database file of a SQLite URL, else None (server or in-memory)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(str(parsed.database)).expanduser().resolve()
+class JobAlreadyRunning(DaemonAlreadyRunning):
+    """Another improve job (the daemon, or a run by hand) holds the lock of this tracking store."""
+
+
+def _local_path(url: str) -> Path | None:
+    """The file (or folder) behind a SQLite or file-store URL, resolved; None for a server URL."""
+    if url.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        if database in (None, "", ":memory:"):
+            return None
+        return Path(str(database)).expanduser().resolve()
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return Path(parts.path).expanduser().resolve()
+    if parts.scheme == "":
+        return Path(url).expanduser().resolve()  # a plain path: MLflow's file store
+    return None
 
 
 def store_key(url: str) -> str:
-    """The store's identity (see the module doc)."""
-    db = sqlite_file(url)
-    if db is not None:
-        return f"sqlite:{db}"
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-    port = parsed.port or _DEFAULT_PORTS.get(backend, 0)
-    return f"{backend}://{(parsed.host or '').lower()}:{port}/{parsed.database or ''}"
+    """A canonical name of the store ``url`` points at (see the module docstring).
+
+    ``sqlite:///a/../b.db`` -> ``sqlite:////abs/b.db``; ``mlruns`` -> ``file:///abs/mlruns``;
+    ``postgresql+psycopg2://u:pw@DB.host/mlflow?x=1`` -> ``postgresql://db.host:5432/mlflow``.
+    """
+    path = _local_path(url)
+    if path is not None:
+        return f"sqlite:///{path}" if url.startswith("sqlite:") else f"file://{path}"
+    if url.startswith("sqlite:"):
+        return "sqlite://:memory:"
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower().split("+", 1)[0]
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port = port or _DEFAULT_PORTS.get(scheme)
+    host = (parts.hostname or "").lower()
+    netloc = f"{host}:{port}" if port else host
+    return f"{scheme}://{netloc}/{parts.path.strip('/')}"
 
 
-def lock_path(url: str) -> Path:
-    """``<db>.lock`` next to a SQLite file; ``<home>/daemon-<hash of the store key>.lock`` else."""
-    db = sqlite_file(url)
-    if db is not None:
-        return db.with_name(db.name + ".lock")
+def lock_path(url: str, name: str | None = None) -> Path:
+    """The lock file of the store ``url``: ``<file>[.<name>].lock`` next to a local store, else
+    ``<home>/<name or 'daemon'>-<sha256 of the key>.lock``."""
+    path = _local_path(url)
+    suffix = f".{name}.lock" if name else ".lock"
+    if path is not None:
+        return path.with_name(path.name + suffix)
     digest = hashlib.sha256(store_key(url).encode()).hexdigest()[:16]
-    return home_dir() / f"daemon-{digest}.lock"
+    return home_dir() / f"{name or 'daemon'}-{digest}.lock"
 
 
 @contextlib.contextmanager
-def hold(path: Path) -> Iterator[IO[str]]:
-    """Hold an exclusive, non-blocking ``flock`` on ``path``; raise :class:`DaemonAlreadyRunning`."""
+def hold(
+    path: Path,
+    holder: str,
+    refusal: str,
+    error: type[DaemonAlreadyRunning] = DaemonAlreadyRunning,
+) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking ``flock`` on ``path`` for the life of the context.
+
+    ``holder`` is written into the file (after the pid) so a refused process can name who holds
+    it; ``refusal`` ends the error message. Raises ``error`` (a :class:`DaemonAlreadyRunning`)
+    naming the holder's pid when another descriptor holds the lock.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")  # noqa: SIM115 - held for the life of the context
     try:
@@ -68,14 +125,38 @@ def hold(path: Path) -> Iterator[IO[str]]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise DaemonAlreadyRunning(
-                f"another daemon or improve job holds {path} (pid {holder}); one job per store"
-            ) from exc
+            found = handle.read().strip() or "unknown"
+            raise error(f"{found} holds {path}; {refusal}") from exc
         handle.seek(0)
         handle.truncate()
-        handle.write(str(os.getpid()))
+        handle.write(f"pid {os.getpid()} ({holder})")
         handle.flush()
-        yield handle
+        yield path
     finally:
         handle.close()  # closing the descriptor releases the lock
+
+
+def tracking_uri() -> str:
+    """The MLflow tracking store this process writes to (``MLFLOW_TRACKING_URI`` or the default)."""
+    import mlflow
+
+    return str(mlflow.get_tracking_uri())
+
+
+@contextlib.contextmanager
+def job_lock(url: str | None = None, *, holder: str | None = None) -> Iterator[Path]:
+    """Hold the improve job lock of the tracking store ``url`` (default: this process's store).
+
+    Raises :class:`JobAlreadyRunning` (exit status 3 in the CLIs) when the daemon or a hand run
+    already holds it, on any spelling of the same store.
+    """
+    url = url or tracking_uri()
+    who = holder or " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]).strip() or "python"
+    with hold(
+        lock_path(url, JOB_LOCK),
+        who,
+        f"one improve job per tracking store ({store_key(url)}): the daemon or a hand run of "
+        "monitoring.improve is already working on it",
+        JobAlreadyRunning,
+    ) as path:
+        yield path

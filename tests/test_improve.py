@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,33 @@ def test_no_champion_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert tags["imgsearch.improve.decision"] == "skip"
     assert tags["imgsearch.improve.reason"] == "no champion: run main first"
     assert not (tmp_path / "home" / "watermarks").exists()
+
+
+def test_a_hand_run_marks_orphans_killed_and_takes_the_daemons_lock(
+    mlflow_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m monitoring.improve``: refused (exit 3) while the job lock of the tracking store
+    is held (the daemon holds it); with the lock, runs a killed job left RUNNING become KILLED
+    before the job runs."""
+    from monitoring import improve as job
+    from monitoring.lock import job_lock
+    from tests.test_daemon import assert_marked, make_orphans
+
+    runs = make_orphans(f"improve-orphans-{uuid.uuid4().hex[:8]}")
+    with job_lock(holder="daemon"):
+        assert job.main(["--profile", "ci"]) == 3
+    assert "refusing to start" in capsys.readouterr().err
+    assert MlflowClient().get_run(runs["parent"]).info.status == "RUNNING"  # refused: untouched
+
+    assert job.main(["--profile", "ci"]) == 0
+    assert_marked(runs, "improve start")
+    improve_runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.`imgsearch.stage` = 'improve'",
+        output_format="list",
+    )
+    [latest] = [r for r in improve_runs if r.info.run_id not in runs.values()]
+    assert latest.data.tags["imgsearch.improve.decision"] == "skip"  # no champion: nothing else
 
 
 def test_new_style_is_flagged_fine_tuned_gated_then_nothing_new(env: Env) -> None:

@@ -42,7 +42,9 @@ def top_order(neg_scores: np.ndarray, length: int) -> np.ndarray:
     return np.take_along_axis(part, sub, axis=1)
 
 
-def _codes(query_labels: Sequence[Any], gallery_labels: Sequence[Any]) -> tuple[np.ndarray, ...]:
+def _codes(
+    query_labels: Sequence[Any] | np.ndarray, gallery_labels: Sequence[Any] | np.ndarray
+) -> tuple[np.ndarray, ...]:
     q = np.asarray(query_labels).astype(str)
     g = np.asarray(gallery_labels).astype(str)
     _, inverse = np.unique(np.concatenate([g, q]), return_inverse=True)
@@ -53,9 +55,9 @@ def _codes(query_labels: Sequence[Any], gallery_labels: Sequence[Any]) -> tuple[
 
 def rank_cross(
     queries: np.ndarray,
-    query_labels: Sequence[Any],
+    query_labels: Sequence[Any] | np.ndarray,
     gallery: np.ndarray,
-    gallery_labels: Sequence[Any],
+    gallery_labels: Sequence[Any] | np.ndarray,
     depth: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(order, relevance, n_relevant)`` per block of queries (positions into the gallery)."""
@@ -77,9 +79,9 @@ def rank_cross(
 
 def cross_modal_scores(
     queries: np.ndarray,
-    query_labels: Sequence[Any],
+    query_labels: Sequence[Any] | np.ndarray,
     gallery: np.ndarray,
-    gallery_labels: Sequence[Any],
+    gallery_labels: Sequence[Any] | np.ndarray,
     ks: Sequence[int] = (1, 10),
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Aggregate metrics and the per-query arrays (same keys as ``metrics.per_query_metrics``).
@@ -107,8 +109,8 @@ def cross_modal_scores(
 
 
 def chance_scores(
-    query_labels: Sequence[Any],
-    gallery_labels: Sequence[Any],
+    query_labels: Sequence[Any] | np.ndarray,
+    gallery_labels: Sequence[Any] | np.ndarray,
     ks: Sequence[int] = (1, 10),
     seeds: int = 5,
     dim: int = 64,

@@ -69,7 +69,7 @@ def evaluate_text_search(
     gallery_ids = images.loc[mask, schema.IMAGE_ID].astype(str).to_numpy()
     if len(gallery) == 0:
         raise ConfigError(f"no {split!r} images to search: the text evaluation needs a gallery")
-    queries = text_queries(texts, np.unique(gallery_items))
+    queries = text_queries(texts, np.unique(gallery_items).tolist())
     metrics: dict[str, float] = {}
     rows = []
     for (kind, lang), group in queries.groupby(["kind", "lang"], sort=True):

@@ -267,7 +267,13 @@ class RestrictedPolicy:
         """The policy's words and phrases as written (one language, or all), sorted: the texts a
         zero-shot image check embeds (:mod:`imgsearch.search.restricted_images`)."""
         chosen = [self.languages[lang]] if lang in self.languages else self.languages.values()
-        return sorted({w for language in chosen for w in (*language.words.values(), *language.phrases.values())})
+        return sorted(
+            {
+                w
+                for language in chosen
+                for w in (*language.words.values(), *language.phrases.values())
+            }
+        )
 
     def _order(self, lang: str | None) -> list[_Language]:
         first = [self.languages[lang]] if lang in self.languages else []
