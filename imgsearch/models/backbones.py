@@ -354,17 +354,70 @@ def _build_efficientnet_lite0(imagenet: bool) -> _Built:
     return _Built(model, dim, preprocess, ("_fc.",))
 
 
-#: name -> builder(imagenet: bool). Add a backbone by adding an entry.
-REGISTRY: dict[str, Callable[[bool], _Built]] = {
-    "resnet50": _build_resnet50,
-    "mobilenet_v2": _build_mobilenet_v2,
-    "efficientnet_b0": _build_efficientnet_b0,
-    "efficientnet_lite0": _build_efficientnet_lite0,
+# --- block layouts (what ``freeze_blocks`` counts) ----------------------------------------------
+
+
+def features_blocks(body: nn.Module) -> list[nn.Module]:
+    """torchvision MobileNetV2 / EfficientNet: ``features[i]``."""
+    return list(body.features)
+
+
+def _resnet_blocks(body: nn.Module) -> list[nn.Module]:
+    """torchvision ResNet: the stem (``conv1``, ``bn1``), then ``layer1`` .. ``layer4``."""
+    return [nn.ModuleList([body.conv1, body.bn1]), body.layer1, body.layer2, body.layer3, body.layer4]
+
+
+def _efficientnet_pytorch_blocks(body: nn.Module) -> list[nn.Module]:
+    """efficientnet-pytorch (and its Lite fork): the stem, each of ``_blocks``, the head."""
+    stem = nn.ModuleList([body._conv_stem, body._bn0])
+    head = nn.ModuleList([body._conv_head, body._bn1])
+    return [stem, *body._blocks, head]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registry entry: how to build the backbone and how its blocks are laid out.
+
+    ``build(imagenet)`` makes the body (classifier removed). ``blocks(body)`` lists its blocks
+    from input to output (what ``freeze_blocks`` counts). ``pooled_blocks``: the body is exactly
+    those blocks then global average pooling, so a frozen prefix's outputs can be computed once
+    and the rest run on them (:func:`imgsearch.train.inputs.split_at` still checks it on a probe).
+    """
+
+    build: Callable[[bool], _Built]
+    blocks: Callable[[nn.Module], list[nn.Module]]
+    pooled_blocks: bool = False
+
+
+#: name -> :class:`Backbone`. Add a backbone by adding an entry.
+REGISTRY: dict[str, Backbone] = {
+    "resnet50": Backbone(_build_resnet50, _resnet_blocks),
+    "mobilenet_v2": Backbone(_build_mobilenet_v2, features_blocks, pooled_blocks=True),
+    "efficientnet_b0": Backbone(_build_efficientnet_b0, _efficientnet_pytorch_blocks),
+    "efficientnet_lite0": Backbone(_build_efficientnet_lite0, _efficientnet_pytorch_blocks),
 }
 
 
 def list_backbones() -> list[str]:
     return sorted(REGISTRY)
+
+
+def backbone_entry(name: str) -> Backbone:
+    """The registry entry of backbone ``name``; :class:`ConfigError` for an unknown name."""
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown backbone {name!r}; known: {list_backbones()}")
+    return REGISTRY[name]
+
+
+def backbone_blocks(extractor: Extractor) -> list[nn.Module]:
+    """The blocks of ``extractor``'s backbone from input to output, as its registry entry declares
+    them (for ``freeze_blocks``). Raises :class:`ConfigError` for a backbone not in the registry."""
+    if extractor.spec.name not in REGISTRY:
+        raise ConfigError(
+            f"freeze_blocks: do not know the blocks of backbone {extractor.spec.name!r} "
+            f"(not in the registry: {list_backbones()})"
+        )
+    return REGISTRY[extractor.spec.name].blocks(extractor.body)
 
 
 # --- create / save / load -------------------------------------------------------------------------
@@ -421,14 +474,14 @@ def create_extractor(name: str, weights: str = "imagenet") -> Extractor:
             if ext.spec.name != name:
                 raise ConfigError(f"{path} holds a {ext.spec.name!r} extractor, not {name!r}")
             return ext
-        built = REGISTRY[name](False)
+        built = REGISTRY[name].build(False)
         spec = ExtractorSpec(name, str(path), built.dim, built.preprocess)
         ext = Extractor(built.body, spec)
         _load_into(
             ext, _unwrap_state_dict(_safe_load(path), path), built.classifier_prefixes, str(path)
         )
         return ext.eval()
-    built = REGISTRY[name](weights == "imagenet")
+    built = REGISTRY[name].build(weights == "imagenet")
     ext = Extractor(built.body, ExtractorSpec(name, weights, built.dim, built.preprocess))
     return ext.eval()
 
@@ -459,7 +512,7 @@ def load_extractor(directory: Path) -> Extractor:
         raise ConfigError(f"{directory / SPEC_FILE} is not valid JSON: {exc}") from exc
     if spec.name not in REGISTRY:
         raise ConfigError(f"{directory}: unknown backbone {spec.name!r}; known: {list_backbones()}")
-    built = REGISTRY[spec.name](False)
+    built = REGISTRY[spec.name].build(False)
     dim = spec.head[-1] if spec.head else built.dim
     if dim != spec.embedding_dim:
         raise ConfigError(
