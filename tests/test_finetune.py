@@ -24,10 +24,14 @@ from imgsearch import schema
 from imgsearch.config import PROJECT_ROOT, from_dict, load_config
 from imgsearch.data.preprocess import PreprocessConfig
 from imgsearch.errors import ConfigError
+from imgsearch.models import backbones
 from imgsearch.models.backbones import (
+    Backbone,
+    Built,
     Extractor,
     ExtractorSpec,
     create_extractor,
+    features_blocks,
     fingerprint,
     load_extractor,
     save_extractor,
@@ -50,10 +54,10 @@ from imgsearch.train.finetune import (
     load_images,
     pk_batches,
     random_batches,
-    retrieval_summary,
     save_checkpoint,
     split_at,
 )
+from imgsearch.train.validation import val_scores
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
 COLOURS = ((230, 40, 40), (40, 160, 40), (40, 40, 230), (150, 60, 150))
@@ -125,6 +129,18 @@ class _TinyBody(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
+@pytest.fixture(autouse=True)
+def tiny_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register the tiny test backbone, declaring its block layout like every backbone does."""
+
+    def build(imagenet: bool) -> Built:
+        return Built(_TinyBody(32), 32, PreprocessConfig(size=SIZE), ())
+
+    monkeypatch.setitem(
+        backbones.REGISTRY, "tiny", Backbone(build, features_blocks, pooled_blocks=True)
+    )
+
+
 def tiny_extractor(seed: int = 0, dim: int = 32) -> Extractor:
     torch.manual_seed(seed)
     spec = ExtractorSpec("tiny", "none", dim, PreprocessConfig(size=SIZE))
@@ -178,7 +194,7 @@ def test_supcon_loss_goes_down_and_val_retrieval_improves(catalog: pd.DataFrame)
         emb = result.extractor(
             eval_transform(SIZE, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(images)
         )
-    again = retrieval_summary(emb.numpy(), val[schema.ITEM_ID].to_numpy())["map_at_r"]
+    again = val_scores(emb.numpy(), val[schema.ITEM_ID].to_numpy())["map_at_r"]
     assert again == pytest.approx(result.metrics["best_val_map_at_r"], abs=1e-6)
 
 
@@ -286,9 +302,9 @@ def test_a_collapsed_epoch_is_never_kept(
     catalog: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Identical embeddings rank by chance; a lucky MAP@R on them must not pick the epoch."""
-    import imgsearch.train.finetune as ft
+    import imgsearch.train.loop as loop
 
-    real, calls = ft._embed, []
+    real, calls = loop.embed, []
 
     def collapsing(*args: object, **kw: object) -> tuple[np.ndarray, np.ndarray]:
         emb, head = real(*args, **kw)  # type: ignore[arg-type]
@@ -297,7 +313,7 @@ def test_a_collapsed_epoch_is_never_kept(
             return emb, head
         return np.ones_like(emb), np.ones_like(head)
 
-    monkeypatch.setattr(ft, "_embed", collapsing)
+    monkeypatch.setattr(loop, "embed", collapsing)
     result = finetune(tiny_extractor(), catalog, fast_cfg(epochs=2, patience=0))
     assert (result.history["val_embedding_std"].iloc[1:] < 1e-6).all()
     assert result.metrics["best_epoch"] == 0

@@ -283,7 +283,10 @@ def _torchvision_state_dict(name: str, weights_enum: Any) -> dict[str, torch.Ten
 
 
 @dataclass(frozen=True)
-class _Built:
+class Built:
+    """What a builder returns: the body (classifier replaced by ``nn.Identity``), its embedding
+    width, the preprocessing its weights expect, and the classifier's state-dict key prefixes."""
+
     body: nn.Module
     dim: int
     preprocess: PreprocessConfig
@@ -294,27 +297,27 @@ def _imagenet_preprocess(size: int = 224) -> PreprocessConfig:
     return PreprocessConfig(size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def _build_resnet50(imagenet: bool) -> _Built:
+def _build_resnet50(imagenet: bool) -> Built:
     model = torchvision.models.resnet50(weights=None)
     if imagenet:
         enum = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
         model.load_state_dict(_torchvision_state_dict("resnet50", enum), strict=True)
     dim = model.fc.in_features
     model.fc = nn.Identity()
-    return _Built(model, dim, _imagenet_preprocess(), ("fc.",))
+    return Built(model, dim, _imagenet_preprocess(), ("fc.",))
 
 
-def _build_mobilenet_v2(imagenet: bool) -> _Built:
+def _build_mobilenet_v2(imagenet: bool) -> Built:
     model = torchvision.models.mobilenet_v2(weights=None)
     if imagenet:
         enum = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
         model.load_state_dict(_torchvision_state_dict("mobilenet_v2", enum), strict=True)
     dim = model.last_channel
     model.classifier = nn.Identity()
-    return _Built(model, dim, _imagenet_preprocess(), ("classifier.",))
+    return Built(model, dim, _imagenet_preprocess(), ("classifier.",))
 
 
-def _build_efficientnet_b0(imagenet: bool) -> _Built:
+def _build_efficientnet_b0(imagenet: bool) -> Built:
     from efficientnet_pytorch import EfficientNet
     from efficientnet_pytorch.utils import url_map
 
@@ -329,10 +332,10 @@ def _build_efficientnet_b0(imagenet: bool) -> _Built:
     dim = model._fc.in_features
     model._fc = nn.Identity()
     model.set_swish(memory_efficient=False)  # the plain Swish traces/compiles; same numbers
-    return _Built(model, dim, _imagenet_preprocess(), ("_fc.",))
+    return Built(model, dim, _imagenet_preprocess(), ("_fc.",))
 
 
-def _build_efficientnet_lite0(imagenet: bool) -> _Built:
+def _build_efficientnet_lite0(imagenet: bool) -> Built:
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_name("efficientnet-lite0")
@@ -351,7 +354,7 @@ def _build_efficientnet_lite0(imagenet: bool) -> _Built:
     dim = model._fc.in_features
     model._fc = nn.Identity()
     preprocess = PreprocessConfig(size=224, mean=LITE_MEAN, std=LITE_STD)
-    return _Built(model, dim, preprocess, ("_fc.",))
+    return Built(model, dim, preprocess, ("_fc.",))
 
 
 # --- block layouts (what ``freeze_blocks`` counts) ----------------------------------------------
@@ -359,19 +362,20 @@ def _build_efficientnet_lite0(imagenet: bool) -> _Built:
 
 def features_blocks(body: nn.Module) -> list[nn.Module]:
     """torchvision MobileNetV2 / EfficientNet: ``features[i]``."""
-    return list(body.features)
+    return list(body.get_submodule("features").children())
 
 
 def _resnet_blocks(body: nn.Module) -> list[nn.Module]:
     """torchvision ResNet: the stem (``conv1``, ``bn1``), then ``layer1`` .. ``layer4``."""
-    return [nn.ModuleList([body.conv1, body.bn1]), body.layer1, body.layer2, body.layer3, body.layer4]
+    stem = nn.ModuleList([body.get_submodule("conv1"), body.get_submodule("bn1")])
+    return [stem, *(body.get_submodule(f"layer{i}") for i in range(1, 5))]
 
 
 def _efficientnet_pytorch_blocks(body: nn.Module) -> list[nn.Module]:
     """efficientnet-pytorch (and its Lite fork): the stem, each of ``_blocks``, the head."""
-    stem = nn.ModuleList([body._conv_stem, body._bn0])
-    head = nn.ModuleList([body._conv_head, body._bn1])
-    return [stem, *body._blocks, head]
+    stem = nn.ModuleList([body.get_submodule("_conv_stem"), body.get_submodule("_bn0")])
+    head = nn.ModuleList([body.get_submodule("_conv_head"), body.get_submodule("_bn1")])
+    return [stem, *body.get_submodule("_blocks").children(), head]
 
 
 @dataclass(frozen=True)
@@ -384,7 +388,7 @@ class Backbone:
     and the rest run on them (:func:`imgsearch.train.inputs.split_at` still checks it on a probe).
     """
 
-    build: Callable[[bool], _Built]
+    build: Callable[[bool], Built]
     blocks: Callable[[nn.Module], list[nn.Module]]
     pooled_blocks: bool = False
 
@@ -400,13 +404,6 @@ REGISTRY: dict[str, Backbone] = {
 
 def list_backbones() -> list[str]:
     return sorted(REGISTRY)
-
-
-def backbone_entry(name: str) -> Backbone:
-    """The registry entry of backbone ``name``; :class:`ConfigError` for an unknown name."""
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown backbone {name!r}; known: {list_backbones()}")
-    return REGISTRY[name]
 
 
 def backbone_blocks(extractor: Extractor) -> list[nn.Module]:

@@ -116,7 +116,9 @@ def _check_augment(augment: Any, method: str) -> dict[str, Any] | bool | None:
     if augment is True:
         augment = None
     if augment is not None and not isinstance(augment, (dict, bool)):
-        raise ConfigError("finetune.augment must be a mapping of AugmentConfig fields, null or false")
+        raise ConfigError(
+            "finetune.augment must be a mapping of AugmentConfig fields, null or false"
+        )
     if augment is False and method != "supcon":
         raise ConfigError(
             f"finetune.augment=false leaves {method} without positives: "

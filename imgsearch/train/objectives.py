@@ -86,14 +86,14 @@ class Objective(ABC):
     def loss(self, batch: Batch) -> torch.Tensor:
         """The loss of one step (a scalar with a graph to the trained parameters)."""
 
-    def after_step(self) -> None:
+    def after_step(self) -> None:  # noqa: B027 - an optional hook
         """Called after each optimizer step (MoCo: enqueue the keys, momentum update)."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps for this objective (merged into the checkpoint's top level)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - an optional hook
         """Restore what :meth:`state_dict` returned (read from the checkpoint's top level)."""
 
 
