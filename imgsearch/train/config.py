@@ -126,7 +126,7 @@ def _check_augment(augment: Any, method: str) -> dict[str, Any] | bool | None:
         )
     if augment is not False:  # validate the recipe now, not at the first epoch
         as_augment_config(augment if isinstance(augment, dict) else None, method)
-    return augment  # type: ignore[no-any-return]
+    return augment
 
 
 @dataclass
@@ -306,7 +306,7 @@ class FinetuneConfig:
             self.inputs,
         ):
             # the component validated its slice; keep its normalised values (floats, tuples)
-            for f in dataclasses.fields(part):  # type: ignore[arg-type]
+            for f in dataclasses.fields(part):
                 setattr(self, f.name, getattr(part, f.name))
 
     def _part(self, cls: type[Part]) -> Part:

@@ -77,8 +77,9 @@ from imgsearch.train.checkpoint import (
 )
 from imgsearch.train.config import CACHE_DTYPES, METHODS, OPTIMIZERS, FinetuneConfig
 from imgsearch.train.inputs import load_images, pk_batches, random_batches, split_at, trunk_outputs
-from imgsearch.train.loop import EarlyStopping, FinetuneResult, finetune
+from imgsearch.train.loop import EarlyStopping, finetune
 from imgsearch.train.parts import attach_head, extractor_head_dims
+from imgsearch.train.result import FinetuneResult
 
 __all__ = [
     "CACHE_DTYPES",

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +44,13 @@ from imgsearch.train.parts import (
     set_train_mode,
     split_head,
 )
+from imgsearch.train.result import FinetuneResult, summary
 from imgsearch.train.validation import embed, val_scores
 
+# The public entry's name: what callers (benchmarks, users) set levels on.
 log = logging.getLogger("imgsearch.train.finetune")
 
 OnEpoch = Callable[[int, dict[str, float]], None]
-
-
-@dataclass
-class FinetuneResult:
-    """``extractor``: the best epoch's (eval mode, spec with the training resolution; with the
-    trained projection head when ``keep_head``). ``history``: one row per epoch (0 = before
-    training). ``metrics``: the summary (``best_epoch``, ``best_val_map_at_r``,
-    ``initial_val_map_at_r``, ...). ``failures``: quarantine rows of unreadable images."""
-
-    extractor: Extractor
-    history: pd.DataFrame
-    metrics: dict[str, float]
-    stop_reason: str = ""
-    failures: pd.DataFrame = field(default_factory=schema.empty_quarantine)
 
 
 class EarlyStopping:
@@ -272,17 +260,13 @@ class Progress:
     stop_reason: str = ""
 
     def checkpoint(self, run: Run, start_fp: str, elapsed_s: float) -> dict[str, Any]:
-        state = run.state_dict()
+        """The checkpoint after the last finished epoch (see :mod:`imgsearch.train.checkpoint`)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "config": run.cfg.to_dict(),
             "start_fingerprint": start_fp,
             "epoch": self.next_epoch - 1,
-            "model": state["model"],
-            "head": state["head"],
-            "optimizer": state["optimizer"],
-            "scheduler": state["scheduler"],
-            "rng": state["rng"],
+            **run.state_dict(),  # model, head, optimizer, scheduler, rng
             "best": self.stopper.state_dict(),
             "bad_epochs": self.stopper.bad_epochs,
             "history": self.history,
@@ -380,38 +364,6 @@ def best_extractor(run: Run, stopper: EarlyStopping) -> Extractor:
     return model
 
 
-def summary(run: Run, progress: Progress, wall_start: float) -> dict[str, float]:
-    """The run's metrics (see :class:`FinetuneResult`)."""
-    frame = pd.DataFrame(progress.history)
-    trained = frame[frame["epoch"] > 0]
-    initial = frame.loc[frame["epoch"] == 0, "val_map_at_r"]
-    best = frame.loc[frame["epoch"] == progress.stopper.best_epoch]
-
-    def best_value(column: str) -> float:
-        return float(best[column].iloc[0]) if len(best) else float("nan")
-
-    inputs = run.inputs
-    return {
-        "best_epoch": float(progress.stopper.best_epoch),
-        "best_val_map_at_r": best_value("val_map_at_r"),
-        "best_val_map": best_value("val_map"),
-        "best_val_recall_at_1": best_value("val_recall_at_1"),
-        "initial_val_map_at_r": float(initial.iloc[0]) if len(initial) else float("nan"),
-        "epochs_run": float(len(trained)),
-        "early_stopped": float(progress.stop_reason == "early_stopping"),
-        "time_budget_hit": float(progress.stop_reason == "time_budget"),
-        "train_images_per_s": float(trained["images_per_s"].mean())
-        if len(trained)
-        else float("nan"),
-        "wall_seconds": time.perf_counter() - wall_start,
-        "n_train_images": float(len(inputs.train_x)),
-        "n_train_items": float(inputs.n_items),
-        "n_val_images": float(len(inputs.val_x)),
-        "n_unreadable": float(len(inputs.failures)),
-        "train_size": float(run.model.spec.preprocess.size),
-    }
-
-
 def _check_manifest(manifest: pd.DataFrame) -> None:
     needed = (schema.IMAGE_ID, schema.ITEM_ID, schema.SPLIT)
     missing = [c for c in needed if c not in manifest.columns]
@@ -454,6 +406,13 @@ def finetune(
         progress = start(run, ckpt, start_fp, on_epoch)
         train(run, progress, ckpt, start_fp, wall_start, on_epoch)
     frame = pd.DataFrame(progress.history)
-    metrics = summary(run, progress, wall_start)
+    metrics = summary(
+        frame,
+        progress.stopper.best_epoch,
+        progress.stop_reason,
+        run.inputs,
+        run.model.spec.preprocess.size,
+        wall_start,
+    )
     model = best_extractor(run, progress.stopper)
     return FinetuneResult(model, frame, metrics, progress.stop_reason, run.inputs.failures)
