@@ -41,11 +41,12 @@ blocks run per step, which makes the extractor's own 224 px affordable on a CPU.
 features lose much at low resolution (emoji test MAP@R of ImageNet MobileNetV2: 0.36 at 224 px,
 0.27 at 96 px), which is why the demo recipe keeps 224 px and caches blocks ``[:13]``.
 
-Images are read as uint8 at the training size: from ``pre_path`` when the cached array was made
+Images are read as uint8 at the training size by the embedding reader
+(:class:`imgsearch.embed.reader.ImageDataset`): from ``pre_path`` when the cached array was made
 with exactly that preprocessing (its cache folder is that config's key), else by decoding
-``path`` (:func:`imgsearch.data.imageio.open_rgb` + :func:`imgsearch.data.preprocess.to_uint8`), which is
-what extraction will do. An unreadable image becomes a quarantine row (``failures``) and is
-counted (``n_unreadable``); training goes on.
+``path``, which is what extraction will do. An unreadable image becomes a quarantine row
+(``failures``, stage ``finetune``, the reader's reason) and is counted (``n_unreadable``);
+training goes on.
 
 Checkpoints: with ``checkpoint_dir`` set, ``last.pt`` is written atomically after each epoch
 (model, projection head, MoCo state, optimizer, scheduler, RNG states, history, best state so far)
