@@ -1,8 +1,9 @@
-"""Fine-tuning on synthetic images: learning, resume, checkpoint safety, config, augmentation.
+"""Fine-tuning end to end on synthetic images (:mod:`tests.train_data`): learning, methods,
+freezing and the frozen-trunk cache, the kept head, early stopping, resume, checkpoint safety.
 
-Items are coloured shapes; the "vendors" draw each item on a different background (and shift it
-a pixel), so an untrained network groups images by vendor and fine-tuning must learn to group
-them by item - on val items it never trained on.
+The parts have their own tests: ``test_train_config``, ``test_train_inputs``,
+``test_train_checkpoint``, ``test_train_loop`` (early stopping, objectives), ``test_train_augment``,
+``test_train_validation`` and ``test_backbone_blocks``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image, ImageDraw
-from torch import nn
 
 from imgsearch import schema
-from imgsearch.config import PROJECT_ROOT, from_dict, load_config
 from imgsearch.data.preprocess import PreprocessConfig
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import (
@@ -32,120 +30,33 @@ from imgsearch.models.backbones import (
     load_extractor,
     save_extractor,
 )
-from imgsearch.train.augment import (
-    AugmentConfig,
-    as_augment_config,
-    augment_batch,
-    blur_kernel,
-    eval_transform,
-    paper_augment,
-    train_transform,
-)
+from imgsearch.train.augment import eval_transform
 from imgsearch.train.finetune import (
     CHECKPOINT_FILE,
     CheckpointError,
-    FinetuneConfig,
     finetune,
     load_checkpoint,
     load_images,
-    pk_batches,
-    random_batches,
-    retrieval_summary,
-    save_checkpoint,
-    split_at,
 )
-
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
-COLOURS = ((230, 40, 40), (40, 160, 40), (40, 40, 230), (150, 60, 150))
-BACKGROUNDS = {"a": (255, 255, 255), "b": (20, 20, 20), "c": (90, 90, 220), "d": (240, 200, 60)}
-SIZE = 32
-
-
-def _draw(
-    shape: str, colour: tuple[int, int, int], bg: tuple[int, int, int], shift: int
-) -> Image.Image:
-    im = Image.new("RGB", (SIZE, SIZE), bg)
-    d = ImageDraw.Draw(im)
-    lo, hi, mid = 6 + shift, SIZE - 6 + shift, SIZE // 2 + shift
-    if shape == "circle":
-        d.ellipse([lo, lo, hi, hi], fill=colour)
-    elif shape == "square":
-        d.rectangle([lo, lo, hi, hi], fill=colour)
-    elif shape == "triangle":
-        d.polygon([(mid, lo), (lo, hi), (hi, hi)], fill=colour)
-    elif shape == "cross":
-        d.rectangle([mid - 3, lo, mid + 3, hi], fill=colour)
-        d.rectangle([lo, mid - 3, hi, mid + 3], fill=colour)
-    elif shape == "ring":
-        d.ellipse([lo, lo, hi, hi], outline=colour, width=4)
-    else:
-        d.rectangle([lo, mid - 4, hi, mid + 4], fill=colour)
-    return im
+from imgsearch.train.validation import val_scores
+from tests.train_data import (
+    SIZE,
+    TinyBody,
+    fast_cfg,
+    register_tiny,
+    shapes_catalog,
+    tiny_extractor,
+)
 
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
-    """24 items (shape x colour) x 4 vendors, 32 px PNGs; every third item is a val item."""
-    root = tmp_path_factory.mktemp("shapes")
-    rows = []
-    for shape in SHAPES:
-        for c, colour in enumerate(COLOURS):
-            item = f"{shape}-{c}"
-            for v, (vendor, bg) in enumerate(BACKGROUNDS.items()):
-                path = root / f"{item}-{vendor}.png"
-                _draw(shape, colour, bg, v - 1).save(path)
-                rows.append(
-                    {
-                        schema.IMAGE_ID: f"{item}/{vendor}",
-                        schema.ITEM_ID: item,
-                        schema.URI: path.name,
-                        schema.PATH: str(path),
-                        "vendor": vendor,
-                    }
-                )
-    df = pd.DataFrame(rows)
-    items = sorted(df[schema.ITEM_ID].unique())
-    val = set(items[::3])
-    df[schema.SPLIT] = ["val" if i in val else "train" for i in df[schema.ITEM_ID]]
-    return df
+    return shapes_catalog(tmp_path_factory.mktemp("shapes"))
 
 
-class _TinyBody(nn.Module):
-    """Three conv blocks under ``features`` (so ``freeze_blocks`` finds them), then global pooling."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU()),
-            nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU()),
-            nn.Sequential(nn.Conv2d(32, dim, 3, 1, 1), nn.BatchNorm2d(dim), nn.ReLU()),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))
-
-
-def tiny_extractor(seed: int = 0, dim: int = 32) -> Extractor:
-    torch.manual_seed(seed)
-    spec = ExtractorSpec("tiny", "none", dim, PreprocessConfig(size=SIZE))
-    return Extractor(_TinyBody(dim), spec).eval()
-
-
-def fast_cfg(**kw: object) -> FinetuneConfig:
-    base: dict[str, object] = {
-        "method": "supcon",
-        "epochs": 8,
-        "batch_size": 32,
-        "lr": 3e-3,
-        "head_dims": [],
-        "patience": 20,
-        "freeze_bn": False,
-        "warmup_epochs": 0,
-        "augment": {"crop_scale": [0.7, 1.0], "jitter_p": 0.0, "grayscale_p": 0.0},
-        "channels_last": False,
-    }
-    base.update(kw)
-    return FinetuneConfig(**base)  # type: ignore[arg-type]
+@pytest.fixture(autouse=True)
+def tiny_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny(monkeypatch)
 
 
 # --- learning -------------------------------------------------------------------------------------
@@ -178,7 +89,7 @@ def test_supcon_loss_goes_down_and_val_retrieval_improves(catalog: pd.DataFrame)
         emb = result.extractor(
             eval_transform(SIZE, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(images)
         )
-    again = retrieval_summary(emb.numpy(), val[schema.ITEM_ID].to_numpy())["map_at_r"]
+    again = val_scores(emb.numpy(), val[schema.ITEM_ID].to_numpy())["map_at_r"]
     assert again == pytest.approx(result.metrics["best_val_map_at_r"], abs=1e-6)
 
 
@@ -235,24 +146,6 @@ def test_cached_trunk_trains_exactly_like_the_full_forward(catalog: pd.DataFrame
     )
 
 
-def test_split_at_refuses_a_body_that_is_not_features_then_pooling() -> None:
-    ext = tiny_extractor()
-    trunk, top = split_at(ext, 2)
-    x = torch.randn(3, 3, SIZE, SIZE)
-    with torch.no_grad():
-        assert torch.allclose(top(trunk(x)), ext(x), atol=1e-6)
-
-    class Scaled(_TinyBody):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.features(x).amax(dim=(2, 3))  # max pooling: not what `top` would do
-
-    odd = Extractor(Scaled(32), ext.spec)
-    with pytest.raises(ConfigError, match="cannot be cached"):
-        split_at(odd, 1)
-    with pytest.raises(ConfigError):
-        split_at(ext, 3)  # nothing left to train
-
-
 def test_freeze_blocks_per_backbone_and_uncachable_bodies_train_uncached(
     catalog: pd.DataFrame, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -266,7 +159,7 @@ def test_freeze_blocks_per_backbone_and_uncachable_bodies_train_uncached(
         with pytest.raises(ConfigError, match="freeze_blocks"):
             fast_cfg(freeze_blocks=bad)
 
-    class MaxPooled(_TinyBody):
+    class MaxPooled(TinyBody):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.features(x).amax(dim=(2, 3))
 
@@ -286,9 +179,9 @@ def test_a_collapsed_epoch_is_never_kept(
     catalog: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Identical embeddings rank by chance; a lucky MAP@R on them must not pick the epoch."""
-    import imgsearch.train.finetune as ft
+    import imgsearch.train.loop as loop
 
-    real, calls = ft._embed, []
+    real, calls = loop.embed, []
 
     def collapsing(*args: object, **kw: object) -> tuple[np.ndarray, np.ndarray]:
         emb, head = real(*args, **kw)  # type: ignore[arg-type]
@@ -297,7 +190,7 @@ def test_a_collapsed_epoch_is_never_kept(
             return emb, head
         return np.ones_like(emb), np.ones_like(head)
 
-    monkeypatch.setattr(ft, "_embed", collapsing)
+    monkeypatch.setattr(loop, "embed", collapsing)
     result = finetune(tiny_extractor(), catalog, fast_cfg(epochs=2, patience=0))
     assert (result.history["val_embedding_std"].iloc[1:] < 1e-6).all()
     assert result.metrics["best_epoch"] == 0
@@ -403,55 +296,7 @@ def test_bad_inputs_raise(catalog: pd.DataFrame) -> None:
         finetune(tiny_extractor(), one_item, fast_cfg())
 
 
-# --- images and batches -----------------------------------------------------------------------------
-
-
-def test_load_images_uses_pre_path_only_for_the_same_preprocessing(
-    catalog: pd.DataFrame, tmp_path: Path
-) -> None:
-    cfg = PreprocessConfig(size=SIZE)
-    cached = np.full((SIZE, SIZE, 3), 7, dtype=np.uint8)
-    good = tmp_path / cfg.cache_key() / "ab" / "x.npy"
-    other = (
-        tmp_path / PreprocessConfig(size=SIZE, interpolation="bicubic").cache_key() / "ab" / "x.npy"
-    )
-    for p in (good, other):
-        p.parent.mkdir(parents=True)
-        np.save(p, cached)
-    rows = catalog.iloc[:2].copy()
-    rows[schema.PRE_PATH] = [str(good), str(other)]
-    images, ok, failures = load_images(rows, cfg)
-    assert ok.all() and failures.empty and images.shape == (2, 3, SIZE, SIZE)
-    assert (images[0] == 7).all()  # from the cache
-    assert not (images[1] == 7).all()  # another config's array: decoded from `path` instead
-    decoded = np.asarray(Image.open(rows[schema.PATH].iloc[1]).convert("RGB"))
-    assert np.array_equal(images[1].permute(1, 2, 0).numpy(), decoded)
-
-
-def test_pk_batches_cover_every_item_once() -> None:
-    codes = np.array([0, 0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 4, 4, 4, 5])
-    gen = torch.Generator().manual_seed(0)
-    batches = pk_batches(codes, p=3, k=4, generator=gen)
-    assert len(batches) == 2 and all(len(b) == 12 for b in batches)
-    seen = sorted(int(codes[group[0]]) for b in batches for group in b.numpy().reshape(3, 4))
-    assert seen == [0, 1, 2, 3, 4, 5]
-    for b in batches:
-        for group in b.numpy().reshape(3, 4):
-            assert len(set(codes[group])) == 1  # K images of one item
-            item_size = int((codes == codes[group[0]]).sum())
-            assert len(set(group)) == min(4, item_size)  # distinct when the item has enough
-    assert [b.tolist() for b in pk_batches(codes, 3, 4, torch.Generator().manual_seed(0))] == [
-        b.tolist() for b in batches
-    ]
-
-
-def test_random_batches_drop_the_last_partial() -> None:
-    batches = random_batches(10, 4, torch.Generator().manual_seed(1))
-    assert [len(b) for b in batches] == [4, 4]
-    assert len(set(torch.cat(batches).tolist())) == 8
-
-
-# --- checkpoints and resume -----------------------------------------------------------------------------
+# --- checkpoints and resume -----------------------------------------------------------------------
 
 
 class _Killed(RuntimeError):
@@ -539,95 +384,3 @@ def test_malicious_checkpoint_is_refused(catalog: pd.DataFrame, tmp_path: Path) 
     with pytest.raises(CheckpointError):
         load_checkpoint(ckpt_dir / "plain.pkl")
     assert not marker.exists()
-
-
-def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
-    path = tmp_path / CHECKPOINT_FILE
-    save_checkpoint({"format": 1, "epoch": 1, "w": torch.ones(2)}, path)
-
-    class Boom:
-        def __reduce__(self) -> tuple[object, tuple[()]]:
-            raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        save_checkpoint({"format": 1, "epoch": 2, "w": Boom()}, path)
-    assert load_checkpoint(path)["epoch"] == 1  # the previous checkpoint survives
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]  # no temporary left behind
-    torch.save({"something": "else"}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not an imgsearch"):
-        load_checkpoint(tmp_path / "other.pt")
-
-
-# --- config -----------------------------------------------------------------------------------------
-
-
-def test_config_file_matches_the_dataclass() -> None:
-    cfg = load_config(directory=PROJECT_ROOT / "configs")
-    built = from_dict(FinetuneConfig, cfg["finetune"])
-    assert built.method in ("supcon", "simclr", "moco")
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        {"method": "byol"},
-        {"optimizer": "adam"},
-        {"temperature": 0.0},
-        {"lr": -1.0},
-        {"epochs": 0},
-        {"batch_size": 4, "images_per_item": 4},
-        {"moco_momentum": 1.0},
-        {"head_dims": [0]},
-        {"train_size": 4},
-        {"max_minutes": 0},
-        {"augment": {"crop_scale": [0.0, 1.0]}},
-        {"augment": {"no_such_key": 1}},
-        {"augment": False, "method": "simclr"},
-        {"cache_dtype": "int8"},
-        {"unknown_key": 1},
-    ],
-)
-def test_bad_config_raises(bad: dict[str, object]) -> None:
-    with pytest.raises(ConfigError):
-        from_dict(FinetuneConfig, bad)
-
-
-# --- augmentation -----------------------------------------------------------------------------------
-
-
-def test_paper_presets_and_overrides() -> None:
-    assert paper_augment("simclr").crop_scale == (0.08, 1.0) and paper_augment("simclr").hue == 0.2
-    assert paper_augment("moco").blur_p == 0.5 and paper_augment("supcon").blur_p == 0.0
-    merged = as_augment_config({"grayscale_p": 0.5}, "simclr")
-    assert merged.grayscale_p == 0.5 and merged.brightness == 0.8
-    with pytest.raises(ConfigError):
-        paper_augment("byol")
-    assert blur_kernel(96, 0.1) == 11 and blur_kernel(224, 0.1) == 23 and blur_kernel(8, 0.1) == 3
-
-
-def test_train_transform_outputs_independent_normalised_views() -> None:
-    torch.manual_seed(0)
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    tf = train_transform(AugmentConfig(rotation=10.0), 24, mean, std)
-    img = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
-    views = augment_batch(img.expand(6, 3, 40, 40).contiguous(), tf)
-    assert views.shape == (6, 3, 24, 24) and views.dtype == torch.float32
-    assert views.min() >= (0 - 0.5) / 0.25 - 1e-5 and views.max() <= (1 - 0.5) / 0.25 + 1e-5
-    assert not torch.allclose(views[0], views[1])  # each image gets its own random parameters
-    plain = train_transform(
-        AugmentConfig(
-            crop_scale=(1.0, 1.0),
-            crop_ratio=(1.0, 1.0),
-            hflip_p=0,
-            jitter_p=0,
-            grayscale_p=0,
-            blur_p=0,
-        ),
-        40,
-        mean,
-        std,
-    )
-    expected = (img.float() / 255 - 0.5) / 0.25
-    assert torch.allclose(plain(img), expected, atol=1e-6)  # identity crop: only normalised
-    with pytest.raises(ValueError):
-        augment_batch(img.float().unsqueeze(0), tf)

@@ -134,12 +134,14 @@ def retrieval_scores(
     ks: Sequence[int] = (1,),
     max_queries: int | None = None,
     seed: int = 0,
+    full_ranking: bool = False,
 ) -> dict[str, float]:
     """Fast retrieval figures of a whole embedding set (e.g. the validation split, each epoch).
 
     Same protocol as :func:`evaluate` (each image queries all the others; relevant = same item;
     cosine; embeddings are L2-normalised here), but the rankings are only sorted to the depth the
-    returned metrics need, so ``map`` (full-ranking AP) is not returned. Keys: ``map_at_r``,
+    returned metrics need, so ``map`` (full-ranking AP) is not returned, unless ``full_ranking``
+    (every ranking sorted to the end, ``map`` returned too). Keys: ``map_at_r``,
     ``r_precision``, ``hit_at_k``/``precision_at_k``/``recall_at_k`` for ``ks``, ``n_queries``,
     ``n_queries_without_relevant``.
     """
@@ -152,11 +154,12 @@ def retrieval_scores(
     queries = sample_queries(len(x), max_queries, seed)
     parts: list[dict[str, np.ndarray]] = []
     n_rel_parts: list[np.ndarray] = []
-    for _, _, rel, n_rel in rank_relevance(x, labels, queries, depth=depth):
+    for _, _, rel, n_rel in rank_relevance(x, labels, queries, None if full_ranking else depth):
         parts.append(M.per_query_metrics(rel, n_rel, ks))
         n_rel_parts.append(n_rel)
     per_query = _concat(parts)
-    per_query.pop("ap", None)
+    if not full_ranking:
+        per_query.pop("ap", None)
     n_rel_all = np.concatenate(n_rel_parts) if n_rel_parts else np.zeros(0, dtype=np.int64)
     return M.aggregate(per_query, n_rel_all)
 

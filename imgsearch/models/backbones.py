@@ -283,7 +283,10 @@ def _torchvision_state_dict(name: str, weights_enum: Any) -> dict[str, torch.Ten
 
 
 @dataclass(frozen=True)
-class _Built:
+class Built:
+    """What a builder returns: the body (classifier replaced by ``nn.Identity``), its embedding
+    width, the preprocessing its weights expect, and the classifier's state-dict key prefixes."""
+
     body: nn.Module
     dim: int
     preprocess: PreprocessConfig
@@ -294,27 +297,27 @@ def _imagenet_preprocess(size: int = 224) -> PreprocessConfig:
     return PreprocessConfig(size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def _build_resnet50(imagenet: bool) -> _Built:
+def _build_resnet50(imagenet: bool) -> Built:
     model = torchvision.models.resnet50(weights=None)
     if imagenet:
         enum = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
         model.load_state_dict(_torchvision_state_dict("resnet50", enum), strict=True)
     dim = model.fc.in_features
     model.fc = nn.Identity()
-    return _Built(model, dim, _imagenet_preprocess(), ("fc.",))
+    return Built(model, dim, _imagenet_preprocess(), ("fc.",))
 
 
-def _build_mobilenet_v2(imagenet: bool) -> _Built:
+def _build_mobilenet_v2(imagenet: bool) -> Built:
     model = torchvision.models.mobilenet_v2(weights=None)
     if imagenet:
         enum = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
         model.load_state_dict(_torchvision_state_dict("mobilenet_v2", enum), strict=True)
     dim = model.last_channel
     model.classifier = nn.Identity()
-    return _Built(model, dim, _imagenet_preprocess(), ("classifier.",))
+    return Built(model, dim, _imagenet_preprocess(), ("classifier.",))
 
 
-def _build_efficientnet_b0(imagenet: bool) -> _Built:
+def _build_efficientnet_b0(imagenet: bool) -> Built:
     from efficientnet_pytorch import EfficientNet
     from efficientnet_pytorch.utils import url_map
 
@@ -329,10 +332,10 @@ def _build_efficientnet_b0(imagenet: bool) -> _Built:
     dim = model._fc.in_features
     model._fc = nn.Identity()
     model.set_swish(memory_efficient=False)  # the plain Swish traces/compiles; same numbers
-    return _Built(model, dim, _imagenet_preprocess(), ("_fc.",))
+    return Built(model, dim, _imagenet_preprocess(), ("_fc.",))
 
 
-def _build_efficientnet_lite0(imagenet: bool) -> _Built:
+def _build_efficientnet_lite0(imagenet: bool) -> Built:
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_name("efficientnet-lite0")
@@ -351,20 +354,67 @@ def _build_efficientnet_lite0(imagenet: bool) -> _Built:
     dim = model._fc.in_features
     model._fc = nn.Identity()
     preprocess = PreprocessConfig(size=224, mean=LITE_MEAN, std=LITE_STD)
-    return _Built(model, dim, preprocess, ("_fc.",))
+    return Built(model, dim, preprocess, ("_fc.",))
 
 
-#: name -> builder(imagenet: bool). Add a backbone by adding an entry.
-REGISTRY: dict[str, Callable[[bool], _Built]] = {
-    "resnet50": _build_resnet50,
-    "mobilenet_v2": _build_mobilenet_v2,
-    "efficientnet_b0": _build_efficientnet_b0,
-    "efficientnet_lite0": _build_efficientnet_lite0,
+# --- block layouts (what ``freeze_blocks`` counts) ----------------------------------------------
+
+
+def features_blocks(body: nn.Module) -> list[nn.Module]:
+    """torchvision MobileNetV2 / EfficientNet: ``features[i]``."""
+    return list(body.get_submodule("features").children())
+
+
+def _resnet_blocks(body: nn.Module) -> list[nn.Module]:
+    """torchvision ResNet: the stem (``conv1``, ``bn1``), then ``layer1`` .. ``layer4``."""
+    stem = nn.ModuleList([body.get_submodule("conv1"), body.get_submodule("bn1")])
+    return [stem, *(body.get_submodule(f"layer{i}") for i in range(1, 5))]
+
+
+def _efficientnet_pytorch_blocks(body: nn.Module) -> list[nn.Module]:
+    """efficientnet-pytorch (and its Lite fork): the stem, each of ``_blocks``, the head."""
+    stem = nn.ModuleList([body.get_submodule("_conv_stem"), body.get_submodule("_bn0")])
+    head = nn.ModuleList([body.get_submodule("_conv_head"), body.get_submodule("_bn1")])
+    return [stem, *body.get_submodule("_blocks").children(), head]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registry entry: how to build the backbone and how its blocks are laid out.
+
+    ``build(imagenet)`` makes the body (classifier removed). ``blocks(body)`` lists its blocks
+    from input to output (what ``freeze_blocks`` counts). ``pooled_blocks``: the body is exactly
+    those blocks then global average pooling, so a frozen prefix's outputs can be computed once
+    and the rest run on them (:func:`imgsearch.train.inputs.split_at` still checks it on a probe).
+    """
+
+    build: Callable[[bool], Built]
+    blocks: Callable[[nn.Module], list[nn.Module]]
+    pooled_blocks: bool = False
+
+
+#: name -> :class:`Backbone`. Add a backbone by adding an entry.
+REGISTRY: dict[str, Backbone] = {
+    "resnet50": Backbone(_build_resnet50, _resnet_blocks),
+    "mobilenet_v2": Backbone(_build_mobilenet_v2, features_blocks, pooled_blocks=True),
+    "efficientnet_b0": Backbone(_build_efficientnet_b0, _efficientnet_pytorch_blocks),
+    "efficientnet_lite0": Backbone(_build_efficientnet_lite0, _efficientnet_pytorch_blocks),
 }
 
 
 def list_backbones() -> list[str]:
     return sorted(REGISTRY)
+
+
+def backbone_blocks(extractor: Extractor) -> list[nn.Module]:
+    """The blocks of ``extractor``'s backbone from input to output, as its registry entry declares
+    them (for ``freeze_blocks``). Raises :class:`ConfigError` for a backbone not in the registry."""
+    if extractor.spec.name not in REGISTRY:
+        raise ConfigError(
+            f"freeze_blocks: do not know the blocks of backbone {extractor.spec.name!r} "
+            f"(not in the registry: {list_backbones()})"
+        )
+    return REGISTRY[extractor.spec.name].blocks(extractor.body)
 
 
 # --- create / save / load -------------------------------------------------------------------------
@@ -421,14 +471,14 @@ def create_extractor(name: str, weights: str = "imagenet") -> Extractor:
             if ext.spec.name != name:
                 raise ConfigError(f"{path} holds a {ext.spec.name!r} extractor, not {name!r}")
             return ext
-        built = REGISTRY[name](False)
+        built = REGISTRY[name].build(False)
         spec = ExtractorSpec(name, str(path), built.dim, built.preprocess)
         ext = Extractor(built.body, spec)
         _load_into(
             ext, _unwrap_state_dict(_safe_load(path), path), built.classifier_prefixes, str(path)
         )
         return ext.eval()
-    built = REGISTRY[name](weights == "imagenet")
+    built = REGISTRY[name].build(weights == "imagenet")
     ext = Extractor(built.body, ExtractorSpec(name, weights, built.dim, built.preprocess))
     return ext.eval()
 
@@ -459,7 +509,7 @@ def load_extractor(directory: Path) -> Extractor:
         raise ConfigError(f"{directory / SPEC_FILE} is not valid JSON: {exc}") from exc
     if spec.name not in REGISTRY:
         raise ConfigError(f"{directory}: unknown backbone {spec.name!r}; known: {list_backbones()}")
-    built = REGISTRY[spec.name](False)
+    built = REGISTRY[spec.name].build(False)
     dim = spec.head[-1] if spec.head else built.dim
     if dim != spec.embedding_dim:
         raise ConfigError(
