@@ -134,7 +134,12 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
     root = tmp_path_factory.mktemp("improve-template")
     catalog = make_catalog(root / "catalog")
     db, home = root / "mlflow.db", root / "home"
-    saved = {k: os.environ.get(k) for k in ("IMGSEARCH_HOME", "MLFLOW_TRACKING_URI")}
+    # mlflow.set_registry_uri() also sets $MLFLOW_REGISTRY_URI, which set_registry_uri(None) keeps:
+    # restore it, or later tests read the template's registry (and its champion) through it
+    saved = {
+        k: os.environ.get(k)
+        for k in ("IMGSEARCH_HOME", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    }
     cwd = Path.cwd()
     os.environ["IMGSEARCH_HOME"] = str(home)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
@@ -164,6 +169,7 @@ def env(template: Template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.chdir(tmp_path)  # artifacts keep their absolute location in the copied database
     monkeypatch.setenv("IMGSEARCH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)  # restored after the test (see template)
     _point_mlflow(uri)
     yield Env(root=tmp_path, uri=uri, catalog=Path(catalog), home=tmp_path / "home")
     mlflow.set_tracking_uri(None)
@@ -202,6 +208,7 @@ def test_no_champion_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IMGSEARCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     _point_mlflow(uri)
     try:
         run_id = job.run("ci", stage_overrides(make_catalog(tmp_path / "catalog", 2, 2)))
