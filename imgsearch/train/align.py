@@ -16,11 +16,10 @@ touched here.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -31,6 +30,8 @@ from imgsearch.errors import ConfigError
 from imgsearch.evaluate.cross_modal import cross_modal_scores
 from imgsearch.evaluate.metrics import l2_normalise
 from imgsearch.models.heads import HeadSpec, Projection
+from imgsearch.train.config import StoppingConfig
+from imgsearch.train.loop import EarlyStopping
 from imgsearch.train.losses.clip import clip_loss
 
 log = logging.getLogger(__name__)
@@ -246,36 +247,31 @@ def _fit(train: _Side, val: _Side, cfg: AlignConfig) -> AlignResult:
     scale = torch.nn.Parameter(torch.tensor(float(np.log(1.0 / cfg.temperature))))
     opt = torch.optim.AdamW([*head.parameters(), scale], lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = _Batches(train, cfg)
-    best: dict[str, Any] = {"score": -np.inf, "epoch": 0, "state": None, "metrics": {}}
+    stopping = EarlyStopping(StoppingConfig(patience=cfg.patience, min_embedding_std=0.0))
+    best_metrics: dict[str, float] = {}
     history: list[dict[str, float]] = []
     for epoch in range(1, cfg.epochs + 1):
         loss = _train_epoch(head, scale, opt, batches)
         metrics = _val_scores(head, val, cfg.val_kinds)
-        history.append(
-            {
-                "epoch": epoch,
-                "loss": loss,
-                "val_map_at_r": metrics["map_at_r"],
-                "val_hit_at_10": metrics["hit_at_10"],
-                "temperature": float(1.0 / scale.detach().exp()),
-            }
-        )
-        if metrics["map_at_r"] > best["score"]:
-            best = {
-                "score": metrics["map_at_r"],
-                "epoch": epoch,
-                "metrics": metrics,
-                "state": copy.deepcopy(head.state_dict()),
-            }
-        elif epoch - best["epoch"] >= cfg.patience:
-            log.info("align: early stop at epoch %d (best %d)", epoch, best["epoch"])
+        row = {
+            "epoch": epoch,
+            "loss": loss,
+            "val_map_at_r": metrics["map_at_r"],
+            "val_hit_at_10": metrics["hit_at_10"],
+            "temperature": float(1.0 / scale.detach().exp()),
+        }
+        history.append(row)
+        if stopping.observe(epoch, {**row, "val_embedding_std": 1.0}, head, None):
+            best_metrics = metrics
+        elif stopping.should_stop(row):
+            log.info("align: early stop at epoch %d (best %d)", epoch, stopping.best_epoch)
             break
-    head.load_state_dict(best["state"])
+    head.load_state_dict(stopping.best_state)
     head.eval()
     return AlignResult(
         head=head,
-        best_epoch=int(best["epoch"]),
-        val_metrics={f"val_{k}": float(v) for k, v in best["metrics"].items()},
+        best_epoch=int(stopping.best_epoch),
+        val_metrics={f"val_{k}": float(v) for k, v in best_metrics.items()},
         history=history,
         n_train_items=len(train.items),
         n_train_texts=len(train.text_items),
