@@ -43,6 +43,11 @@ METRIC_TAG_PREFIX = "metric."
 INPUT_EXTRACT_RUN = "imgsearch.input.extract_run_id"
 INPUT_SPLIT_RUN = "imgsearch.input.split_run_id"
 #: set at registration, never rewritten afterwards
+#: promotion and rollback history (registry.promote, registry.rollback)
+TAG_PREVIOUS_CHAMPION = "previous_champion"
+TAG_PROMOTED_AT = "promoted_at"
+TAG_ROLLED_BACK_AT = "rolled_back_at"
+TAG_ROLLED_BACK_TO = "rolled_back_to"
 FROZEN_TAGS = (TAG_EVALUATE_RUN, TAG_EVAL_SPLIT, TAG_EVAL_SPLIT_RUN, TAG_TEST_SPLIT)
 FROZEN_PREFIXES = (METRIC_TAG_PREFIX, integrity.TAG_PREFIX)
 
