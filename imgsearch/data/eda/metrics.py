@@ -1,4 +1,4 @@
-"""The key figures of the EDA report, as numbers (also logged as run metrics)."""
+"""The key figures of the EDA report, as numbers, and which manifest columns are attributes or tags."""
 
 from __future__ import annotations
 
