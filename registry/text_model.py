@@ -27,6 +27,9 @@ from imgsearch.embed.text_query import META_FILE, load_text_encoder
 from imgsearch.errors import ConfigError, ExtractorMismatchError
 from registry import integrity, text_queries
 from registry.integrity import verify_loaded
+from registry.packaging import MODEL_CODE, code_paths, pip_requirements
+from registry.tags import TAG_EXTRACTOR_VERSION, TAG_FINGERPRINT, TAG_INDEX_VERSION
+from registry.versions import register_version
 
 TEXT_MODEL = "imgsearch-text"
 TAG_TEXT_FINGERPRINT = "text_fingerprint"
@@ -103,15 +106,6 @@ def log_text_model(
 ) -> ModelVersion:
     """Log and register the text encoder (find-or-create, like the other models: a retried
     registration finds the version and leaves it as it was)."""
-    from registry.register import (  # here: registry.register imports this module
-        MODEL_CODE,
-        TAG_EXTRACTOR_VERSION,
-        TAG_FINGERPRINT,
-        TAG_INDEX_VERSION,
-        _register,
-        code_paths,
-        pip_requirements,
-    )
 
     client = client or MlflowClient()
     fp = str((extractor_version.tags or {}).get(TAG_FINGERPRINT))
@@ -133,5 +127,5 @@ def log_text_model(
         )
 
     data_hash = str((index_version.tags or {}).get("data_hash", ""))
-    version, _ = _register(client, name, source_run_id, data_hash, fp, tags, alias, _log)
+    version, _ = register_version(client, name, source_run_id, data_hash, fp, tags, alias, _log)
     return version

@@ -126,9 +126,7 @@ def _text_parts(root: Path, extractor_fp: str, dim: int) -> dict[str, Path]:
     encoder = TextQueryEncoder(tower, Projection(HeadSpec("linear", tower.dim, dim)), extractor_fp)
     encoder.save(root / tq.ARTIFACT_TEXT)
     (root / tq.ARTIFACT_POLICY).mkdir()
-    shutil.copyfile(
-        config_dir() / "restricted.yaml", root / tq.ARTIFACT_POLICY / tq.POLICY_FILE
-    )
+    shutil.copyfile(config_dir() / "restricted.yaml", root / tq.ARTIFACT_POLICY / tq.POLICY_FILE)
     (root / tq.ARTIFACT_FLAGS).mkdir()
     pd.DataFrame({"image_id": ["img5"], "score": [0.9], "flagged": [True]}).to_parquet(
         root / tq.ARTIFACT_FLAGS / tq.FLAGS_FILE

@@ -13,7 +13,7 @@ import pytest
 
 from imgsearch import schema
 from imgsearch.errors import ConfigError
-from imgsearch.monitor import drift
+from imgsearch.monitor import drift, scores
 
 D = 16
 CENTERS = np.random.default_rng(123).normal(size=(4, D)) * 3.0
@@ -117,7 +117,7 @@ def test_mmd_blockwise_equals_dense_reference(monkeypatch: pytest.MonkeyPatch) -
         + sum(k[i, j] for i in range(m, m + n) for j in range(m, m + n) if i != j) / (n * (n - 1))
         - 2 * k[:m, m:].sum() / (m * n)
     )
-    monkeypatch.setattr(drift, "_BLOCK", 7)  # several blocks, the last one partial
+    monkeypatch.setattr(scores, "_BLOCK", 7)  # several blocks, the last one partial
     assert drift.mmd2u(x, y, gamma) == pytest.approx(naive, rel=1e-9, abs=1e-12)
 
 

@@ -13,6 +13,7 @@ from PIL import Image, ImageEnhance
 
 from imgsearch import schema
 from imgsearch.config import from_dict, load_config
+from imgsearch.data import near_duplicates
 from imgsearch.data import validate as validate_mod
 from imgsearch.data.imageio import load_image
 from imgsearch.data.validate import ValidateConfig, ValidateResult, validate
@@ -267,7 +268,7 @@ def test_near_pairs_match_a_naive_reference() -> None:
         hashes.append(format(value, "016x"))
     items = [str(i % 3) for i in range(300)]
     for all_pairs in (True, False):
-        got = validate_mod._near_pairs(hashes, items, 6, all_pairs=all_pairs)
+        got = near_duplicates.near_pairs(hashes, items, 6, all_pairs=all_pairs)
         ref = []
         for b in range(300):
             for a in range(b):

@@ -325,59 +325,11 @@ def preprocess(
     _write_cache_description(root, cfg)
     workers = workers or os.cpu_count() or 1
 
-    paths = [None if pd.isna(p) else str(p) for p in manifest[schema.PATH]]
-    shas = (
-        [s if isinstance(s, str) and s else None for s in manifest[schema.SHA256]]
-        if schema.SHA256 in manifest.columns
-        else [None] * len(manifest)
-    )
-    # One task per distinct content (or per path when the sha is unknown).
-    tasks: dict[str, tuple[str | None, str | None]] = {}
-    row_task = []
-    for path, sha in zip(paths, shas, strict=True):
-        key = f"sha:{sha}" if sha else f"path:{path}"
-        tasks.setdefault(key, (path, sha))
-        row_task.append(key)
-
+    tasks, row_task = _tasks(manifest)
     start = time.perf_counter()
-    keys = list(tasks)
-    outcomes: dict[str, _Outcome] = {}
-    with tqdm(
-        total=len(keys), desc="preprocess", unit="img", disable=not progress, mininterval=1.0
-    ) as bar:
-        for key, outcome in zip(
-            keys, _run_all([tasks[k] for k in keys], cfg, root, workers), strict=True
-        ):
-            outcomes[key] = outcome
-            bar.update()
+    outcomes = _run_tasks(tasks, cfg, root, workers, progress=progress)
     seconds = time.perf_counter() - start
-
-    pre_paths: list[str | None] = []
-    failures: list[dict[str, object]] = []
-    for i, key in enumerate(row_task):
-        outcome = outcomes[key]
-        pre_paths.append(outcome.pre_path)
-        if outcome.pre_path is None:
-            row = manifest.iloc[i]
-            fmt = row.get(schema.FORMAT) if schema.FORMAT in manifest.columns else None
-            failures.append(
-                {
-                    schema.IMAGE_ID: row[schema.IMAGE_ID],
-                    schema.ITEM_ID: row.get(schema.ITEM_ID),
-                    schema.URI: row.get(schema.URI),
-                    schema.STAGE: "preprocess",
-                    schema.REASON: outcome.reason,
-                    schema.DETAIL: outcome.detail,
-                    schema.DETECTED_FORMAT: outcome.detected_format
-                    or (fmt if isinstance(fmt, str) else None),
-                }
-            )
-            log.warning(
-                "preprocess: %s quarantined (%s: %s)",
-                row[schema.IMAGE_ID],
-                outcome.reason,
-                outcome.detail,
-            )
+    pre_paths, failures = _row_outcomes(manifest, row_task, outcomes)
 
     out = manifest.copy()
     out[schema.PRE_PATH] = pre_paths
@@ -406,3 +358,76 @@ def preprocess(
     return PreprocessResult(
         manifest=out, quarantine=schema.quarantine_rows(failures), metrics=metrics
     )
+
+
+def _tasks(
+    manifest: pd.DataFrame,
+) -> tuple[dict[str, tuple[str | None, str | None]], list[str]]:
+    """One task per distinct content (or per path when the sha is unknown), and each row's task."""
+    paths = [None if pd.isna(p) else str(p) for p in manifest[schema.PATH]]
+    shas = (
+        [s if isinstance(s, str) and s else None for s in manifest[schema.SHA256]]
+        if schema.SHA256 in manifest.columns
+        else [None] * len(manifest)
+    )
+    tasks: dict[str, tuple[str | None, str | None]] = {}
+    row_task = []
+    for path, sha in zip(paths, shas, strict=True):
+        key = f"sha:{sha}" if sha else f"path:{path}"
+        tasks.setdefault(key, (path, sha))
+        row_task.append(key)
+    return tasks, row_task
+
+
+def _run_tasks(
+    tasks: dict[str, tuple[str | None, str | None]],
+    cfg: PreprocessConfig,
+    root: Path,
+    workers: int,
+    *,
+    progress: bool,
+) -> dict[str, _Outcome]:
+    keys = list(tasks)
+    outcomes: dict[str, _Outcome] = {}
+    with tqdm(
+        total=len(keys), desc="preprocess", unit="img", disable=not progress, mininterval=1.0
+    ) as bar:
+        for key, outcome in zip(
+            keys, _run_all([tasks[k] for k in keys], cfg, root, workers), strict=True
+        ):
+            outcomes[key] = outcome
+            bar.update()
+    return outcomes
+
+
+def _row_outcomes(
+    manifest: pd.DataFrame, row_task: list[str], outcomes: dict[str, _Outcome]
+) -> tuple[list[str | None], list[dict[str, object]]]:
+    """Each row's ``pre_path`` (None when it failed) and one quarantine row per failed row."""
+    pre_paths: list[str | None] = []
+    failures: list[dict[str, object]] = []
+    for i, key in enumerate(row_task):
+        outcome = outcomes[key]
+        pre_paths.append(outcome.pre_path)
+        if outcome.pre_path is None:
+            row = manifest.iloc[i]
+            fmt = row.get(schema.FORMAT) if schema.FORMAT in manifest.columns else None
+            failures.append(
+                {
+                    schema.IMAGE_ID: row[schema.IMAGE_ID],
+                    schema.ITEM_ID: row.get(schema.ITEM_ID),
+                    schema.URI: row.get(schema.URI),
+                    schema.STAGE: "preprocess",
+                    schema.REASON: outcome.reason,
+                    schema.DETAIL: outcome.detail,
+                    schema.DETECTED_FORMAT: outcome.detected_format
+                    or (fmt if isinstance(fmt, str) else None),
+                }
+            )
+            log.warning(
+                "preprocess: %s quarantined (%s: %s)",
+                row[schema.IMAGE_ID],
+                outcome.reason,
+                outcome.detail,
+            )
+    return pre_paths, failures

@@ -32,9 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import imagehash
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -42,26 +40,36 @@ from imgsearch import schema
 from imgsearch.data.imageio import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
-    fix_codes,
     load_image,
     read_bytes,
+)
+from imgsearch.data.near_duplicates import near_pairs
+from imgsearch.data.validate_tables import (
+    NEAR_DUPLICATE_COLUMNS,
+    STAGE,
+    clean_frame,
+    pairs_frame,
+    quarantine_frame,
+    safe_text,
+    validate_metrics,
 )
 from imgsearch.errors import CatalogError, ConfigError, ImageRejected
 from imgsearch.paths import atomic_writer
 
 log = logging.getLogger(__name__)
 
-STAGE = "validate"
 NEAR_DUPLICATE_SCOPES = ("item", "all", "none")
-NEAR_DUPLICATE_COLUMNS = (
-    "image_id_a",
-    "item_id_a",
-    "image_id_b",
-    "item_id_b",
-    "distance",
-    "same_item",
-    "action",
-)
+
+__all__ = [
+    "NEAR_DUPLICATE_COLUMNS",
+    "NEAR_DUPLICATE_SCOPES",
+    "STAGE",
+    "ValidateConfig",
+    "ValidateResult",
+    "inspect_file",
+    "validate",
+    "write_clean_copy",
+]
 
 
 @dataclass
@@ -121,33 +129,73 @@ class ValidateResult:
     quarantine: pd.DataFrame
     metrics: dict[str, float]
     #: near-duplicate pairs found (columns NEAR_DUPLICATE_COLUMNS); ``action`` is dropped|reported
-    near_duplicates: pd.DataFrame = field(default_factory=lambda: _pairs_frame([]))
+    near_duplicates: pd.DataFrame = field(default_factory=lambda: pairs_frame([]))
 
 
 def validate(manifest: pd.DataFrame, cfg: ValidateConfig, clean_dir: Path) -> ValidateResult:
     """Check every image of ``manifest`` (needs ``image_id, item_id, path``); see the module doc."""
-    for col in (schema.IMAGE_ID, schema.ITEM_ID, schema.PATH):
-        if col not in manifest.columns:
-            raise CatalogError(f"manifest has no {col!r} column")
-    if manifest[schema.IMAGE_ID].duplicated().any():
-        dups = manifest.loc[manifest[schema.IMAGE_ID].duplicated(), schema.IMAGE_ID]
-        raise CatalogError(f"duplicate image_id in manifest: {sorted(map(str, dups))[:5]}")
+    _check_manifest(manifest)
     clean_dir = Path(clean_dir).resolve()
     manifest = manifest.reset_index(drop=True)
     start = time.perf_counter()
     paths = [None if pd.isna(p) else str(p) for p in manifest[schema.PATH]]
     results = _inspect_all(paths, cfg, clean_dir)
 
-    rejected: dict[int, tuple[str, str, str | None]] = {}  # row -> (reason, detail, format)
-    for i, res in enumerate(results):
-        if "reason" in res:
-            rejected[i] = (res["reason"], res["detail"], res.get("detected_format"))
-
+    rejected: dict[int, _Rejection] = {
+        i: (res["reason"], res["detail"], res.get("detected_format"))
+        for i, res in enumerate(results)
+        if "reason" in res
+    }
     image_ids = manifest[schema.IMAGE_ID].astype(str).tolist()
     item_ids = manifest[schema.ITEM_ID].astype(str).tolist()
     ok = [i for i in range(len(results)) if i not in rejected]
+    ok = _drop_exact_duplicates(ok, results, image_ids, rejected)
+    all_pairs = len(ok) <= cfg.cross_item_check_max
+    ok, pair_rows = _drop_near_duplicates(
+        ok, results, image_ids, item_ids, rejected, cfg, all_pairs=all_pairs
+    )
+    if cfg.max_images_per_item is not None:
+        ok = _cap_per_item(ok, results, item_ids, rejected, cfg.max_images_per_item)
 
-    # exact duplicates: the same bytes twice; keep the first
+    clean = clean_frame(manifest, ok, results)
+    quarantine = quarantine_frame(manifest, rejected)
+    if len(clean) + len(quarantine) != len(manifest):  # the no-silent-drop promise
+        raise AssertionError(
+            f"validate lost rows: {len(clean)} clean + {len(quarantine)} quarantined != {len(manifest)}"
+        )
+    elapsed = time.perf_counter() - start
+    metrics = validate_metrics(manifest, clean, quarantine, pair_rows, elapsed, all_pairs=all_pairs)
+    log.info(
+        "validate: %d in, %d clean, %d quarantined, %d fixed (%.0f images/s)",
+        len(manifest),
+        len(clean),
+        len(quarantine),
+        int(metrics["n_fixed"]),
+        metrics["images_per_s"],
+    )
+    return ValidateResult(clean, quarantine, metrics, pairs_frame(pair_rows))
+
+
+#: row -> (reason, detail, detected format)
+_Rejection = tuple[str, str, str | None]
+
+
+def _check_manifest(manifest: pd.DataFrame) -> None:
+    for col in (schema.IMAGE_ID, schema.ITEM_ID, schema.PATH):
+        if col not in manifest.columns:
+            raise CatalogError(f"manifest has no {col!r} column")
+    if manifest[schema.IMAGE_ID].duplicated().any():
+        dups = manifest.loc[manifest[schema.IMAGE_ID].duplicated(), schema.IMAGE_ID]
+        raise CatalogError(f"duplicate image_id in manifest: {sorted(map(str, dups))[:5]}")
+
+
+def _drop_exact_duplicates(
+    ok: list[int],
+    results: list[dict[str, Any]],
+    image_ids: list[str],
+    rejected: dict[int, _Rejection],
+) -> list[int]:
+    """The same bytes twice: keep the first, reject the others; returns the rows still ok."""
     first_by_sha: dict[str, int] = {}
     for i in ok:
         sha = results[i]["sha256"]
@@ -160,11 +208,21 @@ def validate(manifest: pd.DataFrame, cfg: ValidateConfig, clean_dir: Path) -> Va
             )
         else:
             first_by_sha[sha] = i
-    ok = [i for i in ok if i not in rejected]
+    return [i for i in ok if i not in rejected]
 
-    # near duplicates: perceptual hash distance, greedy in manifest order
-    all_pairs = len(ok) <= cfg.cross_item_check_max
-    pairs = _near_pairs(
+
+def _drop_near_duplicates(
+    ok: list[int],
+    results: list[dict[str, Any]],
+    image_ids: list[str],
+    item_ids: list[str],
+    rejected: dict[int, _Rejection],
+    cfg: ValidateConfig,
+    *,
+    all_pairs: bool,
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Perceptual-hash neighbours, greedy in manifest order; returns (rows still ok, pair rows)."""
+    pairs = near_pairs(
         [results[i]["phash"] for i in ok],
         [item_ids[i] for i in ok],
         cfg.near_duplicate_distance,
@@ -196,38 +254,27 @@ def validate(manifest: pd.DataFrame, cfg: ValidateConfig, clean_dir: Path) -> Va
         }
         for a, b, dist in pairs
     ]
-    ok = [i for i in ok if i not in rejected]
+    return [i for i in ok if i not in rejected], pair_rows
 
-    # cap per item, in manifest order
-    if cfg.max_images_per_item is not None:
-        per_item: Counter[str] = Counter()
-        for i in ok:
-            per_item[item_ids[i]] += 1
-            if per_item[item_ids[i]] > cfg.max_images_per_item:
-                rejected[i] = (
-                    "over_item_cap",
-                    f"item {item_ids[i]} already has {cfg.max_images_per_item} images",
-                    results[i]["format"],
-                )
-        ok = [i for i in ok if i not in rejected]
 
-    clean = _clean_frame(manifest, ok, results)
-    quarantine = _quarantine_frame(manifest, rejected)
-    if len(clean) + len(quarantine) != len(manifest):  # the no-silent-drop promise
-        raise AssertionError(
-            f"validate lost rows: {len(clean)} clean + {len(quarantine)} quarantined != {len(manifest)}"
-        )
-    elapsed = time.perf_counter() - start
-    metrics = _metrics(manifest, clean, quarantine, pair_rows, elapsed, all_pairs=all_pairs)
-    log.info(
-        "validate: %d in, %d clean, %d quarantined, %d fixed (%.0f images/s)",
-        len(manifest),
-        len(clean),
-        len(quarantine),
-        int(metrics["n_fixed"]),
-        metrics["images_per_s"],
-    )
-    return ValidateResult(clean, quarantine, metrics, _pairs_frame(pair_rows))
+def _cap_per_item(
+    ok: list[int],
+    results: list[dict[str, Any]],
+    item_ids: list[str],
+    rejected: dict[int, _Rejection],
+    cap: int,
+) -> list[int]:
+    """Keep the first ``cap`` images of each item, in manifest order; returns the rows still ok."""
+    per_item: Counter[str] = Counter()
+    for i in ok:
+        per_item[item_ids[i]] += 1
+        if per_item[item_ids[i]] > cap:
+            rejected[i] = (
+                "over_item_cap",
+                f"item {item_ids[i]} already has {cap} images",
+                results[i]["format"],
+            )
+    return [i for i in ok if i not in rejected]
 
 
 def inspect_file(path: str | None, cfg: ValidateConfig, clean_dir: Path) -> dict[str, Any]:
@@ -240,11 +287,11 @@ def inspect_file(path: str | None, cfg: ValidateConfig, clean_dir: Path) -> dict
     try:
         data = read_bytes(path, cfg.max_bytes)
     except ImageRejected as exc:
-        return {"reason": exc.reason, "detail": _text(exc.detail), "detected_format": None}
+        return {"reason": exc.reason, "detail": safe_text(exc.detail), "detected_format": None}
     except OSError as exc:
         return {
             "reason": "unreadable",
-            "detail": _text(f"{type(exc).__name__}: {exc.strerror or exc}"),
+            "detail": safe_text(f"{type(exc).__name__}: {exc.strerror or exc}"),
         }
     sha = hashlib.sha256(data).hexdigest()
     try:
@@ -255,12 +302,12 @@ def inspect_file(path: str | None, cfg: ValidateConfig, clean_dir: Path) -> dict
     except ImageRejected as exc:
         return {
             "reason": exc.reason,
-            "detail": _text(exc.detail),
+            "detail": safe_text(exc.detail),
             "detected_format": exc.detected_format,
         }
     except Exception as exc:  # noqa: BLE001 - one file must never stop the batch
-        log.exception("unexpected error validating %s", _text(path))
-        return {"reason": "unexpected_error", "detail": _text(f"{type(exc).__name__}: {exc}")}
+        log.exception("unexpected error validating %s", safe_text(path))
+        return {"reason": "unexpected_error", "detail": safe_text(f"{type(exc).__name__}: {exc}")}
     image = loaded.image
     out: dict[str, Any] = {
         "sha256": sha,
@@ -315,144 +362,3 @@ def _inspect_all(
             return out
     finally:
         bar.close()
-
-
-def _near_pairs(
-    phashes: list[str], items: list[str], max_distance: int, *, all_pairs: bool
-) -> list[tuple[int, int, int]]:
-    """Pairs ``(a, b, distance)`` with ``a < b`` and Hamming distance <= ``max_distance``.
-
-    ``all_pairs`` compares every pair; otherwise only pairs within an item. Uses FAISS's binary
-    flat index (exact, SIMD popcount): 15k 256-bit hashes all-pairs in about a second.
-    Sorted by ``(b, a)``.
-    """
-    if len(phashes) < 2:
-        return []
-    codes = _hash_bytes(phashes)
-    if all_pairs:
-        groups = [np.arange(len(phashes))]
-    else:
-        by_item: dict[str, list[int]] = {}
-        for i, item in enumerate(items):
-            by_item.setdefault(item, []).append(i)
-        groups = [np.array(m) for m in by_item.values() if len(m) > 1]
-    found: list[tuple[int, int, int]] = []
-    for members in groups:
-        if len(members) <= 256:  # small group: numpy beats FAISS's per-call set-up
-            dist_mat = _BYTE_POPCOUNT[codes[members][:, None, :] ^ codes[members][None, :, :]].sum(
-                axis=-1, dtype=np.int64
-            )
-            for r, c in zip(*np.nonzero(dist_mat <= max_distance), strict=True):
-                if r < c:
-                    found.append((int(members[r]), int(members[c]), int(dist_mat[r, c])))
-            continue
-        index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
-        sub = np.ascontiguousarray(codes[members])
-        index.add(sub)
-        lims, dist, nbr = index.range_search(sub, max_distance + 1)  # radius is exclusive
-        for q in range(len(members)):
-            for k in range(int(lims[q]), int(lims[q + 1])):
-                a, b = int(members[q]), int(members[int(nbr[k])])
-                if a < b:
-                    found.append((a, b, int(dist[k])))
-    found.sort(key=lambda t: (t[1], t[0]))
-    return found
-
-
-_BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
-
-
-def _hash_bytes(phashes: list[str]) -> np.ndarray:
-    """Hex hashes (all of one length) -> uint8 codes (n, nbytes), zero-padded to 8-byte words."""
-    width = len(phashes[0])
-    if any(len(h) != width for h in phashes):
-        raise ValueError("perceptual hashes of different sizes cannot be compared")
-    nbytes = -(-width // 16) * 8  # FAISS wants whole 64-bit words; equal padding adds no distance
-    return np.frombuffer(
-        b"".join(int(h, 16).to_bytes(nbytes, "big") for h in phashes), dtype=np.uint8
-    ).reshape(len(phashes), nbytes)
-
-
-def _clean_frame(
-    manifest: pd.DataFrame, ok: list[int], results: list[dict[str, Any]]
-) -> pd.DataFrame:
-    clean = manifest.iloc[ok].copy()
-    rows = [results[i] for i in ok]
-    clean[schema.SHA256] = [r["sha256"] for r in rows]
-    clean[schema.FORMAT] = [r["format"] for r in rows]
-    clean[schema.WIDTH] = np.array([r["width"] for r in rows], dtype=np.int64)
-    clean[schema.HEIGHT] = np.array([r["height"] for r in rows], dtype=np.int64)
-    clean[schema.FIXES] = [";".join(r["fixes"]) for r in rows]
-    clean[schema.PHASH] = [r["phash"] for r in rows]
-    clean[schema.PATH] = [
-        r["clean_path"] if r["clean_path"] else p
-        for r, p in zip(rows, clean[schema.PATH], strict=True)
-    ]
-    return clean.reset_index(drop=True)
-
-
-def _quarantine_frame(
-    manifest: pd.DataFrame, rejected: dict[int, tuple[str, str, str | None]]
-) -> pd.DataFrame:
-    has_uri = schema.URI in manifest.columns
-    rows: list[dict[str, object]] = []
-    for i in sorted(rejected):
-        reason, detail, detected = rejected[i]
-        row = manifest.iloc[i]
-        rows.append(
-            {
-                schema.IMAGE_ID: str(row[schema.IMAGE_ID]),
-                schema.ITEM_ID: str(row[schema.ITEM_ID]),
-                schema.URI: _text(str(row[schema.URI])) if has_uri else None,
-                schema.STAGE: STAGE,
-                schema.REASON: reason,
-                schema.DETAIL: detail,
-                schema.DETECTED_FORMAT: detected,
-            }
-        )
-    return schema.quarantine_rows(rows)
-
-
-def _metrics(
-    manifest: pd.DataFrame,
-    clean: pd.DataFrame,
-    quarantine: pd.DataFrame,
-    pairs: list[dict[str, Any]],
-    elapsed: float,
-    *,
-    all_pairs: bool,
-) -> dict[str, float]:
-    n = len(manifest)
-    metrics: dict[str, float] = {
-        "n_input": float(n),
-        "n_clean": float(len(clean)),
-        "n_quarantined": float(len(quarantine)),
-        "n_fixed": float((clean[schema.FIXES] != "").sum()) if len(clean) else 0.0,
-        "seconds": elapsed,
-        "images_per_s": n / elapsed if elapsed > 0 else 0.0,
-        "near_duplicate_pairs_within_item": float(sum(p["same_item"] for p in pairs)),
-        "near_duplicate_pairs_cross_item": float(sum(not p["same_item"] for p in pairs))
-        if all_pairs
-        else float("nan"),
-    }
-    for reason, count in quarantine[schema.REASON].value_counts().items():
-        metrics[f"quarantine.{reason}"] = float(count)
-    fix_counts: Counter[str] = Counter()
-    for fixes in clean[schema.FIXES] if len(clean) else []:
-        fix_counts.update(set(fix_codes(fixes.split(";"))) - {""})
-    for code, count in sorted(fix_counts.items()):
-        metrics[f"fixes.{code}"] = float(count)
-    for fmt, count in clean[schema.FORMAT].value_counts().items() if len(clean) else []:
-        metrics[f"format.{fmt}"] = float(count)
-    return metrics
-
-
-def _pairs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    if not rows:
-        return pd.DataFrame({c: pd.Series([], dtype="object") for c in NEAR_DUPLICATE_COLUMNS})
-    return pd.DataFrame(rows, columns=list(NEAR_DUPLICATE_COLUMNS))
-
-
-def _text(value: str) -> str:
-    """Make text safe for Parquet/UTF-8 (non-UTF-8 file names arrive as lone surrogates)."""
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
