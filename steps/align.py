@@ -43,7 +43,7 @@ from imgsearch.models.backbones import fingerprint, load_extractor
 from imgsearch.models.text import make_text_tower
 from imgsearch.search.restricted import RestrictedPolicy
 from imgsearch.search.restricted_images import calibrate, flag_quality, restricted_scores
-from imgsearch.train.align import AlignConfig, align, check_texts
+from imgsearch.train.align import AlignConfig, AlignResult, align, check_texts
 from registry.text_queries import ARTIFACT_FLAGS as FLAGS_ARTIFACT
 from registry.text_queries import ARTIFACT_POLICY as POLICY_ARTIFACT
 from registry.text_queries import ARTIFACT_TEXT as ENCODER_ARTIFACT
@@ -160,6 +160,22 @@ def _log_outputs(
         mlflow.log_artifact(str(out / "text_examples.html"))
 
 
+def _log_training(result: AlignResult) -> None:
+    """The curves (``align_*`` per epoch) and the chosen epoch's val figures."""
+    for row in result.history:
+        log_metrics(
+            {f"align_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+        )
+    log_metrics(
+        {
+            **result.val_metrics,
+            "best_epoch": result.best_epoch,
+            "n_train_items": result.n_train_items,
+            "n_train_texts": result.n_train_texts,
+        }
+    )
+
+
 def wanted(
     texts_run_id: str, overrides: dict[str, Any] | None = None, profile: str | None = None
 ) -> bool:
@@ -213,18 +229,7 @@ def run(
             str(section.get("tower", "ngram")), **(section.get("tower_options") or {})
         )
         result = align(kept, images, emb, tower, cfg)
-        for row in result.history:
-            log_metrics(
-                {f"align_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
-            )
-        log_metrics(
-            {
-                **result.val_metrics,
-                "best_epoch": result.best_epoch,
-                "n_train_items": result.n_train_items,
-                "n_train_texts": result.n_train_texts,
-            }
-        )
+        _log_training(result)
         extractor = load_extractor(artifact_path(extract_run_id, "extractor"))
         encoder = TextQueryEncoder(tower, result.head, fingerprint(extractor))
         mlflow.set_tag("imgsearch.text.extractor_fingerprint", encoder.extractor_fingerprint)
