@@ -28,41 +28,86 @@ which win), and each speed-up is kept only when it passes its cosine check again
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
 import logging
-import math
-import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
-from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-from PIL import Image
+from mlflow.types.schema import ColSpec, Schema
 
 from imgsearch import schema
-from imgsearch.config import from_dict
-from imgsearch.data.imageio import open_rgb, read_bytes
-from imgsearch.data.limits import DecodeLimits, RequestTooLarge, check_request
-from imgsearch.embed import query as serving
-from imgsearch.errors import ConfigError, ImageRejected
-from imgsearch.models.backbones import Extractor, fingerprint, load_extractor
+from imgsearch.errors import ConfigError
+from imgsearch.models.backbones import fingerprint, load_extractor
 from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig, RankingTable, rank
 from registry import serving_guard, text_queries
+from registry.decoding import (
+    CALIBRATION_IMAGES,
+    MAX_IMAGE_BYTES,
+    _allow_paths,
+    _decode_some,
+    _embed,
+    _image_values,
+    _jsonable,
+    _limits,
+    decode_images,
+    gallery_images,
+    image_bytes,
+    prepare_serving,
+)
 from registry.integrity import verify_loaded
+from registry.params import (
+    DEFAULT_K,
+    IMAGE_COLUMN,
+    MAX_K,
+    PARAM_TYPES,
+    TEXT_WEIGHT,
+    _as_float,
+    _invalid,
+    index_signature,
+    param_defaults,
+    ranking_for_request,
+    read_ranking,
+)
+
+# The public names, with the decoding and request-param ones re-exported from registry.decoding
+# and registry.params (used as models.<name> by registry.register, registry.search, tests).
+__all__ = [
+    "ARTIFACT_EXTRACTOR",
+    "ARTIFACT_INDEX",
+    "ARTIFACT_RANKING",
+    "CALIBRATION_IMAGES",
+    "DEFAULT_K",
+    "EMBEDDING",
+    "ERROR",
+    "IMAGE_COLUMN",
+    "MAX_IMAGE_BYTES",
+    "MAX_K",
+    "PARAM_TYPES",
+    "QUERY",
+    "RANK",
+    "RESULT_COLUMNS",
+    "SCORE",
+    "SIMILARITY",
+    "TEXT_WEIGHT",
+    "ExtractorModel",
+    "IndexModel",
+    "decode_images",
+    "extractor_signature",
+    "gallery_images",
+    "image_bytes",
+    "index_signature",
+    "param_defaults",
+    "prepare_serving",
+    "ranking_for_request",
+    "read_ranking",
+]
 
 log = logging.getLogger(__name__)
 
-IMAGE_COLUMN = "image"
 QUERY = "query"
 RANK = "rank"
 SCORE = "score"
@@ -84,198 +129,6 @@ RESULT_COLUMNS = (
 ARTIFACT_EXTRACTOR = "extractor"
 ARTIFACT_INDEX = "index"
 ARTIFACT_RANKING = "ranking"
-
-MAX_K = 1000
-MAX_IMAGE_BYTES = 20 * 1024 * 1024  # a query image; the decoder has its own pixel limit
-_PATH_ERRORS = (OSError, ValueError)
-
-
-def _invalid(message: str) -> MlflowException:
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-# --- input decoding ----------------------------------------------------------------------------
-
-
-def image_bytes(value: Any, *, allow_paths: bool = False) -> bytes:
-    """The raw bytes of one ``image`` cell. Raises :class:`ImageRejected` with a stable reason."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytes(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        if allow_paths and len(text) < 4096 and _is_file(text):
-            data = Path(text).read_bytes()
-        else:
-            if text.startswith("data:") and "," in text:
-                text = text.split(",", 1)[1]
-            try:
-                data = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                hint = "" if allow_paths else " (file paths are disabled for this model)"
-                raise ImageRejected("bad_base64", f"not base64-encoded image data{hint}") from exc
-    elif value is None or (isinstance(value, float) and math.isnan(value)):
-        raise ImageRejected("missing_image", "empty image cell")
-    else:
-        raise ImageRejected(
-            "bad_input_type", f"unsupported image value of type {type(value).__name__}"
-        )
-    if not data:
-        raise ImageRejected("empty_file", "zero bytes")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageRejected("too_large", f"{len(data)} bytes > {MAX_IMAGE_BYTES}")
-    return data
-
-
-def _is_file(text: str) -> bool:
-    try:
-        return os.path.isfile(text)
-    except _PATH_ERRORS:
-        return False
-
-
-def _image_values(model_input: Any) -> list[Any]:
-    if isinstance(model_input, pd.DataFrame):
-        if IMAGE_COLUMN in model_input.columns:
-            return list(model_input[IMAGE_COLUMN])
-        if model_input.shape[1] == 1:
-            return list(model_input.iloc[:, 0])
-        raise _invalid(
-            f"input must have a column {IMAGE_COLUMN!r}; got {list(model_input.columns)}"
-        )
-    if isinstance(model_input, pd.Series):
-        return list(model_input)
-    if isinstance(model_input, Mapping) and IMAGE_COLUMN in model_input:
-        values = model_input[IMAGE_COLUMN]
-        return (
-            list(values) if isinstance(values, (list, tuple, np.ndarray, pd.Series)) else [values]
-        )
-    if isinstance(model_input, (list, tuple, np.ndarray)):
-        return list(model_input)
-    if isinstance(model_input, (str, bytes)):
-        return [model_input]
-    raise _invalid(f"unsupported input type {type(model_input).__name__}")
-
-
-def decode_images(
-    values: list[Any], *, allow_paths: bool = False, limits: DecodeLimits | None = None
-) -> tuple[list[Image.Image | None], list[str | None]]:
-    """Decode every cell safely; a bad cell becomes an error string for that row, never a raise.
-
-    With ``limits``, a request over them (rows, pixels per image or per request, judged from the
-    image headers) is refused whole with the reason (HTTP 400) before any pixel is decoded, and
-    large images are decoded at a reduced scale (:mod:`imgsearch.data.limits`).
-    """
-    if limits is not None and len(values) > limits.max_rows:
-        raise _invalid(f"request too large: {len(values)} rows > max_rows {limits.max_rows}")
-    datas: list[bytes | None] = []
-    errors: list[str | None] = []
-    for value in values:
-        try:
-            datas.append(image_bytes(value, allow_paths=allow_paths))
-            errors.append(None)
-        except ImageRejected as exc:
-            datas.append(None)
-            errors.append(str(exc))
-        except OSError as exc:  # an unreadable path
-            datas.append(None)
-            errors.append(f"unreadable: {exc.__class__.__name__}")
-    if limits is not None:
-        try:
-            check_request(datas, limits)
-        except RequestTooLarge as exc:
-            raise _invalid(f"request too large: {exc}") from exc
-    reduce_by = limits.reduction if limits is not None else None
-    images: list[Image.Image | None] = []
-    for row, data in enumerate(datas):
-        image = None
-        if data is not None:
-            try:
-                image = open_rgb(data, reduce_by=reduce_by)
-            except ImageRejected as exc:
-                errors[row] = str(exc)
-        images.append(image)
-    if values and all(e is not None for e in errors):
-        reasons = "; ".join(f"row {i}: {e}" for i, e in enumerate(errors[:5]))
-        raise _invalid(f"no usable image in the request ({reasons})")
-    return images, errors
-
-
-def _decode_some(
-    values: list[Any], allow_paths: bool, limits: DecodeLimits
-) -> tuple[list[Image.Image | None], list[str | None]]:
-    """Decode the image cells of a request whose other rows are texts: a bad image fails its
-    row only (the texts still make it a usable request)."""
-    try:
-        return decode_images(values, allow_paths=allow_paths, limits=limits)
-    except MlflowException as exc:
-        if "no usable image" not in exc.message:
-            raise
-        errors: list[str | None] = [str(exc.message)] * len(values)
-    return [None] * len(values), errors
-
-
-def _embed(
-    served: serving.ServingExtractor, images: list[Image.Image | None]
-) -> tuple[np.ndarray, list[int]]:
-    """Embeddings of the decoded images and the row numbers they belong to."""
-    rows = [i for i, img in enumerate(images) if img is not None]
-    emb = served.embed([images[i] for i in rows])  # type: ignore[misc]
-    return np.asarray(emb, dtype=np.float32), rows
-
-
-#: Gallery images read (from the index's ``path`` column) to calibrate and check int8.
-CALIBRATION_IMAGES = 32
-
-
-def gallery_images(meta: pd.DataFrame, n: int = CALIBRATION_IMAGES) -> list[Image.Image]:
-    """Up to ``n`` decoded gallery images (a fixed sample of the index's ``path`` column); files
-    that cannot be read are skipped: ``int8`` then falls back when too few remain."""
-    if schema.PATH not in meta.columns or meta.empty:
-        return []
-    paths = meta[schema.PATH].dropna().astype(str)
-    sample = paths.sample(min(len(paths), 4 * n), random_state=0) if len(paths) > n else paths
-    images: list[Image.Image] = []
-    for path in sample:
-        try:
-            images.append(open_rgb(read_bytes(path, MAX_IMAGE_BYTES)))
-        except (ImageRejected, OSError, ValueError):
-            continue
-        if len(images) >= n:
-            break
-    return images
-
-
-def prepare_serving(
-    extractor: Extractor, context: Any, gallery: pd.DataFrame | None = None
-) -> serving.ServingExtractor:
-    """The query-time forward pass, from the model config (``torch_threads``, ``serving_mode``)
-    and the environment variables that override it."""
-    config = getattr(context, "model_config", None) or {}
-    threads = serving.resolve_threads(config.get("torch_threads"))
-    mode = serving.resolve_mode(config.get("serving_mode"))
-    images = gallery_images(gallery) if mode == "int8" and gallery is not None else []
-    served = serving.prepare_serving(extractor, mode, threads=threads, gallery=images)
-    log.info("serving %s, %d torch thread(s): %s", served.mode, threads, served.metrics)
-    return served
-
-
-def _jsonable(df: pd.DataFrame) -> pd.DataFrame:
-    """Missing values as ``None`` so the scoring server writes valid JSON (``null``, not ``NaN``)."""
-    out = df.astype(object)
-    return out.where(pd.notna(out), None)
-
-
-def _limits(context: Any) -> DecodeLimits:
-    """Per-request bounds from the model config (defaults for keys it does not log)."""
-    try:
-        return DecodeLimits.from_config(getattr(context, "model_config", None))
-    except ConfigError as exc:
-        raise _invalid(f"bad serving limits in the model config: {exc}") from exc
-
-
-def _allow_paths(context: Any) -> bool:
-    config = getattr(context, "model_config", None) or {}
-    return bool(config.get("allow_paths", False))
 
 
 # --- the extractor -----------------------------------------------------------------------------
@@ -316,136 +169,6 @@ def extractor_signature() -> ModelSignature:
 
 
 # --- the index ---------------------------------------------------------------------------------
-
-#: Request params: name -> (MLflow type, RankingConfig field it sets or None for k/category).
-PARAM_TYPES: dict[str, str] = {
-    "k": "long",
-    "popularity_weight": "double",
-    "exclude_nsfw": "boolean",
-    "category": "string",
-    "mmr_lambda": "double",
-    "one_per_item": "boolean",
-}
-DEFAULT_K = 10
-TEXT_WEIGHT = "text_weight"
-
-
-def index_signature(
-    ranking: RankingConfig, k: int = DEFAULT_K, text: bool = False
-) -> ModelSignature:
-    """Input ``image`` (string) and ranking params whose defaults are the logged ranking config.
-
-    With ``text`` (the model ships an aligned text encoder) the columns are ``image``, ``text``
-    and ``lang``, each optional per request, and the param ``text_weight`` mixes a row that has
-    both (:mod:`registry.text_queries`).
-
-    ``category`` is a comma-separated list of categories to keep ('' = all); ``mmr_lambda`` is
-    the relevance/diversity trade-off of maximal marginal relevance (see :mod:`imgsearch.search.ranking`).
-    """
-    defaults = param_defaults(ranking, k)
-    specs = [ParamSpec(name, PARAM_TYPES[name], defaults[name]) for name in PARAM_TYPES]
-    if not text:
-        return ModelSignature(
-            inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), params=ParamSchema(specs)
-        )
-    specs.append(ParamSpec(TEXT_WEIGHT, "double", text_queries.DEFAULT_TEXT_WEIGHT))
-    columns = [
-        ColSpec("string", name, required=False)
-        for name in (IMAGE_COLUMN, text_queries.TEXT_COLUMN, text_queries.LANG_COLUMN)
-    ]
-    return ModelSignature(inputs=Schema(columns), params=ParamSchema(specs))
-
-
-def param_defaults(ranking: RankingConfig, k: int = DEFAULT_K) -> dict[str, Any]:
-    categories = getattr(ranking, "categories", None) or []
-    if isinstance(categories, str):
-        categories = [categories]
-    mmr = getattr(ranking, "mmr_lambda", None)
-    return {
-        "k": int(k),
-        "popularity_weight": float(getattr(ranking, "popularity_weight", 0.0) or 0.0),
-        "exclude_nsfw": bool(getattr(ranking, "exclude_nsfw", False)),
-        "category": ",".join(str(c) for c in categories),
-        # None (MMR off) cannot be a param default; 1.0 is pure relevance, the same ranking.
-        "mmr_lambda": 1.0 if mmr is None else float(mmr),
-        "one_per_item": bool(getattr(ranking, "one_per_item", False)),
-    }
-
-
-def ranking_for_request(
-    base: RankingConfig, params: Mapping[str, Any] | None, default_k: int = DEFAULT_K
-) -> tuple[int, RankingConfig]:
-    """``(k, config)`` for one request: ``base`` with the request's params applied, validated."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(PARAM_TYPES))
-    if unknown:
-        raise _invalid(f"unknown params {unknown}; known: {sorted(PARAM_TYPES)}")
-    k = _as_int(params.get("k", default_k), "k")
-    if not 1 <= k <= MAX_K:
-        raise _invalid(f"k must be in [1, {MAX_K}], got {k}")
-    changes: dict[str, Any] = {}
-    if "popularity_weight" in params:
-        changes["popularity_weight"] = _as_float(params["popularity_weight"], "popularity_weight")
-    if "mmr_lambda" in params:
-        value = _as_float(params["mmr_lambda"], "mmr_lambda")
-        if not 0.0 <= value <= 1.0:
-            raise _invalid(f"mmr_lambda must be in [0, 1], got {value}")
-        # 1.0 is pure relevance, the same order as no MMR: skip the re-ranking work
-        changes["mmr_lambda"] = None if value >= 1.0 else value
-    for flag in ("exclude_nsfw", "one_per_item"):
-        if flag in params:
-            changes[flag] = _as_bool(params[flag], flag)
-    if "category" in params:
-        raw = params["category"]
-        items = raw if isinstance(raw, (list, tuple)) else str(raw or "").split(",")
-        changes["categories"] = [str(c).strip() for c in items if str(c).strip()] or None
-    fields = {f.name for f in dataclasses.fields(base)}
-    missing = sorted(set(changes) - fields)
-    if missing:
-        raise _invalid(f"this index's ranking does not support {missing}")
-    try:
-        return k, dataclasses.replace(base, **changes)
-    except (TypeError, ValueError) as exc:
-        raise _invalid(f"bad ranking params: {exc}") from exc
-
-
-def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise _invalid(f"{name} must be an integer, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as exc:
-        raise _invalid(f"{name} must be an integer, got {value!r}") from exc
-    if not number.is_integer():
-        raise _invalid(f"{name} must be an integer, got {value!r}")
-    return int(number)
-
-
-def _as_float(value: Any, name: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as exc:
-        raise _invalid(f"{name} must be a number, got {value!r}") from exc
-    if not math.isfinite(number):
-        raise _invalid(f"{name} must be finite, got {value!r}")
-    return number
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-        return value.strip().lower() in ("true", "1")
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
-        return bool(value)
-    raise _invalid(f"{name} must be a boolean, got {value!r}")
-
-
-def read_ranking(path: Path | None) -> RankingConfig:
-    if path is None or not Path(path).exists():
-        return RankingConfig()
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    return from_dict(RankingConfig, data)
 
 
 class IndexModel(PythonModel):

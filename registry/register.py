@@ -274,14 +274,9 @@ def log_index_model(
         ),
     }
     if extractor_version is not None:
-        ext_version = client.get_model_version(extractor_name, str(extractor_version))
-        ext_fp = (ext_version.tags or {}).get(TAG_FINGERPRINT)
-        if ext_fp != fp:
-            raise ExtractorMismatchError(
-                f"{extractor_name} version {extractor_version} has fingerprint {ext_fp!r}, "
-                f"but the index was built with {fp!r}"
-            )
-        tags[TAG_EXTRACTOR_VERSION] = str(ext_version.version)
+        tags[TAG_EXTRACTOR_VERSION] = _matching_extractor(
+            client, extractor_name, extractor_version, fp
+        )
     source = source_run_id or active_run_id()
     hash_ = data_hash or data_hash_of(index.meta)
     ranking_cfg = ranking_cfg or RankingConfig()
@@ -308,6 +303,19 @@ def log_index_model(
 
     version, _ = register_version(client, name, source, hash_, fp, tags, alias, _log)
     return version
+
+
+def _matching_extractor(client: MlflowClient, extractor_name: str, version: str, fp: str) -> str:
+    """``version`` of ``extractor_name``, refused (``ExtractorMismatchError``) unless its
+    fingerprint is ``fp``, the one the index was built with."""
+    ext_version = client.get_model_version(extractor_name, str(version))
+    ext_fp = (ext_version.tags or {}).get(TAG_FINGERPRINT)
+    if ext_fp != fp:
+        raise ExtractorMismatchError(
+            f"{extractor_name} version {version} has fingerprint {ext_fp!r}, "
+            f"but the index was built with {fp!r}"
+        )
+    return str(ext_version.version)
 
 
 def register_pair(
