@@ -2,7 +2,10 @@
 
 1. Fine clusters: ``faiss.Kmeans(spherical=True)`` on the L2-normalised embeddings (cosine
    geometry), trained on at most ``max_points_per_centroid * k`` points (FAISS samples them).
-   ``k`` comes from the config, or when it is ``None`` from :func:`choose_k`.
+   ``k`` comes from the config, or when it is ``None`` from :func:`choose_k`. Centroids start
+   from scikit-learn's k-means++ seeding on at most ``16 * k`` of those points (FAISS's own
+   random start left two centroids in one planted cluster and one across two, ARI 0.79 in the
+   tests; k-means++ spreads them out), ``init: random`` keeps FAISS's.
 2. Top level: the fine centroids are merged into ``n_categories`` categories by scikit-learn's
    ``AgglomerativeClustering`` (Ward linkage on the unit centroids, where Euclidean distance is
    a monotone function of cosine), so similar clusters share a parent. On the demo (400 emoji,
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 import pandas as pd
-from sklearn.cluster import AgglomerativeClustering
+from sklearn.cluster import AgglomerativeClustering, kmeans_plusplus
 from sklearn.metrics import silhouette_score
 
 from imgsearch import schema
@@ -60,6 +63,7 @@ class ClusterConfig:
     k_sample: int = 5000  # choose_k: silhouette on at most this many images
     outlier_mads: float = 3.0
     batch: int = 65536  # assignment batch (rows)
+    init: str = "kmeans++"  # kmeans++ | random (FAISS's own)
     n_representatives: int = 8
     threads: int = 0  # FAISS OpenMP threads; 0 = its default
 
@@ -114,7 +118,13 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig) -> np.ndarray:
         max_points_per_centroid=cfg.max_points_per_centroid,
         min_points_per_centroid=1,
     )
-    km.train(train)
+    init = None
+    if cfg.init == "kmeans++":
+        seeds = train[_sample(len(train), 16 * k, cfg.seed + 1)]
+        init, _ = kmeans_plusplus(seeds, k, random_state=cfg.seed)
+    elif cfg.init != "random":
+        raise ConfigError(f"clusters.init {cfg.init!r}: expected kmeans++ or random")
+    km.train(train, init_centroids=init)
     if km.centroids is None:
         raise RuntimeError("faiss.Kmeans trained no centroids")
     return normalised(km.centroids)
