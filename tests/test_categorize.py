@@ -137,9 +137,7 @@ def test_purity_matches_a_naive_reference() -> None:
     rng = np.random.default_rng(2)
     truth = rng.choice(list("abcd"), 200)
     groups = rng.integers(0, 7, 200)
-    naive = (
-        sum(Counter(truth[groups == g]).most_common(1)[0][1] for g in np.unique(groups)) / 200
-    )
+    naive = sum(Counter(truth[groups == g]).most_common(1)[0][1] for g in np.unique(groups)) / 200
     assert purity(truth, groups) == pytest.approx(naive)
     assert purity(truth, np.arange(200)) == 1.0
 
@@ -225,7 +223,10 @@ def test_step_runs_on_a_tiny_store(mlflow_store: str, tmp_path: Path) -> None:
         {
             "image_id": ids,
             "item_id": items,
-            "path": [write_png(pics / f"{i}.png", (20 * (c % 10), 9, 9)) for i, c in zip(ids, fine)],
+            "path": [
+                write_png(pics / f"{i}.png", (20 * (c % 10), 9, 9))
+                for i, c in zip(ids, fine, strict=True)
+            ],
             "subcategory": [f"s{c}" for c in fine],
             "category": [f"c{t}" for t in top],
             "split": np.where(np.arange(n) % 4 == 0, "test", "train"),
