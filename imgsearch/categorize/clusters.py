@@ -3,7 +3,7 @@
 1. Fine clusters: ``faiss.Kmeans(spherical=True)`` on the L2-normalised embeddings (cosine
    geometry), trained on at most ``max_points_per_centroid * k`` points (FAISS samples them).
    ``k`` comes from the config, or when it is ``None`` from :func:`choose_k`. Centroids start
-   from scikit-learn's k-means++ seeding on at most ``16 * k`` of those points (FAISS's own
+   from scikit-learn's k-means++ seeding on at most ``8 * k`` of those points (FAISS's own
    random start left two centroids in one planted cluster and one across two, ARI 0.79 in the
    tests; k-means++ spreads them out), ``init: random`` keeps FAISS's.
 2. Top level: the fine centroids are merged into ``n_categories`` categories by scikit-learn's
@@ -15,7 +15,9 @@
    centroid, its cosine distance ``1 - cos``, a confidence ``(d2 - d1) / (d1 + d2)`` in [0, 1]
    (1 on the centroid, 0 half-way to the second-nearest centroid: the margin, scaled), and an
    outlier flag: distance above the cluster's ``median + outlier_mads * 1.4826 * MAD`` (a robust
-   z-score within the cluster, so a loose cluster does not flag all its members).
+   z-score within the cluster, so a loose cluster does not flag all its members), or a member of
+   a cluster smaller than ``min_cluster_size`` (k-means++ seeds far points, which can then keep
+   a centroid of their own).
 
 :func:`choose_k`, the documented criterion: the candidates are ``k_grid`` multiples of
 ``sqrt(N / 2)`` (the usual rule of thumb), and the one with the best cosine silhouette on a
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import faiss
@@ -33,6 +36,7 @@ import numpy as np
 import pandas as pd
 from sklearn.cluster import AgglomerativeClustering, kmeans_plusplus
 from sklearn.metrics import silhouette_score
+from threadpoolctl import threadpool_limits
 
 from imgsearch import schema
 from imgsearch.errors import ConfigError
@@ -62,6 +66,7 @@ class ClusterConfig:
     k_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # choose_k: multiples of sqrt(N / 2)
     k_sample: int = 5000  # choose_k: silhouette on at most this many images
     outlier_mads: float = 3.0
+    min_cluster_size: int = 3  # members of smaller clusters are outliers
     batch: int = 65536  # assignment batch (rows)
     init: str = "kmeans++"  # kmeans++ | random (FAISS's own)
     n_representatives: int = 8
@@ -77,6 +82,7 @@ class Clustering:
     category_centroids: np.ndarray  # (n_categories, D) float32, unit norm
     assignments: pd.DataFrame  # ASSIGNMENT_COLUMNS, one row per image, input order
     k_scores: dict[int, float] = field(default_factory=dict)  # choose_k's silhouettes
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase: choose_k, train, ...
 
 
 def normalised(x: np.ndarray) -> np.ndarray:
@@ -120,8 +126,10 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig) -> np.ndarray:
     )
     init = None
     if cfg.init == "kmeans++":
-        seeds = train[_sample(len(train), 16 * k, cfg.seed + 1)]
-        init, _ = kmeans_plusplus(seeds, k, random_state=cfg.seed)
+        seeds = train[_sample(len(train), 8 * k, cfg.seed + 1)]
+        # many small BLAS calls: multi-threaded BLAS made them ~9x slower on 2 busy cores
+        with threadpool_limits(limits=1, user_api="blas"):
+            init, _ = kmeans_plusplus(seeds, k, random_state=cfg.seed)
     elif cfg.init != "random":
         raise ConfigError(f"clusters.init {cfg.init!r}: expected kmeans++ or random")
     km.train(train, init_centroids=init)
@@ -191,12 +199,17 @@ def category_centroids(centroids: np.ndarray, parent: np.ndarray, sizes: np.ndar
     return normalised(out)
 
 
-def outliers(cluster: np.ndarray, distance: np.ndarray, n_mads: float) -> np.ndarray:
-    """Distance above the cluster's median + ``n_mads`` robust standard deviations (MAD)."""
+def outliers(
+    cluster: np.ndarray, distance: np.ndarray, n_mads: float, min_size: int = 1
+) -> np.ndarray:
+    """Distance above the cluster's median + ``n_mads`` robust standard deviations (MAD), or a
+    member of a cluster with fewer than ``min_size`` members."""
     frame = pd.DataFrame({"c": cluster, "d": distance})
     median = frame.groupby("c")["d"].transform("median")
     mad = (frame["d"] - median).abs().groupby(frame["c"]).transform("median")
-    return (frame["d"] > median + n_mads * 1.4826 * mad).to_numpy() & (mad > 0).to_numpy()
+    far = (frame["d"] > median + n_mads * 1.4826 * mad).to_numpy() & (mad > 0).to_numpy()
+    small = np.bincount(cluster)[cluster] < min_size
+    return far | small
 
 
 def cluster(
@@ -213,13 +226,19 @@ def cluster(
     x = _check(emb)
     if len(image_ids) != len(x):
         raise ValueError(f"{len(image_ids)} image ids for {len(x)} embeddings")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
     k_scores: dict[int, float] = {}
     k = cfg.k
     if k is None:
         k, k_scores = choose_k(x, cfg)
+        seconds["choose_k"], clock = time.perf_counter() - clock, time.perf_counter()
     centroids = kmeans(x, k, cfg)
+    seconds["train"], clock = time.perf_counter() - clock, time.perf_counter()
     labels, sim1, sim2 = nearest_two(x, centroids, cfg.batch)
+    seconds["assign"], clock = time.perf_counter() - clock, time.perf_counter()
     parent = merge(centroids, cfg.n_categories)
+    seconds["merge"], clock = time.perf_counter() - clock, time.perf_counter()
     sizes = np.bincount(labels, minlength=k)
     d1 = np.clip(1.0 - sim1, 0.0, 2.0)
     d2 = np.clip(1.0 - sim2, 0.0, 2.0)
@@ -232,11 +251,17 @@ def cluster(
             "category_id": parent[labels],
             "distance": d1,
             "confidence": confidence,
-            "outlier": outliers(labels, d1, cfg.outlier_mads),
+            "outlier": outliers(labels, d1, cfg.outlier_mads, cfg.min_cluster_size),
         }
     )
+    seconds["table"] = time.perf_counter() - clock
     return Clustering(
-        centroids, parent, category_centroids(centroids, parent, sizes), assignments, k_scores
+        centroids,
+        parent,
+        category_centroids(centroids, parent, sizes),
+        assignments,
+        k_scores,
+        seconds,
     )
 
 

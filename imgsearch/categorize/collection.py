@@ -203,6 +203,7 @@ def categorize(
         "mean_confidence": float(assignments["confidence"].mean()),
         "mean_cohesion": float(np.nanmean(tables[0]["cohesion"])),
         **{f"silhouette_k_{k}": v for k, v in res.k_scores.items()},
+        **{f"seconds_{phase}": v for phase, v in res.seconds.items()},
     }
     for source, n in tables[0]["name_source"].value_counts().items():
         metrics[f"n_named_by_{source}"] = float(n)
