@@ -208,7 +208,7 @@ def test_gallery_is_self_contained(tmp_path: Path) -> None:
     )  # fmt: skip
     page = gallery_html(cats, {"a": write_png(tmp_path / "a.png", (200, 10, 10))})
     assert "animals &lt;b&gt;" in page and "cat, dog" in page and "purity 1.00" in page
-    assert page.count("data:image/png;base64,") == 1 and "missing" in page
+    assert page.count("data:image/webp;base64,") == 1 and "missing" in page
     assert "http" not in page
 
 
@@ -274,5 +274,5 @@ def test_step_runs_on_a_tiny_store(mlflow_store: str, tmp_path: Path) -> None:
     assert len(pd.read_parquet(local / "assignments.parquet")) == n
     assert (local / "assignments.csv").exists() and (local / "categories.csv").exists()
     page = (local / "gallery" / "categories.html").read_text()
-    assert page.count("data:image/png;base64,") == 6 * 8
+    assert page.count("data:image/webp;base64,") == 6 * 8
     assert run.data.tags["imgsearch.categorize.keyword_source"] == "en"

@@ -18,15 +18,16 @@ from PIL import Image
 THUMB = 64
 
 
-def thumbnail_b64(path: str | None, size: int = THUMB) -> str:
-    """A base64 PNG thumbnail (at most ``size`` px a side) of the image at ``path``; "" if unreadable."""
+def thumbnail_b64(path: str | None, size: int = THUMB, fmt: str = "PNG") -> str:
+    """A base64 thumbnail (at most ``size`` px a side, in Pillow format ``fmt``) of the image at
+    ``path``; "" if unreadable."""
     if not path:
         return ""
     try:
         with Image.open(path) as img:
             img.thumbnail((size, size))
             buf = io.BytesIO()
-            img.convert("RGBA").save(buf, format="PNG")
+            img.convert("RGBA").save(buf, format=fmt)
     except (OSError, ValueError):
         return ""
     return base64.b64encode(buf.getvalue()).decode("ascii")
