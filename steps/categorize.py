@@ -4,10 +4,11 @@ Inputs: ``--extract-run-id`` (its ``embeddings.parquet`` and ``manifest.parquet`
 gallery, and ``category``/``subcategory``/``split`` where they exist, used only to measure),
 optionally ``--keywords-run-id`` (an align run: ``keywords.parquet``, zero-shot keywords of every
 image, the keyword source when labels are hidden), optionally ``--texts-run-id`` (the ingest run:
-``texts.parquet``; the true tags for keyword precision@k, and with ``member_texts: true`` the
-members' own words as the keyword source), ``configs/categorize.yaml`` (``--k``,
-``--n-categories``, ``--label-column`` override it). The library is
-:mod:`imgsearch.categorize.collection`.
+``texts.parquet``; the true tags for keyword precision@k, and with ``member_texts: true`` and
+no ``--keywords-run-id`` the members' own tags as the keyword source), and
+``configs/categorize.yaml`` (``--k``, ``--n-categories``, ``--label-column`` override it). The
+library is :mod:`imgsearch.categorize.collection`. Not part of ``main``'s chain: run it on any
+extract run.
 
 Produces: ``categories.parquet`` + ``categories.csv`` (the two-level tree: name and its source,
 keywords, size, cohesion, purity), ``assignments.parquet`` + ``assignments.csv`` (image ->

@@ -129,12 +129,15 @@ def label_votes(
     """Majority label of each group's labelled members (groups with none are absent)."""
     if labels is None:
         return {}
-    frame = pd.DataFrame({"g": np.asarray(groups), "label": list(labels)})
+    groups_arr = np.asarray(groups)
+    values = np.asarray(list(labels), dtype=object)
+    if len(values) != len(groups_arr):
+        raise ValueError(f"{len(values)} labels for {len(groups_arr)} images")
     out = {}
-    for g, rows in frame.groupby("g", sort=True):
-        vote = majority(rows["label"].tolist())
+    for g in np.unique(groups_arr):
+        vote = majority(values[groups_arr == g].tolist())
         if vote is not None:
-            out[int(str(g))] = vote
+            out[int(g)] = vote
     return out
 
 
