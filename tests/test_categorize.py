@@ -276,3 +276,28 @@ def test_step_runs_on_a_tiny_store(mlflow_store: str, tmp_path: Path) -> None:
     page = (local / "gallery" / "categories.html").read_text()
     assert page.count("data:image/webp;base64,") == 6 * 8
     assert run.data.tags["imgsearch.categorize.keyword_source"] == "en"
+
+
+def test_keyword_sources_of_the_step_follow_embedding_order() -> None:
+    from steps.categorize import _docs_from_keywords, _docs_from_texts
+
+    zero_shot = pd.DataFrame(
+        {
+            "image_id": ["b", "b", "a", "a", "a"],
+            "lang": ["en"] * 5,
+            "rank": [2, 1, 1, 2, 3],
+            "keyword": ["dog", "cat", "car", "bus", "van"],
+            "score": [0.5] * 5,
+        }
+    )
+    docs = _docs_from_keywords(zero_shot, ["a", "b", "c"], top=2)
+    assert docs == {"en": [["car", "bus"], ["cat", "dog"], []]}
+    texts = pd.DataFrame(
+        [
+            {"item_id": "i1", "lang": "ru", "kind": "tag", "text": "кот"},
+            {"item_id": "i1", "lang": "ru", "kind": "label", "text": "морда кошки"},
+            {"item_id": "i2", "lang": "ru", "kind": "tag", "text": "машина"},
+        ]
+    )
+    images = pd.DataFrame({"image_id": ["x", "y", "z"], "item_id": ["i2", "i1", "i3"]})
+    assert _docs_from_texts(texts, images) == {"ru": [["машина"], ["кот"], []]}
