@@ -188,6 +188,8 @@ def test_categorize_names_from_partial_labels_and_measures_against_truth() -> No
     assert m["cluster_subcategory_purity"] > 0.9 and "test_cluster_subcategory_nmi" in m
     assert out.assignments["name"].notna().all()
     assert fine_rows["representatives"].str.count(";").eq(7).all()
+    with pytest.raises(ConfigError, match="label_column 'tag'"):
+        categorize(images["image_id"], emb, images, None, CategorizeConfig(label_column="tag"))
 
 
 def write_png(path: Path, colour: tuple[int, int, int]) -> str:

@@ -39,6 +39,7 @@ from imgsearch.categorize.clusters import (
 )
 from imgsearch.categorize.naming import group_keywords, label_votes, name_groups, neighbour_votes
 from imgsearch.config import from_dict
+from imgsearch.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -167,27 +168,31 @@ def categorize(
 
     ``images``: one row per embedding, in the same order (``image_id`` plus whatever the
     collection has: the ``label_column`` for naming, truth columns and ``split`` for measuring).
-    ``docs``: language -> words of each image (same order), the keywords source.
+    ``docs``: language -> words of each image (same order), the keywords source. Raises
+    ``ValueError`` when ``images`` or ``docs`` do not match the embeddings, :class:`ConfigError`
+    on a ``label_column`` the images lack.
     """
     cfg = cfg or CategorizeConfig()
     docs = dict(docs or {})
     for lang, d in docs.items():
         if len(d) != len(emb):
             raise ValueError(f"docs[{lang!r}] has {len(d)} entries for {len(emb)} images")
-    res = cluster(np.asarray(image_ids), emb, cfg.clusters)
     meta = (
         images.reset_index(drop=True)
         if images is not None
-        else pd.DataFrame(index=res.assignments.index)
+        else pd.DataFrame(index=pd.RangeIndex(len(emb)))
     )
-    if len(meta) != len(res.assignments):
-        raise ValueError(f"images has {len(meta)} rows for {len(res.assignments)} embeddings")
+    if len(meta) != len(emb):
+        raise ValueError(f"images has {len(meta)} rows for {len(emb)} embeddings")
     labels = None
     if cfg.label_column:
         if cfg.label_column not in meta.columns:
-            log.warning("label column %r absent: naming without labels", cfg.label_column)
-        else:
-            labels = meta[cfg.label_column].where(meta[cfg.label_column].notna(), None).tolist()
+            raise ConfigError(
+                f"label_column {cfg.label_column!r} is not a column of the images; "
+                f"columns: {sorted(meta.columns)}"
+            )
+        labels = meta[cfg.label_column].where(meta[cfg.label_column].notna(), None).tolist()
+    res = cluster(np.asarray(image_ids), emb, cfg.clusters)
     tables = [_level_table(lv, key, res, emb, labels, docs, cfg) for lv, key in LEVELS]
     categories = pd.concat(tables[::-1], ignore_index=True)
     fine = tables[0].set_index("cluster_id")
