@@ -110,6 +110,7 @@ def test_every_other_entry_point_runs(project: dict[str, str]) -> None:
     ex = mlflow_run(project, "extract", preprocess_run_id=pre, split_run_id=split)
     ix = mlflow_run(project, "index", extract_run_id=ex, split_run_id=split)
     ev = mlflow_run(project, "evaluate", extract_run_id=ex, split_run_id=split)
+    mlflow_run(project, "categorize", extract_run_id=ex, k="4", n_categories="2")
     mlflow_run(project, "register", extract_run_id=ex, index_run_id=ix, evaluate_run_id=ev)
     mlflow_run(project, "promote")
     mlflow_run(project, "finetune", split_run_id=split, preprocess_run_id=pre, epochs="1")

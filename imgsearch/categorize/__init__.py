@@ -1,1 +1,1 @@
-"""Categorise and label collections: keywords for every image (and, later, named clusters)."""
+"""Categorise and label collections: keywords for every image, named clusters, a gallery."""

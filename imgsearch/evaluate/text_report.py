@@ -18,21 +18,23 @@ from PIL import Image
 THUMB = 64
 
 
-def _thumb(path: str | None) -> str:
+def thumbnail_b64(path: str | None, size: int = THUMB, fmt: str = "PNG") -> str:
+    """A base64 thumbnail (at most ``size`` px a side, in Pillow format ``fmt``) of the image at
+    ``path``; "" if unreadable."""
     if not path:
         return ""
     try:
         with Image.open(path) as img:
-            img.thumbnail((THUMB, THUMB))
+            img.thumbnail((size, size))
             buf = io.BytesIO()
-            img.convert("RGBA").save(buf, format="PNG")
+            img.convert("RGBA").save(buf, format=fmt)
     except (OSError, ValueError):
         return ""
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _cell(image_id: str, item: str, query_item: str, paths: Mapping[str, str]) -> str:
-    data = _thumb(paths.get(image_id))
+    data = thumbnail_b64(paths.get(image_id))
     border = "3px solid #2a2" if item == query_item else "3px solid transparent"
     title = html.escape(f"{image_id} (item {item})")
     if not data:
