@@ -59,9 +59,10 @@ def synthetic(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
     return pd.DataFrame(texts), pd.DataFrame(images), np.asarray(emb, np.float32)
 
 
-def test_alignment_beats_chance_on_unseen_items():
+@pytest.mark.parametrize("batch_by", ["item", "text"])
+def test_alignment_beats_chance_on_unseen_items(batch_by: str) -> None:
     texts, images, emb = synthetic()
-    cfg = AlignConfig(epochs=60, batch_items=16, lr=0.01, patience=60)
+    cfg = AlignConfig(epochs=60, batch_items=16, lr=0.01, patience=60, batch_by=batch_by)
     result = align(texts, images, emb, WordTower(), cfg)
     assert 1 <= result.best_epoch <= 60
     assert result.n_train_items == 42 - 18
@@ -116,3 +117,5 @@ def test_bad_inputs_are_refused():
         align(texts, images.assign(split="train"), emb, WordTower(), AlignConfig(epochs=1))
     with pytest.raises(ConfigError, match="image_target"):
         AlignConfig(image_target="mean")
+    with pytest.raises(ConfigError, match="batch_by"):
+        AlignConfig(batch_by="image")

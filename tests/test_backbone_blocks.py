@@ -17,8 +17,14 @@ from imgsearch.models.backbones import (
 from tests.train_data import TinyBody
 
 #: blocks per backbone: MobileNetV2 features[0..18]; ResNet stem + 4 stages; EfficientNet stem +
-#: 16 MBConv blocks + head
-EXPECTED = {"mobilenet_v2": 19, "resnet50": 5, "efficientnet_b0": 18, "efficientnet_lite0": 18}
+#: 16 MBConv blocks + head; CLIP ViT-B/32: stem + 12 residual blocks + ln_post/projection
+EXPECTED = {
+    "mobilenet_v2": 19,
+    "resnet50": 5,
+    "efficientnet_b0": 18,
+    "efficientnet_lite0": 18,
+    "clip_vit_b32": 14,
+}
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

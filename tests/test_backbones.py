@@ -254,3 +254,17 @@ def test_garbage_file_is_refused(tmp_path: Path) -> None:
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(WeightsUnavailableError):
         create_extractor("mobilenet_v2", weights=str(bad))
+
+
+def test_clip_vit_b32_image_tower_is_a_backbone(tmp_path: Path) -> None:
+    """OpenCLIP ViT-B/32's image tower (random init: no CLIP weights offline) embeds with CLIP's
+    preprocessing and round-trips through save/load (its blocks: tests/test_backbone_blocks.py)."""
+    ext = create_extractor("clip_vit_b32", weights="none")
+    assert ext.spec.embedding_dim == 512 and ext.spec.preprocess.size == 224
+    assert ext.spec.preprocess.mean[0] == pytest.approx(0.48145466)  # CLIP's, not ImageNet's
+    with torch.inference_mode():
+        emb = ext(_tiny_batch(2, 224))
+    assert emb.shape == (2, 512)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+    same = load_extractor(save_extractor(ext, tmp_path / "clip"))
+    assert fingerprint(same) == fingerprint(ext)

@@ -227,6 +227,15 @@ def _build_efficientnet_lite0(imagenet: bool) -> Built:
     return Built(model, dim, preprocess, ("_fc.",))
 
 
+def _build_clip_vit_b32(imagenet: bool) -> Built:
+    """OpenCLIP ViT-B/32's image tower; ``imagenet`` means its published (LAION-2B) weights,
+    which download from the Hugging Face hub: offline, :class:`WeightsUnavailableError`."""
+    from imgsearch.models.clip import clip_image_tower
+
+    tower = clip_image_tower("ViT-B-32", "laion2b_s34b_b79k" if imagenet else None)
+    return Built(tower.module, tower.dim, tower.preprocess, ())
+
+
 # --- block layouts (what ``freeze_blocks`` counts) ----------------------------------------------
 
 
@@ -246,6 +255,28 @@ def _efficientnet_pytorch_blocks(body: nn.Module) -> list[nn.Module]:
     stem = nn.ModuleList([body.get_submodule("_conv_stem"), body.get_submodule("_bn0")])
     head = nn.ModuleList([body.get_submodule("_conv_head"), body.get_submodule("_bn1")])
     return [stem, *body.get_submodule("_blocks").children(), head]
+
+
+def _parameters_of(module: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A module sharing ``module``'s bare parameters ``names`` (so freezing it freezes them)."""
+    holder = nn.Module()
+    for name in names:
+        holder.register_parameter(name, module.get_parameter(name))
+    return holder
+
+
+def _vit_blocks(body: nn.Module) -> list[nn.Module]:
+    """OpenCLIP VisionTransformer: the stem (patch conv, class and position embeddings,
+    ``ln_pre``), each residual block, then ``ln_post`` and the projection."""
+    stem = nn.ModuleList(
+        [
+            body.get_submodule("conv1"),
+            body.get_submodule("ln_pre"),
+            _parameters_of(body, ("class_embedding", "positional_embedding")),
+        ]
+    )
+    head = nn.ModuleList([body.get_submodule("ln_post"), _parameters_of(body, ("proj",))])
+    return [stem, *body.get_submodule("transformer.resblocks").children(), head]
 
 
 @dataclass(frozen=True)
@@ -269,6 +300,7 @@ REGISTRY: dict[str, Backbone] = {
     "mobilenet_v2": Backbone(_build_mobilenet_v2, features_blocks, pooled_blocks=True),
     "efficientnet_b0": Backbone(_build_efficientnet_b0, _efficientnet_pytorch_blocks),
     "efficientnet_lite0": Backbone(_build_efficientnet_lite0, _efficientnet_pytorch_blocks),
+    "clip_vit_b32": Backbone(_build_clip_vit_b32, _vit_blocks),
 }
 
 

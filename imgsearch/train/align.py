@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 LANG, KIND, TEXT = "lang", "kind", "text"
 TEXT_COLUMNS = (schema.ITEM_ID, LANG, KIND, TEXT)
 IMAGE_TARGETS = ("image", "prototype")
+BATCH_BY = ("item", "text")
 
 
 class TextFeatures(Protocol):
@@ -58,6 +59,7 @@ class AlignConfig:
     weight_decay: float = 1e-4
     temperature: float = 0.07  # initial; learnable (CLIP's logit scale, clamped at 100)
     image_target: str = "image"  # image | prototype
+    batch_by: str = "item"  # item: one text per item per epoch | text: every text every epoch
     patience: int = 20  # epochs without a better val MAP@R before stopping
     val_kinds: Sequence[str] = ("label",)  # texts used as val queries (all kinds when none match)
     seed: int = 0
@@ -66,6 +68,8 @@ class AlignConfig:
         HeadSpec(self.head, 1, 1, self.hidden, self.dropout)  # validates head/hidden/dropout
         if self.image_target not in IMAGE_TARGETS:
             raise ConfigError(f"align.image_target must be one of {IMAGE_TARGETS}")
+        if self.batch_by not in BATCH_BY:
+            raise ConfigError(f"align.batch_by must be one of {BATCH_BY}")
         for name in ("epochs", "batch_items", "patience"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"align.{name} must be >= 1, got {getattr(self, name)}")
@@ -129,7 +133,7 @@ def _groups(index: np.ndarray, n: int) -> list[np.ndarray]:
 
 
 class _Batches:
-    """Seeded item batches: one text and one image (or the item prototype) per item."""
+    """Seeded batches: by item (one text per item) or by text (every text, multi-positive)."""
 
     def __init__(self, side: _Side, cfg: AlignConfig) -> None:
         n = len(side.items)
@@ -142,7 +146,10 @@ class _Batches:
         self.images = torch.from_numpy(side.img_emb)
         self.rng = np.random.default_rng(cfg.seed)
 
-    def epoch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(text features, image targets, item index of each pair) per batch."""
+        if self.cfg.batch_by == "text":
+            return self._text_batches()
         n, size = len(self.side.items), self.cfg.batch_items
         order = self.rng.permutation(n)
         out = []
@@ -151,13 +158,31 @@ class _Batches:
             if len(batch) < 2:
                 continue
             t = [self.texts_of[i][self.rng.integers(len(self.texts_of[i]))] for i in batch]
-            if self.cfg.image_target == "prototype":
-                img = self.prototypes[torch.from_numpy(batch)]
-            else:
-                m = [self.images_of[i][self.rng.integers(len(self.images_of[i]))] for i in batch]
-                img = self.images[torch.as_tensor(m)]
-            out.append((self.feats[torch.as_tensor(t)], img))
+            out.append(self._pairs(torch.as_tensor(t), batch))
         return out
+
+    def _text_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every training text once per epoch; texts of one item in a batch are all positives of
+        each other's images (the multi-positive loss), so no pair is a false negative."""
+        order = self.rng.permutation(len(self.side.text_items))
+        size, out = self.cfg.batch_items, []
+        for start in range(0, len(order), size):
+            t = order[start : start + size]
+            items = self.side.text_items[t]
+            if len(np.unique(items)) < 2:
+                continue
+            out.append(self._pairs(torch.from_numpy(t), items))
+        return out
+
+    def _pairs(
+        self, t: torch.Tensor, items: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.cfg.image_target == "prototype":
+            img = self.prototypes[torch.from_numpy(items)]
+        else:
+            m = [self.images_of[i][self.rng.integers(len(self.images_of[i]))] for i in items]
+            img = self.images[torch.as_tensor(m)]
+        return self.feats[t], img, torch.from_numpy(np.asarray(items, dtype=np.int64))
 
 
 def _val_queries(side: _Side, kinds: Sequence[str]) -> np.ndarray:
@@ -190,8 +215,7 @@ def _train_epoch(
 ) -> float:
     head.train()
     losses = []
-    for feats, images in batches.epoch():
-        ids = torch.arange(len(images))  # one text and one image per item: the diagonal
+    for feats, images, ids in batches.epoch():
         loss = clip_loss(images, head(feats), ids, ids, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
