@@ -42,12 +42,12 @@ bench: setup
 	$(BIN)/python -m benchmarks.bench_categorize
 
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+	$(BIN)/imgsearch ui --port 5000
 
 # Serve search over HTTP: POST images to http://127.0.0.1:5001/invocations (see the README).
+# The champion is checked against the registry's checksums before it is served.
 serve: setup
-	MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(BIN)/mlflow models serve \
-		-m models:/imgsearch-index@champion --env-manager local --host 127.0.0.1 -p 5001
+	$(BIN)/imgsearch serve --port 5001
 
 # The search page: upload or pick an image, see ranked results, vote on them.
 search-ui: setup

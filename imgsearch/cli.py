@@ -1,8 +1,20 @@
-"""The ``imgsearch`` console command: a thin dispatcher to the tools that live outside the library.
+"""The ``imgsearch`` console command: one CLI for day-to-day use, a thin dispatcher to the tools
+that live outside the library (the MLflow entry points stay as they are).
 
-``imgsearch search IMAGE [IMAGE ...] --k 10 ...`` runs :mod:`registry.search` (the same as
-``python -m registry.search``). The library never imports MLflow, so the command's MLflow part
-is imported lazily, by name, only when the command runs.
+=========== ======================================= ===========================================
+command     runs                                    what
+=========== ======================================= ===========================================
+``run``     :mod:`steps.main`                       the whole pipeline (``--limit``, ``--profile``...)
+``search``  :mod:`registry.search`                  search by image and/or words
+``serve``   :func:`registry.launch.serve`           HTTP serving of the champion, checksums checked
+``ui``      :func:`registry.launch.ui`              the MLflow UI on the tracking store
+``status``  :mod:`registry.status`                  champion/challenger versions and their figures
+``drift``   :mod:`monitoring.drift`                 a drift report between two extract runs
+``daemon``  :mod:`monitoring.daemon`                the continuous-improvement scheduler
+=========== ======================================= ===========================================
+
+The library never imports MLflow, so each command's module is imported lazily, by name, only
+when the command runs; ``imgsearch --help`` imports nothing.
 
 ``registry/`` is not part of the installed package (only ``imgsearch`` is), so the command needs
 the project checkout. It is found, first match wins, at:
@@ -26,7 +38,16 @@ from pathlib import Path
 
 from imgsearch.config import PROJECT_ROOT
 
-COMMANDS: dict[str, str] = {"search": "registry.search"}
+#: command -> ("module" or "module:function", one-line help). The function reads ``sys.argv``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("steps.main", "run the whole pipeline (ingest ... promote) as one MLflow run"),
+    "search": ("registry.search", "search by image and/or words with the champion"),
+    "serve": ("registry.launch:serve", "serve the champion over HTTP (checksums checked first)"),
+    "ui": ("registry.launch:ui", "open the MLflow UI on the tracking store"),
+    "status": ("registry.status", "champion / challenger versions and their test figures"),
+    "drift": ("monitoring.drift", "drift report: new images against the reference"),
+    "daemon": ("monitoring.daemon", "the scheduler: fine-tune, re-index, evaluate, promote"),
+}
 PROJECT_ENV = "IMGSEARCH_PROJECT"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 #: A folder is an imgsearch checkout when it holds this file.
@@ -79,27 +100,45 @@ def prepare(root: Path, env: dict[str, str] | None = None) -> None:
         target[TRACKING_ENV] = default_tracking_uri(root)
 
 
-def _load(module: str) -> Callable[[Sequence[str] | None], int]:
+def _load(target: str) -> Callable[[], object]:
     try:
         root = find_project()
     except ProjectNotFound as exc:
         raise SystemExit(f"imgsearch: {exc}") from exc
     prepare(root)
+    module, _, function = target.partition(":")
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         raise SystemExit(f"imgsearch: cannot import {module} from {root} ({exc})") from exc
-    main: Callable[[Sequence[str] | None], int] = mod.main
+    main: Callable[[], object] = getattr(mod, function or "main")
     return main
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "usage: imgsearch COMMAND [options]   (imgsearch COMMAND --help)\n\n" + "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
-        names = ", ".join(sorted(COMMANDS))
-        print(f"usage: imgsearch {{{names}}} ...  (imgsearch search --help for options)")
+        if args and args[0] not in ("-h", "--help"):
+            print(f"imgsearch: unknown command {args[0]!r}", file=sys.stderr)
+        print(usage())
         return 0 if args and args[0] in ("-h", "--help") else 2
-    return int(_load(COMMANDS[args[0]])(args[1:]) or 0)
+    command = load_command(args[0])
+    saved = sys.argv
+    sys.argv = [f"imgsearch {args[0]}", *args[1:]]  # each command parses sys.argv
+    try:
+        return int(command() or 0)  # type: ignore[call-overload]
+    finally:
+        sys.argv = saved
+
+
+def load_command(name: str) -> Callable[[], object]:
+    return _load(COMMANDS[name][0])
 
 
 if __name__ == "__main__":

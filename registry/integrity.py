@@ -150,14 +150,13 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     return name, version, None
 
 
-def load_verified(
-    model_uri: str, *, client: Any = None, model_config: Mapping[str, Any] | None = None
-) -> Any:
-    """Load a registered model only after its bytes match the checksums in its version tags.
-
-    Raises :class:`ArtifactIntegrityError` (a tampered file, a version registered without
-    checksums) before MLflow runs any of the model's code.
-    """
+def download_verified(
+    model_uri: str, dst: Path, *, client: Any = None
+) -> tuple[Path, dict[str, str]]:
+    """Download the version ``model_uri`` names (resolved *through the registry*) into ``dst`` and
+    check its directory digest against the version's tags; (the local model directory, the
+    expected per-file checksums). Raises :class:`ArtifactIntegrityError` on any mismatch or on
+    a version registered without checksums."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -174,18 +173,31 @@ def load_verified(
             f"{name} v{mv.version} records no {TAG_MODEL_TREE} tag: registered before checksums "
             "were kept in the registry; register it again"
         )
+    local = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(dst))
+    )
+    got = tree_sha256(local)
+    if got != expected[TAG_MODEL_TREE]:
+        raise ArtifactIntegrityError(
+            f"{name} v{mv.version}: model directory digest {got} does not match the "
+            f"registry's {expected[TAG_MODEL_TREE]}; refusing to load it"
+        )
+    return local, {k: v for k, v in expected.items() if k != TAG_MODEL_TREE}
+
+
+def load_verified(
+    model_uri: str, *, client: Any = None, model_config: Mapping[str, Any] | None = None
+) -> Any:
+    """Load a registered model only after its bytes match the checksums in its version tags.
+
+    Raises :class:`ArtifactIntegrityError` (a tampered file, a version registered without
+    checksums) before MLflow runs any of the model's code.
+    """
+    import mlflow
+
     tmp = Path(tempfile.mkdtemp(prefix="imgsearch-model-"))
     try:
-        local = Path(
-            mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(tmp))
-        )
-        got = tree_sha256(local)
-        if got != expected[TAG_MODEL_TREE]:
-            raise ArtifactIntegrityError(
-                f"{name} v{mv.version}: model directory digest {got} does not match the "
-                f"registry's {expected[TAG_MODEL_TREE]}; refusing to load it"
-            )
-        files = {k: v for k, v in expected.items() if k != TAG_MODEL_TREE}
+        local, files = download_verified(model_uri, tmp, client=client)
         config = {**dict(model_config or {}), CONFIG_KEY: json.dumps(files, sort_keys=True)}
         # everything is read into memory at load time, so the copy can go afterwards
         return mlflow.pyfunc.load_model(str(local), model_config=config)
