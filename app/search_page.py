@@ -8,7 +8,9 @@ It loads ``imgsearch-index@champion`` (``configs/search.yaml``) in-process from 
 store in ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db``), once per process
 (``st.cache_resource``), and shows which index and extractor versions answer. Results come as a
 grid (thumbnail, item name, category, score, similarity, popularity) with thumbs up / down per
-result, stored by :mod:`registry.feedback`. A file that cannot be used (not an image, a
+result, stored by :mod:`registry.feedback`; every result list shown is stored as an impression
+(:mod:`registry.impressions`), and "Refine" searches again with this session's votes on the
+query (Rocchio relevance feedback; the thumbs-down results drop out). A file that cannot be used (not an image, a
 decompression bomb, too large, empty...) gets a clear message and the page keeps working.
 
 Environment: ``MLFLOW_TRACKING_URI`` (the registry), ``IMGSEARCH_FEEDBACK_URL`` (the feedback
@@ -44,6 +46,8 @@ from registry.feedback import (  # noqa: E402
     query_sha256,
     text_query_sha256,
 )
+from registry.impressions import Impression, ImpressionStore, Versions  # noqa: E402
+from registry.params import DISLIKED, LIKED  # noqa: E402
 from registry.search import (  # noqa: E402
     SearchConfig,
     Served,
@@ -79,6 +83,67 @@ def served_model(
 @st.cache_resource
 def feedback_store(url: str) -> FeedbackStore:
     return FeedbackStore(url)
+
+
+@st.cache_resource
+def impression_store(url: str) -> ImpressionStore:
+    return ImpressionStore(url)
+
+
+def _session_votes(qsha: str) -> dict[str, int]:
+    """This session's votes on the results of query ``qsha``: image id -> +1 / -1 (last wins)."""
+    votes: dict[str, dict[str, int]] = st.session_state.setdefault("votes", {})
+    return votes.setdefault(qsha, {})
+
+
+def _feedback_params(qsha: str) -> dict[str, str]:
+    """``liked`` / ``disliked`` for the search once "refine" was pressed for this query."""
+    if qsha not in st.session_state.setdefault("refined", set()):
+        return {}
+    votes = _session_votes(qsha)
+    return {
+        LIKED: ",".join(i for i, v in votes.items() if v == UP),
+        DISLIKED: ",".join(i for i, v in votes.items() if v == DOWN),
+    }
+
+
+def _refine_button(qsha: str) -> None:
+    """Re-search with this query's votes (Rocchio; the thumbs-down results drop out)."""
+    votes = _session_votes(qsha)
+    if not votes:
+        return
+    up = sum(v == UP for v in votes.values())
+    label = f"Refine: more like the {up} liked, less like the {len(votes) - up} disliked"
+    if st.button(label, key=f"refine-{qsha[:16]}"):
+        st.session_state["refined"].add(qsha)
+        st.rerun()
+
+
+def _impression(
+    hits: pd.DataFrame,
+    served: Served,
+    qsha: str,
+    query_image_id: str | None,
+    query_text: str | None,
+    params: dict[str, Any],
+    store: FeedbackStore,
+) -> str:
+    """The id of the result list shown; stored once per distinct list (Streamlit re-runs the
+    page on every click: a re-run showing the same list is the same impression)."""
+    shown = tuple(hits["image_id"].astype(str)) if "image_id" in hits.columns else ()
+    key = repr((qsha, shown, sorted(params.items())))
+    seen: dict[str, str] = st.session_state.setdefault("impressions", {})
+    if key not in seen:
+        impression = Impression(
+            query_sha256=qsha,
+            results=hits,
+            versions=Versions(index=served.index_version, extractor=served.extractor_version),
+            session=st.session_state["session"],
+            query_image_id=query_image_id,
+            query_text=query_text,
+        )
+        seen[key] = impression_store(store.url).record(impression)
+    return seen[key]
 
 
 def _tracking_uri() -> str:
@@ -209,6 +274,7 @@ def _results(
     query_image_id: str | None,
     columns: int,
     query_text: str | None = None,
+    query_id: str | None = None,
 ) -> None:
     paths = (
         catalog.set_index(catalog[schema.IMAGE_ID].astype(str))[schema.PATH].to_dict()
@@ -250,8 +316,10 @@ def _results(
                                 extractor_version=served.extractor_version,
                                 session=st.session_state["session"],
                                 query_text=query_text,
+                                query_id=query_id,
                             )
                         )
+                        _session_votes(qsha)[image_id] = vote
                         st.success("Thanks, feedback recorded.")
 
 
@@ -295,6 +363,8 @@ def main() -> None:
         return
     left, right = st.columns([1, 4])
     left.image(preview(data), caption=label, width="stretch")
+    qsha = query_sha256(data)
+    params = {**params, **_feedback_params(qsha)}
     try:
         hits = search(served, [data], params)
     except MlflowException as exc:
@@ -305,15 +375,18 @@ def main() -> None:
         right.warning(f"No results: {errors.iloc[0]}")
         return
     right.write(f"{len(hits)} results")
+    query_id = _impression(hits, served, qsha, query_image_id, None, params, store)
     with right:
+        _refine_button(qsha)
         _results(
             hits,
             served,
             catalog,
             store,
-            query_sha256(data),
+            qsha,
             query_image_id,
             max(1, int(cfg.grid_columns)),
+            query_id=query_id,
         )
     with st.expander("Feedback so far"):
         st.dataframe(store.summary())
@@ -328,6 +401,8 @@ def _text_search(
     cfg: SearchConfig,
 ) -> None:
     """Results of a text query; a refused one (a restricted word) says why."""
+    qsha = text_query_sha256(words)
+    params = {**params, **_feedback_params(qsha)}
     try:
         hits = search_text(served, [words], None, params)
     except MlflowException as exc:
@@ -338,15 +413,18 @@ def _text_search(
         st.warning(f"No results: {errors.iloc[0]}")
         return
     st.write(f"{len(hits)} results for “{words}”")
+    query_id = _impression(hits, served, qsha, None, words, params, store)
+    _refine_button(qsha)
     _results(
         hits,
         served,
         catalog,
         store,
-        text_query_sha256(words),
+        qsha,
         None,
         max(1, int(cfg.grid_columns)),
         query_text=words,
+        query_id=query_id,
     )
     with st.expander("Feedback so far"):
         st.dataframe(store.summary())
