@@ -137,7 +137,11 @@ def _impression(
         impression = Impression(
             query_sha256=qsha,
             results=hits,
-            versions=Versions(index=served.index_version, extractor=served.extractor_version),
+            versions=Versions(
+                index=served.index_version,
+                extractor=served.extractor_version,
+                reranker=served.reranker_version,
+            ),
             session=st.session_state["session"],
             query_image_id=query_image_id,
             query_text=query_text,

@@ -1,7 +1,9 @@
 """``imgsearch-reranker``: the learned reranker as a versioned, checksummed, gated registry model.
 
-A version is a pyfunc (:class:`RerankerModel`: candidate feature rows in, ``score`` out; the
-feature columns are :data:`imgsearch.search.reranker.FEATURES`) tagged with:
+A version is a pyfunc (:class:`RerankerModel`: the index model's result rows in (``query``,
+``rank``, ``image_id``, ``similarity``, ``popularity``, ``category``), the same rows reordered per
+query out, with ``first_rank`` and ``rerank_score``; it ships the vote rates it was trained
+with, so serving computes the features as training did) tagged with:
 
 * ``index_version`` / ``extractor_version`` / ``extractor_fingerprint``: the index version whose
   candidates (similarities, ranks, vote rates of its images) it was trained on. Loading it for
@@ -35,7 +37,8 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, Schema
 
-from imgsearch.search.reranker import FEATURES, LearnedReranker
+from imgsearch import schema
+from imgsearch.search.reranker import LearnedReranker
 from registry import integrity
 from registry.packaging import MODEL_CODE, code_paths, pip_requirements, quiet_input_example
 from registry.params import _invalid
@@ -55,7 +58,7 @@ log = logging.getLogger(__name__)
 
 RERANKER_MODEL = "imgsearch-reranker"
 ARTIFACT_RERANKER = "reranker"
-SCORE = "score"
+SIMILARITY = "similarity"
 TAG_KIND = "reranker_kind"
 TAG_GATE = "gate"
 GATE_METRIC = "ndcg_at_10"
@@ -67,7 +70,7 @@ class RerankerMismatchError(RegistryError):
 
 
 class RerankerModel(PythonModel):
-    """Candidate features -> ``score`` (higher ranks first), one output row per input row."""
+    """First-stage result rows -> the same rows reordered per query (see the module docstring)."""
 
     def load_context(self, context: Any) -> None:
         integrity.verify_loaded(context, (ARTIFACT_RERANKER,))  # before the file is parsed
@@ -76,17 +79,39 @@ class RerankerModel(PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        missing = [f for f in FEATURES if f not in model_input.columns]
+        missing = [c for c in (schema.IMAGE_ID, SIMILARITY) if c not in model_input.columns]
         if missing:
-            raise _invalid(f"missing feature columns {missing}; expected {list(FEATURES)}")
-        x = model_input[list(FEATURES)].to_numpy(dtype=np.float64)
-        if not np.all(np.isfinite(x)):
-            raise _invalid("feature values must be finite numbers")
-        return pd.DataFrame({SCORE: self.reranker.score(x)})
+            raise _invalid(f"missing columns {missing}: send the index model's result rows")
+        hits = model_input.copy()
+        sims = pd.to_numeric(hits[SIMILARITY], errors="coerce").to_numpy(dtype=np.float64)
+        if not np.all(np.isfinite(sims)):
+            raise _invalid("similarity values must be finite numbers")
+        return self.reranker.rerank(hits)
 
 
 def reranker_signature() -> ModelSignature:
-    return ModelSignature(inputs=Schema([ColSpec("double", name) for name in FEATURES]))
+    columns = [
+        ColSpec("long", "query", required=False),
+        ColSpec("long", "rank", required=False),
+        ColSpec("string", schema.IMAGE_ID),
+        ColSpec("double", SIMILARITY),
+        ColSpec("double", "popularity", required=False),
+        ColSpec("string", schema.CATEGORY, required=False),
+    ]
+    return ModelSignature(inputs=Schema(columns))
+
+
+def rerank_hits(reranker: Any, hits: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The index model's hits reordered by a loaded reranker pyfunc, cut to ``k`` per query;
+    rows without a rank (a query's error row) are kept as they are."""
+    answered = hits[hits["rank"].notna()] if "rank" in hits.columns else hits
+    if answered.empty:
+        return hits
+    inner = reranker.unwrap_python_model().reranker
+    out = inner.rerank(answered.assign(rank=answered["rank"].astype(int)))
+    out = out[out["rank"] <= int(k)]
+    rest = hits.drop(index=answered.index)
+    return pd.concat([out, rest], ignore_index=True) if not rest.empty else out
 
 
 def _data_hash(reranker_dir: Path, train_ids: list[str]) -> str:

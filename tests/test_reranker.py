@@ -3,7 +3,9 @@ preference recovered, plain-text persistence, the gate, and the registry's index
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -137,8 +139,14 @@ def test_gate_refuses_a_worse_or_equal_reranker() -> None:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> SearchEnv:
-    return get_env(tmp_path_factory)
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchEnv]:
+    """The shared search env; the rerankers registered here are removed afterwards, so the
+    other modules' page and CLI tests see the first-stage ranking they expect."""
+    env = get_env(tmp_path_factory)
+    yield env
+    client = MlflowClient(tracking_uri=env.uri, registry_uri=env.uri)
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        client.delete_registered_model(rr.RERANKER_MODEL)
 
 
 def test_registered_reranker_is_tagged_gated_and_refused_for_another_index(
@@ -176,8 +184,29 @@ def test_registered_reranker_is_tagged_gated_and_refused_for_another_index(
         assert rr.apply_gate(client, version, rr.gate(table, "logistic"))
 
         model = rr.load_reranker(index_version, client=client)
-        x = pd.DataFrame(np.zeros((3, len(FEATURES))), columns=list(FEATURES))
-        assert model.predict(x)["score"].shape == (3,)
+        hits = pd.DataFrame(
+            {
+                "query": [0, 0, 0],
+                "rank": [1, 2, 3],
+                "image_id": ["img1", "img2", "img3"],
+                "similarity": [0.9, 0.8, 0.7],
+                "popularity": [0.0, 0.0, 1.0],
+                "category": ["c1", "c2", "c1"],
+            }
+        )
+        out = model.predict(hits)
+        assert sorted(out["first_rank"]) == [1, 2, 3] and out["rank"].tolist() == [1, 2, 3]
+        assert out["rerank_score"].is_monotonic_decreasing
+
+        # the search page / CLI path: the champion reranker of the served index is used
+        from registry.search import SearchConfig, load_served, search
+
+        served = load_served(SearchConfig(), client)
+        assert served.reranker_version == str(version.version)
+        assert f"{rr.RERANKER_MODEL} v{version.version}" in served.label
+        answer = search(served, [env.images[0]], {"k": 3})
+        assert answer["rank"].tolist() == [1, 2, 3] and "first_rank" in answer.columns
+        assert not load_served(SearchConfig(use_reranker=False), client).reranker
         with pytest.raises(rr.RerankerMismatchError, match="trained for"):
             rr.load_reranker(str(int(index_version) + 1), client=client)
 

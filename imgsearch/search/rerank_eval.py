@@ -106,6 +106,7 @@ def compare(
     for name, config in candidates.items():
         model = None if config is None else fit(config, train)
         if model is not None:
+            model.rates_ = rates  # serving computes the vote-rate features from this table
             models[name] = model
         rows.append({"ranking": name, **ranking_metrics(test.relevance, _orders(model, test), k)})
     rows.append({"ranking": "ideal", **ranking_metrics(test.relevance, ideal_orders(test), k)})

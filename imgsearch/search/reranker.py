@@ -50,6 +50,9 @@ PRIOR_STRENGTH = 10.0
 KINDS = ("lambdarank", "logistic")
 MODEL_FILE = "reranker.txt"
 SPEC_FILE = "reranker.json"
+RATES_FILE = "vote_rates.csv"
+FIRST_RANK = "first_rank"
+RERANK_SCORE = "rerank_score"
 
 
 # --- features ------------------------------------------------------------------------------------
@@ -90,12 +93,12 @@ def features(
     n = len(candidates)
     ids = candidates[schema.IMAGE_ID].astype(str)
     first_rank = (
-        candidates["rank"].to_numpy(dtype=np.float64)
+        pd.to_numeric(candidates["rank"], errors="coerce").to_numpy(dtype=np.float64)
         if "rank" in candidates.columns
         else np.arange(1, n + 1, dtype=np.float64)
     )
     pop = (
-        candidates["popularity"].fillna(0.0).to_numpy(dtype=np.float64)
+        pd.to_numeric(candidates["popularity"], errors="coerce").fillna(0.0).to_numpy(np.float64)
         if "popularity" in candidates.columns
         else np.zeros(n)
     )
@@ -110,7 +113,7 @@ def features(
         cats = candidates[schema.CATEGORY].astype("string")
         wanted = query_category if query_category is not None else cats.iloc[0]
         match = (cats == str(wanted)).fillna(False).to_numpy(dtype=np.float64)
-    sim = candidates["similarity"].to_numpy(dtype=np.float64)
+    sim = pd.to_numeric(candidates["similarity"], errors="coerce").to_numpy(dtype=np.float64)
     return np.column_stack([sim, first_rank, pop, up, down, match])
 
 
@@ -157,6 +160,9 @@ class LearnedReranker:
         self.intercept_: float = 0.0
         self.mean_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
+        #: the vote rates of the training sessions, shipped with the model: serving computes
+        #: the ``up_rate`` / ``down_rate`` features from the same table as training did
+        self.rates_: pd.DataFrame | None = None
 
     def fit(
         self,
@@ -244,6 +250,11 @@ class LearnedReranker:
             if self.booster_ is None:
                 raise ValueError("reranker is not fitted")
             (directory / MODEL_FILE).write_text(self.booster_.model_to_string())
+        if self.rates_ is not None:
+            spec["rates_prior"] = list(self.rates_.attrs.get("prior", (0.0, 0.0)))
+            self.rates_.rename_axis("image_id").reset_index().to_csv(
+                directory / RATES_FILE, index=False
+            )
         (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
         return directory
 
@@ -263,7 +274,31 @@ class LearnedReranker:
             import lightgbm as lgb
 
             model.booster_ = lgb.Booster(model_str=(directory / MODEL_FILE).read_text())
+        if (directory / RATES_FILE).is_file():
+            rates = pd.read_csv(directory / RATES_FILE, dtype={"image_id": str})
+            model.rates_ = rates.set_index("image_id")
+            model.rates_.attrs["prior"] = tuple(spec.get("rates_prior", (0.0, 0.0)))
         return model
+
+    def rerank(self, hits: pd.DataFrame, query_column: str = "query") -> pd.DataFrame:
+        """First-stage hits (``image_id``, ``similarity``, ``rank``, optionally ``popularity``,
+        ``category``; several queries told apart by ``query_column``) reordered per query by
+        this model: ``rank`` renumbered, the old one kept as ``first_rank``, the model's score
+        as ``rerank_score``."""
+        if hits.empty:
+            return hits.assign(**{FIRST_RANK: [], RERANK_SCORE: []})
+        keys = hits[query_column] if query_column in hits.columns else pd.Series(0, hits.index)
+        parts = []
+        for _, group in hits.groupby(keys, sort=False):
+            group = group.sort_values("rank", kind="stable") if "rank" in group else group
+            scores = self.score(features(group, self.rates_))
+            order = np.argsort(-scores, kind="stable")
+            out = group.iloc[order].copy()
+            out[FIRST_RANK] = group["rank"].to_numpy()[order] if "rank" in group else order + 1
+            out[RERANK_SCORE] = scores[order]
+            out["rank"] = np.arange(1, len(out) + 1)
+            parts.append(out)
+        return pd.concat(parts, ignore_index=True)
 
 
 # --- measurement -----------------------------------------------------------------------------------
