@@ -64,6 +64,7 @@ class RerankStepConfig:
     min_queries: int = 20
     feedback_url: str = ""
     synthetic_images: int = 1500
+    retrain_min_new_votes: int = 200  # the daemon retrains when this many new votes arrived
 
     def __post_init__(self) -> None:
         if self.source not in ("simulate", "store") or self.catalog not in ("index", "synthetic"):

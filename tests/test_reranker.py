@@ -239,29 +239,24 @@ def test_step_on_a_synthetic_catalog_measures_and_registers_nothing(env: SearchE
     assert len(client.search_model_versions(f"name = '{rr.RERANKER_MODEL}'")) == before
 
 
-def test_step_learns_from_the_feedback_store(
-    env: SearchEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Impressions and votes of the served index (written as the page would) train a reranker
-    registered for that index version; the held-out queries are the latest ones."""
+def _fill_store(env: SearchEnv, url: str, repeats: int = 8) -> int:
+    """Impressions and votes of simulated users on the served index, written as the page would;
+    returns the number of votes."""
     from datetime import datetime, timedelta, timezone
 
     from registry.feedback import FeedbackStore, Vote, query_sha256
     from registry.impressions import Impression, ImpressionStore, Versions
-    from steps import rerank
 
-    url = f"sqlite:///{tmp_path / 'fb.db'}"
-    monkeypatch.setenv("IMGSEARCH_FEEDBACK_URL", url)
     meta = env.meta
     vectors = np.eye(len(meta), 8, dtype=np.float32) + 0.3
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    queries = np.tile(np.arange(len(meta)), 8)
-    sessions = click_sim.simulate(
-        vectors, meta, queries, shown=5, clicks=click_sim.ClickModel(click=(0.1, 0.8, 0.95)), seed=0
-    )
+    queries = np.tile(np.arange(len(meta)), repeats)
+    clicks = click_sim.ClickModel(click=(0.1, 0.8, 0.95))
+    sessions = click_sim.simulate(vectors, meta, queries, shown=5, clicks=clicks, seed=0)
     shown, votes = ImpressionStore(url), FeedbackStore(url)
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
     version = str(env.pair.index.version)
+    n_votes = 0
     for n, (_, rows) in enumerate(sessions.groupby(np.arange(len(sessions)) // 5, sort=True)):
         sha = query_sha256(f"query {n}".encode())
         qid = shown.record(
@@ -274,7 +269,24 @@ def test_step_learns_from_the_feedback_store(
             now=start + timedelta(minutes=n),
         )
         for r in rows[rows["vote"] != 0].itertuples():
-            votes.record(Vote(sha, r.result_image_id, int(r.rank), int(r.vote), query_id=qid))
+            votes.record(
+                Vote(sha, r.result_image_id, int(r.rank), int(r.vote), index_version=version,
+                     query_id=qid)
+            )  # fmt: skip
+            n_votes += 1
+    return n_votes
+
+
+def test_step_learns_from_the_feedback_store(
+    env: SearchEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Impressions and votes of the served index train a reranker registered for that index
+    version; the held-out queries are the latest ones."""
+    from steps import rerank
+
+    url = f"sqlite:///{tmp_path / 'fb.db'}"
+    monkeypatch.setenv("IMGSEARCH_FEEDBACK_URL", url)
+    _fill_store(env, url)
     with tracking(env.uri):
         run_id = rerank.run(
             overrides={
@@ -285,11 +297,32 @@ def test_step_learns_from_the_feedback_store(
         )
     client = MlflowClient(tracking_uri=env.uri, registry_uri=env.uri)
     run = client.get_run(run_id)
-    assert run.data.metrics["test_queries"] == pytest.approx(round(len(queries) * 0.3), abs=1)
+    assert run.data.metrics["test_queries"] == pytest.approx(round(8 * len(env.meta) * 0.3), abs=1)
+    version = str(env.pair.index.version)
     registered = client.get_model_version(rr.RERANKER_MODEL, run.data.tags["rerank.version"])
     assert registered.tags["index_version"] == version
     assert registered.tags["reranker_kind"] == "lambdarank"
     assert "metric.first_stage.ndcg_at_10" in registered.tags
+
+
+def test_the_daemon_retrains_when_enough_new_votes_came(
+    env: SearchEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from monitoring import reranker_job
+    from registry.feedback import FeedbackStore
+
+    url = f"sqlite:///{tmp_path / 'fb.db'}"
+    monkeypatch.setenv("IMGSEARCH_FEEDBACK_URL", url)
+    n_votes = _fill_store(env, url)
+    client = MlflowClient(tracking_uri=env.uri, registry_uri=env.uri)
+    version = str(env.pair.index.version)
+    assert reranker_job.new_votes(client, FeedbackStore(url), version) == n_votes
+    with tracking(env.uri):
+        high = {"rerank.retrain_min_new_votes": n_votes + 1, "rerank.min_queries": 10}
+        assert reranker_job.maybe_retrain(overrides=high, client=client).startswith("skipped")
+        low = {"rerank.retrain_min_new_votes": 1, "rerank.min_queries": 10}
+        assert reranker_job.maybe_retrain(overrides=low, client=client).startswith("retrained")
+    assert reranker_job.new_votes(client, FeedbackStore(url), version) == 0
 
 
 def test_step_refuses_too_little_feedback(
