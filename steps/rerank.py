@@ -14,8 +14,8 @@ from (``--source``):
   Train sessions query the train items, held-out sessions the others.
 
 Produces: ``comparison.csv`` and metrics ``<ranking>.ndcg_at_10`` / ``<ranking>.map_at_r`` of the
-first stage, logistic, LambdaRank with and without position debiasing and the ideal ranking on
-the held-out queries; the configured ranking registered as ``imgsearch-reranker`` (challenger),
+first stage, logistic, LambdaRank with and without position debiasing, Rocchio (simulation: the
+held-out list re-ordered by its own votes) and the ideal ranking on the held-out queries; the configured ranking registered as ``imgsearch-reranker`` (challenger),
 tagged with its index and extractor versions and checksums, and promoted to ``champion`` only
 when it beats the first stage on the held-out NDCG@10 (tags ``rerank.promoted`` / ``.reason``).
 """
@@ -131,7 +131,7 @@ def run(overrides: dict[str, Any] | None = None, profile: str | None = None) -> 
     with stage_run("rerank", overrides, profile) as (active, all_cfg):
         cfg = from_dict(RerankStepConfig, all_cfg.get("rerank"))
         client = MlflowClient()
-        index_version = None
+        index_version, vectors = None, None
         if cfg.source == "simulate" and cfg.catalog == "synthetic":
             vectors, meta = click_sim.synthetic_catalog(cfg.synthetic_images, seed=cfg.seed)
             train, test = simulated_sessions(vectors, meta, cfg)
@@ -143,7 +143,8 @@ def run(overrides: dict[str, Any] | None = None, profile: str | None = None) -> 
                 train, test = simulated_sessions(vectors, meta, cfg)
             else:
                 train, test = stored_sessions(meta, index_version, cfg)
-        table, models = compare(train, test)
+        ids = pd.Index(meta[schema.IMAGE_ID].astype(str))
+        table, models = compare(train, test, vectors=vectors, ids=ids)
         if cfg.ranking not in models:
             raise ConfigError(f"rerank.ranking {cfg.ranking!r} is not one of {sorted(models)}")
         log_df(table.reset_index(), "comparison.csv")

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from imgsearch import schema
+from imgsearch.search.relevance_feedback import rocchio
 from imgsearch.search.reranker import (
     LearnedReranker,
     RerankerConfig,
@@ -79,6 +80,24 @@ def _orders(model: LearnedReranker | None, data: Arrays) -> list[np.ndarray]:
     return out
 
 
+def rocchio_orders(sessions: pd.DataFrame, vectors: np.ndarray, ids: pd.Index) -> list[np.ndarray]:
+    """Per query (as :func:`arrays` groups them): the shown candidates reordered by the query
+    moved with the votes cast on that very list (Rocchio, in-session feedback), the disliked
+    ones last. Needs ``query_row`` (the query's gallery row) and ``vectors`` (gallery order,
+    ``ids`` the image id of each row)."""
+    where = pd.Series(np.arange(len(ids)), index=ids)
+    out = []
+    for _, rows in sessions.groupby("query_id", sort=False):
+        rows = rows.sort_values("rank", kind="stable")
+        cand = vectors[where.loc[rows["result_image_id"].astype(str)].to_numpy()]
+        votes = rows["vote"].to_numpy()
+        query = vectors[int(rows["query_row"].iloc[0])]
+        moved = rocchio(query, cand[votes > 0], cand[votes < 0])
+        score = cand @ moved - 10.0 * (votes < 0)  # disliked results drop out (to the end)
+        out.append(np.argsort(-score, kind="stable"))
+    return out
+
+
 def ideal_orders(data: Arrays) -> list[np.ndarray]:
     return [np.argsort(-rel, kind="stable") for rel in data.relevance]
 
@@ -92,10 +111,14 @@ def compare(
     test_sessions: pd.DataFrame,
     candidates: Mapping[str, RerankerConfig | None] | None = None,
     k: int = 10,
+    vectors: np.ndarray | None = None,
+    ids: pd.Index | None = None,
 ) -> tuple[pd.DataFrame, dict[str, LearnedReranker]]:
     """Fit each candidate on ``train_sessions`` (vote rates from them only) and measure every
     ordering on ``test_sessions``. Returns a table (one row per ordering, plus ``ideal``) of
-    NDCG@k and MAP@R, and the fitted models by name."""
+    NDCG@k and MAP@R, and the fitted models by name. With the gallery ``vectors`` (and their
+    image ``ids``) a ``rocchio`` row is added: in-session relevance feedback on the test lists'
+    own votes (a different setting: the user voted on that list first)."""
     candidates = dict(DEFAULT_CANDIDATES if candidates is None else candidates)
     overlap = set(train_sessions["query_id"]) & set(test_sessions["query_id"])
     if overlap:
@@ -109,6 +132,9 @@ def compare(
             model.rates_ = rates  # serving computes the vote-rate features from this table
             models[name] = model
         rows.append({"ranking": name, **ranking_metrics(test.relevance, _orders(model, test), k)})
+    if vectors is not None and ids is not None and "query_row" in test_sessions.columns:
+        orders = rocchio_orders(test_sessions, vectors, ids)
+        rows.append({"ranking": "rocchio", **ranking_metrics(test.relevance, orders, k)})
     rows.append({"ranking": "ideal", **ranking_metrics(test.relevance, ideal_orders(test), k)})
     table = pd.DataFrame(rows).set_index("ranking")
     log.info("reranker comparison on %d test queries:\n%s", len(test.relevance), table)
