@@ -35,6 +35,12 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
+from app.session_feedback import (  # noqa: E402
+    feedback_params,
+    record_impression,
+    refine_button,
+    session_votes,
+)
 from imgsearch import schema  # noqa: E402
 from imgsearch.errors import ImageRejected, ImgsearchError  # noqa: E402
 from registry.feedback import (  # noqa: E402
@@ -46,8 +52,6 @@ from registry.feedback import (  # noqa: E402
     query_sha256,
     text_query_sha256,
 )
-from registry.impressions import Impression, ImpressionStore, Versions  # noqa: E402
-from registry.params import DISLIKED, LIKED  # noqa: E402
 from registry.search import (  # noqa: E402
     SearchConfig,
     Served,
@@ -83,71 +87,6 @@ def served_model(
 @st.cache_resource
 def feedback_store(url: str) -> FeedbackStore:
     return FeedbackStore(url)
-
-
-@st.cache_resource
-def impression_store(url: str) -> ImpressionStore:
-    return ImpressionStore(url)
-
-
-def _session_votes(qsha: str) -> dict[str, int]:
-    """This session's votes on the results of query ``qsha``: image id -> +1 / -1 (last wins)."""
-    votes: dict[str, dict[str, int]] = st.session_state.setdefault("votes", {})
-    return votes.setdefault(qsha, {})
-
-
-def _feedback_params(qsha: str) -> dict[str, str]:
-    """``liked`` / ``disliked`` for the search once "refine" was pressed for this query."""
-    if qsha not in st.session_state.setdefault("refined", set()):
-        return {}
-    votes = _session_votes(qsha)
-    return {
-        LIKED: ",".join(i for i, v in votes.items() if v == UP),
-        DISLIKED: ",".join(i for i, v in votes.items() if v == DOWN),
-    }
-
-
-def _refine_button(qsha: str) -> None:
-    """Re-search with this query's votes (Rocchio; the thumbs-down results drop out)."""
-    votes = _session_votes(qsha)
-    if not votes:
-        return
-    up = sum(v == UP for v in votes.values())
-    label = f"Refine: more like the {up} liked, less like the {len(votes) - up} disliked"
-    if st.button(label, key=f"refine-{qsha[:16]}"):
-        st.session_state["refined"].add(qsha)
-        st.rerun()
-
-
-def _impression(
-    hits: pd.DataFrame,
-    served: Served,
-    qsha: str,
-    query_image_id: str | None,
-    query_text: str | None,
-    params: dict[str, Any],
-    store: FeedbackStore,
-) -> str:
-    """The id of the result list shown; stored once per distinct list (Streamlit re-runs the
-    page on every click: a re-run showing the same list is the same impression)."""
-    shown = tuple(hits["image_id"].astype(str)) if "image_id" in hits.columns else ()
-    key = repr((qsha, shown, sorted(params.items())))
-    seen: dict[str, str] = st.session_state.setdefault("impressions", {})
-    if key not in seen:
-        impression = Impression(
-            query_sha256=qsha,
-            results=hits,
-            versions=Versions(
-                index=served.index_version,
-                extractor=served.extractor_version,
-                reranker=served.reranker_version,
-            ),
-            session=st.session_state["session"],
-            query_image_id=query_image_id,
-            query_text=query_text,
-        )
-        seen[key] = impression_store(store.url).record(impression)
-    return seen[key]
 
 
 def _tracking_uri() -> str:
@@ -323,7 +262,7 @@ def _results(
                                 query_id=query_id,
                             )
                         )
-                        _session_votes(qsha)[image_id] = vote
+                        session_votes(qsha)[image_id] = vote
                         st.success("Thanks, feedback recorded.")
 
 
@@ -368,7 +307,7 @@ def main() -> None:
     left, right = st.columns([1, 4])
     left.image(preview(data), caption=label, width="stretch")
     qsha = query_sha256(data)
-    params = {**params, **_feedback_params(qsha)}
+    params = {**params, **feedback_params(qsha)}
     try:
         hits = search(served, [data], params)
     except MlflowException as exc:
@@ -379,9 +318,9 @@ def main() -> None:
         right.warning(f"No results: {errors.iloc[0]}")
         return
     right.write(f"{len(hits)} results")
-    query_id = _impression(hits, served, qsha, query_image_id, None, params, store)
+    query_id = record_impression(hits, served, qsha, query_image_id, None, params, store)
     with right:
-        _refine_button(qsha)
+        refine_button(qsha)
         _results(
             hits,
             served,
@@ -406,7 +345,7 @@ def _text_search(
 ) -> None:
     """Results of a text query; a refused one (a restricted word) says why."""
     qsha = text_query_sha256(words)
-    params = {**params, **_feedback_params(qsha)}
+    params = {**params, **feedback_params(qsha)}
     try:
         hits = search_text(served, [words], None, params)
     except MlflowException as exc:
@@ -417,8 +356,8 @@ def _text_search(
         st.warning(f"No results: {errors.iloc[0]}")
         return
     st.write(f"{len(hits)} results for “{words}”")
-    query_id = _impression(hits, served, qsha, None, words, params, store)
-    _refine_button(qsha)
+    query_id = record_impression(hits, served, qsha, None, words, params, store)
+    refine_button(qsha)
     _results(
         hits,
         served,
