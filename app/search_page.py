@@ -8,7 +8,9 @@ It loads ``imgsearch-index@champion`` (``configs/search.yaml``) in-process from 
 store in ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db``), once per process
 (``st.cache_resource``), and shows which index and extractor versions answer. Results come as a
 grid (thumbnail, item name, category, score, similarity, popularity) with thumbs up / down per
-result, stored by :mod:`registry.feedback`. A file that cannot be used (not an image, a
+result, stored by :mod:`registry.feedback`; every result list shown is stored as an impression
+(:mod:`registry.impressions`), and "Refine" searches again with this session's votes on the
+query (Rocchio relevance feedback; the thumbs-down results drop out). A file that cannot be used (not an image, a
 decompression bomb, too large, empty...) gets a clear message and the page keeps working.
 
 Environment: ``MLFLOW_TRACKING_URI`` (the registry), ``IMGSEARCH_FEEDBACK_URL`` (the feedback
@@ -33,6 +35,12 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
+from app.session_feedback import (  # noqa: E402
+    feedback_params,
+    record_impression,
+    refine_button,
+    session_votes,
+)
 from imgsearch import schema  # noqa: E402
 from imgsearch.errors import ImageRejected, ImgsearchError  # noqa: E402
 from registry.feedback import (  # noqa: E402
@@ -209,6 +217,7 @@ def _results(
     query_image_id: str | None,
     columns: int,
     query_text: str | None = None,
+    query_id: str | None = None,
 ) -> None:
     paths = (
         catalog.set_index(catalog[schema.IMAGE_ID].astype(str))[schema.PATH].to_dict()
@@ -250,8 +259,10 @@ def _results(
                                 extractor_version=served.extractor_version,
                                 session=st.session_state["session"],
                                 query_text=query_text,
+                                query_id=query_id,
                             )
                         )
+                        session_votes(qsha)[image_id] = vote
                         st.success("Thanks, feedback recorded.")
 
 
@@ -295,6 +306,8 @@ def main() -> None:
         return
     left, right = st.columns([1, 4])
     left.image(preview(data), caption=label, width="stretch")
+    qsha = query_sha256(data)
+    params = {**params, **feedback_params(qsha)}
     try:
         hits = search(served, [data], params)
     except MlflowException as exc:
@@ -305,15 +318,18 @@ def main() -> None:
         right.warning(f"No results: {errors.iloc[0]}")
         return
     right.write(f"{len(hits)} results")
+    query_id = record_impression(hits, served, qsha, query_image_id, None, params, store)
     with right:
+        refine_button(qsha)
         _results(
             hits,
             served,
             catalog,
             store,
-            query_sha256(data),
+            qsha,
             query_image_id,
             max(1, int(cfg.grid_columns)),
+            query_id=query_id,
         )
     with st.expander("Feedback so far"):
         st.dataframe(store.summary())
@@ -328,6 +344,8 @@ def _text_search(
     cfg: SearchConfig,
 ) -> None:
     """Results of a text query; a refused one (a restricted word) says why."""
+    qsha = text_query_sha256(words)
+    params = {**params, **feedback_params(qsha)}
     try:
         hits = search_text(served, [words], None, params)
     except MlflowException as exc:
@@ -338,15 +356,18 @@ def _text_search(
         st.warning(f"No results: {errors.iloc[0]}")
         return
     st.write(f"{len(hits)} results for “{words}”")
+    query_id = record_impression(hits, served, qsha, None, words, params, store)
+    refine_button(qsha)
     _results(
         hits,
         served,
         catalog,
         store,
-        text_query_sha256(words),
+        qsha,
         None,
         max(1, int(cfg.grid_columns)),
         query_text=words,
+        query_id=query_id,
     )
     with st.expander("Feedback so far"):
         st.dataframe(store.summary())

@@ -87,6 +87,7 @@ from imgsearch.embed.files import load_embeddings, save_embeddings
 from imgsearch.errors import CatalogError, ConfigError, ImgsearchError
 from imgsearch.search.ranking import RankingConfig
 from monitoring import drift as drift_stage
+from monitoring import reranker_job
 from monitoring.champion import INPUT, champion_quarantine_ids, find_champion, split_overrides
 from monitoring.daemon import EXIT_LOCKED, IMPROVE_STAGE, stop_requested
 from monitoring.improve_summary import JobState, record
@@ -228,6 +229,8 @@ def run(
         record(state)
         if commit is not None:
             commit()  # the watermark moves only now: the decision is logged
+        if state.decision != "stopped":  # enough new votes: retrain the reranker (never fails)
+            reranker_job.maybe_retrain(profile, user, client)
         log.info("improve: %s (%s)", state.decision, state.reason)
         return parent.info.run_id
 

@@ -3,12 +3,14 @@
 One row per vote::
 
     feedback(id, created_at, query_sha256, query_image_id, result_image_id, result_item_id,
-             rank, score, vote, index_version, extractor_version, session)
+             rank, score, vote, index_version, extractor_version, session, query_text,
+             query_lang, query_id)
 
 ``vote`` is ``+1`` or ``-1``; ``query_image_id`` is set when the query was a catalog image (it is
 ``NULL`` for an upload, which is identified by the sha256 of its bytes only: uploads are never
 stored). ``index_version`` / ``extractor_version`` are the registry versions that answered, so
-votes can be joined with the model that earned them.
+votes can be joined with the model that earned them; ``query_id`` joins a vote to the
+impression (the result list shown) it was cast on (:mod:`registry.impressions`).
 
 Where the table lives: the ``IMGSEARCH_FEEDBACK_URL`` environment variable, else the configured
 URL (``configs/search.yaml`` ``feedback_url``), else SQLite at
@@ -56,6 +58,8 @@ feedback_table = sa.Table(
     sa.Column("session", sa.String(128), nullable=True),
     sa.Column("query_text", sa.Text, nullable=True),  # a text query (None for an image)
     sa.Column("query_lang", sa.String(16), nullable=True),
+    # the impression the vote was cast on (registry.impressions); NULL for older votes
+    sa.Column("query_id", sa.String(64), nullable=True),
     sa.CheckConstraint("vote IN (-1, 1)", name="vote_is_up_or_down"),
 )
 COLUMNS = tuple(c.name for c in feedback_table.columns)
@@ -80,7 +84,7 @@ def text_query_sha256(text: str, lang: str | None = None) -> str:
 
 
 #: columns added after the first release: added to an existing table when missing
-_ADDED_COLUMNS = ("query_text", "query_lang")
+_ADDED_COLUMNS = ("query_text", "query_lang", "query_id")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Vote:
     session: str | None = None
     query_text: str | None = None
     query_lang: str | None = None
+    query_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.vote not in (UP, DOWN):
@@ -161,6 +166,7 @@ class FeedbackStore:
             "session": vote.session,
             "query_text": vote.query_text,
             "query_lang": vote.query_lang,
+            "query_id": vote.query_id,
         }
         with self.engine.begin() as conn:
             result = conn.execute(feedback_table.insert().values(**row))

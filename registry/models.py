@@ -43,7 +43,7 @@ from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import fingerprint, load_extractor
 from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig, RankingTable, rank
-from registry import serving_guard, text_queries
+from registry import served_feedback, serving_guard, text_queries
 from registry.decoding import (
     CALIBRATION_IMAGES,
     MAX_IMAGE_BYTES,
@@ -67,6 +67,7 @@ from registry.params import (
     TEXT_WEIGHT,
     _as_float,
     _invalid,
+    feedback_for_request,
     index_signature,
     param_defaults,
     ranking_for_request,
@@ -200,6 +201,8 @@ class IndexModel(PythonModel):
         self.serving = prepare_serving(self.extractor, context, self.index.meta)
         # refuses a text encoder aligned to another extractor (ExtractorMismatchError)
         self.text = text_queries.TextSide.load(dict(context.artifacts), self.fingerprint)
+        # optional: off unless the model config or the environment names a store
+        self.impressions = served_feedback.ImpressionHook.from_context(context, ARTIFACT_INDEX)
         serving_guard.install()
 
     def _queries(
@@ -248,14 +251,22 @@ class IndexModel(PythonModel):
         return np.stack(vectors).astype(np.float32), rows, errors, set(text_emb)
 
     def _rank(
-        self, emb: np.ndarray, rows: list[int], k: int, cfg: RankingConfig, text_rows: set[int]
+        self,
+        emb: np.ndarray,
+        rows: list[int],
+        k: int,
+        cfg: RankingConfig,
+        text_rows: set[int],
+        exclude: tuple[str, ...] = (),
     ) -> pd.DataFrame:
         """Ranked hits of each query row; text queries skip the images flagged as restricted."""
         flagged = self.text.flagged if self.text is not None and text_rows else frozenset()
         depth = min(k + len(flagged), MAX_K + len(flagged))
         try:
             # 2-D queries: `query` is the row of `emb`
-            hits = rank(self.index, emb, depth, cfg, table=self.ranking_table)
+            hits = rank(
+                self.index, emb, depth, cfg, exclude_ids=exclude or None, table=self.ranking_table
+            )
         except (ConfigError, ValueError) as exc:  # e.g. a category filter on an index without one
             raise _invalid(f"cannot rank: {exc}") from exc
         hits[QUERY] = np.asarray(rows, dtype=np.int64)[hits[QUERY].to_numpy(dtype=np.int64)]
@@ -276,11 +287,13 @@ class IndexModel(PythonModel):
         )
         if not 0.0 <= text_weight <= 1.0:
             raise _invalid(f"{TEXT_WEIGHT} must be in [0, 1], got {text_weight}")
+        feedback = feedback_for_request(params)  # liked / disliked / session, popped
         k, cfg = ranking_for_request(self.ranking, params, self.default_k)
         emb, rows, errors, text_rows = self._queries(model_input, text_weight)
         frames: list[pd.DataFrame] = []
         if rows:
-            hits = self._rank(emb, rows, k, cfg, text_rows)
+            emb = served_feedback.moved_queries(self.index, emb, feedback)
+            hits = self._rank(emb, rows, k, cfg, text_rows, feedback.disliked)
             frames.append(hits)
             for i in sorted(set(rows) - set(hits[QUERY])):  # a query the filters left empty
                 errors[i] = "no_results: no gallery image passes the ranking filters"
@@ -294,4 +307,6 @@ class IndexModel(PythonModel):
         out = out.sort_values([QUERY, RANK], kind="stable", na_position="first")
         leading = [*RESULT_COLUMNS]
         rest = [c for c in out.columns if c not in leading and c != ERROR]
-        return _jsonable(out[[*leading, *rest, ERROR]].reset_index(drop=True))
+        out = _jsonable(out[[*leading, *rest, ERROR]].reset_index(drop=True))
+        self.impressions.log(model_input, out, feedback)
+        return out

@@ -27,6 +27,9 @@ SERVING_CONFIG: dict[str, Any] = {
     **DecodeLimits().as_config(),
     # filled in at load time by registry.integrity.load_verified, from the version's tags
     integrity.CONFIG_KEY: "",
+    # the optional impressions hook (registry.impressions): '' = off; a SQLAlchemy URL at load
+    # time (or IMGSEARCH_IMPRESSIONS_URL) turns it on
+    "impressions_url": "",
 }
 
 #: Distributions the served model imports; pinned to the installed versions when present.

@@ -4,6 +4,11 @@ Each request may override the logged ranking config (``k``, ``popularity_weight`
 ``exclude_nsfw``, ``category``, ``mmr_lambda``, ``one_per_item``; ``text_weight`` when the model
 answers text queries); a bad value is an ``INVALID_PARAMETER_VALUE``
 :class:`~mlflow.exceptions.MlflowException` (HTTP 400).
+
+Relevance feedback params (:data:`FEEDBACK_PARAMS`, see :func:`feedback_for_request`): ``liked``
+and ``disliked`` (comma-separated result image ids: the query moves toward the liked and away
+from the disliked ones by Rocchio, and the disliked ones are not returned), and ``session`` (an
+opaque id written with the impressions when the model's impressions hook is on).
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ PARAM_TYPES: dict[str, str] = {
 }
 DEFAULT_K = 10
 TEXT_WEIGHT = "text_weight"
+#: relevance-feedback params (all strings, default ''), declared after the ranking ones
+LIKED, DISLIKED, SESSION = "liked", "disliked", "session"
+FEEDBACK_PARAMS: dict[str, str] = {LIKED: "string", DISLIKED: "string", SESSION: "string"}
+MAX_FEEDBACK_IDS = 100
 
 
 def index_signature(
@@ -60,6 +69,7 @@ def index_signature(
     """
     defaults = param_defaults(ranking, k)
     specs = [ParamSpec(name, PARAM_TYPES[name], defaults[name]) for name in PARAM_TYPES]
+    specs += [ParamSpec(name, kind, "") for name, kind in FEEDBACK_PARAMS.items()]
     if not text:
         return ModelSignature(
             inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), params=ParamSchema(specs)
@@ -123,6 +133,38 @@ def ranking_for_request(
         return k, dataclasses.replace(base, **changes)
     except (TypeError, ValueError) as exc:
         raise _invalid(f"bad ranking params: {exc}") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestFeedback:
+    """A request's relevance feedback: result image ids voted up / down, and its session."""
+
+    liked: tuple[str, ...] = ()
+    disliked: tuple[str, ...] = ()
+    session: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.liked or self.disliked)
+
+
+def _ids(raw: Any, name: str) -> tuple[str, ...]:
+    items = raw if isinstance(raw, (list, tuple)) else str(raw or "").split(",")
+    ids = tuple(dict.fromkeys(str(i).strip() for i in items if str(i).strip()))
+    if len(ids) > MAX_FEEDBACK_IDS:
+        raise _invalid(f"{name}: at most {MAX_FEEDBACK_IDS} ids, got {len(ids)}")
+    return ids
+
+
+def feedback_for_request(params: dict[str, Any]) -> RequestFeedback:
+    """Pop the relevance-feedback params out of ``params`` (in place) and validate them: an id
+    both liked and disliked is refused (HTTP 400)."""
+    liked = _ids(params.pop(LIKED, ""), LIKED)
+    disliked = _ids(params.pop(DISLIKED, ""), DISLIKED)
+    both = sorted(set(liked) & set(disliked))
+    if both:
+        raise _invalid(f"ids both liked and disliked: {both}")
+    session = str(params.pop(SESSION, "") or "").strip()[:128] or None
+    return RequestFeedback(liked, disliked, session)
 
 
 def _as_int(value: Any, name: str) -> int:

@@ -39,12 +39,15 @@ from PIL import Image
 from imgsearch import schema
 from imgsearch.config import from_dict, load_config
 from imgsearch.data.imageio import open_rgb, read_bytes
-from imgsearch.errors import ImageRejected
-from registry import models
+from imgsearch.errors import ImageRejected, ImgsearchError
+from registry import models, reranker_model
 from registry.integrity import load_verified
 from registry.register import CHAMPION, EXTRACTOR_MODEL, INDEX_MODEL, TAG_EXTRACTOR_VERSION
 
 log = logging.getLogger(__name__)
+
+#: candidates the first stage returns for the reranker to order (what it was trained on)
+RERANK_DEPTH = 20
 
 
 @dataclass
@@ -60,6 +63,8 @@ class SearchConfig:
     feedback_url: SQLAlchemy URL of the feedback store ('' = SQLite under IMGSEARCH_HOME).
     catalog_limit: how many catalog images the page offers to pick from.
     grid_columns: results per row on the page.
+    use_reranker: rerank with ``imgsearch-reranker@<alias>`` when one is registered for the
+      served index version (:mod:`registry.reranker_model`); otherwise the first stage alone.
     """
 
     index_name: str = INDEX_MODEL
@@ -71,6 +76,7 @@ class SearchConfig:
     feedback_url: str = ""
     catalog_limit: int = 500
     grid_columns: int = 5
+    use_reranker: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.k) <= models.MAX_K:
@@ -101,12 +107,16 @@ class Served:
     extractor_version: str | None
     param_defaults: dict[str, Any]
     extractor_name: str = EXTRACTOR_MODEL
+    reranker: Any = None  # a loaded imgsearch-reranker pyfunc for this index version, or None
+    reranker_version: str | None = None
 
     @property
     def label(self) -> str:
         ext = self.extractor_version or "?"
+        rr = f", {reranker_model.RERANKER_MODEL} v{self.reranker_version}" if self.reranker else ""
         return (
             f"{self.index_name} v{self.index_version} (@{self.alias}), {self.extractor_name} v{ext}"
+            f"{rr}"
         )
 
     def catalog(self) -> pd.DataFrame:
@@ -137,6 +147,9 @@ def load_served(
     params_schema = model.metadata.get_params_schema()
     defaults = {p.name: p.default for p in params_schema.params} if params_schema else {}
     log.info("loaded %s", uri)
+    reranker, reranker_version = (
+        _reranker(str(mv.version), cfg.alias, client) if cfg.use_reranker else (None, None)
+    )
     return Served(
         model=model,
         index_name=cfg.index_name,
@@ -145,7 +158,39 @@ def load_served(
         extractor_version=(mv.tags or {}).get(TAG_EXTRACTOR_VERSION),
         param_defaults=defaults,
         extractor_name=cfg.extractor_name,
+        reranker=reranker,
+        reranker_version=reranker_version,
     )
+
+
+def _reranker(index_version: str, alias: str, client: MlflowClient) -> tuple[Any, str | None]:
+    """The ``alias`` reranker of this index version, or (None, None) with the reason logged:
+    none registered, one trained for another index version, or one that fails its checksums
+    (then the first stage serves alone: a bad reranker never stops search)."""
+    name = reranker_model.RERANKER_MODEL
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+        reranker_model.check_index(mv, index_version)
+        model = load_verified(f"models:/{name}/{mv.version}", client=client)
+    except MlflowException:
+        log.info("no %s@%s: first-stage ranking only", name, alias)
+        return None, None
+    except ImgsearchError as exc:  # RerankerMismatchError, ArtifactIntegrityError
+        log.warning("%s@%s not used: %s", name, alias, exc)
+        return None, None
+    log.info("reranking with %s v%s", name, mv.version)
+    return model, str(mv.version)
+
+
+def _ranked(served: Served, frame: pd.DataFrame, params: Mapping[str, Any] | None) -> pd.DataFrame:
+    """The model's answer, reranked when ``served`` has a reranker: the first stage is asked for
+    at least :data:`RERANK_DEPTH` candidates, the reranker orders them, the top k are kept."""
+    clean = {k: v for k, v in dict(params or {}).items() if v is not None}
+    if served.reranker is None:
+        return served.model.predict(frame, params=clean)
+    k = int(clean.get("k", served.param_defaults.get("k", models.DEFAULT_K)))
+    hits = served.model.predict(frame, params={**clean, "k": max(k, RERANK_DEPTH)})
+    return reranker_model.rerank_hits(served.reranker, hits, k)
 
 
 def read_query(source: bytes | str | Path, max_bytes: int = models.MAX_IMAGE_BYTES) -> bytes:
@@ -174,8 +219,7 @@ def search(
 ) -> pd.DataFrame:
     """Ranked results for checked query bytes (one output row per (query, rank))."""
     frame = pd.DataFrame({models.IMAGE_COLUMN: [base64.b64encode(q).decode() for q in queries]})
-    clean = {k: v for k, v in dict(params or {}).items() if v is not None}
-    return served.model.predict(frame, params=clean)
+    return _ranked(served, frame, params)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -249,8 +293,7 @@ def search_text(
     frame = pd.DataFrame({"text": list(texts), "lang": [lang] * len(texts)})
     if image is not None:
         frame["image"] = base64.b64encode(image).decode()
-    clean = {k: v for k, v in dict(params or {}).items() if v is not None}
-    return served.model.predict(frame, params=clean)
+    return _ranked(served, frame, params)
 
 
 def _render(df: pd.DataFrame, fmt: str) -> str:
