@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import inspect
 import logging
 import math
@@ -29,6 +30,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import yaml
+from mlflow.exceptions import MlflowException
 
 from imgsearch.config import flatten, load_config
 
@@ -41,6 +43,132 @@ EMBEDDINGS_ARTIFACT = "embeddings.parquet"
 HEADLINE = ("map_at_r", "map", "hit_at_1", "hit_at_10", "recall_at_10", "precision_at_1")
 #: prefix of an effective setting whose plain name is already taken by an ``mlflow run -P`` value
 SETTING_PREFIX = "cfg."
+#: how a run is named when it has a label: ``evaluate · baseline mobilenet_v2``
+NAME_SEP = " · "
+#: run tag telling a run's part in the lifecycle: ``baseline``, ``finetuned`` or ``improve``
+ROLE_TAG = "imgsearch.role"
+#: the experiment runs land in unless MLflow is told another (``MLFLOW_EXPERIMENT_NAME``/``_ID``)
+EXPERIMENT_ENV = "IMGSEARCH_EXPERIMENT"
+DEFAULT_EXPERIMENT = "imgsearch"
+#: experiment tag MLflow 3's UI reads to pick its view; this value opens the model-training view
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: keys a library's metrics dict reports that are settings, not measurements: logged as params
+SETTING_KEYS = frozenset(
+    {
+        "batch_size",
+        "num_workers",
+        "threads",
+        "channels_last",
+        "bf16_used",
+        "compile_used",
+        "dim",
+        "nprobe",
+        "ef_search",
+        "k",
+        "seed",
+    }
+)
+
+
+@dataclass(frozen=True)
+class RunLabel:
+    """What the runs started inside :func:`labelled` are: a name detail and a role."""
+
+    detail: str | None = None
+    role: str | None = None
+
+
+_LABEL: contextvars.ContextVar[RunLabel] = contextvars.ContextVar(
+    "imgsearch_label",
+    default=RunLabel(),  # noqa: B039 (frozen: immutable)
+)
+
+
+@contextlib.contextmanager
+def labelled(detail: str | None = None, role: str | None = None) -> Iterator[None]:
+    """Name and tag the stage runs started inside: ``extract`` becomes ``extract · <detail>`` and
+    is tagged ``imgsearch.role=<role>``. ``None`` keeps the outer label's detail or role."""
+    outer = _LABEL.get()
+    token = _LABEL.set(
+        RunLabel(outer.detail if detail is None else detail, outer.role if role is None else role)
+    )
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)
+
+
+def current_label() -> str | None:
+    """The name detail of runs started now (``baseline mobilenet_v2``), if any."""
+    return _LABEL.get().detail or None
+
+
+def run_name(stage: str) -> str:
+    """The name of a ``stage`` run started now (see :func:`labelled`)."""
+    detail = _LABEL.get().detail
+    return f"{stage}{NAME_SEP}{detail}" if detail else stage
+
+
+def start_labelled_run(stage: str, name: str | None = None) -> mlflow.ActiveRun:
+    """Start a run for ``stage``, named and tagged by the current label (:func:`labelled`).
+
+    Nested under the active run (in its experiment) when there is one; a top-level run goes to
+    the project's experiment (:func:`project_experiment`), marked as model training.
+    """
+    parent = mlflow.active_run()
+    experiment_id = parent.info.experiment_id if parent else project_experiment()
+    run = mlflow.start_run(
+        run_name=run_name(name or stage), nested=parent is not None, experiment_id=experiment_id
+    )
+    tags = {"imgsearch.stage": stage}
+    role = _LABEL.get().role
+    if role:
+        tags[ROLE_TAG] = role
+    mlflow.set_tags(tags)
+    if parent is None:
+        _tag_experiment_kind(run.info.experiment_id)
+    return run
+
+
+def project_experiment() -> str | None:
+    """The id of the project's experiment (``$IMGSEARCH_EXPERIMENT``, default ``imgsearch``; made
+    when missing), so runs do not land in MLflow's unnamed ``Default``.
+
+    ``None`` (MLflow decides) when MLflow was told where to log: ``mlflow run`` (the run it made,
+    ``$MLFLOW_RUN_ID``, in its ``--experiment-name``), ``$MLFLOW_EXPERIMENT_NAME`` /
+    ``$MLFLOW_EXPERIMENT_ID``, or ``mlflow.set_experiment`` in this process. Sets no global state.
+    """
+    told = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+    if any(os.environ.get(k) for k in told):
+        return None
+    if getattr(mlflow.tracking.fluent, "_active_experiment_id", None):
+        return None
+    name = os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    try:
+        return str(client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+    except MlflowException:  # made meanwhile by another process
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return str(found.experiment_id)
+
+
+def _tag_experiment_kind(experiment_id: str) -> None:
+    """Mark the experiment as model training (MLflow 3's UI otherwise opens it in its GenAI view);
+    a kind someone set already is kept."""
+    client = mlflow.MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def announce(message: str) -> None:
+    """One line on stdout as a stage starts (the demo says what it is doing, not only when done)."""
+    print(f"==> {message}", flush=True)
 
 
 def setup_logging() -> None:
@@ -60,9 +188,8 @@ def stage_run(
     """
     profile = profile or os.environ.get(PROFILE_ENV) or None
     cfg = load_config(profile, overrides)
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=stage, nested=nested) as run:
-        mlflow.set_tag("imgsearch.stage", stage)
+    announce(run_name(stage))
+    with start_labelled_run(stage) as run:
         if profile:
             mlflow.set_tag("imgsearch.profile", profile)
         section = cfg.get(stage, {})
@@ -121,9 +248,17 @@ def _param(value: Any) -> str:
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
-    """Log the finite numeric entries of ``metrics``; metric names are sanitised for MLflow."""
+    """Log the finite numeric entries of ``metrics``; metric names are sanitised for MLflow.
+
+    Settings a library reports beside its measurements (:data:`SETTING_KEYS`, and text values
+    such as ``precision_used``) are logged as params instead (not per step).
+    """
     clean: dict[str, float] = {}
+    settings: dict[str, Any] = {}
     for key, value in metrics.items():
+        if key in SETTING_KEYS or isinstance(value, str):
+            settings[key] = value
+            continue
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -132,18 +267,28 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
             clean[_metric_name(key)] = number
     if clean:
         mlflow.log_metrics(clean, step=step)
+    if settings and step is None:
+        log_settings({_metric_name(k): v for k, v in settings.items()})
 
 
 def _metric_name(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
-def log_df(df: pd.DataFrame, name: str) -> None:
-    """Log ``df`` as Parquet artifact ``name`` (for example ``manifest.parquet``)."""
+def log_df(df: pd.DataFrame, name: str, view: bool = False) -> None:
+    """Log ``df`` as Parquet artifact ``name`` (for example ``manifest.parquet``).
+
+    ``view``: a table a person reads (quarantine, near duplicates, per-query results): also logged
+    as CSV beside it (``quarantine.csv``), which the MLflow UI's artifact viewer shows.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         df.to_parquet(path, index=False)
         mlflow.log_artifact(str(path))
+        if view:
+            csv = path.with_suffix(".csv")
+            df.to_csv(csv, index=False, float_format="%.4g")
+            mlflow.log_artifact(str(csv))
 
 
 def artifact_path(run_id: str, name: str) -> Path:

@@ -59,7 +59,7 @@ def run(
         manifest = read_df(split_run_id, "manifest.parquet")
         result = evaluate(ids, emb, manifest, cfg)
         log_metrics(result.metrics)
-        log_df(result.per_query, "per_query.parquet")
+        log_df(result.per_query, "per_query.parquet", view=True)
         with tempfile.TemporaryDirectory() as tmp:
             csv = Path(tmp) / "per_category.csv"
             result.per_category.to_csv(csv, index=False)
