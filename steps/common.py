@@ -116,6 +116,7 @@ def start_labelled_run(stage: str, name: str | None = None) -> mlflow.ActiveRun:
     Nested under the active run (in its experiment) when there is one; a top-level run goes to
     the project's experiment (:func:`project_experiment`), marked as model training.
     """
+    announce(run_name(name or stage))
     parent = mlflow.active_run()
     experiment_id = parent.info.experiment_id if parent else project_experiment()
     run = mlflow.start_run(
@@ -171,7 +172,13 @@ def announce(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
+#: MLflow draws a progress bar for every artifact download (dozens of tiny ones per stage)
+ARTIFACT_BARS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
 def setup_logging() -> None:
+    """Log lines for a command-line run; MLflow's artifact download bars off unless asked for."""
+    os.environ.setdefault(ARTIFACT_BARS_ENV, "false")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -188,7 +195,6 @@ def stage_run(
     """
     profile = profile or os.environ.get(PROFILE_ENV) or None
     cfg = load_config(profile, overrides)
-    announce(run_name(stage))
     with start_labelled_run(stage) as run:
         if profile:
             mlflow.set_tag("imgsearch.profile", profile)

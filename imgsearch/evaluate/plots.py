@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,11 @@ def embedding_plots(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for method in methods:
+        # t-SNE/UMAP take a minute or more on a CPU with no progress of their own: say so
+        log.info("evaluate: %s of %d embeddings...", method, len(x))
+        started = time.perf_counter()
         xy = _project(x, method, seed)
+        log.info("evaluate: %s done in %.0f s", method, time.perf_counter() - started)
         fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
         cmap = plt.get_cmap("tab20")
         for i, name in enumerate([*keep, "other"]):
