@@ -31,6 +31,7 @@ from steps.common import (
     Option,
     artifact_path,
     cli,
+    current_label,
     log_df,
     log_metrics,
     read_df,
@@ -81,6 +82,7 @@ def run(
                     max_points=cfg.plot_max_points,
                     seed=cfg.seed,
                     methods=cfg.plot_methods,
+                    title=f"{current_label() or 'evaluate'} (run {active.info.run_id[:8]})",
                 )
                 mlflow.log_artifacts(str(plot_dir), "plots")
         return active.info.run_id
