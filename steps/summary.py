@@ -120,6 +120,7 @@ def closing_summary(
 ) -> str:
     """The text ``make demo`` ends with (markdown, readable as plain text)."""
     run = mlflow.get_run(parent_run_id)
+    experiment = mlflow.MlflowClient().get_experiment(run.info.experiment_id).name
     lines = [
         f"## imgsearch: run `{run.info.run_name}` ({parent_run_id})",
         "",
@@ -129,8 +130,7 @@ def closing_summary(
         "",
         *(f"- {g}" for g in gates),
         "",
-        "Reports (MLflow UI: experiment "
-        f"{run.info.experiment_id}, run {parent_run_id}, artifacts tab of each run):",
+        f"Reports (MLflow UI: experiment `{experiment}`, the artifacts tab of each run):",
         *(f"- {what}: {where}" for what, where in reports.items()),
         "",
         "Next:",
