@@ -146,3 +146,50 @@ def test_a_drift_score_shown_is_never_negative() -> None:
     assert result.metrics()["drift_score"] == 0.0
     assert result.metrics()["drift_score_signed"] == -0.0004  # the verdict's own figure, kept
     assert DriftResult("mmd", 0.01, 0.002, True, 100, 50, 0.1).metrics()["drift_score"] == 0.01
+
+
+def test_drift_try_finds_a_new_style_and_no_drift_in_the_a_a(
+    mlflow_store: str, tmp_path: Path
+) -> None:
+    """``monitoring.drift_try``: one vendor's images (shifted) are drift; a sample of the others is
+    not; both are drift runs nested under one ``drift_try`` run."""
+    import numpy as np
+    import pandas as pd
+
+    from imgsearch.embed.files import save_embeddings
+    from monitoring import drift_try
+
+    rng = np.random.default_rng(0)
+    n_a, n_b = 240, 80
+    emb = rng.normal(size=(n_a + n_b, 8)).astype(np.float32)
+    emb[n_a:, 0] += 2.0  # vendor b draws in another style
+    ids = np.array([f"{'a' if i < n_a else 'b'}/{i}" for i in range(n_a + n_b)])
+    manifest = pd.DataFrame(
+        {
+            "image_id": ids,
+            "item_id": [f"item{i % 40}" for i in range(len(ids))],
+            "vendor": ["a"] * n_a + ["b"] * n_b,
+        }  # fmt: skip
+    )
+    with mlflow.start_run() as extract:
+        mlflow.log_artifact(str(save_embeddings(tmp_path / "embeddings.parquet", ids, emb)))
+    with mlflow.start_run() as split:
+        common.log_df(manifest, "manifest.parquet")
+    with mlflow.start_run() as main:
+        mlflow.set_tags(
+            {
+                "imgsearch.stage": "main",
+                "imgsearch.run.extract": extract.info.run_id,
+                "imgsearch.run.split": split.info.run_id,
+            }  # fmt: skip
+        )
+    assert drift_try.latest_main_run() == main.info.run_id
+    overrides = {"drift.report": "none", "drift.calibration_trials": 40}
+    new_style, aa = drift_try.run(None, "vendor", "b", overrides=overrides)
+    client = MlflowClient()
+    assert client.get_run(new_style.drift_run).data.metrics["drift_detected"] == 1.0
+    assert client.get_run(aa.drift_run).data.metrics["drift_detected"] == 0.0
+    assert client.get_run(aa.drift_run).data.metrics["drift_score"] >= 0.0
+    assert client.get_run(new_style.drift_run).info.run_name == "drift · new style vendor=b"
+    with pytest.raises(SystemExit, match="no column 'style'"):
+        drift_try.run(main.info.run_id, "style", None, overrides=overrides)
