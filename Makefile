@@ -9,7 +9,7 @@ EXPERIMENT ?= imgsearch
 # no progress bar for each of the many small artifact downloads
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 
-.PHONY: setup demo test test-all lint bench ui serve search-ui clean
+.PHONY: setup demo drift test test-all lint bench ui serve search-ui clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python -m steps.fetch_demo $(if $(LIMIT),--limit $(LIMIT))
 	$(BIN)/mlflow run . --env-manager local --experiment-name $(EXPERIMENT) $(if $(LIMIT),-P limit=$(LIMIT))
+
+# after `make demo`: one vendor's drawings as new data (drift) and an A/A split (no drift)
+drift: setup
+	$(BIN)/python -m monitoring.drift_try
 
 test: setup
 	$(BIN)/python -m pytest -q

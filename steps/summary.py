@@ -34,6 +34,10 @@ NEXT_COMMANDS = (
     ("make serve", "search over HTTP with imgsearch-index@champion on 127.0.0.1:5001"),
     ("make search-ui", "the search page on http://localhost:8501"),
     (
+        "make drift",
+        "drift you can try: another vendor's drawings vs the others, and an A/A that is not drift",
+    ),
+    (
         ".venv/bin/python -m monitoring.improve --limit N",
         "the continuous-improvement job (drift report, gated challenger); README: a scenario",
     ),
