@@ -263,7 +263,9 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
     settings: dict[str, Any] = {}
     for key, value in metrics.items():
         if key in SETTING_KEYS or isinstance(value, str):
-            settings[key] = value
+            # a count reported as a float (64.0) is logged as the config writes it (64)
+            whole = isinstance(value, float) and value.is_integer()
+            settings[key] = int(value) if whole else value
             continue
         try:
             number = float(value)

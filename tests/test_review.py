@@ -81,7 +81,7 @@ def test_settings_reported_with_metrics_are_logged_as_params(mlflow_store: str) 
         )
     data = MlflowClient().get_run(run.info.run_id).data
     assert set(data.metrics) == {"images_per_s"}
-    assert data.params == {"batch_size": "64.0", "bf16_used": "0.0", "precision_used": "fp32"}
+    assert data.params == {"batch_size": "64", "bf16_used": "0", "precision_used": "fp32"}
 
 
 def test_metric_tags_are_rounded_and_still_match_the_measured_figure() -> None:
