@@ -63,7 +63,8 @@ def _subset_run(name: str, ids: np.ndarray, emb: np.ndarray, manifest: pd.DataFr
 
     from imgsearch import schema
     from imgsearch.embed.files import save_embeddings
-    from steps.common import log_df, log_metrics, start_labelled_run
+    from steps.common import log_df, log_metrics
+    from steps.runs import start_labelled_run
 
     with start_labelled_run("subset", name=f"subset {name}") as run:
         with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +113,8 @@ def run(
 
     from imgsearch.embed.files import load_embeddings
     from monitoring import drift
-    from steps.common import artifact_path, labelled, read_df, start_labelled_run
+    from steps.common import artifact_path, read_df
+    from steps.runs import labelled, start_labelled_run
 
     main_id = main_run_id or latest_main_run()
     tags = mlflow.get_run(main_id).data.tags

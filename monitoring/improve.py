@@ -111,15 +111,14 @@ from steps.common import (
     PROFILE_ENV,
     Option,
     artifact_path,
-    labelled,
     log_df,
     log_metrics,
     log_settings,
     parse_cli,
     read_df,
     setup_logging,
-    start_labelled_run,
 )
+from steps.runs import labelled, start_labelled_run
 
 log = logging.getLogger(__name__)
 

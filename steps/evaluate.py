@@ -31,12 +31,12 @@ from steps.common import (
     Option,
     artifact_path,
     cli,
-    current_label,
     log_df,
     log_metrics,
     read_df,
     stage_run,
 )
+from steps.runs import current_label
 
 log = logging.getLogger(__name__)
 

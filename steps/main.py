@@ -23,18 +23,8 @@ import pandas as pd
 from imgsearch.config import load_config
 from steps import eda, finetune, ingest, preprocess, split, validate
 from steps.chain import Chain, ChainNames, run_chain
-from steps.common import (
-    HEADLINE,
-    PROFILE_ENV,
-    Option,
-    announce,
-    cli,
-    labelled,
-    log_df,
-    log_metrics,
-    log_settings,
-    start_labelled_run,
-)
+from steps.common import HEADLINE, PROFILE_ENV, Option, cli, log_df, log_metrics, log_settings
+from steps.runs import announce, labelled, start_labelled_run
 from steps.summary import (
     closing_summary,
     description,

@@ -38,7 +38,8 @@ from registry.register import (
 from registry.text_model import log_text_model
 from registry.text_queries import TEXT_ARTIFACTS
 from registry.versions import describe
-from steps.common import Option, artifact_path, cli, current_label, log_metrics, stage_run
+from steps.common import Option, artifact_path, cli, log_metrics, stage_run
+from steps.runs import current_label
 
 log = logging.getLogger(__name__)
 

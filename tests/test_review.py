@@ -16,26 +16,26 @@ import pytest
 from mlflow import MlflowClient
 
 from registry.tags import metric_tags, recorded_matches
-from steps import common
+from steps import common, runs
 from steps.summary import effective_params, ordered_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_runs_are_named_and_tagged_by_their_label(mlflow_store: str) -> None:
-    with common.labelled("baseline mobilenet_v2", role="baseline"):
+    with runs.labelled("baseline mobilenet_v2", role="baseline"):
         with common.stage_run("evaluate") as (run, _cfg):
             pass
-        with common.labelled("finetuned mobilenet_v2", role="finetuned"):
+        with runs.labelled("finetuned mobilenet_v2", role="finetuned"):
             with common.stage_run("extract") as (inner, _cfg):
                 pass
-        with common.labelled(None, role=None), common.stage_run("index") as (kept, _cfg):
+        with runs.labelled(None, role=None), common.stage_run("index") as (kept, _cfg):
             pass
     with common.stage_run("ingest") as (plain, _cfg):
         pass
     client = MlflowClient()
     got = {
-        r.info.run_name: r.data.tags.get(common.ROLE_TAG)
+        r.info.run_name: r.data.tags.get(runs.ROLE_TAG)
         for r in (client.get_run(x.info.run_id) for x in (run, inner, kept, plain))
     }
     assert got == {
@@ -49,17 +49,17 @@ def test_runs_are_named_and_tagged_by_their_label(mlflow_store: str) -> None:
 def test_top_level_runs_go_to_the_project_experiment_in_the_training_view(
     mlflow_store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(common.EXPERIMENT_ENV, raising=False)
+    monkeypatch.delenv(runs.EXPERIMENT_ENV, raising=False)
     with common.stage_run("ingest") as (run, _cfg):
         with common.stage_run("validate") as (child, _cfg):
             pass
     client = MlflowClient()
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == "imgsearch"
-    assert experiment.tags[common.EXPERIMENT_KIND_TAG] == common.EXPERIMENT_KIND
+    assert experiment.tags[runs.EXPERIMENT_KIND_TAG] == runs.EXPERIMENT_KIND
     assert child.info.experiment_id == run.info.experiment_id  # nested runs follow their parent
 
-    monkeypatch.setenv(common.EXPERIMENT_ENV, "mine")
+    monkeypatch.setenv(runs.EXPERIMENT_ENV, "mine")
     with common.stage_run("ingest") as (mine, _cfg):
         pass
     assert client.get_experiment(mine.info.experiment_id).name == "mine"
@@ -71,7 +71,7 @@ def test_top_level_runs_go_to_the_project_experiment_in_the_training_view(
         pass
     assert chosen.info.experiment_id == other
     # a kind someone set is kept; an experiment without one is marked as model training
-    assert client.get_experiment(other).tags[common.EXPERIMENT_KIND_TAG] == common.EXPERIMENT_KIND
+    assert client.get_experiment(other).tags[runs.EXPERIMENT_KIND_TAG] == runs.EXPERIMENT_KIND
 
 
 def test_settings_reported_with_metrics_are_logged_as_params(mlflow_store: str) -> None:
