@@ -119,10 +119,12 @@ def _reports(ids: dict[str, str], finetuned: bool) -> dict[str, str]:
     out = {
         "EDA report": f"run {ids['eda']}: eda/report.html",
         "quarantined files": f"run {ids['validate']}: quarantine.csv",
-        "baseline evaluation": f"run {ids['evaluate']}: per_category.csv, plots/",
+        "baseline evaluation": f"run {ids['evaluate']}: report.html, per_category.csv, plots/",
     }
     if finetuned:
-        out["fine-tuned evaluation"] = f"run {ids['finetuned.evaluate']}: per_category.csv, plots/"
+        out["fine-tuned evaluation"] = (
+            f"run {ids['finetuned.evaluate']}: report.html, per_category.csv, plots/"
+        )
         out["before / after"] = "this run: before_after.csv"
     return out
 

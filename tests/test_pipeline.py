@@ -98,6 +98,9 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, mlflow_store
     for run in children:
         assert not settings & set(run.data.metrics), (run.info.run_name, run.data.metrics)
     assert extract_run.data.params["batch_size"] and "images_per_s" in extract_run.data.metrics
+    evaluate_id = names["evaluate · finetuned mobilenet_v2"].info.run_id
+    page = mlflow.artifacts.load_text(f"runs:/{evaluate_id}/report.html")
+    assert "Worst queries" in page and page.count("<img") > 10
     summary = mlflow.artifacts.load_text(f"runs:/{parent_id}/summary.md")
     assert "gate: index v2" in summary and "make ui" in summary
     for stage in PARENT_TAGS:

@@ -193,3 +193,44 @@ def test_drift_try_finds_a_new_style_and_no_drift_in_the_a_a(
     assert client.get_run(new_style.drift_run).info.run_name == "drift · new style vendor=b"
     with pytest.raises(SystemExit, match="no column 'style'"):
         drift_try.run(main.info.run_id, "style", None, overrides=overrides)
+
+
+def test_evaluation_report_shows_queries_with_thumbnails_and_marks_relevant(
+    tmp_path: Path,
+) -> None:
+    import pandas as pd
+    from PIL import Image
+
+    from imgsearch.evaluate.report import evaluation_html
+
+    paths = {}
+    for i, colour in enumerate(("red", "blue", "green", "yellow")):
+        paths[f"im{i}"] = str(tmp_path / f"im{i}.png")
+        Image.new("RGB", (32, 32), colour).save(paths[f"im{i}"])
+    items_of = {"im0": "a", "im1": "a", "im2": "b", "im3": "b"}
+    per_query = pd.DataFrame(
+        {
+            "image_id": ["im0", "im2"],
+            "item_id": ["a", "b"],
+            "ap": [1.0, 0.25],
+            "top_ids": ["im1;im2", "im0;im1;im3"],
+        }
+    )
+    per_category = pd.DataFrame(
+        {"category": ["shapes", "flags"], "n_queries": [1, 1], "map_at_r": [0.2, 0.9]}
+    )
+    page = evaluation_html(
+        {"map_at_r": 0.5, "hit_at_1": 0.5, "n_queries": 2, "n_gallery": 4},
+        per_query,
+        per_category,
+        paths,
+        items_of,
+        "evaluate · baseline mobilenet_v2",
+    )
+    examples = page.split("id='examples'>")[1].split("</table>")[0]
+    assert examples.count("<img") == 2 + 5  # two queries and their five results
+    assert examples.count("3px solid #2a2") == 2  # im1 for im0, im3 for im2: relevant
+    worst = page.split("id='worst'>")[1].split("</table>")[0]
+    assert worst.index("im2") < worst.index("im0")  # lowest AP first
+    assert page.index("flags") < page.index("shapes")  # categories sorted by MAP@R
+    assert "MAP@R: precision over the first R results" in page
