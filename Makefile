@@ -4,8 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
+# the MLflow experiment the demo's runs go to (steps run by hand use $IMGSEARCH_EXPERIMENT, same default)
+EXPERIMENT ?= imgsearch
+# no progress bar for each of the many small artifact downloads
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 
-.PHONY: setup demo test test-all lint bench ui serve search-ui clean
+.PHONY: setup demo drift test test-all lint bench ui serve search-ui clean
 
 setup: $(STAMP)
 
@@ -20,7 +24,11 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/python -m steps.fetch_demo $(if $(LIMIT),--limit $(LIMIT))
-	$(BIN)/mlflow run . --env-manager local $(if $(LIMIT),-P limit=$(LIMIT))
+	$(BIN)/mlflow run . --env-manager local --experiment-name $(EXPERIMENT) $(if $(LIMIT),-P limit=$(LIMIT))
+
+# after `make demo`: one vendor's drawings as new data (drift) and an A/A split (no drift)
+drift: setup
+	$(BIN)/python -m monitoring.drift_try
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -19,28 +19,19 @@ calibrated threshold; the Evidently report is built with the same method and thr
 
 from __future__ import annotations
 
+import argparse
 import logging
-import tempfile
 import time
 import warnings
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
-import numpy as np
-import pandas as pd
+# Only the standard library at import: `python -m monitoring.drift --help` answers at once; mlflow,
+# numpy, pandas, Evidently and the library are imported by the functions that use them.
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
-from imgsearch.config import from_dict
-from imgsearch.embed.files import embeddings_metadata, load_embeddings
-from imgsearch.errors import ExtractorMismatchError
-from imgsearch.monitor.drift import (
-    EVIDENTLY_THRESHOLDS,
-    DriftAnalysis,
-    DriftConfig,
-    analyse,
-    metadata_shift,
-)
-from steps.common import artifact_path, base_parser, log_metrics, read_df, setup_logging, stage_run
+    from imgsearch.monitor.drift import DriftAnalysis
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +57,8 @@ def evidently_method(
         ModelDriftMethod,
         RatioDriftMethod,
     )
+
+    from imgsearch.monitor.drift import EVIDENTLY_THRESHOLDS
 
     limit = EVIDENTLY_THRESHOLDS[method] if threshold is None else float(threshold)
     extra: dict[str, Any] = {}
@@ -105,6 +98,7 @@ def evidently_report(
     ``drift_method`` ``None`` is Evidently's default (``model``, bootstrapped under 1,000
     reference rows). The verdict is read from the report's legacy metric result.
     """
+    import pandas as pd
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import EmbeddingsDrift
 
@@ -133,6 +127,8 @@ def _legacy_verdict(snapshot: Any) -> tuple[float, bool]:
 
 
 def _sample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    import numpy as np
+
     if x.shape[0] <= n:
         return x
     return x[np.random.default_rng(seed).choice(x.shape[0], n, replace=False)]
@@ -151,20 +147,42 @@ def aa_figure(analysis: DriftAnalysis) -> Any:
         ax.hist(cal.null_scores, bins=30, color="0.7", label=f"A/A scores ({cal.null_scores.size})")
         ax.axvline(cal.threshold, color="C0", label=f"calibrated ({cal.false_alarm_rate:.0%})")
         ax.axvline(cal.evidently_threshold, color="C1", ls="--", label="Evidently default")
-    ax.axvline(analysis.result.score, color="C3", lw=2, label="observed")
+    observed = analysis.result.shown_score
+    if cal is None or cal.null_scores.size == 0:
+        ax.axvline(observed, color="C3", lw=2, label="observed")
+    else:
+        # the A/A scores keep their own scale: an observed score far beyond them is named, not drawn
+        lo, hi = ax.get_xlim()
+        if observed <= hi + 0.5 * (hi - lo):
+            ax.axvline(observed, color="C3", lw=2, label=f"observed {observed:.3g}")
+        else:
+            ratio = observed / cal.threshold if cal.threshold > 0 else float("inf")
+            ax.annotate(
+                f"observed {observed:.3g} (off scale, {ratio:.0f}x the threshold) \u2192",
+                xy=(1.0, 0.5),
+                xycoords="axes fraction",
+                ha="right",
+                color="C3",
+            )
     ax.set_xlabel(f"{analysis.result.method} drift score")
+    ax.set_title("A/A calibration: scores of reference-vs-reference splits")
     ax.legend()
     fig.tight_layout()
     return fig
 
 
 def _load(run_id: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    from imgsearch.embed.files import embeddings_metadata, load_embeddings
+    from steps.common import artifact_path
+
     path = artifact_path(run_id, EMBEDDINGS)
     ids, emb = load_embeddings(path)
     return ids, emb, embeddings_metadata(path)
 
 
 def _manifest(run_id: str) -> pd.DataFrame | None:
+    from steps.common import read_df
+
     try:
         return read_df(run_id, "manifest.parquet")
     except Exception as exc:  # optional input: a run without a manifest only loses this table
@@ -178,6 +196,16 @@ def run(
     overrides: dict[str, Any] | None = None,
     profile: str | None = None,
 ) -> str:
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from imgsearch.config import from_dict
+    from imgsearch.errors import ExtractorMismatchError
+    from imgsearch.monitor.drift import DriftConfig, analyse, metadata_shift
+    from steps.common import log_metrics, stage_run
+
     with stage_run(STAGE, overrides, profile) as (active, all_cfg):
         mlflow.set_tags(
             {
@@ -202,7 +230,7 @@ def run(
             "drift %s: %s score %.5g vs threshold %.5g",
             "DETECTED" if result.drift else "not detected",
             result.method,
-            result.score,
+            result.shown_score,
             result.threshold,
         )
         mlflow.log_text(analysis.clusters.to_csv(index=False), "drift/clusters.csv")
@@ -239,7 +267,10 @@ def run(
 
 
 def main() -> None:
-    parser = base_parser(__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--profile", default="", help="config profile (configs/profiles/NAME.yaml)")
     parser.add_argument(
         "--reference-run-id", required=True, help="run with the reference embeddings"
     )
@@ -249,6 +280,8 @@ def main() -> None:
     parser.add_argument("--false-alarm-rate", default="", help="A/A false-alarm level")
     parser.add_argument("--report", default="", help="sample | full | none")
     args = parser.parse_args()
+    from steps.common import setup_logging
+
     setup_logging()
     run_id = run(
         args.reference_run_id,

@@ -102,6 +102,7 @@ from registry.register import (
     log_index_model,
 )
 from registry.text_queries import TEXT_ARTIFACTS
+from registry.versions import describe
 from steps import evaluate, extract, finetune, ingest, preprocess, split
 from steps import validate as validate_step
 from steps.chain import Chain, ChainNames, run_chain
@@ -118,10 +119,12 @@ from steps.common import (
     read_df,
     setup_logging,
 )
+from steps.runs import labelled, start_labelled_run
 
 log = logging.getLogger(__name__)
 
 STAGE = IMPROVE_STAGE
+ROLE = "improve"  # the imgsearch.role tag of the job's runs
 PAUSE_ENV = "IMGSEARCH_IMPROVE_PAUSE_AT"
 PAUSE_FILE_ENV = "IMGSEARCH_IMPROVE_PAUSE_FILE"
 __all__ = ["ImproveConfig", "decide", "run", "main"]
@@ -175,9 +178,8 @@ def _pause_point(step: str) -> None:
 
 
 def _nested(name: str, stage: str | None = None) -> Any:
-    run = mlflow.start_run(run_name=name, nested=True)
-    mlflow.set_tag("imgsearch.stage", stage or name)
-    return run
+    """A nested run of the job's own (``newdata · improve``, tagged ``imgsearch.role=improve``)."""
+    return start_labelled_run(stage or name, name=name)
 
 
 def _metrics_of(run_id: str | None, prefix: str = "") -> dict[str, float]:
@@ -205,9 +207,9 @@ def run(
     register_cfg = from_dict(RegisterConfig, all_cfg.get("register"))
     client = client or MlflowClient()
     state = JobState()
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=STAGE, nested=nested) as parent:
-        mlflow.set_tag("imgsearch.stage", STAGE)
+    with labelled(role=ROLE):
+        started = start_labelled_run(STAGE)
+    with started as parent, labelled(ROLE, role=ROLE):
         if profile:
             mlflow.set_tag("imgsearch.profile", profile)
         # what the user asked for first, then the effective settings: an effective value whose
@@ -376,7 +378,7 @@ class _Job:
             mlflow.set_tags({f"{INPUT}ingest_run_id": ingest_run, "imgsearch.watermark.key": key})
             log_metrics(found.metrics())
             log_df(found.new.drop(columns=[schema.SHA256]), "manifest.parquet")
-            log_df(found.duplicates, "rejected.parquet")
+            log_df(found.duplicates, "rejected.parquet", view=True)
             mlflow.log_dict(wm.to_dict(), "watermark_before.json")
         self.done("newdata", nd.info.run_id)
         return Intake(key, wm, catalog, found, taken, pending, nd.info.run_id)
@@ -574,7 +576,8 @@ class _Job:
         if split_run is None:
             return None
         try:
-            return self.done(name, evaluate.run(extract_run, split_run, **self.kw()))
+            with labelled(f"{ROLE} {name}"):
+                return self.done(name, evaluate.run(extract_run, split_run, **self.kw()))
         except CatalogError as exc:  # too few images: report, do not fail the job
             log.warning("%s skipped: %s", name, exc)
             return None
@@ -619,14 +622,15 @@ class _Job:
             ev_new = self.try_evaluate("evaluate_new", ex, newtest)
             st.after = {**_metrics_of(st.runs["evaluate"]), **_metrics_of(ev_new, "new.")}
 
-        runs = run_chain(
-            self.chain(ChainNames(extract="extract_all")),
-            data_run_id=combined_run,
-            eval_split_run_id=self.champ.frozen_split_run,
-            extractor_uri=f"runs:/{ft_run}/extractor",
-            texts_run_id=st.runs.get("ingest"),  # a new extractor: text search re-aligned to it
-            after_evaluate=evaluate_new,
-        )
+        with labelled(f"{ROLE} fine-tuned"):
+            runs = run_chain(
+                self.chain(ChainNames(extract="extract_all")),
+                data_run_id=combined_run,
+                eval_split_run_id=self.champ.frozen_split_run,
+                extractor_uri=f"runs:/{ft_run}/extractor",
+                texts_run_id=st.runs.get("ingest"),  # a new extractor: text search re-aligned to it
+                after_evaluate=evaluate_new,
+            )
         assert runs.promote is not None
         self.record_gate(runs.promote, "fine-tuned challenger")
 
@@ -647,16 +651,17 @@ class _Job:
             if not st.after:
                 st.after = after
 
-        runs = run_chain(
-            self.chain(names),
-            data_run_id=combined_run,
-            eval_split_run_id=self.champ.frozen_split_run,
-            extract_run_id=merged_run,
-            add_to_index_run_id=self.champ.index_run,
-            texts_run_id=st.runs.get("ingest"),
-            register_with=lambda ex, ix, ev, al: self.register_index(ix, ev, al),
-            after_evaluate=after_evaluate,
-        )
+        with labelled(f"{ROLE} add to index"):
+            runs = run_chain(
+                self.chain(names),
+                data_run_id=combined_run,
+                eval_split_run_id=self.champ.frozen_split_run,
+                extract_run_id=merged_run,
+                add_to_index_run_id=self.champ.index_run,
+                texts_run_id=st.runs.get("ingest"),
+                register_with=lambda ex, ix, ev, al: self.register_index(ix, ev, al),
+                after_evaluate=after_evaluate,
+            )
         assert runs.promote is not None
         self.record_gate(runs.promote, what, extended=True)
 
@@ -688,6 +693,12 @@ class _Job:
                 client=self.client,
                 text_artifacts=(
                     {a: artifact_path(align_run, a) for a in TEXT_ARTIFACTS} if align_run else None
+                ),
+                description=describe(
+                    f"Index of the champion's extractor v{champ.extractor_version} with the new "
+                    "images added (improve job)",
+                    metrics,
+                    evaluate_run,
                 ),
             )
             if rc.alias:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,6 +32,7 @@ from registry.tags import (
     TAG_TEST_SPLIT,
     EvaluationMismatchError,
     RegistryError,
+    recorded_matches,
     select_metrics,
     version_metric,
 )
@@ -186,7 +186,7 @@ def verified_metric(
         raise UntrustedMetric(f"{label}: {exc}") from exc
     run = store_call(f"read evaluate run {eval_id}", client.get_run, eval_id)
     measured = select_metrics(run.data.metrics, prefixes, [metric]).get(metric)
-    if measured is None or not math.isclose(measured, recorded, rel_tol=1e-9, abs_tol=1e-12):
+    if measured is None or not recorded_matches(recorded, measured):
         raise UntrustedMetric(
             f"{label} records metric.{metric}={recorded!r}, but its evaluate run {eval_id} "
             f"measured {measured!r}"
@@ -252,6 +252,7 @@ def check_challenger(
     except UntrustedMetric as exc:
         decision.reason = f"challenger figures not trusted: {exc}"
         return None
+    decision.challenger_value = ours.value  # the full figure (the tag is rounded)
     if decision.extractor_version is None:
         decision.reason = f"challenger v{challenger_v} has no {TAG_EXTRACTOR_VERSION} tag"
         return None
@@ -288,6 +289,7 @@ def beats_champion(
     except UntrustedMetric as exc:
         decision.reason = f"champion figures not trusted: {exc}"
         return False
+    decision.champion_value = theirs.value
     why = same_test_split(ours, theirs) if cfg.require_same_test_split else None
     if why is not None:
         decision.reason = why

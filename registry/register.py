@@ -193,6 +193,7 @@ def log_extractor_model(
     name: str = EXTRACTOR_MODEL,
     alias: str = CHALLENGER,
     client: MlflowClient | None = None,
+    description: str | None = None,
 ) -> ModelVersion:
     """Log ``extractor_dir`` (a :func:`~imgsearch.models.backbones.save_extractor` directory) as an
     :class:`~registry.models.ExtractorModel` in the active run and register it as ``name``.
@@ -221,7 +222,9 @@ def log_extractor_model(
                 model_config=SERVING_CONFIG,
             )
 
-    version, _ = register_version(client, name, source, data_hash, fp, tags, alias, _log)
+    version, _ = register_version(
+        client, name, source, data_hash, fp, tags, alias, _log, description
+    )
     return version
 
 
@@ -241,6 +244,7 @@ def log_index_model(
     alias: str = CHALLENGER,
     client: MlflowClient | None = None,
     text_artifacts: Mapping[str, Path] | None = None,
+    description: str | None = None,
 ) -> ModelVersion:
     """Log the index + its extractor + ranking config as an :class:`~registry.models.IndexModel`
     in the active run and register it as ``name``.
@@ -301,7 +305,7 @@ def log_index_model(
                     model_config={**SERVING_CONFIG, "default_k": int(default_k)},
                 )
 
-    version, _ = register_version(client, name, source, hash_, fp, tags, alias, _log)
+    version, _ = register_version(client, name, source, hash_, fp, tags, alias, _log, description)
     return version
 
 
@@ -330,6 +334,7 @@ def register_pair(
     cfg: RegisterConfig | None = None,
     client: MlflowClient | None = None,
     text_artifacts: Mapping[str, Path] | None = None,
+    description: str | None = None,
 ) -> RegisteredPair:
     """Register the extractor, then the index tagged with the extractor's version, then tag the
     extractor with the index's version; alias both ``cfg.alias``. Idempotent.
@@ -348,6 +353,7 @@ def register_pair(
         name=cfg.extractor_name,
         alias=cfg.alias,
         client=client,
+        description=description and f"Extractor of {description}",
     )
     idx = log_index_model(
         extractor_dir,
@@ -364,6 +370,7 @@ def register_pair(
         alias=cfg.alias,
         client=client,
         text_artifacts=text_artifacts,
+        description=description and f"Index (FAISS + ranking) of {description}",
     )
     reused = (ext.tags or {}).get(TAG_INDEX_VERSION) == str(idx.version)
     ensure_tags(client, ext, {TAG_INDEX_VERSION: str(idx.version)})

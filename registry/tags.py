@@ -39,6 +39,11 @@ TAG_EVALUATE_RUN = "evaluate_run_id"
 TAG_EVAL_SPLIT = "eval_split"
 TAG_EVAL_SPLIT_RUN = "eval_split_run_id"
 METRIC_TAG_PREFIX = "metric."
+#: decimals a ``metric.<name>`` tag keeps (readable in the UI; the gate re-reads the full figure
+#: from the evaluate run and checks that the tag is that figure rounded)
+METRIC_TAG_DECIMALS = 4
+#: the figures a version description leads with, in this order
+HEADLINE_METRICS = ("map_at_r", "hit_at_1", "hit_at_10", "map", "recall_at_10")
 #: tags an upstream run records about its inputs (steps.extract / index / evaluate)
 INPUT_EXTRACT_RUN = "imgsearch.input.extract_run_id"
 INPUT_SPLIT_RUN = "imgsearch.input.split_run_id"
@@ -100,8 +105,16 @@ def metric_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
         except (TypeError, ValueError):
             continue
         if math.isfinite(number):
-            tags[f"{METRIC_TAG_PREFIX}{name}"] = repr(number)
+            tags[f"{METRIC_TAG_PREFIX}{name}"] = repr(round(number, METRIC_TAG_DECIMALS))
     return tags
+
+
+def recorded_matches(recorded: float, measured: float) -> bool:
+    """Whether a ``metric.*`` tag records ``measured``: rounded as :func:`metric_tags` does, or at
+    full precision (versions registered before tags were rounded)."""
+    if math.isclose(measured, recorded, rel_tol=1e-9, abs_tol=1e-12):
+        return True
+    return math.isclose(round(measured, METRIC_TAG_DECIMALS), recorded, rel_tol=0, abs_tol=1e-12)
 
 
 def select_metrics(

@@ -21,6 +21,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from registry import integrity
 from registry.tags import (
+    HEADLINE_METRICS,
+    METRIC_TAG_PREFIX,
     TAG_DATA_HASH,
     TAG_FINGERPRINT,
     TAG_REGISTER_RUN,
@@ -28,6 +30,7 @@ from registry.tags import (
     EvaluationMismatchError,
     RegistryError,
     is_frozen,
+    recorded_matches,
 )
 
 log = logging.getLogger(__name__)
@@ -84,9 +87,10 @@ def register_version(
     extra_tags: Mapping[str, str],
     alias: str,
     log_fn: Any,
+    description: str | None = None,
 ) -> tuple[ModelVersion, bool]:
-    """Find-or-create the version; then make sure its tags and alias are set (a retry completes
-    what a crashed attempt left undone)."""
+    """Find-or-create the version; then make sure its tags, description and alias are set (a
+    retry completes what a crashed attempt left undone)."""
     existing = find_version(client, name, source_run_id, data_hash_, extractor_fp)
     identity = {
         TAG_SOURCE_RUN: source_run_id,
@@ -112,16 +116,33 @@ def register_version(
         version = mlflow.register_model(info.model_uri, name, tags=tags)
         reused = False
         log.info("registered %s version %s", name, version.version)
+    if description and (version.description or "") != description:
+        client.update_model_version(name, str(version.version), description=description[:4000])
     if alias:
         client.set_registered_model_alias(name, alias, str(version.version))
     return client.get_model_version(name, str(version.version)), reused
+
+
+def describe(what: str, metrics: Mapping[str, float], evaluate_run_id: str | None = None) -> str:
+    """A version's description: what it is, its headline test figures, then every other one
+    (its ``metric.*`` tags keep only a few, rounded)."""
+    head = [n for n in HEADLINE_METRICS if n in metrics]
+    figures = ", ".join(f"{n} {metrics[n]:.3f}" for n in head)
+    text = f"{what}." + (f" Test split: {figures}." if figures else "")
+    rest = sorted(n for n in metrics if n not in head)
+    if rest:
+        source = f" (evaluate run {evaluate_run_id})" if evaluate_run_id else ""
+        text += f"\n\nAll test figures{source}: " + ", ".join(f"{n} {metrics[n]:.4g}" for n in rest)
+    return text
 
 
 def _check_frozen(existing: ModelVersion, tags: Mapping[str, str]) -> None:
     """Refuse to change what a version recorded at registration (its evaluation, its metrics,
     its checksums); the same values again are a retry and change nothing."""
     current = existing.tags or {}
-    changed = sorted(k for k, v in tags.items() if is_frozen(k) and current.get(k) != v)
+    changed = sorted(
+        k for k, v in tags.items() if is_frozen(k) and not _same_tag(k, current.get(k), v)
+    )
     if changed:
         detail = ", ".join(f"{k}: {current.get(k)!r} -> {tags[k]!r}" for k in changed[:6])
         raise EvaluationMismatchError(
@@ -129,6 +150,18 @@ def _check_frozen(existing: ModelVersion, tags: Mapping[str, str]) -> None:
             f"frozen tags ({detail}); a registered version's evaluation, metrics and checksums "
             "never change: register new extract/index runs instead"
         )
+
+
+def _same_tag(key: str, current: str | None, new: str) -> bool:
+    """Equal, or a ``metric.*`` figure recorded at full precision that ``new`` rounds."""
+    if current == new:
+        return True
+    if current is None or not key.startswith(METRIC_TAG_PREFIX):
+        return False
+    try:
+        return recorded_matches(float(new), float(current))
+    except ValueError:
+        return False
 
 
 def _logged_tree_sha256(model_uri: str) -> str:

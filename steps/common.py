@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 
 from imgsearch.config import flatten, load_config
+from steps.runs import start_labelled_run
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,31 @@ EMBEDDINGS_ARTIFACT = "embeddings.parquet"
 HEADLINE = ("map_at_r", "map", "hit_at_1", "hit_at_10", "recall_at_10", "precision_at_1")
 #: prefix of an effective setting whose plain name is already taken by an ``mlflow run -P`` value
 SETTING_PREFIX = "cfg."
+#: keys a library's metrics dict reports that are settings, not measurements: logged as params
+SETTING_KEYS = frozenset(
+    {
+        "batch_size",
+        "num_workers",
+        "threads",
+        "channels_last",
+        "bf16_used",
+        "compile_used",
+        "dim",
+        "nprobe",
+        "ef_search",
+        "k",
+        "seed",
+    }
+)
+
+
+#: MLflow draws a progress bar for every artifact download (dozens of tiny ones per stage)
+ARTIFACT_BARS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def setup_logging() -> None:
+    """Log lines for a command-line run; MLflow's artifact download bars off unless asked for."""
+    os.environ.setdefault(ARTIFACT_BARS_ENV, "false")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -60,9 +83,7 @@ def stage_run(
     """
     profile = profile or os.environ.get(PROFILE_ENV) or None
     cfg = load_config(profile, overrides)
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=stage, nested=nested) as run:
-        mlflow.set_tag("imgsearch.stage", stage)
+    with start_labelled_run(stage) as run:
         if profile:
             mlflow.set_tag("imgsearch.profile", profile)
         section = cfg.get(stage, {})
@@ -121,9 +142,19 @@ def _param(value: Any) -> str:
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
-    """Log the finite numeric entries of ``metrics``; metric names are sanitised for MLflow."""
+    """Log the finite numeric entries of ``metrics``; metric names are sanitised for MLflow.
+
+    Settings a library reports beside its measurements (:data:`SETTING_KEYS`, and text values
+    such as ``precision_used``) are logged as params instead (not per step).
+    """
     clean: dict[str, float] = {}
+    settings: dict[str, Any] = {}
     for key, value in metrics.items():
+        if key in SETTING_KEYS or isinstance(value, str):
+            # a count reported as a float (64.0) is logged as the config writes it (64)
+            whole = isinstance(value, float) and value.is_integer()
+            settings[key] = int(value) if whole else value
+            continue
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -132,18 +163,28 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
             clean[_metric_name(key)] = number
     if clean:
         mlflow.log_metrics(clean, step=step)
+    if settings and step is None:
+        log_settings({_metric_name(k): v for k, v in settings.items()})
 
 
 def _metric_name(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
-def log_df(df: pd.DataFrame, name: str) -> None:
-    """Log ``df`` as Parquet artifact ``name`` (for example ``manifest.parquet``)."""
+def log_df(df: pd.DataFrame, name: str, view: bool = False) -> None:
+    """Log ``df`` as Parquet artifact ``name`` (for example ``manifest.parquet``).
+
+    ``view``: a table a person reads (quarantine, near duplicates, per-query results): also logged
+    as CSV beside it (``quarantine.csv``), which the MLflow UI's artifact viewer shows.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         df.to_parquet(path, index=False)
         mlflow.log_artifact(str(path))
+        if view:
+            csv = path.with_suffix(".csv")
+            df.to_csv(csv, index=False, float_format="%.4g")
+            mlflow.log_artifact(str(csv))
 
 
 def artifact_path(run_id: str, name: str) -> Path:

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 
 from imgsearch import schema
 from imgsearch.config import from_dict
 from imgsearch.embed.files import load_embeddings
 from imgsearch.evaluate.plots import embedding_plots
+from imgsearch.evaluate.report import evaluation_html
 from imgsearch.evaluate.retrieval import EvaluateConfig, evaluate
 from steps.common import (
     EMBEDDINGS_ARTIFACT,
@@ -36,6 +38,7 @@ from steps.common import (
     read_df,
     stage_run,
 )
+from steps.runs import current_label
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,10 @@ def run(
         manifest = read_df(split_run_id, "manifest.parquet")
         result = evaluate(ids, emb, manifest, cfg)
         log_metrics(result.metrics)
-        log_df(result.per_query, "per_query.parquet")
+        log_df(result.per_query, "per_query.parquet", view=True)
+        title = f"{current_label() or 'evaluate'} (run {active.info.run_id[:8]})"
+        if cfg.report:
+            mlflow.log_text(_report(result, manifest, cfg, title), "report.html")
         with tempfile.TemporaryDirectory() as tmp:
             csv = Path(tmp) / "per_category.csv"
             result.per_category.to_csv(csv, index=False)
@@ -81,9 +87,31 @@ def run(
                     max_points=cfg.plot_max_points,
                     seed=cfg.seed,
                     methods=cfg.plot_methods,
+                    title=title,
                 )
                 mlflow.log_artifacts(str(plot_dir), "plots")
         return active.info.run_id
+
+
+def _report(result: Any, manifest: pd.DataFrame, cfg: EvaluateConfig, title: str) -> str:
+    """``report.html``: the figures, example and worst queries as thumbnails, per category."""
+    image_ids = manifest[schema.IMAGE_ID].astype(str)
+    paths = (
+        dict(zip(image_ids, manifest[schema.PATH].astype(str), strict=True))
+        if schema.PATH in manifest.columns
+        else {}
+    )
+    items_of = dict(zip(image_ids, manifest[schema.ITEM_ID].astype(str), strict=True))
+    return evaluation_html(
+        result.metrics,
+        result.per_query,
+        result.per_category,
+        paths,
+        items_of,
+        f"Evaluation on the {cfg.split} split: {title}",
+        seed=cfg.seed,
+        category_column=cfg.category_column,
+    )
 
 
 OPTIONS = (

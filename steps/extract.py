@@ -107,7 +107,7 @@ def run(
             manifest[manifest[schema.IMAGE_ID].isin(set(result.ids))].reset_index(drop=True),
             "manifest.parquet",
         )
-        log_df(result.failures, "quarantine.parquet")
+        log_df(result.failures, "quarantine.parquet", view=True)
         return active.info.run_id
 
 

@@ -104,7 +104,7 @@ def run(
             mlflow.log_artifacts(
                 str(save_extractor(result.extractor, Path(tmp) / "extractor")), "extractor"
             )
-        log_df(result.failures, "quarantine.parquet")
+        log_df(result.failures, "quarantine.parquet", view=True)
         return active.info.run_id
 
 

@@ -41,7 +41,7 @@ def run(overrides: dict[str, Any] | None = None, profile: str | None = None) -> 
         mlflow.log_params(result.source)
         log_metrics(result.metrics)
         log_df(result.manifest, "manifest.parquet")
-        log_df(result.rejected, "rejected.parquet")
+        log_df(result.rejected, "rejected.parquet", view=True)
         log_df(result.texts if result.texts is not None else empty_texts(), TEXTS_ARTIFACT)
         return active.info.run_id
 

@@ -14,16 +14,29 @@ child's run id as a tag ``imgsearch.run.<stage>`` and the headline metrics of th
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import mlflow
 import pandas as pd
 
+from imgsearch.config import load_config
 from steps import eda, finetune, ingest, preprocess, split, validate
 from steps.chain import Chain, ChainNames, run_chain
-from steps.common import HEADLINE, Option, cli, log_df, log_metrics
+from steps.common import HEADLINE, PROFILE_ENV, Option, cli, log_df, log_metrics, log_settings
+from steps.runs import announce, labelled, start_labelled_run
+from steps.summary import (
+    closing_summary,
+    description,
+    effective_params,
+    figures_table,
+    gate_line,
+    ordered_metrics,
+)
 
 log = logging.getLogger(__name__)
+
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
 
 
 def run(
@@ -32,11 +45,17 @@ def run(
     promote_: bool = True,
     finetune_: bool = True,
 ) -> str:
-    kw: dict[str, Any] = {"overrides": overrides or {}, "profile": profile or None}
-    with mlflow.start_run(run_name="main", nested=mlflow.active_run() is not None) as parent:
-        mlflow.set_tag("imgsearch.stage", "main")
-        mlflow.log_params({k: v for k, v in (overrides or {}).items() if v not in (None, "")})
+    profile = profile or os.environ.get(PROFILE_ENV) or None
+    kw: dict[str, Any] = {"overrides": overrides or {}, "profile": profile}
+    params = effective_params(load_config(profile, overrides), profile, finetune_, promote_)
+    backbone = params["backbone"]
+    with labelled(f"{backbone} ({profile})" if profile else backbone):
+        started = start_labelled_run("main")
+    with started as parent:
+        log_settings(params)
+        mlflow.set_tag(NOTE_TAG, description(params))
         ids: dict[str, str] = {}
+        gates: list[str] = []
 
         def done(stage: str, run_id: str) -> str:
             ids[stage] = run_id
@@ -44,13 +63,14 @@ def run(
             log.info("stage %s: run %s", stage, run_id)
             return run_id
 
+        # the data stages serve both models: named by their stage only
         done("ingest", ingest.run(**kw))
         done("validate", validate.run(ids["ingest"], **kw))
         done("preprocess", preprocess.run(ids["validate"], **kw))
         done("eda", eda.run(ids["validate"], ids["preprocess"], **kw))
         done("split", split.run(preprocess_run_id=ids["preprocess"], **kw))
 
-        def retrieval(prefix: str, extractor_uri: str | None) -> None:
+        def retrieval(prefix: str, extractor_uri: str | None) -> dict[str, float]:
             """extract -> index -> evaluate -> register (-> promote) with one extractor."""
             runs = run_chain(
                 Chain(kw, done, names=ChainNames.prefixed(prefix)),
@@ -63,28 +83,55 @@ def run(
             )
             metrics = mlflow.get_run(runs.evaluate).data.metrics
             log_metrics({f"{prefix}test.{k}": metrics[k] for k in HEADLINE if k in metrics})
+            gates.append(gate_line(runs.promote))
+            return metrics
 
-        retrieval("", None)
+        with labelled(f"baseline {backbone}", role="baseline"):
+            before = retrieval("", None)
+        after: dict[str, float] | None = None
         if finetune_:
-            ft = done(
-                "finetune",
-                finetune.run(
-                    ids["split"],
-                    preprocess_run_id=ids["preprocess"],
-                    extractor_uri=f"runs:/{ids['extract']}/extractor",
-                    **kw,
-                ),
-            )
-            retrieval("finetuned.", f"runs:/{ft}/extractor")
+            with labelled(f"finetuned {backbone}", role="finetuned"):
+                ft = done(
+                    "finetune",
+                    finetune.run(
+                        ids["split"],
+                        preprocess_run_id=ids["preprocess"],
+                        extractor_uri=f"runs:/{ids['extract']}/extractor",
+                        **kw,
+                    ),
+                )
+                after = retrieval("finetuned.", f"runs:/{ft}/extractor")
             table = before_after(ids["evaluate"], ids["finetuned.evaluate"])
             log_df(table, "before_after.parquet")
             # the same table readable in the MLflow UI's artifact viewer
             mlflow.log_text(table.to_csv(index=False, float_format="%.4f"), "before_after.csv")
+        figures = figures_table(before, after)
+        mlflow.set_tag(NOTE_TAG, description(params, figures))
+        summary = closing_summary(parent.info.run_id, figures, gates, _reports(ids, finetune_))
+        mlflow.log_text(summary, "summary.md")
+        announce("done")
+        print(summary, flush=True)
         return parent.info.run_id
 
 
+def _reports(ids: dict[str, str], finetuned: bool) -> dict[str, str]:
+    """Where a reviewer finds each report (run id and artifact)."""
+    out = {
+        "EDA report": f"run {ids['eda']}: eda/report.html",
+        "quarantined files": f"run {ids['validate']}: quarantine.csv",
+        "baseline evaluation": f"run {ids['evaluate']}: report.html, per_category.csv, plots/",
+    }
+    if finetuned:
+        out["fine-tuned evaluation"] = (
+            f"run {ids['finetuned.evaluate']}: report.html, per_category.csv, plots/"
+        )
+        out["before / after"] = "this run: before_after.csv"
+    return out
+
+
 def before_after(baseline_run_id: str, finetuned_run_id: str) -> pd.DataFrame:
-    """Every test metric of the two evaluate runs side by side, with the change and the ratio."""
+    """Every test metric of the two evaluate runs side by side, with the change and the ratio;
+    the headline metrics first (map_at_r, hit_at_1, hit_at_10, map)."""
     before = mlflow.get_run(baseline_run_id).data.metrics
     after = mlflow.get_run(finetuned_run_id).data.metrics
     rows = [
@@ -95,7 +142,7 @@ def before_after(baseline_run_id: str, finetuned_run_id: str) -> pd.DataFrame:
             "delta": after[name] - before[name],
             "ratio": after[name] / before[name] if before[name] else float("nan"),
         }
-        for name in sorted(set(before) & set(after))
+        for name in ordered_metrics(sorted(set(before) & set(after)))
     ]
     return pd.DataFrame(rows, columns=["metric", "baseline", "finetuned", "delta", "ratio"])
 

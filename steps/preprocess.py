@@ -34,7 +34,7 @@ def run(
         result = preprocess(manifest, cfg, home_dir() / "pre")
         log_metrics(result.metrics)
         log_df(result.manifest, "manifest.parquet")
-        log_df(result.quarantine, "quarantine.parquet")
+        log_df(result.quarantine, "quarantine.parquet", view=True)
         mlflow.log_dict(cfg.to_dict(), "preprocess.json")
         return active.info.run_id
 

@@ -33,10 +33,13 @@ from registry.register import (
     RegisterConfig,
     evaluation,
     register_pair,
+    select_metrics,
 )
 from registry.text_model import log_text_model
 from registry.text_queries import TEXT_ARTIFACTS
+from registry.versions import describe
 from steps.common import Option, artifact_path, cli, log_metrics, stage_run
+from steps.runs import current_label
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,14 @@ def _ranking(index_run_id: str, cfg: RegisterConfig, all_cfg: dict[str, Any]) ->
         )
     section = all_cfg.get("ranking")
     return from_dict(RankingConfig, section if isinstance(section, dict) else {})
+
+
+def _description(evaluate_run_id: str, cfg: RegisterConfig, all_cfg: dict[str, Any]) -> str:
+    """What the pair is (the run's label: ``baseline mobilenet_v2``...) and every test figure."""
+    backbone = (all_cfg.get("extract") or {}).get("backbone", "")
+    what = current_label() or str(backbone)
+    figures = select_metrics(mlflow.get_run(evaluate_run_id).data.metrics, cfg.metric_prefixes)
+    return describe(f"the {what} model", figures, evaluate_run_id)
 
 
 def run(
@@ -92,6 +103,7 @@ def run(
             extra_tags=tags,
             cfg=cfg,
             text_artifacts=texts,
+            description=_description(evaluate_run_id, cfg, all_cfg),
         )
         summary = pair.summary()
         if align_run_id:

@@ -48,8 +48,8 @@ def run(
             {"n_quarantined_ingest": len(ingest_rejected), "n_quarantined_total": len(quarantine)}
         )
         log_df(result.clean, "manifest.parquet")
-        log_df(quarantine.astype("object"), "quarantine.parquet")
-        log_df(result.near_duplicates, "near_duplicates.parquet")
+        log_df(quarantine.astype("object"), "quarantine.parquet", view=True)
+        log_df(result.near_duplicates, "near_duplicates.parquet", view=True)
         return str(active.info.run_id)
 
 

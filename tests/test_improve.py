@@ -190,7 +190,8 @@ def watermarks(env: Env) -> list[Path]:
 def children(client: MlflowClient, run_id: str) -> dict[str, Any]:
     parent = client.get_run(run_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-    return {r.info.run_name: r for r in runs}
+    # runs are named "<step> · <what>" ("newdata · improve"): keyed by the step
+    return {r.info.run_name.split(" · ")[0]: r for r in runs}
 
 
 def improve(env: Env, **extra: Any) -> str:
@@ -355,7 +356,7 @@ def test_registry_down_during_promotion_fails_cleanly(
     assert champion(client) == before
     assert watermarks(env) == []
     [failed] = client.search_runs(
-        [client.get_experiment_by_name("Default").experiment_id],
+        [client.get_experiment_by_name("imgsearch").experiment_id],  # the project's experiment
         "tags.`imgsearch.stage` = 'improve'",
     )
     assert failed.info.status == "FAILED"

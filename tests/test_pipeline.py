@@ -74,6 +74,35 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, mlflow_store
         (*STAGES, "finetune", *RETRIEVAL)
     )
     assert all(r.info.status == "FINISHED" for r in children)
+
+    # a reviewer tells the runs apart in the MLflow UI: a named experiment in the model-training
+    # view, runs named for what they are, tagged with their role, settings as params
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.name == "imgsearch"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.info.run_name == "main · mobilenet_v2 (ci)"
+    names = {r.info.run_name: r for r in children}
+    for role in ("baseline", "finetuned"):
+        for stage in RETRIEVAL:
+            run = names[f"{stage} · {role} mobilenet_v2"]
+            assert run.data.tags["imgsearch.role"] == role
+    assert names["finetune · finetuned mobilenet_v2"].data.tags["imgsearch.role"] == "finetuned"
+    assert "imgsearch.role" not in names["ingest"].data.tags
+    params = parent.data.params
+    assert params["backbone"] == "mobilenet_v2" and params["weights"] == "none"
+    assert params["profile"] == "ci" and params["finetune.method"] == "supcon"
+    assert "baseline" in parent.data.tags["mlflow.note.content"]
+    assert "| map_at_r |" in parent.data.tags["mlflow.note.content"]
+    extract_run = names["extract · baseline mobilenet_v2"]
+    settings = {"batch_size", "bf16_used", "compile_used", "num_workers", "threads", "dim"}
+    for run in children:
+        assert not settings & set(run.data.metrics), (run.info.run_name, run.data.metrics)
+    assert extract_run.data.params["batch_size"] and "images_per_s" in extract_run.data.metrics
+    evaluate_id = names["evaluate · finetuned mobilenet_v2"].info.run_id
+    page = mlflow.artifacts.load_text(f"runs:/{evaluate_id}/report.html")
+    assert "Worst queries" in page and page.count("<img") > 10
+    summary = mlflow.artifacts.load_text(f"runs:/{parent_id}/summary.md")
+    assert "gate: index v2" in summary and "make ui" in summary
     for stage in PARENT_TAGS:
         assert parent.data.tags[f"imgsearch.run.{stage}"]
 
@@ -110,10 +139,20 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, mlflow_store
     assert table.loc["map_at_r", "baseline"] == pytest.approx(baseline)
     assert table.loc["map_at_r", "finetuned"] == pytest.approx(tuned)
     assert {"fq_nmi", "fq_ratio", "hit_at_1"} <= set(table.index)
+    assert list(table.index[:4]) == ["map_at_r", "hit_at_1", "hit_at_10", "map"]
+    for name in ("quarantine.csv",):
+        assert mlflow.artifacts.load_text(f"runs:/{validate_run.info.run_id}/{name}")
 
     # the fine-tuned pair is version 2; it is champion only if it won the (strict) gate, and then
     # `challenger` is gone (it names undecided candidates) and `previous` is version 1
     won = tuned - baseline > PromoteConfig().min_delta
+    # each version says what it is; its few headline metric tags are rounded
+    for name in ("imgsearch-extractor", "imgsearch-index"):
+        version = client.get_model_version(name, "2")
+        assert "finetuned" in version.description and "map_at_r" in version.description
+        metric_tags = {k: v for k, v in version.tags.items() if k.startswith("metric.")}
+        assert "metric.map_at_r" in metric_tags and len(metric_tags) <= 6, metric_tags
+        assert all(len(v.split(".")[-1]) <= 4 for v in metric_tags.values()), metric_tags
     for name in ("imgsearch-extractor", "imgsearch-index"):
         aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
         if won:

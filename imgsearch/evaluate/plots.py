@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,15 @@ def embedding_plots(
     max_points: int = 2000,
     seed: int = 0,
     methods: Sequence[str] = ("tsne", "umap"),
+    title: str | None = None,
 ) -> list[Path]:
     """2-D t-SNE (scikit-learn) and UMAP (umap-learn) scatter plots coloured by category.
 
     A seeded sample of at most ``max_points`` embeddings is projected (after PCA to 50 dimensions
     for t-SNE). With more than 19 categories, the 19 most frequent get a colour and the rest are
-    grey "other". Writes ``embeddings_<method>.png`` into ``out_dir`` and returns their paths.
+    grey "other". ``title`` (the model and run) heads each plot. The view is clipped to the bulk
+    of the points (0.5-99.5th percentile, plus a margin), so a few outliers do not squeeze the rest
+    into a corner. Writes ``embeddings_<method>.png`` into ``out_dir`` and returns their paths.
     """
     import matplotlib
 
@@ -55,7 +59,11 @@ def embedding_plots(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for method in methods:
+        # t-SNE/UMAP take a minute or more on a CPU with no progress of their own: say so
+        log.info("evaluate: %s of %d embeddings...", method, len(x))
+        started = time.perf_counter()
         xy = _project(x, method, seed)
+        log.info("evaluate: %s done in %.0f s", method, time.perf_counter() - started)
         fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
         cmap = plt.get_cmap("tab20")
         for i, name in enumerate([*keep, "other"]):
@@ -65,8 +73,10 @@ def embedding_plots(
                 ax.scatter(
                     xy[mask, 0], xy[mask, 1], s=6, color=colour, label=f"{name} ({int(mask.sum())})"
                 )
-        title = {"tsne": "t-SNE", "umap": "UMAP"}.get(method, method)
-        ax.set_title(f"{title} of {len(x)} embeddings, coloured by category")
+        name = {"tsne": "t-SNE", "umap": "UMAP"}.get(method, method)
+        heading = f"{name} of {len(x)} embeddings, coloured by category"
+        ax.set_title(f"{title}\n{heading}" if title else heading, fontsize=10)
+        _clip_to_bulk(ax, xy)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(
@@ -78,6 +88,14 @@ def embedding_plots(
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _clip_to_bulk(ax: Any, xy: np.ndarray, q: float = 0.5, margin: float = 0.08) -> None:
+    """Limit the axes to the ``q``..``100 - q`` percentile box of ``xy`` plus ``margin``."""
+    lo, hi = np.percentile(xy, [q, 100 - q], axis=0)
+    pad = np.where(hi > lo, (hi - lo) * margin, 1.0)  # all points equal: a unit box
+    ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+    ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
 
 
 def _project(x: np.ndarray, method: str, seed: int) -> np.ndarray:

@@ -56,6 +56,7 @@ class EvaluateConfig:
     plots: bool = True
     plot_methods: Sequence[str] = ("tsne", "umap")
     plot_max_points: int = 2000
+    report: bool = True  # report.html: figures, example queries with thumbnails, worst queries
 
     def __post_init__(self) -> None:
         if self.split not in (*schema.SPLITS, ALL_SPLITS):
@@ -247,7 +248,8 @@ def evaluate(
     fewer than two embedded images or ids are duplicated, ``ValueError`` on non-finite embeddings.
 
     Returns ``metrics`` (the stable names), ``per_query`` (one row per query: ids, category,
-    ``n_relevant``, ``first_relevant_rank``, ``top1_image_id``, ``top1_item_id`` and the per-query
+    ``n_relevant``, ``first_relevant_rank``, ``top1_image_id``, ``top1_item_id``, ``top_ids`` (the
+    first ``max(ks)`` result ids, ``;``-joined) and the per-query
     metrics with ``ap``/``ap_at_r`` for AP and AP@R) and ``per_category`` (one row per query
     category: ``n_queries``, ``n_queries_without_relevant`` and the aggregate metrics).
     """
@@ -256,7 +258,7 @@ def evaluate(
     queries = sample_queries(len(rows), cfg.max_queries, cfg.seed)
 
     parts: list[dict[str, np.ndarray]] = []
-    qpos_parts, n_rel_parts, first_parts, top1_parts = [], [], [], []
+    qpos_parts, n_rel_parts, first_parts, top1_parts, top_parts = [], [], [], [], []
     for qpos, order, rel, n_rel in rank_relevance(x, labels, queries):
         parts.append(M.per_query_metrics(rel, n_rel, cfg.ks))
         qpos_parts.append(qpos)
@@ -264,6 +266,7 @@ def evaluate(
         any_rel = rel.any(axis=1)
         first_parts.append(np.where(any_rel, rel.argmax(axis=1) + 1.0, np.nan))
         top1_parts.append(order[:, 0])
+        top_parts.append(order[:, : max(cfg.ks)])
     per_query_values = _concat(parts)
     qpos_all = np.concatenate(qpos_parts)
     n_rel_all = np.concatenate(n_rel_parts)
@@ -282,6 +285,9 @@ def evaluate(
     top1 = np.concatenate(top1_parts)
     per_query["top1_image_id"] = rows[schema.IMAGE_ID].to_numpy()[top1]
     per_query["top1_item_id"] = labels[top1]
+    # the first max(ks) results, for the report's gallery (";"-joined image ids)
+    gallery_ids = rows[schema.IMAGE_ID].astype(str).to_numpy()
+    per_query["top_ids"] = [";".join(gallery_ids[r]) for part in top_parts for r in part]
     for key, values in per_query_values.items():
         per_query[key] = values
 

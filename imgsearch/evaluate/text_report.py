@@ -33,7 +33,8 @@ def thumbnail_b64(path: str | None, size: int = THUMB, fmt: str = "PNG") -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _cell(image_id: str, item: str, query_item: str, paths: Mapping[str, str]) -> str:
+def thumb_cell(image_id: str, item: str, query_item: str, paths: Mapping[str, str]) -> str:
+    """A table cell with the thumbnail of ``image_id``, outlined in green when relevant."""
     data = thumbnail_b64(paths.get(image_id))
     border = "3px solid #2a2" if item == query_item else "3px solid transparent"
     title = html.escape(f"{image_id} (item {item})")
@@ -63,7 +64,9 @@ def examples_html(
         parts.append(f"<h2>{html.escape(str(kind))} queries, {html.escape(str(lang))}</h2><table>")
         for _, row in sample.iterrows():
             ids = [i for i in str(row["top_ids"]).split(";") if i]
-            cells = "".join(_cell(i, items_of.get(i, ""), str(row["item_id"]), paths) for i in ids)
+            cells = "".join(
+                thumb_cell(i, items_of.get(i, ""), str(row["item_id"]), paths) for i in ids
+            )
             parts.append(
                 f"<tr><td style='max-width:18em'>{html.escape(str(row['query']))}"
                 f"<br><small>AP@R {float(row['ap_at_r']):.2f}</small></td>{cells}</tr>"

@@ -34,9 +34,16 @@ class DriftResult:
     n_current: int
     seconds: float
 
+    @property
+    def shown_score(self) -> float:
+        """The score as shown to a person: never negative (MMD^2_u dips below 0 by chance when
+        nothing changed; Evidently also shows ``max(score, 0)``). The verdict uses ``score``."""
+        return max(self.score, 0.0)
+
     def metrics(self) -> dict[str, float]:
         return {
-            "drift_score": self.score,
+            "drift_score": self.shown_score,
+            "drift_score_signed": self.score,
             "drift_threshold": self.threshold,
             "drift_detected": float(self.drift),
             "n_reference": float(self.n_reference),

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from imgsearch import schema
 from imgsearch.data.preprocess import PreprocessConfig
@@ -222,12 +223,15 @@ def trunk_outputs(
     ok = np.zeros(len(rows), dtype=bool)
     failures: list[dict[str, object]] = []
     outs = []
-    for indices, pixels in _batches(rows, cfg, batch_size, failures):
-        ok[indices] = True
-        x = normalise(pixels)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        outs.append(trunk(x).to(dtype).contiguous())
+    # the frozen blocks run once over every train and val image: minutes on a CPU, so show it
+    with tqdm(total=len(rows), desc="frozen blocks (once)", unit="img", mininterval=2.0) as bar:
+        for indices, pixels in _batches(rows, cfg, batch_size, failures):
+            ok[indices] = True
+            x = normalise(pixels)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            outs.append(trunk(x).to(dtype).contiguous())
+            bar.update(len(pixels))
     failed = schema.quarantine_rows(failures) if failures else schema.empty_quarantine()
     if not outs:
         return torch.zeros((0, 1, 1, 1), dtype=dtype), ok, failed
