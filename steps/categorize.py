@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 KEYWORDS_ARTIFACT = "keywords.parquet"  # steps.align writes it
 TEXTS_ARTIFACT = "texts.parquet"  # steps.ingest writes it
-STEP_KEYS = ("member_texts", "keywords_per_image", "gallery")
+STEP_KEYS = ("member_texts", "keywords_per_image", "gallery", "in_main")
 
 
 def _images(extract_run_id: str, ids: Sequence[str]) -> pd.DataFrame:

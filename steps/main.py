@@ -21,7 +21,7 @@ import mlflow
 import pandas as pd
 
 from imgsearch.config import load_config
-from steps import eda, finetune, ingest, preprocess, split, validate
+from steps import categorize, eda, finetune, ingest, preprocess, split, validate
 from steps.chain import Chain, ChainNames, run_chain
 from steps.common import HEADLINE, PROFILE_ENV, Option, cli, log_df, log_metrics, log_settings
 from steps.runs import announce, labelled, start_labelled_run
@@ -105,6 +105,9 @@ def run(
             log_df(table, "before_after.parquet")
             # the same table readable in the MLflow UI's artifact viewer
             mlflow.log_text(table.to_csv(index=False, float_format="%.4f"), "before_after.csv")
+        categorized = _categorize(ids, "finetuned." if after is not None else "", kw)
+        if categorized:
+            done("categorize", categorized)
         figures = figures_table(before, after)
         mlflow.set_tag(NOTE_TAG, description(params, figures))
         summary = closing_summary(parent.info.run_id, figures, gates, _reports(ids, finetune_))
@@ -112,6 +115,22 @@ def run(
         announce("done")
         print(summary, flush=True)
         return parent.info.run_id
+
+
+def _categorize(ids: dict[str, str], prefix: str, kw: dict[str, Any]) -> str | None:
+    """The whole collection sorted into named clusters with the final extractor (its align run's
+    zero-shot keywords name them; the catalog's tags only measure them). ``None`` when
+    ``categorize.in_main`` is off."""
+    cfg = load_config(kw["profile"], kw["overrides"]).get("categorize") or {}
+    if not cfg.get("in_main", True):
+        return None
+    with labelled(f"collection ({prefix.rstrip('.') or 'baseline'})"):
+        return categorize.run(
+            ids[f"{prefix}extract"],
+            keywords_run_id=ids.get(f"{prefix}align"),
+            texts_run_id=ids["ingest"],
+            **kw,
+        )
 
 
 def _reports(ids: dict[str, str], finetuned: bool) -> dict[str, str]:
@@ -126,6 +145,10 @@ def _reports(ids: dict[str, str], finetuned: bool) -> dict[str, str]:
             f"run {ids['finetuned.evaluate']}: report.html, per_category.csv, plots/"
         )
         out["before / after"] = "this run: before_after.csv"
+    if "categorize" in ids:
+        out["categories of the collection"] = (
+            f"run {ids['categorize']}: gallery/categories.html, categories.csv"
+        )
     return out
 
 

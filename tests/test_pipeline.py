@@ -71,7 +71,7 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, mlflow_store
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
     )
     assert sorted(r.data.tags["imgsearch.stage"] for r in children) == sorted(
-        (*STAGES, "finetune", *RETRIEVAL)
+        (*STAGES, "finetune", *RETRIEVAL, "categorize")
     )
     assert all(r.info.status == "FINISHED" for r in children)
 
@@ -88,6 +88,16 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, mlflow_store
             assert run.data.tags["imgsearch.role"] == role
     assert names["finetune · finetuned mobilenet_v2"].data.tags["imgsearch.role"] == "finetuned"
     assert "imgsearch.role" not in names["ingest"].data.tags
+    # the whole collection categorised with the final (fine-tuned) extractor, named from its
+    # align run's keywords; measured against the hidden labels
+    collection = names["categorize · collection (finetuned)"]
+    finetuned_extract = names["extract · finetuned mobilenet_v2"]
+    assert collection.data.tags["imgsearch.input.extract_run_id"] == finetuned_extract.info.run_id
+    assert collection.data.metrics["n_images"] == finetuned_extract.data.metrics["n_ok"]
+    assert "cluster_keywords_en_precision_at_5" in collection.data.metrics  # named by keywords
+    assert "gallery/categories.html" in {
+        f.path for f in client.list_artifacts(collection.info.run_id, "gallery")
+    }
     params = parent.data.params
     assert params["backbone"] == "mobilenet_v2" and params["weights"] == "none"
     assert params["profile"] == "ci" and params["finetune.method"] == "supcon"
