@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,22 @@ def _catalog(root: Path, n: int = 23) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@pytest.fixture(scope="module")
+def spark_session() -> Iterator[object]:
+    """One local[2] session for the module (starting Spark takes ~30 s here); the engine uses
+    an active session as it is."""
+    if importlib.util.find_spec("pyspark") is None:
+        yield None
+        return
+    from imgsearch.embed.spark_runner import spark_session as make
+
+    session, _ = make(SparkConfig(master="local[2]", conf={"spark.driver.memory": "1g"}))
+    yield session
+    session.stop()  # type: ignore[attr-defined]
+
+
 @pytest.mark.slow
-@pytest.mark.usefixtures("pyspark_present")
+@pytest.mark.usefixtures("pyspark_present", "spark_session")
 def test_spark_engine_matches_local_engine(tmp_path: Path) -> None:
     torch.manual_seed(0)
     base = create_extractor("mobilenet_v2", weights="none")
@@ -124,6 +139,46 @@ def test_spark_engine_matches_local_engine(tmp_path: Path) -> None:
     assert pd.read_parquet(out)["image_id"].tolist() == list(ids)
     with pytest.raises(ValueError, match="not empty"):
         spark_extract(ext_dir, manifest, out, cfg, spark_cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("pyspark_present", "spark_session")
+def test_extract_step_with_spark_engine_feeds_the_index_step(
+    tmp_path: Path, mlflow_store: str
+) -> None:
+    """steps.extract with engine=spark logs a folder of shards that steps.index builds from."""
+    import mlflow
+
+    from steps import extract as extract_step
+    from steps import index as index_step
+    from steps.common import artifact_path, log_df
+
+    manifest = _catalog(tmp_path, n=10)
+    with mlflow.start_run() as pre_run:
+        log_df(manifest, "manifest.parquet")
+    overrides = {
+        "extract.weights": "none",
+        "extract.engine": "spark",
+        "extract.batch_size": 4,
+        "extract.spark.partitions": 2,
+    }
+    run_id = extract_step.run(pre_run.info.run_id, overrides=overrides)
+    emb_path = artifact_path(run_id, "embeddings.parquet")
+    assert emb_path.is_dir() and len(shard_paths(emb_path)) == 2
+    ids, _ = load_embeddings(emb_path)
+    assert len(ids) == 10
+    run = mlflow.get_run(run_id)
+    assert run.data.tags["imgsearch.extract.engine"] == "spark"
+    assert run.data.metrics["n_failed"] == 2 and run.data.metrics["spark_partitions"] == 2
+    failures = pd.read_parquet(artifact_path(run_id, "quarantine.parquet"))
+    assert sorted(failures["image_id"]) == ["corrupt", "gone"]
+    logged = pd.read_parquet(artifact_path(run_id, "manifest.parquet"))
+    assert sorted(logged["image_id"]) == sorted(ids)
+
+    index_run = index_step.run(run_id)
+    metrics = mlflow.get_run(index_run).data.metrics
+    assert metrics["count"] == 10 and metrics["shards"] == 2
+    assert metrics["recall_at_10_vs_exact"] == 1.0
 
 
 def test_spark_config_is_checked(tmp_path: Path) -> None:
