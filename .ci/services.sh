@@ -68,11 +68,13 @@ start_mlflow_server() {
   port="$(_free_port)"
   url="http://127.0.0.1:$port"
   mkdir -p "$SERVICES_DIR/artifacts"
-  # setsid: the server and its workers form one process group, stopped together
-  setsid "$SERVICES_PY" -m mlflow server \
+  # setsid: the server and its workers form one process group, stopped together. One worker and
+  # no GenAI job runner (half a dozen huey consumers): on 2 busy cores uvicorn's supervisor kills
+  # workers that miss its health pings, and the job runner is not used here.
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$SERVICES_PY" -m mlflow server \
     --backend-store-uri "postgresql+psycopg2://postgres@127.0.0.1:$PG_PORT/mlflow" \
     --artifacts-destination "$SERVICES_DIR/artifacts" \
-    --host 127.0.0.1 --port "$port" --workers 2 \
+    --host 127.0.0.1 --port "$port" --workers 1 \
     >"$SERVICES_DIR/mlflow.log" 2>&1 &
   MLFLOW_PGID=$!
   for i in $(seq 1 180); do
