@@ -109,3 +109,16 @@ def test_select_embeddings_and_bad_input(tmp_path: Path) -> None:
     save_embeddings(tmp_path / "dup" / "part-00001.parquet", ["img1"], emb[1:2])
     with pytest.raises(ValueError, match="duplicate image_id"):
         build_index_from_shards(tmp_path / "dup", make_meta(10), IndexConfig(factory="Flat"))
+
+
+def test_shard_folder_reading_refuses_duplicates_and_empty_folders(tmp_path: Path) -> None:
+    emb = unit(4, 4, seed=8)
+    save_embeddings(tmp_path / "dup" / "part-00000.parquet", ["a", "b"], emb[:2])
+    save_embeddings(tmp_path / "dup" / "part-00001.parquet", ["b", "c"], emb[2:])
+    (tmp_path / "dup" / "_SUCCESS").touch()  # Spark's marker and hidden temp files are no shards
+    (tmp_path / "dup" / ".part-00002-x.parquet").write_bytes(b"partial")
+    with pytest.raises(ValueError, match="more than one shard"):
+        load_embeddings(tmp_path / "dup")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without embedding shards"):
+        load_embeddings(tmp_path / "empty")
