@@ -14,8 +14,9 @@ kept, so a restart neither skips nor repeats a run.
 
 One daemon per job store (RELIABILITY 12), one improve job per MLflow tracking store
 (:mod:`monitoring.lock`): for its whole life the daemon holds an exclusive ``fcntl.flock`` on a
-lock file next to the resolved SQLite job store (for a server URL: a lock file per normalised URL
-under the home dir, which only guards one host), then the job lock of the tracking store, the one
+lock file next to the resolved SQLite job store (a PostgreSQL job store: an advisory lock in that
+database, so daemons on different hosts sharing it refuse each other; another server URL: a lock
+file per normalised URL under the home dir, which only guards one host), then the job lock of the tracking store, the one
 ``python -m monitoring.improve`` takes when run by hand. A second daemon, or a daemon started while
 a hand run works, exits with status 3. The OS drops the locks when the process dies, even on
 SIGKILL, so a stale lock never blocks a restart. Right after taking them the daemon marks improve
@@ -118,6 +119,18 @@ def daemon_lock(path: Path) -> contextlib.AbstractContextManager[Path]:
     return locks.hold(path, "daemon", "one daemon per job store")
 
 
+def store_lock(cfg: DaemonConfig, holder: str = "daemon") -> contextlib.AbstractContextManager[str]:
+    """The daemon's lock of its job store: an advisory lock in a PostgreSQL job store (daemons on
+    different hosts sharing it refuse each other), else the lock file :func:`lock_path_for`."""
+    return locks.store_lock(
+        cfg.url,
+        None,
+        holder,
+        "one daemon per job store",
+        path=Path(cfg.lock_path) if cfg.lock_path else None,
+    )
+
+
 # --- the scheduler ---------------------------------------------------------------------------
 
 
@@ -185,7 +198,7 @@ def run_once(cfg: DaemonConfig) -> Any:
 def serve(cfg: DaemonConfig, once: bool = False, stop: threading.Event | None = None) -> int:
     """Hold the lock, then run once or schedule until ``stop`` (SIGTERM/SIGINT) is set."""
     stop = stop or _STOP
-    with daemon_lock(lock_path_for(cfg)), locks.job_lock(holder="daemon"):
+    with store_lock(cfg), locks.job_lock(holder="daemon"):
         mark_orphans(context="daemon start")
         if once:
             run_once(cfg)
@@ -228,9 +241,8 @@ def status(cfg: DaemonConfig, last: int = 10) -> str:
         )
     elif len(lines) == 1:
         lines.append(f"job {cfg.job_id}: not scheduled")
-    lock = lock_path_for(cfg)
     try:
-        with daemon_lock(lock):
+        with store_lock(cfg, "daemon status"):
             lines.append("daemon: not running")
     except DaemonAlreadyRunning as exc:
         lines.append(f"daemon: running ({exc})")

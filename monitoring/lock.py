@@ -18,6 +18,15 @@ Two locks use it:
   else ``$IMGSEARCH_HOME/improve-<sha of the key>.lock`` for a server URL (which guards one host
   only).
 
+A store in **PostgreSQL** (a job store ``postgresql://...``, or a tracking store given by its
+database URL) is locked in the database itself instead: a session-level advisory lock
+(``pg_try_advisory_lock``) keyed by the lock's name and the store key, held on a connection kept
+open for the life of the lock (:func:`advisory_lock`). Daemons on two hosts that share the store
+then refuse each other, which a lock file per host cannot do; PostgreSQL drops the lock when the
+holder's connection ends (the process died, even on SIGKILL). The holder is named in the
+connection's ``application_name``, so a refusal says who holds it. A tracking *server*
+(``http://``) has no database to lock from here: its job lock stays a lock file per host.
+
 The OS drops a ``flock`` when its process dies, even on SIGKILL, so a stale lock never blocks a
 restart; and holding the job lock proves that no other job on this host is live, which is what
 lets :mod:`monitoring.orphans` mark RUNNING improve runs as killed. A ``flock`` taken on a second
@@ -31,9 +40,11 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from imgsearch.config import home_dir
@@ -136,6 +147,90 @@ def hold(
         handle.close()  # closing the descriptor releases the lock
 
 
+def is_postgres(url: str) -> bool:
+    """Whether ``url`` is a PostgreSQL database URL (any driver: ``postgresql+psycopg2://``)."""
+    scheme = urlsplit(url).scheme.lower().split("+", 1)[0]
+    return scheme in ("postgresql", "postgres")
+
+
+def advisory_key(name: str, url: str) -> tuple[int, int]:
+    """The two 31-bit keys of the advisory lock ``name`` of the store ``url`` (stable per store)."""
+    digest = hashlib.sha256(f"imgsearch:{name}:{store_key(url)}".encode()).digest()
+    return (
+        int.from_bytes(digest[:4], "big") & 0x7FFFFFFF,
+        int.from_bytes(digest[4:8], "big") & 0x7FFFFFFF,
+    )
+
+
+_HOLDER_SQL = """
+SELECT a.application_name, a.client_addr, a.pid FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+  AND l.classid::bigint = :k1 AND l.objid::bigint = :k2
+"""
+
+
+@contextlib.contextmanager
+def advisory_lock(
+    url: str,
+    name: str,
+    holder: str,
+    refusal: str,
+    error: type[DaemonAlreadyRunning] = DaemonAlreadyRunning,
+) -> Iterator[str]:
+    """Hold PostgreSQL advisory lock ``name`` of the database ``url`` for the life of the context.
+
+    Non-blocking: raises ``error`` naming the holder (its ``application_name``: host, pid, role)
+    when another session holds it. Yields a description of the lock.
+    """
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    k1, k2 = advisory_key(name, url)
+    who = f"imgsearch {holder} pid {os.getpid()} on {socket.gethostname()}"[:63]
+    engine = sqlalchemy.create_engine(
+        url, poolclass=NullPool, connect_args={"application_name": who}
+    )
+    conn: Any = None
+    try:
+        conn = engine.connect()
+        params = {"k1": k1, "k2": k2}
+        got = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k1, :k2)"), params)
+        if not got.scalar():
+            row = conn.execute(sqlalchemy.text(_HOLDER_SQL), params).first()
+            found = f"{row[0] or 'a session'} (backend pid {row[2]})" if row else "another session"
+            raise error(f"{found} holds advisory lock {name} of {store_key(url)}; {refusal}")
+        conn.commit()
+        try:
+            yield f"{store_key(url)} advisory lock {name} ({k1}, {k2})"
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k1, :k2)"), params)
+            conn.commit()
+    finally:
+        if conn is not None:
+            conn.close()  # closing the session would release the lock too
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def store_lock(
+    url: str,
+    name: str | None,
+    holder: str,
+    refusal: str,
+    error: type[DaemonAlreadyRunning] = DaemonAlreadyRunning,
+    path: Path | None = None,
+) -> Iterator[str]:
+    """The lock of store ``url``: an advisory lock in it when it is PostgreSQL (and no explicit
+    ``path`` is given), else the lock file ``path`` (default :func:`lock_path`)."""
+    if path is None and is_postgres(url):
+        with advisory_lock(url, name or "daemon", holder, refusal, error) as what:
+            yield what
+        return
+    with hold(path or lock_path(url, name), holder, refusal, error) as held:
+        yield str(held)
+
+
 def tracking_uri() -> str:
     """The MLflow tracking store this process writes to (``MLFLOW_TRACKING_URI`` or the default)."""
     import mlflow
@@ -144,16 +239,18 @@ def tracking_uri() -> str:
 
 
 @contextlib.contextmanager
-def job_lock(url: str | None = None, *, holder: str | None = None) -> Iterator[Path]:
+def job_lock(url: str | None = None, *, holder: str | None = None) -> Iterator[str]:
     """Hold the improve job lock of the tracking store ``url`` (default: this process's store).
 
     Raises :class:`JobAlreadyRunning` (exit status 3 in the CLIs) when the daemon or a hand run
-    already holds it, on any spelling of the same store.
+    already holds it, on any spelling of the same store. A PostgreSQL tracking store is locked
+    in the database (advisory lock), any other with a lock file.
     """
     url = url or tracking_uri()
     who = holder or " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]).strip() or "python"
-    with hold(
-        lock_path(url, JOB_LOCK),
+    with store_lock(
+        url,
+        JOB_LOCK,
         who,
         f"one improve job per tracking store ({store_key(url)}): the daemon or a hand run of "
         "monitoring.improve is already working on it",

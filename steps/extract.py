@@ -7,8 +7,13 @@ split manifest lacks it), and the extractor: ``--extractor-uri`` (a saved extrac
 MLflow artifact URI such as ``runs:/<id>/extractor``) or else ``--backbone``/``--weights``
 (``configs/extract.yaml``).
 
+``extract.engine`` picks the engine: ``local`` (this process) or ``spark``
+(``imgsearch.embed.spark_runner``: one runner per partition on ``extract.spark.master``,
+``local[*]`` by default; needs ``pip install '.[spark]'``).
+
 Produces: ``embeddings.parquet`` (``image_id`` + float32 L2-normalised ``embedding``; see
-``imgsearch.embed.files.save_embeddings``), ``extractor/`` (``weights.pt`` + ``spec.json``, reload with
+``imgsearch.embed.files.save_embeddings``; with the Spark engine a folder of that name holding one
+shard per partition, read the same way by every later stage), ``extractor/`` (``weights.pt`` + ``spec.json``, reload with
 ``imgsearch.models.backbones.load_extractor``), ``manifest.parquet`` (the embedded rows of the input
 manifest), ``quarantine.parquet`` (this stage's failures, stage="extract"), param
 ``extractor_fingerprint`` and metrics ``n``, ``n_ok``, ``n_failed``, ``n_from_cache``,
@@ -28,7 +33,7 @@ import pandas as pd
 from imgsearch import schema
 from imgsearch.config import from_dict
 from imgsearch.embed.extract import ExtractConfig, extract
-from imgsearch.embed.files import save_embeddings
+from imgsearch.embed.files import embedding_ids, save_embeddings
 from imgsearch.models.backbones import (
     Extractor,
     create_extractor,
@@ -89,26 +94,52 @@ def run(
             }
         )
 
+        mlflow.set_tag("imgsearch.extract.engine", cfg.engine)
+        metadata = {"extractor_fingerprint": fp, "extractor_name": extractor.spec.name}
         with tempfile.TemporaryDirectory() as tmp:
-            # embeddings stream into a memmap, so memory stays flat however large the manifest is
-            result = extract(extractor, manifest, cfg, out=Path(tmp) / "embeddings.npy")
-            log_metrics(result.metrics)
-            path = save_embeddings(
-                Path(tmp) / EMBEDDINGS_ARTIFACT,
-                result.ids,
-                result.embeddings,
-                metadata={"extractor_fingerprint": fp, "extractor_name": extractor.spec.name},
-            )
-            mlflow.log_artifact(str(path))
-            mlflow.log_artifacts(
-                str(save_extractor(extractor, Path(tmp) / "extractor")), "extractor"
-            )
+            extractor_dir = save_extractor(extractor, Path(tmp) / "extractor")
+            if cfg.engine == "spark":
+                ids, failures = _extract_spark(extractor_dir, manifest, cfg, Path(tmp), metadata)
+            else:
+                ids, failures = _extract_local(extractor, manifest, cfg, Path(tmp), metadata)
+            mlflow.log_artifacts(str(extractor_dir), "extractor")
         log_df(
-            manifest[manifest[schema.IMAGE_ID].isin(set(result.ids))].reset_index(drop=True),
+            manifest[manifest[schema.IMAGE_ID].isin(set(ids))].reset_index(drop=True),
             "manifest.parquet",
         )
-        log_df(result.failures, "quarantine.parquet", view=True)
+        log_df(failures, "quarantine.parquet", view=True)
         return active.info.run_id
+
+
+def _extract_local(
+    extractor: Extractor,
+    manifest: pd.DataFrame,
+    cfg: ExtractConfig,
+    tmp: Path,
+    metadata: dict[str, str],
+) -> tuple[Any, pd.DataFrame]:
+    # embeddings stream into a memmap, so memory stays flat however large the manifest is
+    result = extract(extractor, manifest, cfg, out=tmp / "embeddings.npy")
+    log_metrics(result.metrics)
+    path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
+    mlflow.log_artifact(str(path))
+    return result.ids, result.failures
+
+
+def _extract_spark(
+    extractor_dir: Path,
+    manifest: pd.DataFrame,
+    cfg: ExtractConfig,
+    tmp: Path,
+    metadata: dict[str, str],
+) -> tuple[Any, pd.DataFrame]:
+    from imgsearch.embed.spark_runner import spark_extract
+
+    shards = tmp / EMBEDDINGS_ARTIFACT
+    result = spark_extract(extractor_dir, manifest, shards, cfg, metadata=metadata)
+    log_metrics(result.metrics)
+    mlflow.log_artifacts(str(shards), EMBEDDINGS_ARTIFACT)
+    return embedding_ids(shards), result.failures
 
 
 OPTIONS = (
@@ -125,6 +156,8 @@ OPTIONS = (
     ),
     Option("--batch-size", "images per forward pass (default: config)", key="extract.batch_size"),
     Option("--precision", "fp32 | bf16 (default: config)", key="extract.precision"),
+    Option("--engine", "local | spark (default: config)", key="extract.engine"),
+    Option("--spark-master", "Spark master URL (default: config)", key="extract.spark.master"),
 )
 
 

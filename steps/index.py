@@ -1,7 +1,8 @@
 """Index: build the FAISS index of the served catalog, measure it, and tune the ranking on val.
 
-Inputs: ``--extract-run-id`` (its ``embeddings.parquet`` from ``imgsearch.embed.files.save_embeddings``
-and its ``extractor_fingerprint`` param, else the same key in the embeddings file's metadata),
+Inputs: ``--extract-run-id`` (its ``embeddings.parquet`` from ``imgsearch.embed.files.save_embeddings``:
+one file, or a folder of shards from the Spark engine, either read one shard at a time by
+``imgsearch.search.shards.build_index_from_shards``; and its ``extractor_fingerprint`` param, else the same key in the embeddings file's metadata),
 the manifest (``manifest.parquet`` of ``--manifest-run-id``, else of ``--split-run-id``, else of
 the extract run or the run it names in an ``imgsearch.input.*_run_id`` tag), ``configs/index.yaml``
 (``--factory`` overrides ``index.factory``) and ``configs/ranking.yaml``.
@@ -42,8 +43,8 @@ from imgsearch.config import from_dict
 from imgsearch.embed.files import embeddings_metadata, load_embeddings
 from imgsearch.search.factory import IndexConfig
 from imgsearch.search.index import ImageIndex, gallery_meta
-from imgsearch.search.measure import build_index
 from imgsearch.search.ranking import RankingConfig
+from imgsearch.search.shards import build_index_from_shards, select_embeddings
 from imgsearch.search.tuning import tune_on_split
 from steps.common import (
     EMBEDDINGS_ARTIFACT,
@@ -110,23 +111,34 @@ def run(
         cfg = from_dict(IndexConfig, all_cfg.get("index"))
         ranking_cfg = from_dict(RankingConfig, all_cfg.get("ranking"))
         emb_file = artifact_path(extract_run_id, embeddings_artifact)
-        ids, emb = load_embeddings(emb_file)
         fingerprint = _fingerprint(extract_run_id, emb_file)
         manifest = _manifest(extract_run_id, split_run_id, manifest_run_id)
         if add_to_index_run_id:
+            ids, emb = load_embeddings(emb_file)
             _add_to_index(add_to_index_run_id, ids, emb, manifest, fingerprint)
             return active.info.run_id
-        meta = gallery_meta(ids, manifest)
 
-        index, metrics = build_index(emb, meta, cfg, fingerprint)
+        # one shard in memory at a time (a single file is one shard): train on a sample, add
+        # shard by shard, exact neighbours merged across shards
+        index, metrics = build_index_from_shards(emb_file, manifest, cfg, fingerprint)
+        meta = index.meta
         metrics["n_manifest_not_embedded"] = int(len(manifest) - len(meta))
         mlflow.set_tag("index.factory", index.factory)
         log_metrics(metrics)
         _publish(index)
 
         if split_run_id:
+            # the ranking is tuned on the val images only: load just their vectors
+            val = meta[meta[schema.SPLIT] == "val"] if schema.SPLIT in meta.columns else meta[:0]
+            val_ids, val_emb = select_embeddings(emb_file, set(val[schema.IMAGE_ID].astype(str)))
             ranking_cfg, table = tune_on_split(
-                emb, meta, ranking_cfg, fingerprint, "val", tune_max_queries, cfg.seed
+                val_emb,
+                gallery_meta(val_ids, manifest),
+                ranking_cfg,
+                fingerprint,
+                "val",
+                tune_max_queries,
+                cfg.seed,
             )
             best = table[table["best"]].iloc[0]
             log_df(table, "ranking_tune.parquet")

@@ -41,6 +41,8 @@ from imgsearch.models.backbones import Extractor
 
 log = logging.getLogger(__name__)
 
+ENGINES = ("local", "spark")
+
 
 @dataclass
 class ExtractConfig:
@@ -50,6 +52,9 @@ class ExtractConfig:
     (:func:`imgsearch.models.backbones.create_extractor`); :func:`extract` itself takes a built one.
     ``num_workers``/``threads``: ``"auto"`` or an int; see :func:`resolve_parallelism`.
     ``device``: ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda[:i]"``.
+    ``engine``: ``"local"`` (:func:`extract`, this process) or ``"spark"``
+    (:func:`imgsearch.embed.spark_runner.spark_extract`, one runner per partition); ``spark`` holds
+    that engine's settings (:class:`imgsearch.embed.spark_runner.SparkConfig`: ``master``, ...).
     """
 
     backbone: str = "mobilenet_v2"
@@ -61,8 +66,14 @@ class ExtractConfig:
     precision: str = "fp32"
     compile: bool = False
     device: str = "auto"
+    engine: str = "local"
+    spark: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"ExtractConfig.engine must be one of {ENGINES}, got {self.engine!r}")
+        if not isinstance(self.spark, dict):
+            raise ConfigError(f"ExtractConfig.spark must be a mapping, got {self.spark!r}")
         if (
             isinstance(self.batch_size, bool)
             or not isinstance(self.batch_size, int)
@@ -125,6 +136,39 @@ def resolve_parallelism(cfg: ExtractConfig, cores: int | None = None) -> tuple[i
     return workers, threads
 
 
+def check_manifest(manifest: pd.DataFrame) -> None:
+    """Raise ``ValueError`` when ``image_id`` or ``path`` is missing or an image id repeats."""
+    for column in (schema.IMAGE_ID, schema.PATH):
+        if column not in manifest.columns:
+            raise ValueError(f"manifest has no {column!r} column")
+    if manifest[schema.IMAGE_ID].duplicated().any():
+        raise ValueError("manifest image_id values are not unique")
+
+
+def build_runner(
+    extractor: Extractor,
+    cfg: ExtractConfig,
+    workers: int,
+    device: torch.device,
+    out: Path | None = None,
+) -> Runner:
+    """The :class:`Runner` of ``cfg`` around a loaded ``extractor`` (every engine builds it here)."""
+    dim = extractor.spec.embedding_dim
+    return Runner(
+        reader_builder=lambda: ManifestReader(
+            extractor.spec.preprocess, cfg.batch_size, workers, pin_memory=device.type == "cuda"
+        ),
+        mapper_builder=lambda: Mapper(
+            extractor,
+            device,
+            precision=cfg.precision,
+            compile=cfg.compile,
+            channels_last=cfg.channels_last,
+        ),
+        writer_builder=lambda rows: EmbeddingWriter(rows, dim, out),
+    )
+
+
 def extract(
     extractor: Extractor,
     manifest: pd.DataFrame,
@@ -141,28 +185,11 @@ def extract(
     thread count too). Raises ``ValueError`` when a required column is missing.
     """
     cfg = cfg or ExtractConfig()
-    for column in (schema.IMAGE_ID, schema.PATH):
-        if column not in manifest.columns:
-            raise ValueError(f"manifest has no {column!r} column")
-    if manifest[schema.IMAGE_ID].duplicated().any():
-        raise ValueError("manifest image_id values are not unique")
+    check_manifest(manifest)
     manifest = manifest.reset_index(drop=True)
-    n, dim = len(manifest), extractor.spec.embedding_dim
+    n = len(manifest)
     workers, threads = resolve_parallelism(cfg)
-    device = resolve_device(cfg.device)
-    runner = Runner(
-        reader_builder=lambda: ManifestReader(
-            extractor.spec.preprocess, cfg.batch_size, workers, pin_memory=device.type == "cuda"
-        ),
-        mapper_builder=lambda: Mapper(
-            extractor,
-            device,
-            precision=cfg.precision,
-            compile=cfg.compile,
-            channels_last=cfg.channels_last,
-        ),
-        writer_builder=lambda rows: EmbeddingWriter(rows, dim, out),
-    )
+    runner = build_runner(extractor, cfg, workers, resolve_device(cfg.device), out)
     original_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -88,6 +88,28 @@ def _check_meta(meta: pd.DataFrame, n: int) -> pd.DataFrame:
     return meta.reset_index(drop=True)
 
 
+def new_faiss_index(n: int, d: int, cfg: IndexConfig) -> tuple[faiss.Index, str]:
+    """An empty FAISS index for ``n`` vectors of dimension ``d`` and its factory string."""
+    factory = (
+        choose_factory(n, d, cfg.memory_budget_mb, cfg.flat_max)
+        if cfg.factory == "auto"
+        else cfg.factory
+    )
+    if "IDMap" in factory:
+        raise ConfigError(f"factory {factory!r}: ids are positional, IDMap is not supported")
+    try:
+        return faiss.index_factory(d, factory, METRICS[cfg.metric]), factory
+    except RuntimeError as exc:
+        raise ConfigError(f"bad FAISS factory string {factory!r}: {exc}") from exc
+
+
+def train_positions(n: int, cfg: IndexConfig) -> np.ndarray | None:
+    """Sorted positions of the (seeded) training sample, or None when all ``n`` vectors train."""
+    if n <= cfg.train_sample:
+        return None
+    return np.sort(np.random.default_rng(cfg.seed).choice(n, cfg.train_sample, replace=False))
+
+
 class ImageIndex:
     """A FAISS index plus its metadata (row ``i`` = FAISS id ``i``).
 
@@ -136,24 +158,12 @@ class ImageIndex:
         arr = check_embeddings(emb)
         meta = _check_meta(meta, len(arr))
         n, d = arr.shape
-        factory = (
-            choose_factory(n, d, cfg.memory_budget_mb, cfg.flat_max)
-            if cfg.factory == "auto"
-            else cfg.factory
-        )
-        if "IDMap" in factory:
-            raise ConfigError(f"factory {factory!r}: ids are positional, IDMap is not supported")
-        try:
-            index = faiss.index_factory(d, factory, METRICS[cfg.metric])
-        except RuntimeError as exc:
-            raise ConfigError(f"bad FAISS factory string {factory!r}: {exc}") from exc
+        index, factory = new_faiss_index(n, d, cfg)
         if not index.is_trained:
             if n == 0:
                 raise ValueError(f"factory {factory!r} needs training vectors; got none")
-            rng = np.random.default_rng(cfg.seed)
-            sample = arr
-            if n > cfg.train_sample:
-                sample = arr[np.sort(rng.choice(n, cfg.train_sample, replace=False))]
+            pick = train_positions(n, cfg)
+            sample = arr if pick is None else arr[pick]
             log.info("training %s on %d vectors", factory, len(sample))
             index.train(sample)
         out = cls(

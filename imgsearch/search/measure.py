@@ -135,11 +135,28 @@ def build_index(
     if index.count == 0:
         return index, metrics
     k = min(10, index.count)
-    rng = np.random.default_rng(cfg.seed + 1)
-    n_q = min(cfg.eval_queries, index.count)
-    pick = rng.choice(index.count, n_q, replace=False)
-    queries = arr[pick]
+    queries = arr[query_positions(index.count, cfg)]
     truth = exact_neighbours(arr, queries, k)
+    metrics.update(tune_and_measure(index, queries, truth, cfg))
+    return index, metrics
+
+
+def query_positions(n: int, cfg: IndexConfig) -> np.ndarray:
+    """The (seeded) sample of ``cfg.eval_queries`` positions that tune and measure an index."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    return rng.choice(n, min(cfg.eval_queries, n), replace=False)
+
+
+def tune_and_measure(
+    index: ImageIndex, queries: np.ndarray, truth: np.ndarray, cfg: IndexConfig
+) -> dict[str, Any]:
+    """Tune unset search parameters on half the queries, measure on the other half.
+
+    ``truth`` (M, k) holds the exact top-k positions of ``queries``; returns ``tune_s``, the
+    :func:`measure` figures (recall reported as ``recall_at_10_vs_exact``) and search params.
+    """
+    metrics: dict[str, Any] = {}
+    k, n_q = truth.shape[1], len(queries)
     tune_q, tune_t = queries, truth
     eval_q, eval_t = queries, truth
     if n_q >= 20:  # tune on one half, report on the other
@@ -172,4 +189,4 @@ def build_index(
             cfg.target_recall,
             index.search_params,
         )
-    return index, metrics
+    return metrics
