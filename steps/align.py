@@ -105,8 +105,13 @@ def _flags(
     images: pd.DataFrame,
     emb: np.ndarray,
     target_recall: float,
+    min_precision: float,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Zero-shot restricted-content scores for every image, calibrated on val, measured on test."""
+    """Zero-shot restricted-content scores for every image, calibrated on val, measured on test.
+
+    The threshold reaching ``target_recall`` on val is used only when its val precision is at
+    least ``min_precision``: a check that would hide most innocent images from text search is
+    reported (``restricted_flag_enabled`` 0, its figures logged) and flags nothing."""
     scores = restricted_scores(emb, encoder.encode(policy.terms()))
     truth = images[schema.ITEM_ID].isin(set(blocked["item_id"])).to_numpy()
     split = images[schema.SPLIT].to_numpy()
@@ -128,7 +133,20 @@ def _flags(
             "restricted_flag_val_precision": cal.val_precision,
         }
     )
-    return flags.assign(flagged=scores >= cal.threshold), metrics
+    flagged = scores >= cal.threshold
+    enabled = cal.val_precision >= min_precision
+    if not enabled:
+        log.warning(
+            "restricted-content check not used: at val recall %.2f its val precision is %.3f < "
+            "%.2f (it would flag %.0f%% of the images); nothing flagged",
+            cal.val_recall,
+            cal.val_precision,
+            min_precision,
+            100 * flagged.mean(),
+        )
+    metrics["restricted_flag_enabled"] = float(enabled)
+    metrics["restricted_flag_share_if_enabled"] = float(flagged.mean())
+    return flags.assign(flagged=flagged & enabled), metrics
 
 
 def _log_outputs(
@@ -240,7 +258,13 @@ def run(
             encoder, kept, images, emb, int(section.get("keywords_k", 5))
         )
         flags, flag_metrics = _flags(
-            encoder, policy, blocked, images, emb, float(section.get("flag_target_recall", 0.8))
+            encoder,
+            policy,
+            blocked,
+            images,
+            emb,
+            float(section.get("flag_target_recall", 0.8)),
+            float(section.get("flag_min_precision", 0.5)),
         )
         log_metrics({**scores.metrics, **kw_metrics, **flag_metrics})
         table = headline(scores.metrics)

@@ -119,3 +119,39 @@ def test_bad_inputs_are_refused():
         AlignConfig(image_target="mean")
     with pytest.raises(ConfigError, match="batch_by"):
         AlignConfig(batch_by="image")
+
+
+class _Terms:
+    def terms(self) -> list[str]:
+        return ["child"]
+
+
+class _Encoder:
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return np.tile(np.array([[1.0, 0.0]], np.float32), (len(texts), 1))
+
+
+@pytest.mark.parametrize(("innocent_score", "used"), [(0.1, True), (0.95, False)])
+def test_the_zero_shot_restricted_check_is_used_only_when_precise(
+    innocent_score: float, used: bool
+) -> None:
+    """Restricted images score 0.9 against the term; innocent ones ``innocent_score``. A check
+    that would flag the innocent images too (low val precision) flags nothing and says so."""
+    from steps.align import _flags
+
+    n = 40
+    restricted = (np.arange(n) // 2) % 4 == 0  # in both val (odd) and test (even)
+    score = np.where(restricted, 0.9, innocent_score)
+    emb = np.stack([score, np.sqrt(1 - score**2)], axis=1).astype(np.float32)
+    images = pd.DataFrame(
+        {
+            "image_id": [f"i{i}" for i in range(n)],
+            "item_id": [f"item{i}" for i in range(n)],
+            "split": ["val" if i % 2 else "test" for i in range(n)],
+        }
+    )
+    blocked = pd.DataFrame({"item_id": [f"item{i}" for i in range(n) if restricted[i]]})
+    flags, metrics = _flags(_Encoder(), _Terms(), blocked, images, emb, 0.8, 0.5)  # type: ignore[arg-type]
+    assert metrics["restricted_flag_enabled"] == float(used)
+    assert flags["flagged"].to_numpy().tolist() == (restricted & used).tolist()
+    assert metrics["restricted_flag_val_recall"] >= 0.8
