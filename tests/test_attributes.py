@@ -105,12 +105,14 @@ def test_top_k_accuracy_matches_a_naive_reference_and_counts_unseen_labels_as_mi
     scores = rng.random((200, 7))
     y = [classes[i] for i in rng.integers(0, 7, 200)]
     y[:10] = ["never_in_train"] * 10
+    y[10:15] = ["a_unseen_label_sorting_first"] * 5
+    classes = classes[::-1]  # any column order
     for k in (1, 3, 5):
         assert top_k_accuracy(y, scores, classes, k) == pytest.approx(
             naive_top_k(y, scores, classes, k)
         )
     metrics, per_class, confusion, labels = classification_scores(y, scores, classes)
-    assert metrics["n_unseen"] == 10
+    assert metrics["n_unseen"] == 15
     assert per_class.set_index("label").at["never_in_train", "recall"] == 0.0
     assert confusion.sum() == 200 and len(labels) == confusion.shape[0]
 

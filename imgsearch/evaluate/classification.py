@@ -29,7 +29,8 @@ Labels = Sequence[Any] | np.ndarray
 def align_scores(
     y_true: Labels, scores: np.ndarray, classes: Labels
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(y_true as str, scores with a 0 column per unseen test label, all labels)``."""
+    """``(y_true as str, scores with a 0 column per unseen test label, all labels)``, the labels
+    (and score columns) sorted."""
     y = np.asarray(y_true).astype(str)
     labels = [str(c) for c in classes]
     if scores.shape != (len(y), len(labels)):
@@ -40,7 +41,10 @@ def align_scores(
     if unseen:
         scores = np.hstack([scores, np.zeros((len(y), len(unseen)), dtype=scores.dtype)])
         labels = labels + unseen
-    return y, scores, labels
+    order = np.argsort(
+        np.asarray(labels, dtype=object), kind="stable"
+    )  # scikit-learn wants them sorted
+    return y, scores[:, order], [labels[i] for i in order]
 
 
 def top_k_accuracy(y_true: Labels, scores: np.ndarray, classes: Labels, k: int) -> float:
