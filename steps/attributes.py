@@ -25,6 +25,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from imgsearch import schema
 from imgsearch.config import from_dict
@@ -57,7 +58,7 @@ def _manifest(extract_run_id: str, split_run_id: str) -> pd.DataFrame:
     if schema.PRE_PATH not in manifest.columns:
         try:
             extracted = read_df(extract_run_id, "manifest.parquet").astype({schema.IMAGE_ID: str})
-        except OSError:
+        except (MlflowException, OSError):  # an extract run without a manifest
             return manifest
         if schema.PRE_PATH in extracted.columns:
             manifest = manifest.merge(
