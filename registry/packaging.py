@@ -45,6 +45,7 @@ _RUNTIME_DISTRIBUTIONS = (
     "pyyaml",
     "tqdm",
     "scikit-learn",
+    "skops",  # the attribute heads (registry.attributes_model)
     "efficientnet-pytorch",
     "efficientnet-lite-pytorch",
     # text queries (registry.text_queries): the policy's stemmer and the text towers

@@ -1,0 +1,189 @@
+"""Attributes: one head per catalog attribute (category, subcategory, style...), scored on test.
+
+Inputs: ``--extract-run-id`` (its ``embeddings.parquet``, and its ``extractor/`` and
+``manifest.parquet`` when a head reads ``pooled`` or ``gram`` features, computed here in one
+forward pass), ``--split-run-id`` (its ``manifest.parquet``: ``split`` and the attribute
+columns), ``configs/attributes.yaml`` (``--model`` overrides it). The library is
+:mod:`imgsearch.train.attributes`: heads fitted on train, ``C`` chosen on val, figures on test
+(the split is by item, so no test item was seen in training).
+
+Produces: ``attributes/`` (the heads, :func:`imgsearch.models.attribute_heads.load_heads`; with
+the extractor fingerprint they were trained on), metrics ``<attr>_acc_at_1``, ``<attr>_acc_at_3``,
+``<attr>_macro_f1``, ``<attr>_majority_acc_at_{1,3}``, ``<attr>_knn_acc_at_{1,3}``,
+``<attr>_c``, ``<attr>_train_imbalance``..., ``summary.csv``, ``per_class/<attr>.csv``,
+``predictions/<attr>.parquet`` + ``.csv`` (test rows, top-3 with probabilities),
+``plots/confusion_<attr>.png``, and ``quarantine.parquet`` (images whose features failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from imgsearch import schema
+from imgsearch.config import from_dict
+from imgsearch.embed.files import embeddings_metadata, load_embeddings
+from imgsearch.embed.style import manifest_features
+from imgsearch.evaluate.classification import confusion_plot
+from imgsearch.models.attribute_heads import save_heads
+from imgsearch.models.backbones import fingerprint, load_extractor
+from imgsearch.train.attributes import AttributesConfig, AttributesResult, train_attributes
+from steps.common import (
+    EMBEDDINGS_ARTIFACT,
+    Option,
+    artifact_path,
+    cli,
+    log_df,
+    log_metrics,
+    read_df,
+    stage_run,
+)
+
+log = logging.getLogger(__name__)
+
+HEADS_ARTIFACT = "attributes"
+EXTRACTOR_ARTIFACT = "extractor"  # steps.extract writes it
+
+
+def _manifest(extract_run_id: str, split_run_id: str) -> pd.DataFrame:
+    """The split run's manifest, with ``pre_path`` from the extract run's where it lacks one."""
+    manifest = read_df(split_run_id, "manifest.parquet").astype({schema.IMAGE_ID: str})
+    if schema.PRE_PATH not in manifest.columns:
+        try:
+            extracted = read_df(extract_run_id, "manifest.parquet").astype({schema.IMAGE_ID: str})
+        except (MlflowException, OSError):  # an extract run without a manifest
+            return manifest
+        if schema.PRE_PATH in extracted.columns:
+            manifest = manifest.merge(
+                extracted[[schema.IMAGE_ID, schema.PRE_PATH]], on=schema.IMAGE_ID, how="left"
+            )
+    return manifest
+
+
+def compute_features(
+    extract_run_id: str, manifest: pd.DataFrame, cfg: AttributesConfig
+) -> tuple[list[str], dict[str, np.ndarray], str, pd.DataFrame]:
+    """``(ids, {kind: (N, D)}, extractor fingerprint, failures)`` for the kinds the heads read."""
+    emb_path = artifact_path(extract_run_id, EMBEDDINGS_ARTIFACT)
+    ids, emb = load_embeddings(emb_path)
+    ids = [str(i) for i in ids]
+    fp = embeddings_metadata(emb_path).get("extractor_fingerprint", "")
+    kinds = cfg.feature_kinds()
+    extra = [k for k in kinds if k != "embedding"]
+    features: dict[str, np.ndarray] = {"embedding": emb} if "embedding" in kinds else {}
+    if not extra:
+        return ids, features, fp, pd.DataFrame()
+    extractor = load_extractor(artifact_path(extract_run_id, EXTRACTOR_ARTIFACT))
+    fp = fingerprint(extractor)
+    rows = manifest.set_index(schema.IMAGE_ID).reindex(ids).reset_index()
+    computed = manifest_features(extractor, rows, extra, cfg.gram_blocks, cfg.batch_size)
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    keep = [position[i] for i in computed.ids]
+    features = {k: v[keep] for k, v in features.items()}
+    features.update(computed.features)
+    return computed.ids, features, fp, computed.failures
+
+
+def summary(result: AttributesResult, cfg: AttributesConfig) -> pd.DataFrame:
+    heads = cfg.heads()
+    rows = []
+    for name, report in result.reports.items():
+        m = report.metrics
+        rows.append(
+            {
+                "attribute": name,
+                "features": "+".join(heads[name].features),
+                "model": heads[name].model,
+                "classes": int(m["train_classes"]),
+                **{k: m.get(k) for k in ("acc_at_1", "acc_at_3", "macro_f1")},
+                **{
+                    f"{b}_{k}": m.get(f"{b}_{k}")
+                    for b in ("majority", "knn")
+                    for k in ("acc_at_1", "acc_at_3")
+                },
+                "n_test": int(m["n"]),
+                "c": m["c"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _log_reports(result: AttributesResult, cfg: AttributesConfig, meta: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        summary(result, cfg).to_csv(out / "summary.csv", index=False, float_format="%.4f")
+        mlflow.log_artifact(str(out / "summary.csv"))
+        for sub in ("per_class", "predictions", "plots"):
+            (out / sub).mkdir()
+        for name, report in result.reports.items():
+            report.per_class.to_csv(
+                out / "per_class" / f"{name}.csv", index=False, float_format="%.4f"
+            )
+            report.predictions.to_parquet(out / "predictions" / f"{name}.parquet", index=False)
+            report.predictions.to_csv(
+                out / "predictions" / f"{name}.csv", index=False, float_format="%.4f"
+            )
+            confusion_plot(
+                report.confusion,
+                report.labels,
+                out / "plots" / f"confusion_{name}.png",
+                title=f"{name}: test confusion (acc@1 {report.metrics['acc_at_1']:.3f})",
+            )
+        for sub in ("per_class", "predictions", "plots"):
+            mlflow.log_artifacts(str(out / sub), sub)
+        heads_dir = save_heads(result.heads, out / HEADS_ARTIFACT, meta)
+        mlflow.log_artifacts(str(heads_dir), HEADS_ARTIFACT)
+
+
+def run(
+    extract_run_id: str,
+    split_run_id: str,
+    overrides: dict[str, Any] | None = None,
+    profile: str | None = None,
+) -> str:
+    with stage_run("attributes", overrides, profile) as (active, all_cfg):
+        mlflow.set_tags(
+            {
+                "imgsearch.input.extract_run_id": extract_run_id,
+                "imgsearch.input.split_run_id": split_run_id,
+            }
+        )
+        cfg = from_dict(AttributesConfig, all_cfg.get("attributes"))
+        manifest = _manifest(extract_run_id, split_run_id)
+        ids, features, fp, failures = compute_features(extract_run_id, manifest, cfg)
+        if not failures.empty:
+            log_df(failures, "quarantine.parquet")
+        mlflow.log_param("extractor_fingerprint", fp)
+        result = train_attributes(ids, features, manifest, cfg)
+        log_metrics(result.metrics)
+        log_metrics({"n_feature_failures": len(failures)})
+        meta = {
+            "extractor_fingerprint": fp,
+            "gram_blocks": list(cfg.gram_blocks),
+            "feature_kinds": cfg.feature_kinds(),
+            "source_run_id": active.info.run_id,
+        }
+        _log_reports(result, cfg, meta)
+        return active.info.run_id
+
+
+OPTIONS = (
+    Option("--extract-run-id", f"run holding {EMBEDDINGS_ARTIFACT} and extractor/", required=True),
+    Option("--split-run-id", "run holding manifest.parquet with split", required=True),
+    Option("--model", "linear | mlp (default: config)", key="attributes.model"),
+)
+
+
+def main() -> None:
+    cli(run, __doc__, OPTIONS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Attribute heads (issue 13 section 1): heads, scores, style features, the step, the registry."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from imgsearch.data.preprocess import PreprocessConfig
+from imgsearch.embed.attributes_query import AttributePredictor
+from imgsearch.embed.files import save_embeddings
+from imgsearch.embed.style import gram_stats, image_features
+from imgsearch.errors import ConfigError, ExtractorMismatchError
+from imgsearch.evaluate.classification import (
+    classification_scores,
+    knn_scores,
+    majority_scores,
+    top_k_accuracy,
+)
+from imgsearch.models.attribute_heads import (
+    AttributeHead,
+    HeadConfig,
+    UntrustedModelError,
+    load_heads,
+    save_heads,
+)
+from imgsearch.models.backbones import create_extractor, fingerprint, save_extractor
+from imgsearch.train.attributes import AttributesConfig, train_attributes
+
+
+def synthetic_catalog(
+    n_items: int = 150, per_item: int = 3, n_classes: int = 6, dim: int = 24, seed: int = 0
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Items of imbalanced classes (class 0 holds about half), split by item 70/10/20; each
+    image is its class centre plus its item's offset plus noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim)) * 1.2
+    rows, feats = [], []
+    for i in range(n_items):
+        cls = 0 if rng.random() < 0.5 else int(rng.integers(1, n_classes))
+        split = "train" if i % 10 < 7 else ("val" if i % 10 == 7 else "test")
+        offset = rng.normal(scale=0.6, size=dim)
+        for j in range(per_item):
+            feats.append(centres[cls] + offset + rng.normal(scale=0.8, size=dim))
+            rows.append(
+                {"image_id": f"{i}/{j}", "item_id": str(i), "kind": f"k{cls}", "split": split}
+            )
+    return pd.DataFrame(rows), np.asarray(feats, dtype=np.float32)
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_heads_beat_the_majority_baseline_on_test_items(model: str) -> None:
+    manifest, x = synthetic_catalog()
+    cfg = AttributesConfig(
+        attributes={"kind": {"features": ["embedding"]}},
+        model=model,
+        c_grid=(0.1, 1.0),
+        hidden=(32,),
+        max_iter=300,
+    )
+    result = train_attributes(manifest["image_id"], {"embedding": x}, manifest, cfg)
+    m = result.metrics
+    assert m["kind_acc_at_1"] > m["kind_majority_acc_at_1"] + 0.2
+    assert m["kind_acc_at_3"] >= m["kind_acc_at_1"]
+    assert m["kind_macro_f1"] > m["kind_majority_macro_f1"]
+    assert m["kind_n"] == (manifest["split"] == "test").sum()
+    assert m["kind_train_imbalance"] > 2
+    assert m["kind_c"] in (0.1, 1.0)
+    preds = result.reports["kind"].predictions
+    assert set(preds["image_id"]) == set(manifest.loc[manifest["split"] == "test", "image_id"])
+    assert (preds["proba_1"] >= preds["proba_2"]).all()
+
+
+def test_c_is_chosen_on_val_not_train() -> None:
+    manifest, x = synthetic_catalog(seed=1)
+    tr, va = (manifest["split"] == s for s in ("train", "val"))
+    head = AttributeHead("kind", HeadConfig("kind", c_grid=(1e-4, 1.0))).fit(
+        x[tr], manifest["kind"][tr], x[va], manifest["kind"][va]
+    )
+    assert set(head.val_accuracy_) == {1e-4, 1.0}
+    assert head.c_ == max(head.val_accuracy_, key=lambda c: (head.val_accuracy_[c], -c))
+
+
+def naive_top_k(y: list[str], scores: np.ndarray, classes: list[str], k: int) -> float:
+    hits = 0
+    for row, label in zip(scores, y, strict=True):
+        ranked = sorted(range(len(classes)), key=lambda j: -row[j])[:k]
+        hits += label in [classes[j] for j in ranked]
+    return hits / len(y)
+
+
+def test_top_k_accuracy_matches_a_naive_reference_and_counts_unseen_labels_as_misses() -> None:
+    rng = np.random.default_rng(3)
+    classes = [f"c{i}" for i in range(7)]
+    scores = rng.random((200, 7))
+    y = [classes[i] for i in rng.integers(0, 7, 200)]
+    y[:10] = ["never_in_train"] * 10
+    y[10:15] = ["a_unseen_label_sorting_first"] * 5
+    classes = classes[::-1]  # any column order
+    for k in (1, 3, 5):
+        assert top_k_accuracy(y, scores, classes, k) == pytest.approx(
+            naive_top_k(y, scores, classes, k)
+        )
+    metrics, per_class, confusion, labels = classification_scores(y, scores, classes)
+    assert metrics["n_unseen"] == 15
+    assert per_class.set_index("label").at["never_in_train", "recall"] == 0.0
+    assert confusion.sum() == 200 and len(labels) == confusion.shape[0]
+
+
+def test_baselines() -> None:
+    scores, classes = majority_scores(["a", "b", "b", "c", "b"], 4)
+    assert classes == ["a", "b", "c"] and (scores.argmax(axis=1) == 1).all()
+    x_train = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    knn, classes = knn_scores(x_train, ["x", "x", "y", "y"], np.array([[1.0, 0.05]]), k=2)
+    assert classes[int(knn.argmax())] == "x"
+
+
+def test_bad_configs_raise_clear_errors() -> None:
+    with pytest.raises(ConfigError, match="head model"):
+        HeadConfig("a", model="forest")
+    with pytest.raises(ConfigError, match="features"):
+        HeadConfig("a", features=("colour",))
+    manifest, x = synthetic_catalog(n_items=20)
+    cfg = AttributesConfig(attributes={"missing": {"features": ["embedding"]}})
+    with pytest.raises(ConfigError, match="not in the manifest"):
+        train_attributes(manifest["image_id"], {"embedding": x}, manifest, cfg)
+    cfg = AttributesConfig(attributes={"kind": {"features": ["gram"]}})
+    with pytest.raises(ConfigError, match="not computed"):
+        train_attributes(manifest["image_id"], {"embedding": x}, manifest, cfg)
+
+
+def naive_gram(fmap: np.ndarray) -> np.ndarray:
+    c = fmap.shape[0]
+    flat = fmap.reshape(c, -1).astype(np.float64)
+    gram = [
+        sum(flat[a, p] * flat[b, p] for p in range(flat.shape[1])) / flat.shape[1]
+        for a in range(c)
+        for b in range(a, c)
+    ]
+    out = np.array([*gram, *flat.mean(axis=1), *flat.std(axis=1, ddof=1)])
+    return np.sign(out) * np.sqrt(np.abs(out))
+
+
+def test_gram_stats_match_a_naive_reference() -> None:
+    fmap = torch.randn(2, 3, 4, 5)
+    got = gram_stats(fmap).numpy()
+    assert got.shape == (2, 3 * 4 // 2 + 6)
+    for i in range(2):
+        np.testing.assert_allclose(got[i], naive_gram(fmap[i].numpy()), rtol=1e-4, atol=1e-5)
+
+
+def tiny_extractor() -> torch.nn.Module:
+    """A random-init MobileNetV2 that reads 64-px images (fast enough for tests)."""
+    torch.manual_seed(0)
+    ext = create_extractor("mobilenet_v2", "none")
+    spec = ext.spec
+    ext.spec = dataclasses.replace(
+        spec,
+        preprocess=PreprocessConfig(size=64, mean=spec.preprocess.mean, std=spec.preprocess.std),
+    )
+    return ext.eval()
+
+
+def drawing(shape: int, vendor: int, seed: int) -> Image.Image:
+    """Shape ``shape`` (the emoji), drawn in ``vendor``'s style: flat fill or striped texture."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (64, 64), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    r = 14 + int(rng.integers(0, 6))
+    cx, cy = 32 + int(rng.integers(-4, 5)), 32 + int(rng.integers(-4, 5))
+    pts = [
+        (cx + r * np.cos(2 * np.pi * k / (3 + shape)), cy + r * np.sin(2 * np.pi * k / (3 + shape)))
+        for k in range(3 + shape)
+    ]
+    draw.polygon(pts, fill=(200, 60, 40) if vendor == 0 else (40, 90, 200))
+    if vendor == 1:  # this vendor draws with a fine hatch
+        for x in range(0, 64, 3):
+            draw.line([(x, 0), (x, 63)], fill=(0, 0, 0), width=1)
+    return img
+
+
+def test_image_features_are_one_pass_and_have_the_declared_shapes() -> None:
+    ext = tiny_extractor()
+    feats = image_features(
+        ext, [drawing(0, 0, 1), drawing(1, 1, 2)], ["embedding", "pooled", "gram"], (3, 6)
+    )
+    assert feats["embedding"].shape == (2, ext.spec.embedding_dim)
+    np.testing.assert_allclose(feats["pooled"], feats["embedding"], atol=1e-6)  # no head
+    assert feats["gram"].shape == (2, 24 * 25 // 2 + 48 + 32 * 33 // 2 + 64)
+    with pytest.raises(ConfigError, match="gram_blocks"):
+        image_features(ext, [drawing(0, 0, 1)], ["gram"], (99,))
+
+
+def test_saved_heads_round_trip_and_an_untrusted_file_is_refused(tmp_path: Path) -> None:
+    manifest, x = synthetic_catalog(n_items=40)
+    tr = (manifest["split"] == "train").to_numpy()
+    head = AttributeHead("kind", HeadConfig("kind")).fit(x[tr], manifest["kind"][tr])
+    save_heads({"kind": head}, tmp_path / "h", {"extractor_fingerprint": "abc"})
+    heads, meta = load_heads(tmp_path / "h")
+    np.testing.assert_allclose(heads["kind"].predict_proba(x[:5]), head.predict_proba(x[:5]))
+    assert meta["extractor_fingerprint"] == "abc"
+    import skops.io as sio
+    from sklearn.preprocessing import FunctionTransformer
+
+    sio.dump(FunctionTransformer(os.system), tmp_path / "h" / "kind.skops")
+    with pytest.raises(UntrustedModelError, match="system"):
+        load_heads(tmp_path / "h")
+
+
+def style_store(tmp_path: Path) -> tuple[str, str, torch.nn.Module]:
+    """An extract run (embeddings, extractor, manifest) and a split run of 40 two-vendor items."""
+    ext = tiny_extractor()
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    rows, images = [], []
+    for i in range(40):
+        split = "train" if i % 10 < 6 else ("val" if i % 10 < 8 else "test")
+        for v in (0, 1):
+            path = pics / f"{i}_{v}.png"
+            img = drawing(i % 3, v, 100 * i + v)
+            img.save(path)
+            images.append(img)
+            rows.append(
+                {
+                    "image_id": f"v{v}/{i}",
+                    "item_id": str(i),
+                    "path": str(path),
+                    "category": f"shape{i % 3}",
+                    "vendor": f"vendor{v}",
+                    "split": split,
+                }
+            )
+    manifest = pd.DataFrame(rows)
+    emb = image_features(ext, images, ["embedding"])["embedding"]
+    fp = fingerprint(ext)
+    with mlflow.start_run(run_name="extract") as ex:
+        save_embeddings(
+            tmp_path / "embeddings.parquet",
+            manifest["image_id"],
+            emb,
+            metadata={"extractor_fingerprint": fp},
+        )
+        mlflow.log_artifact(str(tmp_path / "embeddings.parquet"))
+        mlflow.log_artifacts(str(save_extractor(ext, tmp_path / "extractor")), "extractor")
+        manifest.drop(columns="split").to_parquet(tmp_path / "manifest.parquet")
+        mlflow.log_artifact(str(tmp_path / "manifest.parquet"))
+    with mlflow.start_run(run_name="split") as sp:
+        split_dir = tmp_path / "split"
+        split_dir.mkdir()
+        manifest.to_parquet(split_dir / "manifest.parquet")
+        mlflow.log_artifact(str(split_dir / "manifest.parquet"))
+    return ex.info.run_id, sp.info.run_id, ext
+
+
+def run_step(tmp_path: Path) -> tuple[str, Path, torch.nn.Module]:
+    """The attributes step on :func:`style_store`: ``(run id, its artifacts, the extractor)``."""
+    from steps import attributes as step
+
+    extract_id, split_id, ext = style_store(tmp_path)
+    run_id = step.run(
+        extract_id,
+        split_id,
+        overrides={
+            "attributes.attributes": {
+                "category": {"features": ["embedding"]},
+                "vendor": {"features": ["gram"]},
+            },
+            "attributes.gram_blocks": [3],
+            "attributes.batch_size": 16,
+        },
+    )
+    return run_id, Path(mlflow.artifacts.download_artifacts(run_id=run_id)), ext
+
+
+def test_step_runs_on_a_tiny_store_and_its_heads_refuse_another_extractor(
+    mlflow_store: str, tmp_path: Path
+) -> None:
+    run_id, local, ext = run_step(tmp_path)
+    m = mlflow.get_run(run_id).data.metrics
+    for name in ("category", "vendor"):
+        for key in ("acc_at_1", "acc_at_3", "macro_f1", "majority_acc_at_1", "knn_acc_at_1"):
+            assert f"{name}_{key}" in m
+        assert m[f"{name}_n"] == 16  # 8 test items x 2 vendors
+    assert m["vendor_acc_at_1"] >= 0.9 > m["vendor_majority_acc_at_1"]
+    summary = pd.read_csv(local / "summary.csv")
+    assert list(summary["attribute"]) == ["category", "vendor"]
+    assert summary.set_index("attribute").at["vendor", "features"] == "gram"
+    for name in ("category", "vendor"):
+        assert (local / "plots" / f"confusion_{name}.png").stat().st_size > 0
+        assert (local / "per_class" / f"{name}.csv").exists()
+        assert len(pd.read_parquet(local / "predictions" / f"{name}.parquet")) == 16
+    predictor = AttributePredictor.load(local / "attributes", ext)
+    out = predictor.predict([drawing(1, 1, 7)])
+    assert set(out["attribute"]) == {"category", "vendor"}
+    assert out.groupby("attribute")["probability"].sum().le(1.0 + 1e-6).all()
+    other = create_extractor("mobilenet_v2", "none")
+    with pytest.raises(ExtractorMismatchError, match="re-run the attributes step"):
+        AttributePredictor.load(local / "attributes", other)
+
+
+@pytest.mark.slow
+def test_registered_attributes_model_is_checksummed_and_refuses_another_extractor(
+    mlflow_store: str, tmp_path: Path
+) -> None:
+    run_id, local, ext = run_step(tmp_path)
+    from registry.attributes_model import ATTRIBUTES_MODEL, log_attributes_model
+    from registry.integrity import load_verified
+    from registry.tags import TAG_EXTRACTOR_VERSION, TAG_FINGERPRINT
+
+    bad_version = SimpleNamespace(version="7", tags={TAG_FINGERPRINT: "0" * 64})
+    with mlflow.start_run(run_name="register"):
+        with pytest.raises(ExtractorMismatchError):
+            log_attributes_model(
+                local / "attributes",
+                tmp_path / "extractor",
+                extractor_version=bad_version,
+                source_run_id=run_id,
+            )  # type: ignore[arg-type]
+        good = SimpleNamespace(version="3", tags={TAG_FINGERPRINT: fingerprint(ext)})
+        version = log_attributes_model(
+            local / "attributes",
+            tmp_path / "extractor",
+            extractor_version=good,
+            source_run_id=run_id,
+            alias="champion",
+        )  # type: ignore[arg-type]
+    assert version.tags[TAG_EXTRACTOR_VERSION] == "3"
+    assert any(k.startswith("sha256.attributes/") for k in version.tags)
+    model = load_verified(f"models:/{ATTRIBUTES_MODEL}@champion")
+    buf = io.BytesIO()
+    drawing(2, 0, 5).save(buf, format="PNG")
+    answer = model.predict(
+        pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode(), "not an image"]})
+    )
+    assert set(answer.loc[answer["query"] == 0, "attribute"]) == {"category", "vendor"}
+    assert answer.loc[answer["query"] == 1, "error"].notna().all()
