@@ -155,7 +155,9 @@ def run(
                 "imgsearch.input.split_run_id": split_run_id,
             }
         )
-        cfg = from_dict(AttributesConfig, all_cfg.get("attributes"))
+        section = dict(all_cfg.get("attributes") or {})
+        section.pop("in_main", None)  # main's switch, not a head setting
+        cfg = from_dict(AttributesConfig, section)
         manifest = _manifest(extract_run_id, split_run_id)
         ids, features, fp, failures = compute_features(extract_run_id, manifest, cfg)
         if not failures.empty:

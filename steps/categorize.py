@@ -13,7 +13,7 @@ extract run.
 Produces: ``categories.parquet`` + ``categories.csv`` (the two-level tree: name and its source,
 keywords, size, cohesion, purity), ``assignments.parquet`` + ``assignments.csv`` (image ->
 cluster, category, distance, confidence, outlier, name, keywords), ``gallery/categories.html``
-(self-contained), metrics: ``k``, ``n_categories``, ``{cluster,category}_{subcategory,category}_
+(self-contained), metrics: ``n_clusters``, ``n_categories``, ``{cluster,category}_{subcategory,category}_
 {nmi,ari,purity}`` (and ``test_...``), ``cluster_keywords_<lang>_precision_at_<k>`` (on test
 images when a split exists), ``seconds``.
 """

@@ -21,9 +21,18 @@ import mlflow
 import pandas as pd
 
 from imgsearch.config import load_config
-from steps import categorize, eda, finetune, ingest, preprocess, split, validate
+from steps import attributes, categorize, eda, finetune, ingest, preprocess, split, validate
 from steps.chain import Chain, ChainNames, run_chain
-from steps.common import HEADLINE, PROFILE_ENV, Option, cli, log_df, log_metrics, log_settings
+from steps.common import (
+    HEADLINE,
+    PROFILE_ENV,
+    Option,
+    cli,
+    log_df,
+    log_metrics,
+    log_settings,
+    read_df,
+)
 from steps.runs import announce, labelled, start_labelled_run
 from steps.summary import (
     closing_summary,
@@ -105,9 +114,11 @@ def run(
             log_df(table, "before_after.parquet")
             # the same table readable in the MLflow UI's artifact viewer
             mlflow.log_text(table.to_csv(index=False, float_format="%.4f"), "before_after.csv")
-        categorized = _categorize(ids, "finetuned." if after is not None else "", kw)
-        if categorized:
-            done("categorize", categorized)
+        final = "finetuned." if after is not None else ""
+        for stage, step in (("categorize", _categorize), ("attributes", _attributes)):
+            run_id = step(ids, final, kw)
+            if run_id:
+                done(stage, run_id)
         figures = figures_table(before, after)
         mlflow.set_tag(NOTE_TAG, description(params, figures))
         summary = closing_summary(parent.info.run_id, figures, gates, _reports(ids, finetune_))
@@ -133,6 +144,24 @@ def _categorize(ids: dict[str, str], prefix: str, kw: dict[str, Any]) -> str | N
         )
 
 
+def _attributes(ids: dict[str, str], prefix: str, kw: dict[str, Any]) -> str | None:
+    """Attribute heads on the final extractor, when the catalog has every configured attribute
+    column (``attributes.in_main``); otherwise skipped with the reason in the log."""
+    cfg = load_config(kw["profile"], kw["overrides"]).get("attributes") or {}
+    if not cfg.get("in_main", True):
+        return None
+    wanted = {
+        str((spec or {}).get("column", name))
+        for name, spec in (cfg.get("attributes") or {}).items()
+    }
+    columns = set(read_df(ids["split"], "manifest.parquet").columns)
+    if not wanted or not wanted <= columns:
+        log.info("attributes skipped: the catalog lacks columns %s", sorted(wanted - columns))
+        return None
+    with labelled(f"{prefix.rstrip('.') or 'baseline'} extractor"):
+        return attributes.run(ids[f"{prefix}extract"], ids["split"], **kw)
+
+
 def _reports(ids: dict[str, str], finetuned: bool) -> dict[str, str]:
     """Where a reviewer finds each report (run id and artifact)."""
     out = {
@@ -149,6 +178,8 @@ def _reports(ids: dict[str, str], finetuned: bool) -> dict[str, str]:
         out["categories of the collection"] = (
             f"run {ids['categorize']}: gallery/categories.html, categories.csv"
         )
+    if "attributes" in ids:
+        out["attribute heads"] = f"run {ids['attributes']}: summary.csv, plots/confusion_*.png"
     return out
 
 

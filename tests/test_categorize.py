@@ -264,7 +264,7 @@ def test_step_runs_on_a_tiny_store(mlflow_store: str, tmp_path: Path) -> None:
     )
     run = mlflow.get_run(run_id)
     m = run.data.metrics
-    assert m["k"] == 6 and m["n_categories"] == 2
+    assert m["n_clusters"] == 6 and m["n_categories"] == 2
     assert m["cluster_subcategory_ari"] > 0.9 and m["category_category_nmi"] > 0.9
     # keywords from member texts: each cluster's own shape tag ranks first
     assert m["cluster_keywords_en_precision_at_5"] > 0.3

@@ -11,7 +11,7 @@ image, true attributes for measuring only) and returns two tables and a metrics 
   ``representatives`` (``;``-joined image ids nearest the centroid);
 - ``assignments``: :data:`.clusters.ASSIGNMENT_COLUMNS` plus the cluster's ``name`` and
   ``keywords`` for every image;
-- metrics: ``k``, ``n_categories``, ``outlier_share``, ``mean_confidence``, ``mean_cohesion``,
+- metrics: ``n_clusters`` (the k used), ``n_categories``, ``outlier_share``, ``mean_confidence``, ``mean_cohesion``,
   ``n_named_by_<source>``, and against each truth column (labels hidden from the clustering):
   ``{level}_{truth}_nmi`` / ``_ari`` (scikit-learn) / ``_purity``, on all images and, where a
   split exists, on the test images (``test_...``).
@@ -202,7 +202,7 @@ def categorize(
     )
     metrics = {
         "n_images": float(len(assignments)),
-        "k": float(len(res.centroids)),
+        "n_clusters": float(len(res.centroids)),  # k as chosen (a result: "k" is a setting key)
         "n_categories": float(len(res.category_centroids)),
         "outlier_share": float(assignments["outlier"].mean()),
         "mean_confidence": float(assignments["confidence"].mean()),
