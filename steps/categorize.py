@@ -37,6 +37,7 @@ from imgsearch.categorize.gallery import gallery_html
 from imgsearch.categorize.keywords import precision_at_k, vocabulary
 from imgsearch.data.texts import TAG_KIND
 from imgsearch.embed.files import load_embeddings
+from steps.align import KEYWORDS_ARTIFACT
 from steps.common import (
     EMBEDDINGS_ARTIFACT,
     Option,
@@ -47,11 +48,10 @@ from steps.common import (
     read_df,
     stage_run,
 )
+from steps.ingest import TEXTS_ARTIFACT
 
 log = logging.getLogger(__name__)
 
-KEYWORDS_ARTIFACT = "keywords.parquet"  # steps.align writes it
-TEXTS_ARTIFACT = "texts.parquet"  # steps.ingest writes it
 STEP_KEYS = ("member_texts", "keywords_per_image", "gallery", "in_main")
 
 
