@@ -127,6 +127,20 @@ RESULT_COLUMNS = (
     schema.CATEGORY,
 )
 
+#: Catalog columns that describe the server's files and bookkeeping, not the hit: never answered.
+SERVER_ONLY_COLUMNS = frozenset(
+    {
+        schema.PATH,
+        schema.PRE_PATH,
+        schema.URI,
+        schema.SPLIT,
+        schema.SHA256,
+        schema.PHASH,
+        schema.FIXES,
+        schema.FORMAT,
+    }
+)
+
 ARTIFACT_EXTRACTOR = "extractor"
 ARTIFACT_INDEX = "index"
 ARTIFACT_RANKING = "ranking"
@@ -306,7 +320,11 @@ class IndexModel(PythonModel):
                 out[column] = None
         out = out.sort_values([QUERY, RANK], kind="stable", na_position="first")
         leading = [*RESULT_COLUMNS]
-        rest = [c for c in out.columns if c not in leading and c != ERROR]
+        rest = [
+            c
+            for c in out.columns
+            if c not in leading and c != ERROR and c not in SERVER_ONLY_COLUMNS
+        ]
         out = _jsonable(out[[*leading, *rest, ERROR]].reset_index(drop=True))
         self.impressions.log(model_input, out, feedback)
         return out

@@ -410,6 +410,7 @@ def test_index_model_batch_query_ranks_the_image_itself_first(env: Env, index_mo
     assert scores[0] == pytest.approx(1.0, abs=1e-4)
     assert np.all(np.diff(out[out["query"] == 0]["score"].astype(float).to_numpy()) <= 1e-6)
     assert out[models.ERROR].isna().all()
+    assert not models.SERVER_ONLY_COLUMNS & set(out.columns)  # no server paths, hashes or splits
 
 
 def test_index_model_bad_image_in_batch_gets_an_error_row(env: Env, index_model) -> None:
