@@ -568,6 +568,13 @@ def test_a_catalog_without_images_stops_at_ingest(root: Path, tmp_path: Path) ->
     (tmp_path / "outside.csv").write_text("image_id,item_id,uri\na,1,../../etc/passwd\n")
     with pytest.raises(CatalogError, match="all rejected.*unsafe_path"):
         ingest_table(tmp_path / "outside.csv", IngestConfig(data_root=str(root)))
+    # images directly in the folder, outside any item folder: the error says how to lay them out
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("a.png", "b.png"):
+        (flat / name).write_bytes((root / "101" / "a.png").read_bytes())
+    with pytest.raises(CatalogError, match=r"2 entries rejected.*no_item.*one folder per item"):
+        ingest_folder(flat)
     # filters that leave nothing are a choice: an empty manifest, not an error
     chosen = ingest_folder(root, IngestConfig(filters={"item_id": "no-such-item"}))
     assert len(chosen.manifest) == 0

@@ -278,8 +278,21 @@ def finish(
     rejected_df = S.quarantine_rows(rejected)
     reasons = Counter(str(r[S.REASON]) for r in rejected)
     if manifest.empty and not filtered:
-        found = f"{len(frame)} rows, all rejected: {dict(reasons)}" if len(frame) else "no rows"
-        raise CatalogError(f"the catalog has no usable images ({found}); nothing to ingest")
+        if len(frame):
+            found = f"{len(frame)} rows, all rejected: {dict(reasons)}"
+        else:
+            found = (
+                f"no rows; {len(rejected)} entries rejected: {dict(reasons)}"
+                if rejected
+                else "no rows"
+            )
+        hint = (
+            ": a folder catalog is one folder per item (<folder>/<item>/<images>); put each "
+            "item's images in a folder named after it, or each image in a folder of its own"
+            if reasons.get("no_item")
+            else ""
+        )
+        raise CatalogError(f"the catalog has no usable images ({found}); nothing to ingest{hint}")
     metrics = {
         "n_items": float(manifest[S.ITEM_ID].nunique()),
         "n_images": float(len(manifest)),
