@@ -52,7 +52,7 @@ bench: setup
 ui: setup
 	$(BIN)/imgsearch ui --port 5000
 
-# Serve search over HTTP: POST images to http://127.0.0.1:5001/invocations (see the README).
+# Serve search over HTTP: POST images to http://127.0.0.1:5001/invocations (see docs/serving.md).
 # The champion is checked against the registry's checksums before it is served.
 serve: setup
 	$(BIN)/imgsearch serve --port 5001

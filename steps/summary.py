@@ -39,7 +39,7 @@ NEXT_COMMANDS = (
     ),
     (
         ".venv/bin/python -m monitoring.improve --limit N",
-        "the continuous-improvement job (drift report, gated challenger); README: a scenario",
+        "the continuous-improvement job (drift report, gated challenger); docs/monitoring.md: a scenario",
     ),
 )
 
