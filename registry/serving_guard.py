@@ -16,7 +16,8 @@ the pyfunc's ``load_context``, and only inside the scoring server process) repla
 attribute ``mlflow.pyfunc.scoring_server.invocations``, which the ``/invocations`` route looks up
 per request, with :func:`_guarded`: it parses a JSON body once (a ``RecursionError`` becomes a
 400), refuses params the model's params schema does not declare (a 400 naming them), and hands
-the parsed body to MLflow's own ``invocations`` (which accepts a dict). Anything else is
+the parsed body to MLflow's own ``invocations`` (which accepts a dict); a refusal raised in ``predict`` comes back
+with its reason only, not MLflow's repr of the input DataFrame in front of it. Anything else is
 MLflow's unchanged behaviour. When MLflow's function no longer has the expected parameters,
 nothing is installed and a warning says so.
 """
@@ -59,6 +60,18 @@ def unknown_params(body: Any, declared: set[str] | None) -> list[str]:
     return sorted(str(name) for name in params if str(name) not in declared)
 
 
+_PREDICT_PREFIX = "Failed to predict data '"
+_PREDICT_REASON = "\nError: "
+
+
+def reason_only(message: str) -> str:
+    """MLflow prefixes a refusal raised in ``predict`` with a repr of the whole input DataFrame
+    (``Failed to predict data '   text lang\\n0 ...'. \\nError: <reason>``): keep the reason."""
+    if message.startswith(_PREDICT_PREFIX) and _PREDICT_REASON in message:
+        return message.rsplit(_PREDICT_REASON, 1)[1]
+    return message
+
+
 def _declared_params(model: Any) -> set[str] | None:
     metadata = getattr(model, "metadata", None)
     schema = metadata.get_params_schema() if metadata is not None else None
@@ -86,6 +99,9 @@ def _guard(original: Callable[..., Any], response_type: Callable[..., Any]) -> C
             return original(data, content_type, model, input_schema)
         except RecursionError:  # nested input that pandas or the schema walk recursed into
             return _bad_request("request data is nested too deeply", response_type)
+        except MlflowException as exc:
+            exc.message = reason_only(exc.message)
+            raise
 
     setattr(_guarded, _MARK, True)
     return _guarded

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -64,7 +63,7 @@ def test_served_index_ranks_a_png_and_survives_garbage(served: tuple[str, list[b
         base, {"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}}
     )
     assert 400 <= garbage.status_code < 500
-    assert "no usable image" in garbage.json()["message"]
+    assert garbage.json()["message"].startswith("no usable image")  # the reason, no input repr
     not_json = _invoke(base, "this is not json")
     assert 400 <= not_json.status_code < 500
     bad_k = _invoke(
@@ -96,9 +95,7 @@ def test_served_index_bounds_hostile_requests(served: tuple[str, list[bytes]]) -
         buf, format="PNG"
     )  # 39.998 MP: just under the decoder's 40 MP bomb limit
     bomb = base64.b64encode(buf.getvalue()).decode()
-    start = time.perf_counter()
     bombs = _invoke(base, {"inputs": {"image": [bomb] * 8}})
-    assert time.perf_counter() - start < 5.0
     assert 400 <= bombs.status_code < 500, bombs.text
     assert "pixels" in bombs.json()["message"]
 

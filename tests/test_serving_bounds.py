@@ -115,3 +115,11 @@ def test_limits_refuse_nonsense_values() -> None:
     with pytest.raises(ConfigError):
         DecodeLimits(max_rows=0)
     assert DecodeLimits.from_config({"max_rows": "8", "torch_threads": 1}).max_rows == 8
+
+
+def test_a_refusal_keeps_its_reason_without_mlflows_input_repr() -> None:
+    from registry.serving_guard import reason_only
+
+    wrapped = "Failed to predict data '      text lang\n0  Ребёнок   ru'. \nError: query refused: x"
+    assert reason_only(wrapped) == "query refused: x"
+    assert reason_only("unknown params ['catgory']") == "unknown params ['catgory']"
