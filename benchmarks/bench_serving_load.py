@@ -181,6 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.rounds <= 100 or not 1 <= args.threads <= 16:
         parser.error("--rounds in [1, 100], --threads in [1, 16] (a bounded loopback test)")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # building the index
     with tempfile.TemporaryDirectory(prefix="bench-serving-load-") as tmp:
         run(args.rounds, args.threads, Path(tmp))
 
