@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-    from imgsearch.monitor.drift import DriftAnalysis
+    from imgsearch.monitor.drift import DriftAnalysis, DriftConfig
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,6 @@ def run(
     overrides: dict[str, Any] | None = None,
     profile: str | None = None,
 ) -> str:
-    import tempfile
-    from pathlib import Path
 
     import mlflow
 
@@ -246,24 +244,44 @@ def run(
         plt.close(fig)
 
         if cfg.report != "none":
-            n = cfg.report_sample if cfg.report == "sample" else max(len(ref), len(cur))
-            method = evidently_method(cfg.method, result.threshold, **cfg.method_params())
-            html, ev_score, ev_drift, seconds = evidently_report(
-                _sample(ref, n, cfg.seed), _sample(cur, n, cfg.seed + 1), method
-            )
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "report.html"
-                path.write_text(html, encoding="utf-8")
-                mlflow.log_artifact(str(path), "drift")
-            log_metrics(
-                {
-                    "report_seconds": seconds,
-                    "report_rows": float(min(n, len(ref)) + min(n, len(cur))),
-                    "report_drift_score": ev_score,
-                    "report_drift_detected": float(ev_drift),
-                }
-            )
+            _log_evidently_report(cfg, ref, cur, result.threshold)
         return active.info.run_id
+
+
+def _log_evidently_report(cfg: DriftConfig, ref: Any, cur: Any, threshold: float) -> None:
+    """Evidently's HTML report beside the verdict. It is a view, not the verdict: when Evidently
+    fails on the data (its KDE plot raises on a handful of near-identical new images), the run
+    says why (tag ``imgsearch.drift.report_error``) and the verdict stands."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from steps.common import log_metrics
+
+    n = cfg.report_sample if cfg.report == "sample" else max(len(ref), len(cur))
+    method = evidently_method(cfg.method, threshold, **cfg.method_params())
+    try:
+        html, ev_score, ev_drift, seconds = evidently_report(
+            _sample(ref, n, cfg.seed), _sample(cur, n, cfg.seed + 1), method
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure of the optional report
+        reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+        log.warning("drift: Evidently's report failed, the verdict stands (%s)", reason)
+        mlflow.set_tag("imgsearch.drift.report_error", reason)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "report.html"
+        path.write_text(html, encoding="utf-8")
+        mlflow.log_artifact(str(path), "drift")
+    log_metrics(
+        {
+            "report_seconds": seconds,
+            "report_rows": float(min(n, len(ref)) + min(n, len(cur))),
+            "report_drift_score": ev_score,
+            "report_drift_detected": float(ev_drift),
+        }
+    )
 
 
 def main() -> None:

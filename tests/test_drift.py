@@ -246,11 +246,21 @@ def test_fast_verdict_equals_evidently_report_no_drift() -> None:
 # --- the MLflow stage --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("report_fails", [False, True])
 def test_drift_stage_logs_verdict_and_artifacts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_tsne: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_tsne: None, report_fails: bool
 ) -> None:
+    """The verdict and its artifacts; Evidently's report failing on the data (its KDE plot raises
+    LinAlgError on a few near-identical new images) costs the report only, with the reason."""
     from imgsearch.embed.files import save_embeddings
     from monitoring import drift as stage
+
+    if report_fails:
+
+        def singular(*_args: object, **_kw: object) -> None:
+            raise np.linalg.LinAlgError("singular data covariance matrix")
+
+        monkeypatch.setattr(stage, "evidently_report", singular)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -296,5 +306,7 @@ def test_drift_stage_logs_verdict_and_artifacts(
         "drift/clusters.csv",
         "drift/metadata_shift.csv",
         "drift/aa_calibration.png",
-        "drift/report.html",
     } <= arts
+    assert ("drift/report.html" in arts) != report_fails
+    error = data.tags.get("imgsearch.drift.report_error", "")
+    assert ("LinAlgError: singular" in error) == report_fails
