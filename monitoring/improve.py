@@ -659,6 +659,7 @@ class _Job:
                 extract_run_id=merged_run,
                 add_to_index_run_id=self.champ.index_run,
                 texts_run_id=st.runs.get("ingest"),
+                extractor_run_id=self.champ.extractor_run,  # the merged run has no extractor/
                 register_with=lambda ex, ix, ev, al: self.register_index(ix, ev, al),
                 after_evaluate=after_evaluate,
             )

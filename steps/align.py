@@ -218,11 +218,16 @@ def run(
     texts_run_id: str,
     overrides: dict[str, Any] | None = None,
     profile: str | None = None,
+    extractor_run_id: str | None = None,
 ) -> str:
+    """Align a text tower to the embeddings of ``extract_run_id``. ``extractor_run_id``: the run
+    whose ``extractor/`` made them, when that is another run (an index extension's merged
+    embeddings were made by the champion's extract run); default ``extract_run_id``."""
     with stage_run("align", overrides, profile) as (active, all_cfg):
         mlflow.set_tags(
             {
                 "imgsearch.input.extract_run_id": extract_run_id,
+                "imgsearch.input.extractor_run_id": extractor_run_id or extract_run_id,
                 "imgsearch.input.split_run_id": split_run_id,
                 "imgsearch.input.texts_run_id": texts_run_id,
             }
@@ -248,7 +253,7 @@ def run(
         )
         result = align(kept, images, emb, tower, cfg)
         _log_training(result)
-        extractor = load_extractor(artifact_path(extract_run_id, "extractor"))
+        extractor = load_extractor(artifact_path(extractor_run_id or extract_run_id, "extractor"))
         encoder = TextQueryEncoder(tower, result.head, fingerprint(extractor))
         mlflow.set_tag("imgsearch.text.extractor_fingerprint", encoder.extractor_fingerprint)
         scores = evaluate_text_search(

@@ -69,6 +69,7 @@ def run_chain(
     extract_run_id: str | None = None,
     add_to_index_run_id: str | None = None,
     texts_run_id: str | None = None,
+    extractor_run_id: str | None = None,
     register_with: Callable[[str, str, str, str | None], str] | None = None,
     after_evaluate: Callable[[str], None] | None = None,
     do_promote: bool = True,
@@ -80,7 +81,8 @@ def run_chain(
     embeddings are indexed. ``add_to_index_run_id``: index in add mode on that run's index.
     ``texts_run_id``: the ingest run holding ``texts.parquet``; when it has texts (and
     ``align.enabled``), ``align`` maps a text tower into this extractor's image space and the
-    registered index answers text queries too.
+    registered index answers text queries too. ``extractor_run_id``: where the extractor of
+    ``extract_run_id``'s embeddings lives when that run has none (merged embeddings).
     ``register_with(extract, index, evaluate, align) -> run_id`` replaces ``steps.register.run``;
     ``after_evaluate(extract_run_id)`` runs between evaluate and register.
     """
@@ -107,7 +109,12 @@ def run_chain(
         after_evaluate(ex)
     al = None
     if texts_run_id is not None and align.wanted(texts_run_id, **kw):
-        al = chain._step("align", lambda: align.run(ex, data_run_id, texts_run_id, **kw))
+        al = chain._step(
+            "align",
+            lambda: align.run(
+                ex, data_run_id, texts_run_id, extractor_run_id=extractor_run_id, **kw
+            ),
+        )
     reg = register_with or (lambda e, i, v, a: register.run(e, i, v, align_run_id=a, **kw))
     rg = chain._step("register", lambda: reg(ex, ix, ev, al))
     promote_kw = dict(kw)
