@@ -124,9 +124,10 @@ def test_register_and_promote_steps_on_the_server(server: str, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_ci_profile_chain_on_the_server(server: str, tmp_path: Path) -> None:
+def test_ci_profile_chain_on_the_server(server: str, pg_url: str, tmp_path: Path) -> None:
     """``steps.main`` with the ci profile over HTTP: every stage a run on the server, both
-    models registered there with a champion."""
+    models registered there with a champion; then new data, and the daemon's ``run --once`` of
+    the improve job against the server with a PostgreSQL job store."""
     from steps import main
     from tests.test_pipeline import write_texts
 
@@ -146,6 +147,54 @@ def test_ci_profile_chain_on_the_server(server: str, tmp_path: Path) -> None:
     assert parent.info.status == "FINISHED" and "test.map_at_r" in parent.data.metrics
     for name in ("imgsearch-extractor", "imgsearch-index"):
         assert "champion" in client.get_registered_model(name).aliases
+
+    # new drawings arrive; the daemon runs the improve job once (`run --once`), its tracking
+    # over HTTP and its job store in PostgreSQL, as a team runs it
+    n_new = _add_drawings(data)
+    kwargs = yaml.safe_dump({"profile": "ci", "overrides": overrides}, default_flow_style=True)
+    home = Path(os.environ["IMGSEARCH_HOME"])
+    once = _daemon(["--once", "--jobstore-url", pg_url, "--job-kwargs", kwargs], home)
+    _, err = once.communicate(timeout=900)
+    assert once.returncode == 0, err[-3000:]
+    [job] = client.search_runs(
+        [parent.info.experiment_id], "tags.`imgsearch.stage` = 'improve'", max_results=5
+    )
+    tags, metrics = job.data.tags, job.data.metrics
+    assert job.info.status == "FINISHED", tags.get("imgsearch.improve.reason")
+    assert metrics["n_new"] == n_new
+    assert tags["imgsearch.improve.decision"] in ("improve", "wait"), tags
+    # the job's steps are runs on the server; `daemon status` reads them from there
+    steps = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{job.info.run_id}'"
+    )
+    assert {"ingest", "validate", "extract", "drift"} <= {
+        r.info.run_name.split(" · ")[0] for r in steps
+    }
+    status = subprocess.run(
+        [sys.executable, "-m", "monitoring.daemon", "status", "--jobstore-url", pg_url],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert f"decision={tags['imgsearch.improve.decision']}" in status.stdout, status.stderr
+
+
+def _add_drawings(catalog: Path) -> int:
+    """Two new drawings of three known items, in a new style (thick outlines on black)."""
+    from PIL import Image, ImageDraw
+
+    added = 0
+    for k, item in enumerate(("item01", "item02", "item03")):
+        for j in range(2):
+            img = Image.new("RGB", (64, 64), (0, 0, 40 * k))  # every drawing distinct
+            ImageDraw.Draw(img).ellipse(
+                (12 + j * 4, 12, 52, 52 - j * 4), outline=(250, 250, 90), width=5
+            )
+            img.save(catalog / item / f"new{j}.png")
+            added += 1
+    return added
 
 
 def _daemon(args: list[str], home: Path, **kw: object) -> subprocess.Popen[str]:
