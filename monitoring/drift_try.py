@@ -151,16 +151,21 @@ def table(scenarios: list[Scenario]) -> str:
     import mlflow
 
     lines = [
-        "| comparison | reference | new | score | threshold | verdict | novel share |",
-        "|---|---|---|---|---|---|---|",
+        "| comparison | reference | new | score | threshold | effect | verdict | kind "
+        "| kNN novel share | kNN distance ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in scenarios:
-        m = mlflow.get_run(s.drift_run).data.metrics
+        data = mlflow.get_run(s.drift_run).data
+        m = data.metrics
         verdict = "drift" if m.get("drift_detected") else "no drift"
+        nan = float("nan")
         lines.append(
             f"| {s.name} | {m.get('n_reference', 0):.0f} | {m.get('n_current', 0):.0f} | "
-            f"{m.get('drift_score', float('nan')):.4g} | {m.get('drift_threshold', float('nan')):.4g}"
-            f" | {verdict} | {m.get('novel_share', float('nan')):.2f} |"
+            f"{m.get('drift_score', nan):.4g} | {m.get('drift_threshold', nan):.4g} | "
+            f"{m.get('drift_effect', nan):.3g} | {verdict} | "
+            f"{data.tags.get('imgsearch.drift.kind', '?')} | "
+            f"{m.get('knn_novel_share', nan):.2f} | {m.get('knn_distance_ratio', nan):.2f} |"
         )
     return "\n".join(lines)
 
