@@ -6,9 +6,13 @@ fingerprint) and, optionally, ``manifest.parquet`` (for the category / NSFW / fo
 Settings: ``configs/drift.yaml`` (:class:`imgsearch.monitor.drift.DriftConfig`).
 
 Produces (an MLflow run tagged ``imgsearch.stage=drift``): metrics ``drift_score``,
-``drift_threshold``, ``drift_detected`` and the A/A calibration figures (``aa_threshold``,
-``aa_false_alarm_rate``, ``aa_evidently_default_false_alarm_rate``, ...); tag
-``imgsearch.drift.verdict`` (``drift`` | ``no_drift``); artifacts ``drift/clusters.csv`` (which
+``drift_threshold``, ``drift_detected``, ``drift_effect`` (score / threshold: ``> 1`` means drift),
+``knn_novel_share`` (share of new images whose nearest reference image is farther than 99% of the
+reference's own nearest-neighbour distances), ``knn_distance_ratio`` (their median distance over
+the reference's), ``centroid_novel_share`` and the A/A calibration figures (``aa_threshold``,
+``aa_false_alarm_rate``, ``aa_evidently_default_false_alarm_rate``, ...); tags
+``imgsearch.drift.verdict`` (``drift`` | ``no_drift``) and ``imgsearch.drift.kind`` (``none`` |
+``shift``: drift among things the reference knows | ``novel``: a new domain); artifacts ``drift/clusters.csv`` (which
 reference clusters grew or shrank), ``drift/metadata_shift.csv``, ``drift/aa_calibration.png``
 (null scores, calibrated and default thresholds, observed score) and ``drift/report.html``
 (Evidently's embeddings-drift report, on a sample by default: its t-SNE plot is most of its cost).
@@ -36,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGE = "drift"
+TAG_VERDICT = "imgsearch.drift.verdict"
+TAG_KIND = "imgsearch.drift.kind"
 EMBEDDINGS = "embeddings.parquet"
 _EMB = "emb"
 
@@ -171,6 +177,18 @@ def aa_figure(analysis: DriftAnalysis) -> Any:
     return fig
 
 
+def summary_line(analysis: DriftAnalysis) -> str:
+    """One line a reviewer can act on: verdict, effect size, kind and the novelty behind it."""
+    result, nov = analysis.result, analysis.novelty
+    return (
+        f"drift {'DETECTED' if result.drift else 'not detected'} (kind {analysis.kind}): "
+        f"{result.method} score {result.shown_score:.5g} vs threshold {result.threshold:.5g} "
+        f"(effect {result.effect:.3g}x); {nov.novel_share:.0%} of new images are farther from "
+        f"the reference than {nov.quantile:.0%} of its own nearest-neighbour distances "
+        f"(median distance ratio {nov.distance_ratio:.2f})"
+    )
+
+
 def _load(run_id: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     from imgsearch.embed.files import embeddings_metadata, load_embeddings
     from steps.common import artifact_path
@@ -222,15 +240,11 @@ def run(
             )
         analysis = analyse(ref, cur, cfg, reference_ids=ref_ids)
         result = analysis.result
-        mlflow.set_tag("imgsearch.drift.verdict", "drift" if result.drift else "no_drift")
-        log_metrics(analysis.metrics)
-        log.info(
-            "drift %s: %s score %.5g vs threshold %.5g",
-            "DETECTED" if result.drift else "not detected",
-            result.method,
-            result.shown_score,
-            result.threshold,
+        mlflow.set_tags(
+            {TAG_VERDICT: "drift" if result.drift else "no_drift", TAG_KIND: analysis.kind}
         )
+        log_metrics(analysis.metrics)
+        log.info("%s", summary_line(analysis))
         mlflow.log_text(analysis.clusters.to_csv(index=False), "drift/clusters.csv")
         ref_manifest, cur_manifest = _manifest(reference_run_id), _manifest(current_run_id)
         if ref_manifest is not None and cur_manifest is not None:

@@ -1,6 +1,7 @@
 """Drift you can try after ``make demo``: a new style of things we know, and an A/A that is not drift.
 
     .venv/bin/python -m monitoring.drift_try [--main-run-id ID] [--column vendor] [--value facebook]
+        [--domain-column category --domain-value Flags]
 
 From a ``main`` run (default: the latest finished one), the baseline extract run's embeddings and
 the split run's manifest: the **reference** is the images whose ``--column`` is not ``--value``, the
@@ -9,7 +10,11 @@ the **A/A** check is a seeded random sample of the reference, as large as the ne
 the rest of the reference: nothing changed there, so no drift should be found. Each comparison is a
 ``drift`` run (:mod:`monitoring.drift`: the calibrated verdict, the Evidently report, the reference
 clusters that grew or shrank) nested under one ``drift_try`` run, and the verdicts are printed side
-by side. Settings: ``configs/drift.yaml`` (``--report none`` skips the Evidently HTML).
+by side with their effect size and kind (``shift`` or ``novel``). With ``--domain-column`` and
+``--domain-value`` a third comparison holds that group (say the Flags category) out of everything
+else and compares the reference's own vendors' images of it with the reference: a **new domain**,
+which should read ``novel`` where the new style reads ``shift``. Settings: ``configs/drift.yaml``
+(``--report none`` skips the Evidently HTML).
 """
 
 from __future__ import annotations
@@ -106,8 +111,11 @@ def run(
     overrides: dict[str, Any] | None = None,
     profile: str | None = None,
     seed: int = 0,
+    domain_column: str | None = None,
+    domain_value: str | None = None,
 ) -> list[Scenario]:
-    """Both comparisons as nested runs of one ``drift_try`` run; returns them (new style first)."""
+    """The comparisons as nested runs of one ``drift_try`` run; returns them (new style, A/A,
+    then the new domain when ``domain_column`` and ``domain_value`` are given)."""
     import mlflow
     import numpy as np
 
@@ -122,7 +130,11 @@ def run(
     ids, emb = load_embeddings(artifact_path(extract_run, EMBEDDINGS))
     manifest = read_df(split_run, "manifest.parquet")
     new, value = _split(manifest, ids, column, value)
-    ref_pos, new_pos = np.flatnonzero(~new), np.flatnonzero(new)
+    domain = np.zeros(len(ids), dtype=bool)
+    if domain_column and domain_value:
+        domain, _ = _split(manifest, ids, domain_column, domain_value)
+    ref_pos, new_pos = np.flatnonzero(~new & ~domain), np.flatnonzero(new & ~domain)
+    dom_pos = np.flatnonzero(~new & domain)
     rng = np.random.default_rng(seed)
     aa_pos = np.sort(rng.choice(ref_pos, size=min(len(new_pos), len(ref_pos) // 2), replace=False))
     rest_pos = np.setdiff1d(ref_pos, aa_pos)
@@ -132,10 +144,13 @@ def run(
     with started, labelled(None, role=ROLE):
         mlflow.set_tags({"imgsearch.input.main_run_id": main_id, "drift_try.split": column})
         mlflow.log_params({"column": column, "value": value, "seed": seed})
-        plan = (
+        plan = [
             (f"new style {column}={value}", ref_pos, new_pos),
             (f"A/A within {column}!={value}", rest_pos, aa_pos),
-        )
+        ]
+        if len(dom_pos):
+            mlflow.log_params({"domain_column": domain_column, "domain_value": domain_value})
+            plan.append((f"new domain {domain_column}={domain_value}", ref_pos, dom_pos))
         for name, ref, cur in plan:
             with labelled(name):
                 ref_run = _subset_run("reference", ids[ref], emb[ref], manifest)
@@ -151,16 +166,21 @@ def table(scenarios: list[Scenario]) -> str:
     import mlflow
 
     lines = [
-        "| comparison | reference | new | score | threshold | verdict | novel share |",
-        "|---|---|---|---|---|---|---|",
+        "| comparison | reference | new | score | threshold | effect | verdict | kind "
+        "| kNN novel share | kNN distance ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in scenarios:
-        m = mlflow.get_run(s.drift_run).data.metrics
+        data = mlflow.get_run(s.drift_run).data
+        m = data.metrics
         verdict = "drift" if m.get("drift_detected") else "no drift"
+        nan = float("nan")
         lines.append(
             f"| {s.name} | {m.get('n_reference', 0):.0f} | {m.get('n_current', 0):.0f} | "
-            f"{m.get('drift_score', float('nan')):.4g} | {m.get('drift_threshold', float('nan')):.4g}"
-            f" | {verdict} | {m.get('novel_share', float('nan')):.2f} |"
+            f"{m.get('drift_score', nan):.4g} | {m.get('drift_threshold', nan):.4g} | "
+            f"{m.get('drift_effect', nan):.3g} | {verdict} | "
+            f"{data.tags.get('imgsearch.drift.kind', '?')} | "
+            f"{m.get('knn_novel_share', nan):.2f} | {m.get('knn_distance_ratio', nan):.2f} |"
         )
     return "\n".join(lines)
 
@@ -174,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--value", default="", help="its value for the new data (default: facebook)"
     )
+    parser.add_argument(
+        "--domain-column", default="", help="manifest column of a group held out as a new domain"
+    )
+    parser.add_argument("--domain-value", default="", help="its value, e.g. Flags for category")
     parser.add_argument("--report", default="", help="Evidently report: sample | full | none")
     parser.add_argument("--profile", default="", help="config profile (configs/profiles/NAME.yaml)")
     args = parser.parse_args(argv)
@@ -186,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         args.value or None,
         overrides={"drift.report": args.report},
         profile=args.profile or None,
+        domain_column=args.domain_column or None,
+        domain_value=args.domain_value or None,
     )
     print(table(scenarios))
     for s in scenarios:

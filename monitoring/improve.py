@@ -20,8 +20,13 @@
    embeddings, ``drift`` (new vs the champion's embeddings, calibrated A/A threshold), and
    ``evaluate`` the champion on ``newtest`` (``before.new.*``).
 5. decision (:func:`imgsearch.data.watermark.decide`): ``skip`` without new valid data; ``improve`` on
-   drift or when new + pending (served, not yet trained on) images reach ``min_new_images``;
-   ``wait`` otherwise.
+   drift of kind ``shift`` (the new images fall near things the champion knows: a new style, a new
+   mix) or when new + pending (served, not yet trained on) images reach ``min_new_images``;
+   ``wait`` otherwise. Drift of kind ``novel`` (a new domain: more than ``drift.novel_share_max``
+   of the new images are far from everything in the champion's data) follows ``on_novel``:
+   ``review`` (default) is ``wait``, with the reason saying so and the tag
+   ``imgsearch.improve.alert=new_domain``: the new images are added to the served index, but the
+   champion is not fine-tuned on a new domain unattended; ``improve`` treats it like any drift.
 6. ``improve``: ``trainset`` = new train images + the old images of their items + a seeded random
    replay of old train images + every val image; ``finetune`` warm-started from the champion's
    extractor; when that changed the extractor: ``extract`` everything again, ``index`` (rebuilt),
@@ -30,8 +35,9 @@
    When the extractor did not change (or on ``wait``, or after a refused fine-tuned challenger):
    ``index`` adds the new vectors to a copy of the champion's index, registered as a new index
    version of the same extractor version, evaluated and gated the same way.
-7. tags ``imgsearch.improve.decision`` / ``.reason`` / ``.promoted``, metrics ``n_new``,
-   ``n_quarantined``, ``drift_score``, ``drift_detected``, ``before.*`` / ``after.*``, and
+7. tags ``imgsearch.improve.decision`` / ``.reason`` / ``.promoted`` / ``.drift_kind`` (and
+   ``.alert`` when there is one), metrics ``n_new``, ``n_quarantined``, ``drift_score``,
+   ``drift_detected``, ``drift_effect``, ``knn_novel_share``, ``knn_distance_ratio``, ``before.*`` / ``after.*``, and
    ``summary.json`` + ``summary.md``; then, and only then, the watermark advances (saved
    atomically under ``$IMGSEARCH_HOME/watermarks``; a copy is logged as ``watermark.json``).
 
@@ -75,6 +81,8 @@ from imgsearch import schema
 from imgsearch.config import from_dict, home_dir, load_config
 from imgsearch.data import incremental
 from imgsearch.data.watermark import (
+    ALERT_NEW_DOMAIN,
+    ON_NOVEL,
     NewData,
     Watermark,
     decide,
@@ -128,6 +136,15 @@ ROLE = "improve"  # the imgsearch.role tag of the job's runs
 PAUSE_ENV = "IMGSEARCH_IMPROVE_PAUSE_AT"
 PAUSE_FILE_ENV = "IMGSEARCH_IMPROVE_PAUSE_FILE"
 __all__ = ["ImproveConfig", "decide", "run", "main"]
+#: the drift run's figures the job keeps (metrics of its parent run, summary.json)
+DRIFT_METRICS = (
+    "drift_score",
+    "drift_threshold",
+    "drift_detected",
+    "drift_effect",
+    "knn_novel_share",
+    "knn_distance_ratio",
+)
 
 
 @dataclass
@@ -144,6 +161,7 @@ class ImproveConfig:
     finetune_overrides: dict[str, Any] = field(default_factory=dict)
     extend_index_on_wait: bool = True
     fallback_extend_on_refusal: bool = True
+    on_novel: str = "review"
     watermark_dir: str | None = None
     seed: int = 0
 
@@ -154,6 +172,8 @@ class ImproveConfig:
             raise ConfigError("improve.max_new_per_run must be >= 1 or null")
         if not (self.replay_fraction >= 0 and math.isfinite(self.replay_fraction)):
             raise ConfigError("improve.replay_fraction must be a finite number >= 0")
+        if self.on_novel not in ON_NOVEL:
+            raise ConfigError(f"improve.on_novel must be one of {ON_NOVEL}, not {self.on_novel!r}")
         if not isinstance(self.finetune_overrides, Mapping):
             raise ConfigError("improve.finetune_overrides must be a mapping of finetune settings")
 
@@ -309,13 +329,20 @@ class _Job:
             return commit
         combined, newtest = prepared
         merged, new_ids = self.embed(combined, newtest)
+        drifted = bool(st.drift.get("drift_detected", 0.0))
+        kind = st.drift.get("kind")
         decision, reason = decide(
-            bool(st.drift.get("drift_detected", 0.0)),
+            drifted,
             len(new_ids),
             len(new.pending),
             self.cfg.min_new_images,
+            kind=kind,
+            novel_share=st.drift.get("knn_novel_share"),
+            on_novel=self.cfg.on_novel,
         )
         st.decision, st.reason = decision, reason
+        if drifted and kind == "novel" and decision == "wait":
+            st.alert = ALERT_NEW_DOMAIN  # held for review: a person decides about training
         log.info("improve decision: %s (%s)", decision, reason)
         new_clean = [str(i) for i in new_ids]
         if decision == "wait":
@@ -446,12 +473,9 @@ class _Job:
         )
         dr = mlflow.get_run(drift_run).data
         st.drift = {
-            "verdict": dr.tags.get("imgsearch.drift.verdict", "?"),
-            **{
-                k: float(dr.metrics[k])
-                for k in ("drift_score", "drift_threshold", "drift_detected")
-                if k in dr.metrics
-            },
+            "verdict": dr.tags.get(drift_stage.TAG_VERDICT, "?"),
+            "kind": dr.tags.get(drift_stage.TAG_KIND, "?"),
+            **{k: float(dr.metrics[k]) for k in DRIFT_METRICS if k in dr.metrics},
         }
         self.step("evaluate_before")
         if newtest is not None:

@@ -23,6 +23,7 @@ class JobState:
 
     decision: str = "skip"
     reason: str = ""
+    alert: str = ""  # imgsearch.improve.alert: new_domain when new data was held for review
     promoted: bool = False
     index_extended: bool = False
     champion_before: dict[str, str] = field(default_factory=dict)
@@ -49,8 +50,12 @@ def record(state: JobState, failed: bool = False) -> None:
                 "imgsearch.improve.index_extended": str(state.index_extended).lower(),
             }
         )
+        if state.drift.get("kind"):
+            mlflow.set_tag("imgsearch.improve.drift_kind", state.drift["kind"])
+        if state.alert:
+            mlflow.set_tag("imgsearch.improve.alert", state.alert)
         log_metrics(state.counts)
-        log_metrics({k: v for k, v in state.drift.items() if k != "verdict"})
+        log_metrics({k: v for k, v in state.drift.items() if k not in ("verdict", "kind")})
         log_metrics({f"before.{k}": v for k, v in state.before.items()})
         log_metrics({f"after.{k}": v for k, v in state.after.items()})
         log_metrics({"promoted": float(state.promoted)})
@@ -67,6 +72,7 @@ def summary_markdown(state: JobState) -> str:
     lines = [
         f"# improve: {state.decision}",
         "",
+        *([f"**Alert**: {state.alert}", ""] if state.alert else []),
         f"**Why**: {state.reason}",
         "",
         "## What was new",
@@ -81,9 +87,16 @@ def summary_markdown(state: JobState) -> str:
     if state.drift:
         d = state.drift
         lines.append(
-            f"- {d.get('verdict', '?')}: score {_fmt(d.get('drift_score'))} vs calibrated "
-            f"threshold {_fmt(d.get('drift_threshold'))} (run {state.runs.get('drift', '?')})"
+            f"- {d.get('verdict', '?')} (kind {d.get('kind', '?')}): score "
+            f"{_fmt(d.get('drift_score'))} vs calibrated threshold {_fmt(d.get('drift_threshold'))}"
+            f", effect {_fmt(d.get('drift_effect'))}x (run {state.runs.get('drift', '?')})"
         )
+        if "knn_novel_share" in d:
+            lines.append(
+                f"- {d['knn_novel_share']:.0%} of new images are far from everything in the "
+                f"reference (median nearest-neighbour distance {_fmt(d.get('knn_distance_ratio'))}"
+                "x the reference's own)"
+            )
     else:
         lines.append("- not measured")
     lines += ["", "## Metrics (frozen test split; new = the new data's test items)", ""]

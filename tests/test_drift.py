@@ -149,6 +149,31 @@ def test_explain_shift_counts_novel_points(reference: np.ndarray) -> None:
     assert novel["cur_share"] > 0.35 and novel["ref_share"] <= 0.011
 
 
+def test_analyse_tells_a_new_mix_from_a_new_domain(
+    reference: np.ndarray, calibration: drift.Calibration
+) -> None:
+    """Effect size and kind beside the verdict: a grown blob is a ``shift`` (every new point sits
+    near reference points), blobs in new directions are ``novel``, a same-mix sample is ``none``."""
+    cfg = drift.DriftConfig(threshold=calibration.threshold, clusters=4)
+    new_centres = np.random.default_rng(77).normal(size=(4, D)) * 3.0
+    rng = np.random.default_rng(78)
+    domain = new_centres[rng.integers(0, 4, 200)] + rng.normal(size=(200, D))
+    same = drift.analyse(reference, mixture(200, BASE, seed=11)[0], cfg)
+    mix = drift.analyse(reference, mixture(200, GROWN, seed=7)[0], cfg)
+    new = drift.analyse(reference, domain, cfg)
+    assert (same.kind, mix.kind, new.kind) == ("none", "shift", "novel")
+    for a in (same, mix, new):
+        m = a.metrics
+        assert m["drift_effect"] == pytest.approx(m["drift_score"] / m["drift_threshold"])
+        assert (m["drift_effect"] > 1) == bool(m["drift_detected"])
+        assert "novel_share" not in m and 0 <= m["centroid_novel_share"] <= 1
+    assert mix.metrics["knn_novel_share"] < 0.1 < 0.9 < new.metrics["knn_novel_share"]
+    assert new.metrics["drift_effect"] > mix.metrics["drift_effect"] > 1
+    assert new.metrics["knn_distance_ratio"] > 2 * mix.metrics["knn_distance_ratio"]
+    with pytest.raises(ConfigError):
+        drift.DriftConfig(novel_share_max=1.5)
+
+
 def test_metadata_shift() -> None:
     ref = pd.DataFrame(
         {
@@ -297,6 +322,9 @@ def test_drift_stage_logs_verdict_and_artifacts(
         mlflow.set_tracking_uri(None)
     assert data.tags["imgsearch.stage"] == "drift"
     assert data.tags["imgsearch.drift.verdict"] == "drift"
+    assert data.tags["imgsearch.drift.kind"] == "shift"  # a new mix of known blobs
+    assert data.metrics["drift_effect"] > 1 and data.metrics["knn_novel_share"] < 0.5
+    assert {"knn_distance_ratio", "centroid_novel_share"} <= set(data.metrics)
     assert data.metrics["drift_detected"] == 1.0
     assert data.metrics["drift_score"] > data.metrics["aa_threshold"]
     assert 0 <= data.metrics["aa_false_alarm_rate"] <= 0.05

@@ -254,7 +254,7 @@ def test_new_style_is_flagged_fine_tuned_gated_then_nothing_new(env: Env) -> Non
     before = champion(client)
     n_new = add_new_style(env.catalog)
 
-    run_id = improve(env)
+    run_id = improve(env, **{"improve.on_novel": "improve"})
     run = client.get_run(run_id)
     tags, metrics = run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED"
@@ -262,7 +262,12 @@ def test_new_style_is_flagged_fine_tuned_gated_then_nothing_new(env: Env) -> Non
     assert tags["imgsearch.improve.decision"] == "improve", tags["imgsearch.improve.reason"]
     assert metrics["n_new"] == n_new and metrics["n_already_seen"] == N_ITEMS * 3
     assert metrics["drift_detected"] == 1.0 and metrics["drift_score"] > metrics["drift_threshold"]
-    assert "drift detected" in tags["imgsearch.improve.reason"]
+    assert metrics["drift_effect"] > 1 and "knn_novel_share" in metrics
+    # random-weight 32 px embeddings read the dark style as far from everything (kind novel):
+    # on_novel: improve (below) keeps the fine-tuning path under test
+    assert tags["imgsearch.improve.drift_kind"] in ("shift", "novel")
+    assert " detected (" in tags["imgsearch.improve.reason"]
+    assert "imgsearch.improve.alert" not in tags
     steps = children(client, run_id)
     for name in ("ingest", "newdata", "validate", "preprocess", "split", "combine", "extract",
                  "merge", "drift", "trainset", "finetune", "promote"):  # fmt: skip
@@ -297,6 +302,31 @@ def test_new_style_is_flagged_fine_tuned_gated_then_nothing_new(env: Env) -> Non
 
     text = daemon.status(daemon.DaemonConfig(jobstore_url=f"sqlite:///{env.root / 'jobs.db'}"))
     assert "decision=skip" in text and "decision=improve" in text
+
+
+def test_a_new_domain_is_served_but_held_for_review(env: Env) -> None:
+    """Drift of kind ``novel`` (here: any far new image counts, ``novel_share_max: 0``) with the
+    default ``on_novel: review``: ``wait``, an alert tag, the new images added to the served index
+    and left untrained; no fine-tuning."""
+    client = env.client()
+    n_new = add_new_style(env.catalog)
+    run_id = improve(env, **{"drift.novel_share_max": 0.0})
+    run = client.get_run(run_id)
+    tags, metrics = run.data.tags, run.data.metrics
+    reason = tags["imgsearch.improve.reason"]
+    assert metrics["drift_detected"] == 1.0 and metrics["knn_novel_share"] > 0
+    assert tags["imgsearch.improve.drift_kind"] == "novel"
+    assert tags["imgsearch.improve.decision"] == "wait", reason
+    assert tags["imgsearch.improve.alert"] == "new_domain"
+    assert reason.startswith("new domain: ") and "held for review" in reason
+    assert "on_novel: improve" in reason
+    steps = children(client, run_id)
+    assert "finetune" not in steps and "trainset" not in steps
+    assert "index_add" in steps  # the wait path: the new vectors join a copy of the served index
+    assert "**Alert**: new_domain" in mlflow.artifacts.load_text(f"runs:/{run_id}/summary.md")
+    if tags["imgsearch.improve.index_extended"] == "true":  # served, not trained on yet
+        untrained = mlflow.artifacts.load_dict(f"runs:/{run_id}/watermark.json")["untrained"]
+        assert sum(i.endswith("dark.png") for i in untrained) == n_new
 
 
 def _wreck(result: Any) -> Any:

@@ -151,8 +151,9 @@ def test_a_drift_score_shown_is_never_negative() -> None:
 def test_drift_try_finds_a_new_style_and_no_drift_in_the_a_a(
     mlflow_store: str, tmp_path: Path
 ) -> None:
-    """``monitoring.drift_try``: one vendor's images (shifted) are drift; a sample of the others is
-    not; both are drift runs nested under one ``drift_try`` run."""
+    """``monitoring.drift_try``: one vendor's images (shifted) are drift of kind ``shift``; a sample
+    of the others is not drift; a category held out of everything (far away) is drift of kind
+    ``novel``; all are drift runs nested under one ``drift_try`` run."""
     import numpy as np
     import pandas as pd
 
@@ -161,14 +162,21 @@ def test_drift_try_finds_a_new_style_and_no_drift_in_the_a_a(
 
     rng = np.random.default_rng(0)
     n_a, n_b = 240, 80
-    emb = rng.normal(size=(n_a + n_b, 8)).astype(np.float32)
-    emb[n_a:, 0] += 2.0  # vendor b draws in another style
+    protos = np.zeros((40, 8))  # 40 items in dimensions 2..7
+    protos[:, 2:] = rng.normal(size=(40, 6))
+    protos[:, 2] += 2.0
+    emb = protos[np.arange(n_a + n_b) % 40] + 0.3 * rng.normal(size=(n_a + n_b, 8))
+    emb[n_a:, 0] += 1.0  # vendor b draws the same items in another style
+    far = np.arange(len(emb)) % 8 == 0  # category "far": another domain, in every vendor
+    emb[far] = rng.normal(size=(int(far.sum()), 8)) * 0.3 + np.eye(8)[1] * 6.0
+    emb = emb.astype(np.float32)
     ids = np.array([f"{'a' if i < n_a else 'b'}/{i}" for i in range(n_a + n_b)])
     manifest = pd.DataFrame(
         {
             "image_id": ids,
             "item_id": [f"item{i % 40}" for i in range(len(ids))],
             "vendor": ["a"] * n_a + ["b"] * n_b,
+            "category": np.where(far, "far", "near"),
         }  # fmt: skip
     )
     with mlflow.start_run() as extract:
@@ -185,8 +193,16 @@ def test_drift_try_finds_a_new_style_and_no_drift_in_the_a_a(
         )
     assert drift_try.latest_main_run() == main.info.run_id
     overrides = {"drift.report": "none", "drift.calibration_trials": 40}
-    new_style, aa = drift_try.run(None, "vendor", "b", overrides=overrides)
+    new_style, aa, domain = drift_try.run(
+        None, "vendor", "b", overrides=overrides, domain_column="category", domain_value="far"
+    )
     client = MlflowClient()
+    kinds = [
+        client.get_run(s.drift_run).data.tags["imgsearch.drift.kind"]
+        for s in (new_style, aa, domain)
+    ]
+    assert kinds == ["shift", "none", "novel"]
+    assert "| new domain category=far |" in drift_try.table([new_style, aa, domain])
     assert client.get_run(new_style.drift_run).data.metrics["drift_detected"] == 1.0
     assert client.get_run(aa.drift_run).data.metrics["drift_detected"] == 0.0
     assert client.get_run(aa.drift_run).data.metrics["drift_score"] >= 0.0

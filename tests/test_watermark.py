@@ -124,3 +124,25 @@ def test_decide() -> None:
     assert W.decide(False, 400, 100, 500)[0] == "improve"  # pending images count
     decision, reason = W.decide(False, 499, 0, 500)
     assert decision == "wait" and "499 new images < min_new_images 500" in reason
+
+
+def test_decide_by_kind_of_drift() -> None:
+    # a shift among things we know: fine-tune on it, as any drift
+    decision, reason = W.decide(True, 10, 0, 500, kind="shift", novel_share=0.1)
+    assert decision == "improve" and reason.startswith("drift detected")
+    # a new domain: held for review by default, whatever the counts; served, not trained on
+    for n_new in (10, 5000):
+        decision, reason = W.decide(True, n_new, 0, 500, kind="novel", novel_share=0.87)
+        assert decision == "wait"
+        assert reason.startswith("new domain: 87% of new images are far from everything")
+        assert "held for review (set on_novel: improve to train on it)" in reason
+    # on_novel: improve keeps the old behaviour
+    decision, reason = W.decide(
+        True, 10, 0, 500, kind="novel", novel_share=0.87, on_novel="improve"
+    )
+    assert decision == "improve" and reason.startswith("new domain detected")
+    # no drift: the kind does not matter, nor without new data
+    assert W.decide(False, 10, 0, 500, kind="none")[0] == "wait"
+    assert W.decide(True, 0, 0, 500, kind="novel") == ("skip", "no new data")
+    with pytest.raises(ValueError, match="on_novel"):
+        W.decide(True, 10, 0, 500, on_novel="ask")

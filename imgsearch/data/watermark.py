@@ -299,21 +299,49 @@ def replay_sample(
     return [str(old_train_ids[int(i)]) for i in np.flatnonzero(chosen)]
 
 
+ON_NOVEL = ("review", "improve")
+#: ``imgsearch.improve.alert`` value of a run whose new data was held as a new domain.
+ALERT_NEW_DOMAIN = "new_domain"
+
+
 def decide(
-    drift_detected: bool | None, n_new: int, n_pending: int, min_new_images: int
+    drift_detected: bool | None,
+    n_new: int,
+    n_pending: int,
+    min_new_images: int,
+    *,
+    kind: str | None = None,
+    novel_share: float | None = None,
+    on_novel: str = "review",
 ) -> tuple[str, str]:
     """``(decision, reason)``: ``improve``, ``wait`` or ``skip``.
 
     ``n_new``: new images this run (after validation); ``n_pending``: images already served but
-    not yet trained on (they count towards ``min_new_images``). ``skip`` when nothing is new,
-    ``improve`` on drift or when ``n_new + n_pending >= min_new_images``, else ``wait``.
+    not yet trained on (they count towards ``min_new_images``). ``kind``: the drift stage's
+    ``none`` | ``shift`` | ``novel`` (``None``: not measured, read as ``shift`` when there is
+    drift); ``novel_share``: its share of new images far from everything in the reference.
+
+    ``skip`` when nothing is new. Drift of kind ``novel`` (a new domain) with ``on_novel:
+    review`` is ``wait``, whatever the counts: the new images are served (added to the index) but
+    the champion is not fine-tuned on a new domain unattended; ``on_novel: improve`` treats it
+    like any drift. Otherwise ``improve`` on drift or when ``n_new + n_pending >=
+    min_new_images``, else ``wait``. Raises ``ValueError`` for an unknown ``on_novel``.
     """
+    if on_novel not in ON_NOVEL:
+        raise ValueError(f"on_novel must be one of {ON_NOVEL}, not {on_novel!r}")
     if n_new <= 0:
         return "skip", "no new data"
     total = n_new + max(n_pending, 0)
     counted = f"{n_new} new" + (f" + {n_pending} pending" if n_pending > 0 else "") + " images"
+    if drift_detected and kind == "novel" and on_novel == "review":
+        share = "most" if novel_share is None else f"{novel_share:.0%}"
+        return "wait", (
+            f"new domain: {share} of new images are far from everything in the reference; "
+            f"held for review (set on_novel: improve to train on it) ({counted})"
+        )
     if drift_detected:
-        return "improve", f"drift detected ({counted})"
+        what = "new domain" if kind == "novel" else "drift"
+        return "improve", f"{what} detected ({counted})"
     if total >= min_new_images:
         return "improve", f"{counted} >= min_new_images {min_new_images}"
     return "wait", f"no drift and {counted} < min_new_images {min_new_images}"

@@ -40,12 +40,23 @@ class DriftResult:
         nothing changed; Evidently also shows ``max(score, 0)``). The verdict uses ``score``."""
         return max(self.score, 0.0)
 
+    @property
+    def effect(self) -> float:
+        """Effect size: the shown score over the threshold (``> 1`` means drift, ``300`` means
+        300 times the level that A/A splits reach at the false-alarm rate). Clipped at 0; NaN when
+        the threshold is not positive (no scale to compare with). For ``mmd`` it is a ratio of
+        squared MMDs."""
+        if self.threshold <= 0:
+            return float("nan")
+        return self.shown_score / self.threshold
+
     def metrics(self) -> dict[str, float]:
         return {
             "drift_score": self.shown_score,
             "drift_score_signed": self.score,
             "drift_threshold": self.threshold,
             "drift_detected": float(self.drift),
+            "drift_effect": self.effect,
             "n_reference": float(self.n_reference),
             "n_current": float(self.n_current),
             "drift_seconds": self.seconds,
