@@ -322,7 +322,8 @@ def test_a_new_domain_is_served_but_held_for_review(env: Env) -> None:
     assert "on_novel: improve" in reason
     steps = children(client, run_id)
     assert "finetune" not in steps and "trainset" not in steps
-    assert "index_add" in steps  # the wait path: the new vectors join a copy of the served index
+    # the wait path: the new vectors join a copy of the served index ("index · improve add to index")
+    assert "index" in steps and "register_index" in steps, sorted(steps)
     assert "**Alert**: new_domain" in mlflow.artifacts.load_text(f"runs:/{run_id}/summary.md")
     if tags["imgsearch.improve.index_extended"] == "true":  # served, not trained on yet
         untrained = mlflow.artifacts.load_dict(f"runs:/{run_id}/watermark.json")["untrained"]
@@ -348,7 +349,9 @@ def test_a_worse_challenger_is_refused(env: Env, monkeypatch: pytest.MonkeyPatch
     client = env.client()
     before = champion(client)
     add_new_style(env.catalog)
-    run_id = improve(env, **{"improve.fallback_extend_on_refusal": False})
+    run_id = improve(
+        env, **{"improve.fallback_extend_on_refusal": False, "improve.on_novel": "improve"}
+    )
     data = client.get_run(run_id).data
     assert data.tags["imgsearch.improve.decision"] == "improve"
     assert data.metrics["after.map_at_r"] < data.metrics["before.map_at_r"]
