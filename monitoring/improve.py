@@ -162,6 +162,7 @@ class ImproveConfig:
     extend_index_on_wait: bool = True
     fallback_extend_on_refusal: bool = True
     on_novel: str = "review"
+    release_held: bool = False
     watermark_dir: str | None = None
     seed: int = 0
 
@@ -268,6 +269,7 @@ class Intake:
     taken: dict[str, str | None]
     pending: list[str]
     run_id: str
+    released: list[str] = field(default_factory=list)
 
 
 class _Job:
@@ -399,8 +401,11 @@ class _Job:
         in_catalog = set(catalog[schema.IMAGE_ID].astype(str))
         taken.update({i: None for i in rejected_before if i in in_catalog})
         st.counts.update(found.metrics())
-        pending = sorted(set(wm.untrained) & set(old[schema.IMAGE_ID]))
+        served = set(old[schema.IMAGE_ID])
+        released = sorted(set(wm.held) & served) if self.cfg.release_held else []
+        pending = sorted((set(wm.untrained) & served) | set(released))
         st.counts["n_pending"] = float(len(pending))
+        st.counts["n_held"] = float(len(set(wm.held) - set(released)))
         with _nested("newdata") as nd:
             mlflow.set_tags({f"{INPUT}ingest_run_id": ingest_run, "imgsearch.watermark.key": key})
             log_metrics(found.metrics())
@@ -408,19 +413,25 @@ class _Job:
             log_df(found.duplicates, "rejected.parquet", view=True)
             mlflow.log_dict(wm.to_dict(), "watermark_before.json")
         self.done("newdata", nd.info.run_id)
-        return Intake(key, wm, catalog, found, taken, pending, nd.info.run_id)
+        return Intake(key, wm, catalog, found, taken, pending, nd.info.run_id, released)
 
     def committer(self, new: Intake) -> Callable[..., None]:
         """The watermark advance, run only once the decision is recorded."""
         st, cfg = self.state, self.cfg
 
-        def commit(untrained: list[str] | None = None, trained: list[str] | None = None) -> None:
+        def commit(
+            untrained: list[str] | None = None,
+            trained: list[str] | None = None,
+            held: list[str] | None = None,
+        ) -> None:
             job_run = mlflow.active_run()
             assert job_run is not None  # the commit runs inside the job's parent run
             new_wm = new.watermark.advanced(
                 new.taken,
                 untrained=untrained or [],
                 trained=trained or [],
+                held=held or [],
+                released=new.released,
                 record={"job_run_id": job_run.info.run_id, "decision": st.decision},
             )
             path = save_watermark(new_wm, cfg.watermarks)
@@ -498,6 +509,8 @@ class _Job:
         self.extend(merged, newtest, combined, "extend (wait)")
         if not st.index_extended:
             return None
+        if st.alert == ALERT_NEW_DOMAIN:  # served, but no fine-tuning uses them until released
+            return lambda: commit(held=new_clean)
         return lambda: commit(untrained=new_clean)
 
     def on_improve(

@@ -325,9 +325,11 @@ def test_a_new_domain_is_served_but_held_for_review(env: Env) -> None:
     # the wait path: the new vectors join a copy of the served index ("index · improve add to index")
     assert "index" in steps and "register_index" in steps, sorted(steps)
     assert "**Alert**: new_domain" in mlflow.artifacts.load_text(f"runs:/{run_id}/summary.md")
-    if tags["imgsearch.improve.index_extended"] == "true":  # served, not trained on yet
-        untrained = mlflow.artifacts.load_dict(f"runs:/{run_id}/watermark.json")["untrained"]
-        assert sum(i.endswith("dark.png") for i in untrained) == n_new
+    assert tags["imgsearch.improve.index_extended"] == "true"
+    # served, held: not "untrained" (which the next fine-tuning would take without asking)
+    wm = mlflow.artifacts.load_dict(f"runs:/{run_id}/watermark.json")
+    assert sum(i.endswith("dark.png") for i in wm["held"]) == n_new
+    assert not any(i.endswith("dark.png") for i in wm["untrained"])
 
 
 def _wreck(result: Any) -> Any:

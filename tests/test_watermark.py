@@ -84,9 +84,28 @@ def test_save_load_roundtrip_is_atomic_and_checked(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(W.WatermarkError):
         W.load_watermark(tmp_path, key)
+
     path.write_text(json.dumps({**wm.to_dict(), "key": "other"}))
     with pytest.raises(W.WatermarkError):
         W.load_watermark(tmp_path, key)
+
+
+def test_held_images_stay_out_of_training_until_released(tmp_path: Path) -> None:
+    """Images of a new domain held for review are served but neither untrained (pending) nor
+    dropped; releasing them moves them to the untrained list; training on them clears them."""
+    wm = W.Watermark(key="k").advanced({"a": "h1", "n1": "h2", "n2": "h3"}, untrained=["a"])
+    held = wm.advanced({}, held=["n1", "n2"])
+    assert held.untrained == ["a"] and held.held == ["n1", "n2"]
+    back = W.Watermark.from_dict(json.loads(json.dumps(held.to_dict())))
+    assert back.held == ["n1", "n2"]  # survives the JSON round trip
+    still = back.advanced({"b": "h4"}, untrained=["b"])  # another wait: held stays held
+    assert still.held == ["n1", "n2"] and still.untrained == ["a", "b"]
+    released = still.advanced({}, released=["n1"])
+    assert released.held == ["n2"] and released.untrained == ["a", "b", "n1"]
+    trained = released.advanced({}, trained=["a", "b", "n1", "n2"])
+    assert trained.held == [] and trained.untrained == []
+    old = {k: v for k, v in wm.to_dict().items() if k != "held"}  # a watermark from before
+    assert W.Watermark.from_dict(old).held == []
 
 
 def test_a_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,7 +154,7 @@ def test_decide_by_kind_of_drift() -> None:
         decision, reason = W.decide(True, n_new, 0, 500, kind="novel", novel_share=0.87)
         assert decision == "wait"
         assert reason.startswith("new domain: 87% of new images are far from everything")
-        assert "held for review (set on_novel: improve to train on it)" in reason
+        assert "held for review: served, not trained on until improve.release_held" in reason
     # on_novel: improve keeps the old behaviour
     decision, reason = W.decide(
         True, 10, 0, 500, kind="novel", novel_share=0.87, on_novel="improve"

@@ -8,7 +8,9 @@ bytes were already seen (the same file under another id) is a duplicate, not new
 
 The watermark also lists ``untrained`` ids: images taken into the served index with the champion's
 extractor (when the job decided to wait) that no fine-tuning has seen yet. They count towards the
-"enough new data" trigger and join the next fine-tuning run's new data.
+"enough new data" trigger and join the next fine-tuning run's new data. And it lists ``held`` ids:
+images of a new domain held for review (served, never trained on) until a person releases them
+(``improve.release_held``); until then they neither count nor join a fine-tuning run.
 
 A watermark is a small JSON file written atomically (:func:`save_watermark`: a temporary file in
 the same folder, fsynced, then ``os.replace``): a crash leaves the old or the new file, never a
@@ -73,14 +75,17 @@ def file_sha256(path: str | os.PathLike[str] | None) -> str | None:
 class Watermark:
     """What one catalog source has given the job so far.
 
-    ``seen``: image id -> sha256 of its bytes (``""`` when unknown). ``untrained``: ids in the
-    served index that no fine-tuning has seen yet. ``history``: one short record per advance.
+        ``seen``: image id -> sha256 of its bytes (``""`` when unknown). ``untrained``: ids in the
+        served index that no fine-tuning has seen yet. ``held``: ids in the served index held for review
+    (a new domain): no fine-tuning may use them until released. ``history``: one short record per
+    advance.
     """
 
     key: str
     source: dict[str, str] = field(default_factory=dict)
     seen: dict[str, str] = field(default_factory=dict)
     untrained: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
     updated_at: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -96,6 +101,7 @@ class Watermark:
             "n_seen": len(self.seen),
             "seen": dict(sorted(self.seen.items())),
             "untrained": sorted(set(self.untrained)),
+            "held": sorted(set(self.held)),
             "history": list(self.history),
         }
 
@@ -111,6 +117,7 @@ class Watermark:
             source={str(k): str(v) for k, v in dict(data.get("source") or {}).items()},
             seen={str(k): str(v or "") for k, v in seen.items()},
             untrained=[str(i) for i in data.get("untrained") or []],
+            held=[str(i) for i in data.get("held") or []],
             updated_at=data.get("updated_at"),
             history=list(data.get("history") or []),
         )
@@ -121,16 +128,26 @@ class Watermark:
         *,
         untrained: Iterable[str] = (),
         trained: Iterable[str] = (),
+        held: Iterable[str] = (),
+        released: Iterable[str] = (),
         record: Mapping[str, Any] | None = None,
         now: str | None = None,
     ) -> Watermark:
-        """A new watermark with ``taken`` (id -> sha256) added, ``trained`` ids dropped from and
-        ``untrained`` ids added to the untrained list, and ``record`` appended to the history."""
+        """A new watermark with ``taken`` (id -> sha256) added, ``trained`` ids dropped from the
+        untrained and held lists, ``untrained`` ids added to the untrained list, ``held`` ids to the
+        held list, ``released`` ids moved from the held list to the untrained one, and ``record``
+        appended to the history."""
         seen = dict(self.seen)
         seen.update({str(k): (v or "") for k, v in taken.items()})
         done = {str(i) for i in trained}
+        free = {str(i) for i in released}
+        kept = sorted(({i for i in self.held if i not in free} | {str(i) for i in held}) - done)
+        moved = [i for i in self.held if i in free]
         pending = [i for i in self.untrained if i not in done]
-        pending += [str(i) for i in untrained if str(i) not in done and str(i) not in pending]
+        pending += [
+            str(i) for i in [*untrained, *moved] if str(i) not in done and str(i) not in pending
+        ]
+        pending = [i for i in pending if i not in set(kept)]
         stamp = now or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         history = [*self.history, {"at": stamp, "n_taken": len(taken), **dict(record or {})}]
         return Watermark(
@@ -138,6 +155,7 @@ class Watermark:
             source=dict(self.source),
             seen=seen,
             untrained=sorted(set(pending)),
+            held=kept,
             updated_at=stamp,
             history=history[-100:],  # the last 100 advances; MLflow keeps every run's copy
         )
@@ -337,7 +355,8 @@ def decide(
         share = "most" if novel_share is None else f"{novel_share:.0%}"
         return "wait", (
             f"new domain: {share} of new images are far from everything in the reference; "
-            f"held for review (set on_novel: improve to train on it) ({counted})"
+            f"held for review: served, not trained on until improve.release_held: true "
+            f"(on_novel: improve trains on a new domain at once) ({counted})"
         )
     if drift_detected:
         what = "new domain" if kind == "novel" else "drift"
