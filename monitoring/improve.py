@@ -25,8 +25,9 @@
    ``wait`` otherwise. Drift of kind ``novel`` (a new domain: more than ``drift.novel_share_max``
    of the new images are far from everything in the champion's data) follows ``on_novel``:
    ``review`` (default) is ``wait``, with the reason saying so and the tag
-   ``imgsearch.improve.alert=new_domain``: the new images are added to the served index, but the
-   champion is not fine-tuned on a new domain unattended; ``improve`` treats it like any drift.
+   ``imgsearch.improve.alert=new_domain``: the new images are added to the served index and listed
+   as ``held`` in the watermark; no fine-tuning takes them until ``release_held`` (a person's
+   call); ``improve`` treats it like any drift.
 6. ``improve``: ``trainset`` = new train images + the old images of their items + a seeded random
    replay of old train images + every val image; ``finetune`` warm-started from the champion's
    extractor; when that changed the extractor: ``extract`` everything again, ``index`` (rebuilt),
