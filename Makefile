@@ -59,7 +59,7 @@ serve: setup
 
 # The search page: upload or pick an image, see ranked results, vote on them.
 search-ui: setup
-	MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(BIN)/streamlit run app/search_page.py
+	MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(BIN)/streamlit run app/search_page.py --client.toolbarMode viewer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

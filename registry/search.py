@@ -65,6 +65,7 @@ class SearchConfig:
     grid_columns: results per row on the page.
     use_reranker: rerank with ``imgsearch-reranker@<alias>`` when one is registered for the
       served index version (:mod:`registry.reranker_model`); otherwise the first stage alone.
+    caption_columns: catalog columns shown under each result on the page (those present).
     """
 
     index_name: str = INDEX_MODEL
@@ -77,6 +78,7 @@ class SearchConfig:
     catalog_limit: int = 500
     grid_columns: int = 5
     use_reranker: bool = True
+    caption_columns: tuple[str, ...] = ("vendor", "category", "subcategory")
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.k) <= models.MAX_K:

@@ -90,6 +90,7 @@ def test_controls_change_the_results(app: AppTest, env: SearchEnv) -> None:
     assert not app.exception and not _errors(app)
     captions = [c.value for c in app.caption if "score" in c.value]
     assert len(captions) == 2 and all(c.startswith("dogs") for c in captions)
+    assert all(" · pop " in c for c in captions)  # this catalog has downloads and likes
     app.checkbox(key="exclude_nsfw").check().run()
     captions = [c.value for c in app.caption if "score" in c.value]
     assert len(captions) == 1  # img5 (dogs) is NSFW
