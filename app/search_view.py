@@ -56,6 +56,7 @@ from registry.search import (
     search,
     search_text,
 )
+from registry.served_attributes import attribute_summary, predict_attributes
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 UPLOAD, CATALOG = "Upload an image", "Pick from the catalog"
@@ -290,6 +291,7 @@ def main() -> None:
         return
     left, right = st.columns([1, 4])
     left.image(preview(data), caption=label, width="stretch")
+    _predicted_attributes(left, served, data)
     qsha = query_sha256(data)
     params = {**params, **feedback_params(qsha)}
     try:
@@ -318,6 +320,22 @@ def main() -> None:
         )
     with st.expander("Feedback so far"):
         st.dataframe(store.summary())
+
+
+def _predicted_attributes(where: Any, served: Served, data: bytes) -> None:
+    """The query image's predicted attributes under it, or why there are none (a refused model);
+    nothing when no attributes model is registered. Never stops the search."""
+    found = served.attributes
+    if found.model is None:
+        if found.version is not None:
+            where.caption(found.note)
+        return
+    try:
+        predicted = predict_attributes(found, [data])
+    except MlflowException as exc:
+        where.caption(f"attributes not predicted: {exc.message}")
+        return
+    where.caption(f"Predicted: {attribute_summary(predicted, 0)}")
 
 
 def _text_search(

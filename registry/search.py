@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,12 @@ from imgsearch.errors import ImageRejected, ImgsearchError
 from registry import models, reranker_model
 from registry.integrity import load_verified
 from registry.register import CHAMPION, EXTRACTOR_MODEL, INDEX_MODEL, TAG_EXTRACTOR_VERSION
+from registry.served_attributes import (
+    ServedAttributes,
+    attribute_summary,
+    load_attributes,
+    predict_attributes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,8 @@ class SearchConfig:
     use_reranker: rerank with ``imgsearch-reranker@<alias>`` when one is registered for the
       served index version (:mod:`registry.reranker_model`); otherwise the first stage alone.
     caption_columns: catalog columns shown under each result on the page (those present).
+    show_attributes: predict the query image's attributes with ``imgsearch-attributes@<alias>``
+      when it was trained on the served extractor version (:mod:`registry.served_attributes`).
     """
 
     index_name: str = INDEX_MODEL
@@ -79,6 +87,7 @@ class SearchConfig:
     grid_columns: int = 5
     use_reranker: bool = True
     caption_columns: tuple[str, ...] = ("vendor", "category", "subcategory")
+    show_attributes: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.k) <= models.MAX_K:
@@ -111,14 +120,16 @@ class Served:
     extractor_name: str = EXTRACTOR_MODEL
     reranker: Any = None  # a loaded imgsearch-reranker pyfunc for this index version, or None
     reranker_version: str | None = None
+    attributes: ServedAttributes = field(default_factory=ServedAttributes)
 
     @property
     def label(self) -> str:
         ext = self.extractor_version or "?"
         rr = f", {reranker_model.RERANKER_MODEL} v{self.reranker_version}" if self.reranker else ""
+        attrs = f", {self.attributes.label}" if self.attributes.model is not None else ""
         return (
             f"{self.index_name} v{self.index_version} (@{self.alias}), {self.extractor_name} v{ext}"
-            f"{rr}"
+            f"{rr}{attrs}"
         )
 
     def catalog(self) -> pd.DataFrame:
@@ -152,16 +163,23 @@ def load_served(
     reranker, reranker_version = (
         _reranker(str(mv.version), cfg.alias, client) if cfg.use_reranker else (None, None)
     )
+    extractor_version = (mv.tags or {}).get(TAG_EXTRACTOR_VERSION)
+    attributes = (
+        load_attributes(cfg.alias, extractor_version, client)
+        if cfg.show_attributes
+        else ServedAttributes(note="show_attributes is false")
+    )
     return Served(
         model=model,
         index_name=cfg.index_name,
         index_version=str(mv.version),
         alias=cfg.alias,
-        extractor_version=(mv.tags or {}).get(TAG_EXTRACTOR_VERSION),
+        extractor_version=extractor_version,
         param_defaults=defaults,
         extractor_name=cfg.extractor_name,
         reranker=reranker,
         reranker_version=reranker_version,
+        attributes=attributes,
     )
 
 
@@ -347,8 +365,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "error" in columns and out["error"].isna().all():
         columns.remove("error")
     print(f"# {served.label}", file=sys.stderr)
+    _print_attributes(served, good, good_files)
     print(_render(out[columns], args.format))
     return 1 if rejected else 0
+
+
+def _print_attributes(served: Served, queries: list[bytes], files: list[str]) -> None:
+    """``# file: predicted category ... (p)`` per query on stderr, or why there are none."""
+    if served.attributes.model is None:
+        if served.attributes.version is not None:  # registered but refused: say so
+            print(f"# attributes: {served.attributes.note}", file=sys.stderr)
+        return
+    predicted = predict_attributes(served.attributes, queries)
+    for q, name in enumerate(files):
+        print(f"# {name}: predicted {attribute_summary(predicted, q)}", file=sys.stderr)
 
 
 def _main_text(args: argparse.Namespace, cfg: SearchConfig, params: dict[str, Any]) -> int:

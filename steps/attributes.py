@@ -13,6 +13,13 @@ the extractor fingerprint they were trained on), metrics ``<attr>_acc_at_1``, ``
 ``<attr>_c``, ``<attr>_train_imbalance``..., ``summary.csv``, ``per_class/<attr>.csv``,
 ``predictions/<attr>.parquet`` + ``.csv`` (test rows, top-3 with probabilities),
 ``plots/confusion_<attr>.png``, and ``quarantine.parquet`` (images whose features failed).
+
+With ``register: true`` (the default) the heads are registered as ``imgsearch-attributes``
+(:mod:`registry.attributes_model`: the heads with their extractor, checksummed), tied to the
+registered ``imgsearch-extractor`` version with the same fingerprint; the version gets the alias
+``champion`` when that extractor version is the champion's. Heads of an extractor that is not
+registered (the step run on its own before ``register``) are not registered: the tag
+``imgsearch.attributes.registered`` says why.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from imgsearch import schema
@@ -35,6 +44,8 @@ from imgsearch.evaluate.classification import confusion_plot
 from imgsearch.models.attribute_heads import save_heads
 from imgsearch.models.backbones import fingerprint, load_extractor
 from imgsearch.train.attributes import AttributesConfig, AttributesResult, train_attributes
+from registry.attributes_model import ATTRIBUTES_MODEL, log_attributes_model
+from registry.tags import CHAMPION, EXTRACTOR_MODEL, TAG_FINGERPRINT
 from steps.common import (
     EMBEDDINGS_ARTIFACT,
     Option,
@@ -50,6 +61,7 @@ log = logging.getLogger(__name__)
 
 HEADS_ARTIFACT = "attributes"
 EXTRACTOR_ARTIFACT = "extractor"  # steps.extract writes it
+TAG_REGISTERED = "imgsearch.attributes.registered"
 
 
 def _manifest(extract_run_id: str, split_run_id: str) -> pd.DataFrame:
@@ -157,6 +169,7 @@ def run(
         )
         section = dict(all_cfg.get("attributes") or {})
         section.pop("in_main", None)  # main's switch, not a head setting
+        register = bool(section.pop("register", True))
         cfg = from_dict(AttributesConfig, section)
         manifest = _manifest(extract_run_id, split_run_id)
         ids, features, fp, failures = compute_features(extract_run_id, manifest, cfg)
@@ -173,7 +186,51 @@ def run(
             "source_run_id": active.info.run_id,
         }
         _log_reports(result, cfg, meta)
+        if register:
+            _register(active.info.run_id, extract_run_id, fp)
+        else:
+            mlflow.set_tag(TAG_REGISTERED, "no: register is false")
         return active.info.run_id
+
+
+def _extractor_version(client: MlflowClient, fp: str) -> ModelVersion | None:
+    """The newest registered extractor version with fingerprint ``fp``, if any."""
+    try:
+        found = client.search_model_versions(
+            f"name = '{EXTRACTOR_MODEL}' and tags.{TAG_FINGERPRINT} = '{fp}'"
+        )
+    except MlflowException:
+        return None
+    ready = [v for v in found if v.status in ("READY", None)]
+    return max(ready, key=lambda v: int(v.version)) if ready else None
+
+
+def _register(run_id: str, extract_run_id: str, fp: str) -> ModelVersion | None:
+    """Register the heads with the extractor they were trained on (see the module docstring)."""
+    client = MlflowClient()
+    ext_version = _extractor_version(client, fp)
+    if ext_version is None:
+        why = f"no: no registered {EXTRACTOR_MODEL} version has fingerprint {fp[:12]}"
+        log.info("attributes not registered (%s)", why)
+        mlflow.set_tag(TAG_REGISTERED, why)
+        return None
+    try:
+        champion = client.get_model_version_by_alias(EXTRACTOR_MODEL, CHAMPION).version
+    except MlflowException:
+        champion = None
+    alias = CHAMPION if str(champion) == str(ext_version.version) else ""
+    version = log_attributes_model(
+        artifact_path(run_id, HEADS_ARTIFACT),
+        artifact_path(extract_run_id, EXTRACTOR_ARTIFACT),
+        extractor_version=ext_version,
+        source_run_id=run_id,
+        alias=alias,
+        client=client,
+    )
+    what = f"{ATTRIBUTES_MODEL} v{version.version} on {EXTRACTOR_MODEL} v{ext_version.version}"
+    mlflow.set_tag(TAG_REGISTERED, what + (f" (@{alias})" if alias else ""))
+    log.info("registered %s%s", what, f" as {alias}" if alias else "")
+    return version
 
 
 OPTIONS = (

@@ -262,23 +262,22 @@ def style_store(tmp_path: Path) -> tuple[str, str, torch.nn.Module]:
     return ex.info.run_id, sp.info.run_id, ext
 
 
+STEP_OVERRIDES = {
+    "attributes.attributes": {
+        "category": {"features": ["embedding"]},
+        "vendor": {"features": ["gram"]},
+    },
+    "attributes.gram_blocks": [3],
+    "attributes.batch_size": 16,
+}
+
+
 def run_step(tmp_path: Path) -> tuple[str, Path, torch.nn.Module]:
     """The attributes step on :func:`style_store`: ``(run id, its artifacts, the extractor)``."""
     from steps import attributes as step
 
     extract_id, split_id, ext = style_store(tmp_path)
-    run_id = step.run(
-        extract_id,
-        split_id,
-        overrides={
-            "attributes.attributes": {
-                "category": {"features": ["embedding"]},
-                "vendor": {"features": ["gram"]},
-            },
-            "attributes.gram_blocks": [3],
-            "attributes.batch_size": 16,
-        },
-    )
+    run_id = step.run(extract_id, split_id, overrides=STEP_OVERRIDES)
     return run_id, Path(mlflow.artifacts.download_artifacts(run_id=run_id)), ext
 
 
@@ -287,6 +286,8 @@ def test_step_runs_on_a_tiny_store_and_its_heads_refuse_another_extractor(
 ) -> None:
     run_id, local, ext = run_step(tmp_path)
     m = mlflow.get_run(run_id).data.metrics
+    registered = mlflow.get_run(run_id).data.tags["imgsearch.attributes.registered"]
+    assert registered.startswith("no: no registered imgsearch-extractor version"), registered
     for name in ("category", "vendor"):
         for key in ("acc_at_1", "acc_at_3", "macro_f1", "majority_acc_at_1", "knn_acc_at_1"):
             assert f"{name}_{key}" in m
@@ -344,3 +345,51 @@ def test_registered_attributes_model_is_checksummed_and_refuses_another_extracto
     )
     assert set(answer.loc[answer["query"] == 0, "attribute"]) == {"category", "vendor"}
     assert answer.loc[answer["query"] == 1, "error"].notna().all()
+
+
+def test_the_step_registers_heads_on_the_champion_extractor_and_search_predicts_with_them(
+    mlflow_store: str, tmp_path: Path
+) -> None:
+    """``register: true``: heads trained on the champion extractor become
+    ``imgsearch-attributes@champion``; the search side predicts with them for the extractor
+    version they were trained on and refuses them, saying why, for another."""
+    from mlflow import MlflowClient
+
+    from registry.attributes_model import ATTRIBUTES_MODEL
+    from registry.served_attributes import attribute_summary, load_attributes, predict_attributes
+    from registry.tags import EXTRACTOR_MODEL, TAG_EXTRACTOR_VERSION, TAG_FINGERPRINT
+    from steps import attributes as step
+
+    extract_id, split_id, ext = style_store(tmp_path)
+    client = MlflowClient()
+    client.create_registered_model(EXTRACTOR_MODEL)
+    source = f"{mlflow.get_run(extract_id).info.artifact_uri}/extractor"
+    ext_version = client.create_model_version(
+        EXTRACTOR_MODEL, source, run_id=extract_id, tags={TAG_FINGERPRINT: fingerprint(ext)}
+    )
+    client.set_registered_model_alias(EXTRACTOR_MODEL, "champion", ext_version.version)
+    assert load_attributes("champion", ext_version.version, client).note == (
+        f"no {ATTRIBUTES_MODEL}@champion registered"
+    )
+
+    run_id = step.run(extract_id, split_id, overrides=STEP_OVERRIDES)
+    tag = mlflow.get_run(run_id).data.tags["imgsearch.attributes.registered"]
+    assert tag == f"{ATTRIBUTES_MODEL} v1 on {EXTRACTOR_MODEL} v1 (@champion)"
+    version = client.get_model_version_by_alias(ATTRIBUTES_MODEL, "champion")
+    assert version.tags[TAG_EXTRACTOR_VERSION] == str(ext_version.version)
+
+    served = load_attributes("champion", str(ext_version.version), client)
+    assert served.model is not None and served.label == f"{ATTRIBUTES_MODEL} v1"
+    buf = io.BytesIO()
+    drawing(2, 1, 9).save(buf, format="PNG")
+    predicted = predict_attributes(served, [buf.getvalue(), b"not an image"])
+    ok = predicted[predicted["query"] == 0]
+    assert sorted(ok["attribute"]) == ["category", "vendor"]
+    assert ok["probability"].between(0.0, 1.0).all() and ok["error"].isna().all()
+    line = attribute_summary(predicted, 0)
+    assert line.startswith("category shape") and " · vendor vendor" in line
+    assert attribute_summary(predicted, 1).startswith("attributes not predicted: ")
+
+    refused = load_attributes("champion", "99", client)
+    assert refused.model is None and refused.version == "1"
+    assert "trained on extractor v1, the served index on v99" in refused.note
