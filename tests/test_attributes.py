@@ -201,6 +201,29 @@ def test_image_features_are_one_pass_and_have_the_declared_shapes() -> None:
         image_features(ext, [drawing(0, 0, 1)], ["gram"], (99,))
 
 
+def test_gram_alone_stops_after_its_last_block_with_the_same_numbers() -> None:
+    """Gram statistics without the embedding skip the blocks after the last Gram block; the
+    statistics are those of the full pass."""
+    from imgsearch.models.backbones import backbone_blocks
+
+    ext = tiny_extractor()
+    images = [drawing(0, 0, 1), drawing(2, 1, 2)]
+    full = image_features(ext, images, ["embedding", "gram"], (3, 6))
+    calls: list[int] = []
+    last = backbone_blocks(ext)[-1].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        alone = image_features(ext, images, ["gram"], (6, 3))  # any order
+        assert not calls  # the last block never ran
+        image_features(ext, images, ["pooled", "gram"], (3,))
+        assert calls == [1]  # with pooled features it does
+    finally:
+        last.remove()
+    assert set(alone) == {"gram"}
+    width_6 = 32 * 33 // 2 + 64
+    np.testing.assert_allclose(alone["gram"][:, :width_6], full["gram"][:, -width_6:], atol=1e-5)
+    np.testing.assert_allclose(alone["gram"][:, width_6:], full["gram"][:, :-width_6], atol=1e-5)
+
+
 def test_saved_heads_round_trip_and_an_untrusted_file_is_refused(tmp_path: Path) -> None:
     manifest, x = synthetic_catalog(n_items=40)
     tr = (manifest["split"] == "train").to_numpy()

@@ -63,18 +63,29 @@ def _hook_target(block: nn.Module) -> nn.Module:
     return block
 
 
+class _Enough(Exception):
+    """Raised by the last needed block's hook: the rest of the forward pass is not needed."""
+
+
 @contextmanager
-def _captured(extractor: Extractor, blocks: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+def _captured(
+    extractor: Extractor, blocks: Sequence[int], stop_after: bool = False
+) -> Iterator[dict[int, torch.Tensor]]:
+    """The outputs of ``blocks``, filled by forward hooks; ``stop_after``: the last of them
+    raises :class:`_Enough` once every block is captured (only block outputs are wanted)."""
     layout = backbone_blocks(extractor)
     bad = [b for b in blocks if not -len(layout) <= b < len(layout)]
     if bad:
         raise ConfigError(f"gram_blocks {bad}: {extractor.spec.name} has {len(layout)} blocks")
     out: dict[int, torch.Tensor] = {}
     handles = []
+    wanted = {b % len(layout) for b in blocks}
     for b in blocks:
 
         def hook(_m: nn.Module, _i: object, o: torch.Tensor, b: int = b) -> None:
             out[b] = o
+            if stop_after and {k % len(layout) for k in out} >= wanted:
+                raise _Enough
 
         handles.append(_hook_target(layout[b]).register_forward_hook(hook))
     try:
@@ -95,19 +106,23 @@ def features_of(
     if "gram" in kinds and not gram_blocks:
         raise ConfigError("gram features need at least one block in gram_blocks")
     blocks = list(gram_blocks) if "gram" in kinds else []
-    with torch.inference_mode(), _captured(extractor, blocks) as maps:
-        body = extractor.body(x)
-        if body.ndim != 2:
-            body = torch.flatten(F.adaptive_avg_pool2d(body, 1), 1)
-        pooled = F.normalize(body.float(), dim=1)
-        emb = (
-            pooled if extractor.head is None else F.normalize(extractor.head(pooled).float(), dim=1)
-        )
-        out: dict[str, np.ndarray] = {}
-        if "embedding" in kinds:
-            out["embedding"] = emb.cpu().numpy()
-        if "pooled" in kinds:
-            out["pooled"] = pooled.cpu().numpy()
+    only_blocks = bool(blocks) and not {"embedding", "pooled"} & set(kinds)
+    out: dict[str, np.ndarray] = {}
+    with torch.inference_mode(), _captured(extractor, blocks, only_blocks) as maps:
+        try:
+            body = extractor.body(x)
+        except _Enough:  # Gram statistics alone: the blocks after the last one are skipped
+            pass
+        else:
+            if body.ndim != 2:
+                body = torch.flatten(F.adaptive_avg_pool2d(body, 1), 1)
+            pooled = F.normalize(body.float(), dim=1)
+            head = extractor.head
+            emb = pooled if head is None else F.normalize(head(pooled).float(), dim=1)
+            if "embedding" in kinds:
+                out["embedding"] = emb.cpu().numpy()
+            if "pooled" in kinds:
+                out["pooled"] = pooled.cpu().numpy()
         if blocks:
             out["gram"] = torch.cat([gram_stats(maps[b]) for b in blocks], dim=1).cpu().numpy()
     return out
