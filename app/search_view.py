@@ -299,27 +299,7 @@ def main() -> None:
     except MlflowException as exc:
         right.error(f"Search failed: {exc.message}")
         return
-    errors = hits["error"].dropna() if "error" in hits.columns else pd.Series([], dtype=object)
-    if not errors.empty:
-        right.warning(f"No results: {errors.iloc[0]}")
-        return
-    right.write(f"{len(hits)} results")
-    query_id = record_impression(hits, served, qsha, query_image_id, None, params, store)
-    with right:
-        refine_button(qsha)
-        _results(
-            hits,
-            served,
-            catalog,
-            store,
-            qsha,
-            query_image_id,
-            max(1, int(cfg.grid_columns)),
-            query_id=query_id,
-            caption_columns=tuple(cfg.caption_columns),
-        )
-    with st.expander("Feedback so far"):
-        st.dataframe(store.summary())
+    _answer(right, hits, served, catalog, store, cfg, qsha, params, query_image_id=query_image_id)
 
 
 def _predicted_attributes(where: Any, served: Served, data: bytes) -> None:
@@ -354,24 +334,42 @@ def _text_search(
     except MlflowException as exc:
         st.error(f"Search refused: {exc.message}")
         return
+    _answer(st.container(), hits, served, catalog, store, cfg, qsha, params, words=words)
+
+
+def _answer(
+    where: Any,
+    hits: pd.DataFrame,
+    served: Served,
+    catalog: pd.DataFrame,
+    store: FeedbackStore,
+    cfg: SearchConfig,
+    qsha: str,
+    params: dict[str, Any],
+    query_image_id: str | None = None,
+    words: str | None = None,
+) -> None:
+    """The answer to an image or a text query in ``where``: the model's error for the query, or
+    the result grid (its impression recorded, the Refine button), then the feedback so far."""
     errors = hits["error"].dropna() if "error" in hits.columns else pd.Series([], dtype=object)
     if not errors.empty:
-        st.warning(f"No results: {errors.iloc[0]}")
+        where.warning(f"No results: {errors.iloc[0]}")
         return
-    st.write(f"{len(hits)} results for “{words}”")
-    query_id = record_impression(hits, served, qsha, None, words, params, store)
-    refine_button(qsha)
-    _results(
-        hits,
-        served,
-        catalog,
-        store,
-        qsha,
-        None,
-        max(1, int(cfg.grid_columns)),
-        query_text=words,
-        query_id=query_id,
-        caption_columns=tuple(cfg.caption_columns),
-    )
+    where.write(f"{len(hits)} results" + (f" for “{words}”" if words else ""))
+    query_id = record_impression(hits, served, qsha, query_image_id, words, params, store)
+    with where:
+        refine_button(qsha)
+        _results(
+            hits,
+            served,
+            catalog,
+            store,
+            qsha,
+            query_image_id,
+            max(1, int(cfg.grid_columns)),
+            query_text=words,
+            query_id=query_id,
+            caption_columns=tuple(cfg.caption_columns),
+        )
     with st.expander("Feedback so far"):
         st.dataframe(store.summary())
