@@ -27,7 +27,13 @@ from imgsearch.models.backbones import load_extractor
 from registry import integrity
 from registry.decoding import _allow_paths, _image_values, _jsonable, _limits, decode_images
 from registry.integrity import verify_loaded
-from registry.packaging import MODEL_CODE, code_paths, extractor_fingerprint, pip_requirements
+from registry.packaging import (
+    MODEL_CODE,
+    SERVING_CONFIG,
+    code_paths,
+    extractor_fingerprint,
+    pip_requirements,
+)
 from registry.params import IMAGE_COLUMN
 from registry.tags import TAG_EXTRACTOR_VERSION, TAG_FINGERPRINT
 from registry.versions import register_version
@@ -115,6 +121,8 @@ def log_attributes_model(
             code_paths=code_paths(),
             signature=attributes_signature(),
             pip_requirements=pip_requirements(),
+            # logged so that load_verified's checksums (and serving bounds) reach load_context
+            model_config=SERVING_CONFIG,
         )
 
     data_hash = integrity.tree_sha256(Path(heads_dir))

@@ -27,7 +27,7 @@ from imgsearch.embed.text_query import META_FILE, load_text_encoder
 from imgsearch.errors import ConfigError, ExtractorMismatchError
 from registry import integrity, text_queries
 from registry.integrity import verify_loaded
-from registry.packaging import MODEL_CODE, code_paths, pip_requirements
+from registry.packaging import MODEL_CODE, SERVING_CONFIG, code_paths, pip_requirements
 from registry.tags import TAG_EXTRACTOR_VERSION, TAG_FINGERPRINT, TAG_INDEX_VERSION
 from registry.versions import register_version
 
@@ -124,6 +124,8 @@ def log_text_model(
             code_paths=code_paths(),
             signature=text_signature(),
             pip_requirements=pip_requirements(),
+            # logged so that load_verified's checksums (and serving bounds) reach load_context
+            model_config=SERVING_CONFIG,
         )
 
     data_hash = str((index_version.tags or {}).get("data_hash", ""))

@@ -371,7 +371,7 @@ def test_registered_attributes_model_is_checksummed_and_refuses_another_extracto
 
 
 def test_the_step_registers_heads_on_the_champion_extractor_and_search_predicts_with_them(
-    mlflow_store: str, tmp_path: Path
+    mlflow_store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``register: true``: heads trained on the champion extractor become
     ``imgsearch-attributes@champion``; the search side predicts with them for the extractor
@@ -401,8 +401,10 @@ def test_the_step_registers_heads_on_the_champion_extractor_and_search_predicts_
     version = client.get_model_version_by_alias(ATTRIBUTES_MODEL, "champion")
     assert version.tags[TAG_EXTRACTOR_VERSION] == str(ext_version.version)
 
-    served = load_attributes("champion", str(ext_version.version), client)
+    with caplog.at_level("WARNING", logger="registry.integrity"):
+        served = load_attributes("champion", str(ext_version.version), client)
     assert served.model is not None and served.label == f"{ATTRIBUTES_MODEL} v1"
+    assert "without registry checksums" not in caplog.text  # the per-file check ran
     buf = io.BytesIO()
     drawing(2, 1, 9).save(buf, format="PNG")
     predicted = predict_attributes(served, [buf.getvalue(), b"not an image"])
