@@ -21,10 +21,14 @@ store, any SQLAlchemy URL), ``IMGSEARCH_PROFILE`` (a ``configs/profiles/NAME.yam
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import streamlit as st
+
+# MLflow draws a progress bar in the server's terminal for every model file it downloads
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 st.set_page_config(page_title="imgsearch", layout="wide")
 st.title("imgsearch")
