@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from imgsearch import schema
 from imgsearch.config import from_dict, home_dir
@@ -42,7 +43,7 @@ from imgsearch.data.watermark import (
     source_key,
 )
 from imgsearch.embed.files import load_embeddings, save_embeddings
-from imgsearch.errors import CatalogError, ConfigError
+from imgsearch.errors import CatalogError, ConfigError, ImgsearchError
 from imgsearch.search.ranking import RankingConfig
 from monitoring import drift as drift_stage
 from monitoring.champion import INPUT, champion_quarantine_ids, find_champion, split_overrides
@@ -58,6 +59,7 @@ from registry.register import (
 )
 from registry.text_queries import TEXT_ARTIFACTS
 from registry.versions import describe
+from steps import attributes as attributes_step
 from steps import evaluate, extract, finetune, ingest, preprocess, split
 from steps import validate as validate_step
 from steps.chain import Chain, ChainNames, run_chain
@@ -103,6 +105,7 @@ class ImproveConfig:
     fallback_extend_on_refusal: bool = True
     on_novel: str = "review"
     release_held: bool = False
+    refit_attributes: bool = True
     watermark_dir: str | None = None
     seed: int = 0
 
@@ -564,6 +567,25 @@ class Job:
             )
         assert runs.promote is not None
         self.record_gate(runs.promote, "fine-tuned challenger")
+        if st.promoted and self.cfg.refit_attributes:
+            self.refit_attributes(runs.extract, combined_run)
+
+    def refit_attributes(self, extract_run: str, combined_run: str) -> None:
+        """The attribute heads again, on the extractor just promoted (registered as
+        ``imgsearch-attributes@champion``), so the served attributes follow the new champion
+        instead of being refused as another extractor's. A failure is reported, never fatal."""
+        st = self.state
+        self.step("attributes")
+        try:
+            with labelled(f"{ROLE} fine-tuned"):
+                run_id = attributes_step.run_if_configured(extract_run, combined_run, **self.kw())
+        except (ImgsearchError, MlflowException, ValueError) as exc:
+            log.warning("attribute heads not refitted: %s", exc)
+            st.reason += f"; attribute heads not refitted ({type(exc).__name__}: {exc})"
+            return
+        if run_id is not None:
+            self.done("attributes", run_id)
+            st.reason += "; attribute heads refitted on the new champion"
 
     def extend(self, merged_run: str, newtest: str | None, combined_run: str, what: str) -> None:
         """Add the new vectors to a copy of the champion's index; register it; gate it."""

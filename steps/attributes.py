@@ -37,7 +37,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from imgsearch import schema
-from imgsearch.config import from_dict
+from imgsearch.config import from_dict, load_config
 from imgsearch.embed.files import embeddings_metadata, load_embeddings
 from imgsearch.embed.style import manifest_features
 from imgsearch.evaluate.classification import confusion_plot
@@ -191,6 +191,30 @@ def run(
         else:
             mlflow.set_tag(TAG_REGISTERED, "no: register is false")
         return active.info.run_id
+
+
+def run_if_configured(
+    extract_run_id: str,
+    split_run_id: str,
+    overrides: dict[str, Any] | None = None,
+    profile: str | None = None,
+) -> str | None:
+    """:func:`run`, when ``attributes.in_main`` is on and the split run's catalog has every
+    configured attribute column; otherwise ``None`` with the reason in the log (``main`` ends
+    with this; the improve job calls it after promoting a new extractor)."""
+    cfg = load_config(profile, overrides).get("attributes") or {}
+    if not cfg.get("in_main", True):
+        log.info("attributes skipped: attributes.in_main is false")
+        return None
+    wanted = {
+        str((spec or {}).get("column", name))
+        for name, spec in (cfg.get("attributes") or {}).items()
+    }
+    columns = set(read_df(split_run_id, "manifest.parquet").columns)
+    if not wanted or not wanted <= columns:
+        log.info("attributes skipped: the catalog lacks columns %s", sorted(wanted - columns))
+        return None
+    return run(extract_run_id, split_run_id, overrides=overrides, profile=profile)
 
 
 def _extractor_version(client: MlflowClient, fp: str) -> ModelVersion | None:

@@ -31,7 +31,6 @@ from steps.common import (
     log_df,
     log_metrics,
     log_settings,
-    read_df,
 )
 from steps.runs import announce, labelled, start_labelled_run
 from steps.summary import (
@@ -145,21 +144,9 @@ def _categorize(ids: dict[str, str], prefix: str, kw: dict[str, Any]) -> str | N
 
 
 def _attributes(ids: dict[str, str], prefix: str, kw: dict[str, Any]) -> str | None:
-    """Attribute heads on the final extractor, when the catalog has every configured attribute
-    column (``attributes.in_main``); otherwise skipped with the reason in the log."""
-    cfg = load_config(kw["profile"], kw["overrides"]).get("attributes") or {}
-    if not cfg.get("in_main", True):
-        return None
-    wanted = {
-        str((spec or {}).get("column", name))
-        for name, spec in (cfg.get("attributes") or {}).items()
-    }
-    columns = set(read_df(ids["split"], "manifest.parquet").columns)
-    if not wanted or not wanted <= columns:
-        log.info("attributes skipped: the catalog lacks columns %s", sorted(wanted - columns))
-        return None
+    """Attribute heads on the final extractor (:func:`steps.attributes.run_if_configured`)."""
     with labelled(f"{prefix.rstrip('.') or 'baseline'} extractor"):
-        return attributes.run(ids[f"{prefix}extract"], ids["split"], **kw)
+        return attributes.run_if_configured(ids[f"{prefix}extract"], ids["split"], **kw)
 
 
 def _reports(ids: dict[str, str], finetuned: bool) -> dict[str, str]:

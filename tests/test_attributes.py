@@ -418,3 +418,22 @@ def test_the_step_registers_heads_on_the_champion_extractor_and_search_predicts_
     refused = load_attributes("champion", "99", client)
     assert refused.model is None and refused.version == "1"
     assert "trained on extractor v1, the served index on v99" in refused.note
+
+
+def test_heads_are_skipped_for_a_catalog_without_their_columns(
+    mlflow_store: str, tmp_path: Path
+) -> None:
+    """``run_if_configured`` (main's last stage, the improve job after a promotion): no run when
+    the catalog lacks a configured column or ``attributes.in_main`` is off."""
+    from steps import attributes as step
+
+    extract_id, split_id, _ = style_store(tmp_path)
+    lacking = {"attributes.attributes": {"brush": {"features": ["gram"]}}}
+    assert step.run_if_configured(extract_id, split_id, overrides=lacking) is None
+    off = {**STEP_OVERRIDES, "attributes.in_main": False}
+    assert step.run_if_configured(extract_id, split_id, overrides=off) is None
+    names = [
+        r.info.run_name
+        for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+    ]
+    assert names and not any(n.startswith("attributes") for n in names), names

@@ -165,3 +165,45 @@ def test_decide_by_kind_of_drift() -> None:
     assert W.decide(True, 0, 0, 500, kind="novel") == ("skip", "no new data")
     with pytest.raises(ValueError, match="on_novel"):
         W.decide(True, 10, 0, 500, on_novel="ask")
+
+
+def test_the_job_refits_the_attribute_heads_and_a_failure_is_only_reported(
+    mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a promoted fine-tuned challenger the job fits the attribute heads on its extractor
+    (``improve.refit_attributes``); a registry error there is written into the reason, and the
+    job goes on."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from monitoring import improve_job
+    from monitoring.improve_summary import JobState
+    from registry.promote import PromoteConfig
+    from registry.register import RegisterConfig
+
+    calls: list[tuple[str, str, dict[str, object]]] = []
+
+    def fit(extract: str, split: str, **kw: object) -> str:
+        calls.append((extract, split, kw))
+        return "heads-run"
+
+    monkeypatch.setattr(improve_job.attributes_step, "run_if_configured", fit)
+    job = improve_job.Job(
+        improve_job.ImproveConfig(), PromoteConfig(), RegisterConfig(), "ci", {"k": 1},
+        MlflowClient(), JobState(),
+    )  # fmt: skip
+    with mlflow.start_run() as parent:
+        job.refit_attributes("extract-run", "combined-run")
+        assert calls == [("extract-run", "combined-run", {"overrides": {"k": 1}, "profile": "ci"})]
+        assert job.state.runs["attributes"] == "heads-run"
+        assert job.state.reason == "; attribute heads refitted on the new champion"
+
+        def down(*_a: object, **_k: object) -> str:
+            raise MlflowException("registry down")
+
+        monkeypatch.setattr(improve_job.attributes_step, "run_if_configured", down)
+        job.refit_attributes("extract-run", "combined-run")
+    assert "attribute heads not refitted (MlflowException: registry down)" in job.state.reason
+    tags = mlflow.get_run(parent.info.run_id).data.tags
+    assert tags["imgsearch.run.attributes"] == "heads-run"
