@@ -193,7 +193,9 @@ def test_the_job_refits_the_attribute_heads_and_a_failure_is_only_reported(
         improve_job.ImproveConfig(), PromoteConfig(), RegisterConfig(), "ci", {"k": 1},
         MlflowClient(), JobState(),
     )  # fmt: skip
-    with mlflow.start_run() as parent:
+    # an experiment of this store: another test may have left the fluent API on another store's
+    experiment = MlflowClient().create_experiment("refit")
+    with mlflow.start_run(experiment_id=experiment) as parent:
         job.refit_attributes("extract-run", "combined-run")
         assert calls == [("extract-run", "combined-run", {"overrides": {"k": 1}, "profile": "ci"})]
         assert job.state.runs["attributes"] == "heads-run"
