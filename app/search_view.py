@@ -3,14 +3,16 @@ browse what the champion finds. :mod:`app.search_page` (what ``streamlit run`` s
 title first and imports this module under a spinner, so the first paint does not wait for
 PyTorch and MLflow to import.
 
-It loads ``imgsearch-index@champion`` (``configs/search.yaml``) in-process from the tracking
-store in ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db``), once per process
+It loads ``imgsearch-index@champion`` (``configs/search.yaml``) in-process from the tracking store
+in ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db``), once per process
 (``st.cache_resource``), and shows which index and extractor versions answer. Results come as a
-grid (thumbnail, item name, category, score, similarity, popularity) with thumbs up / down per
-result, stored by :mod:`registry.feedback`; every result list shown is stored as an impression
-(:mod:`registry.impressions`), and "Refine" searches again with this session's votes on the
-query (Rocchio relevance feedback; the thumbs-down results drop out). A file that cannot be used (not an image, a
-decompression bomb, too large, empty...) gets a clear message and the page keeps working.
+grid (thumbnail, item name, the display attributes of ``search.caption_columns`` such as vendor and
+category, score, similarity, and popularity only where the catalog has it; see :mod:`app.captions`)
+with thumbs up / down per result, stored by :mod:`registry.feedback`; every result list shown is
+stored as an impression (:mod:`registry.impressions`), and "Refine" searches again with this
+session's votes on the query (Rocchio relevance feedback; the thumbs-down results drop out). A file
+that cannot be used (not an image, a decompression bomb, too large, empty...) gets a clear message
+and the page keeps working.
 
 Environment: ``MLFLOW_TRACKING_URI`` (the registry), ``IMGSEARCH_FEEDBACK_URL`` (the feedback
 store, any SQLAlchemy URL), ``IMGSEARCH_PROFILE`` (a ``configs/profiles/NAME.yaml`` overlay).
