@@ -189,6 +189,11 @@ def test_page_and_served_model_from_a_headless_browser(
     chrome.get(page_url)
     caption = _wait_for(chrome, _text_xpath("Answered by"))
     assert f"imgsearch-index v{env.pair.index.version}" in caption.text
+    # .streamlit/config.toml (read from the repository root) sets client.toolbarMode = "viewer":
+    # no Deploy button (in "developer" mode Streamlit 1.67 draws it as stAppDeployButton)
+    assert chrome.find_elements(By.CSS_SELECTOR, "[data-testid='stToolbar']")  # drawn by now
+    assert not chrome.find_elements(By.CSS_SELECTOR, "[data-testid='stAppDeployButton']")
+    assert not chrome.find_elements(By.XPATH, "//button[normalize-space(.)='Deploy']")
 
     # upload a gallery image: Streamlit's uploader is an <input type=file> under the drop zone
     upload = _wait_until(chrome, _at_least(By.CSS_SELECTOR, "input[type='file']", 1))[0]
