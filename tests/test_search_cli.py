@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -171,3 +172,90 @@ def test_console_script_searches_from_any_directory(env: SearchEnv, tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ",img1," in proc.stdout
     assert f"imgsearch-index v{env.pair.index.version}" in proc.stderr
+
+
+def _register_heads(env: SearchEnv, tmp_path: Path) -> str:
+    """``imgsearch-attributes@champion`` fitted on the six gallery images with the served
+    extractor (category cats/dogs, item_name thing 0..2); returns its registry version."""
+    import mlflow
+
+    from imgsearch.data.imageio import open_rgb
+    from imgsearch.embed.style import image_features
+    from imgsearch.models.attribute_heads import AttributeHead, HeadConfig, head_input, save_heads
+    from imgsearch.models.backbones import fingerprint, load_extractor
+    from registry.attributes_model import log_attributes_model
+
+    ext_dir = env.root / "extractor"
+    ext = load_extractor(ext_dir)
+    feats = image_features(ext, [open_rgb(b) for b in env.images], ["embedding"])
+    x = head_input(feats, ["embedding"])
+    heads = {
+        name: AttributeHead(name, HeadConfig(name)).fit(x, env.meta[name])
+        for name in ("category", "item_name")
+    }
+    heads_dir = save_heads(
+        heads,
+        tmp_path / "attributes",
+        {"extractor_fingerprint": fingerprint(ext), "gram_blocks": [], "feature_kinds": []},
+    )
+    exp = mlflow.get_experiment_by_name("search-tests")
+    assert exp is not None
+    with mlflow.start_run(experiment_id=exp.experiment_id, run_name="attributes") as run:
+        version = log_attributes_model(
+            heads_dir,
+            ext_dir,
+            extractor_version=env.pair.extractor,
+            source_run_id=run.info.run_id,
+            alias="champion",
+        )
+    return str(version.version)
+
+
+def test_cli_prints_the_query_attributes_only_from_heads_of_the_served_extractor(
+    env: SearchEnv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No ``imgsearch-attributes``: search answers as before, no attributes line.
+    ``imgsearch-attributes@champion`` trained on the served extractor version: each query's top
+    label and probability per attribute on stderr. Heads of another extractor version: refused
+    with the reason, and search still answers."""
+    from mlflow import MlflowClient
+
+    from registry.attributes_model import ATTRIBUTES_MODEL
+    from registry.tags import TAG_EXTRACTOR_VERSION
+
+    query = [str(env.paths[0]), str(env.paths[4]), "--k", "2", "--format", "csv"]
+    assert search_mod.main(query) == 0
+    out, err = capsys.readouterr()
+    assert ",img0," in out and ",img4," in out
+    assert "attributes" not in err and "predicted" not in err
+
+    client = MlflowClient()
+    try:
+        version = _register_heads(env, tmp_path)
+        served = search_mod.load_served(load_search_config(None, {}))
+        assert served.extractor_version == str(env.pair.extractor.version)
+        assert served.attributes.model is not None
+        assert served.label.endswith(f", {ATTRIBUTES_MODEL} v{version}")
+
+        assert search_mod.main(query) == 0
+        out, err = capsys.readouterr()
+        assert ",img0," in out and ",img4," in out  # the answer itself is unchanged
+        lines = {ln.split(": predicted ")[0]: ln for ln in err.splitlines() if "predicted" in ln}
+        assert set(lines) == {f"# {env.paths[0]}", f"# {env.paths[4]}"}, err
+        pattern = r": predicted category {} \(\d\.\d\d\) · item_name thing {} \(\d\.\d\d\)$"
+        assert re.search(pattern.format("cats", 0), lines[f"# {env.paths[0]}"]), err
+        assert re.search(pattern.format("dogs", 2), lines[f"# {env.paths[4]}"]), err
+
+        client.set_model_version_tag(ATTRIBUTES_MODEL, version, TAG_EXTRACTOR_VERSION, "99")
+        assert search_mod.main(query) == 0
+        out, err = capsys.readouterr()
+        assert ",img0," in out and "predicted" not in err
+        assert (
+            f"# attributes: {ATTRIBUTES_MODEL} v{version} was trained on extractor v99, the served"
+            f" index on v{env.pair.extractor.version}: not used (re-run the attributes step)"
+        ) in err
+    finally:  # the search env is shared by the session's other tests
+        try:
+            client.delete_registered_model(ATTRIBUTES_MODEL)
+        except Exception:  # noqa: BLE001 - nothing was registered
+            pass
