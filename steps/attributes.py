@@ -14,12 +14,13 @@ the extractor fingerprint they were trained on), metrics ``<attr>_acc_at_1``, ``
 ``predictions/<attr>.parquet`` + ``.csv`` (test rows, top-3 with probabilities),
 ``plots/confusion_<attr>.png``, and ``quarantine.parquet`` (images whose features failed).
 
-With ``register: true`` (the default) the heads are registered as ``imgsearch-attributes``
-(:mod:`registry.attributes_model`: the heads with their extractor, checksummed), tied to the
-registered ``imgsearch-extractor`` version with the same fingerprint; the version gets the alias
-``champion`` when that extractor version is the champion's. Heads of an extractor that is not
-registered (the step run on its own before ``register``) are not registered: the tag
-``imgsearch.attributes.registered`` says why.
+With ``register: true`` (the default; ``--no-register`` turns it off) the heads are registered
+as ``imgsearch-attributes`` (:mod:`registry.attributes_model`: the heads with their extractor,
+checksummed), tied to the registered ``imgsearch-extractor`` version with the same fingerprint
+(tag ``extractor_version``); the version gets the alias ``champion`` when that
+extractor version is the champion's. Heads of an extractor that is not registered (the step run
+on its own before ``register``) are not registered: the tag ``imgsearch.attributes.registered``
+says why.
 """
 
 from __future__ import annotations
@@ -261,11 +262,18 @@ OPTIONS = (
     Option("--extract-run-id", f"run holding {EMBEDDINGS_ARTIFACT} and extractor/", required=True),
     Option("--split-run-id", "run holding manifest.parquet with split", required=True),
     Option("--model", "linear | mlp (default: config)", key="attributes.model"),
+    Option("--no-register", "train and score only: do not register the heads", flag_only=True),
 )
 
 
-def main() -> None:
-    cli(run, __doc__, OPTIONS)
+def _adjust(kwargs: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """``--no-register`` (like ``main --no-promote``) is ``attributes.register: false``."""
+    if kwargs.pop("no_register", False):
+        overrides["attributes.register"] = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(run, __doc__, OPTIONS, argv, adjust=_adjust)
 
 
 if __name__ == "__main__":

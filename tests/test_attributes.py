@@ -8,6 +8,7 @@ import io
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -418,6 +419,63 @@ def test_the_step_registers_heads_on_the_champion_extractor_and_search_predicts_
     refused = load_attributes("champion", "99", client)
     assert refused.model is None and refused.version == "1"
     assert "trained on extractor v1, the served index on v99" in refused.note
+
+
+def test_heads_of_a_non_champion_extractor_get_no_alias_and_no_register_registers_nothing(
+    mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heads' extractor is registered but another version is the champion: the heads are
+    registered on their own extractor version, without ``champion``. ``--no-register`` trains
+    and scores but registers nothing, and says so in the run's tag."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from registry.attributes_model import ATTRIBUTES_MODEL
+    from registry.tags import EXTRACTOR_MODEL, TAG_EXTRACTOR_VERSION, TAG_FINGERPRINT
+    from steps import attributes as step
+
+    extract_id, split_id, ext = style_store(tmp_path)
+    client = MlflowClient()
+    client.create_registered_model(EXTRACTOR_MODEL)
+    source = f"{mlflow.get_run(extract_id).info.artifact_uri}/extractor"
+    champion = client.create_model_version(
+        EXTRACTOR_MODEL, source, run_id=extract_id, tags={TAG_FINGERPRINT: "0" * 64}
+    )
+    client.set_registered_model_alias(EXTRACTOR_MODEL, "champion", champion.version)
+    ours = client.create_model_version(
+        EXTRACTOR_MODEL, source, run_id=extract_id, tags={TAG_FINGERPRINT: fingerprint(ext)}
+    )
+
+    run_id = step.run(extract_id, split_id, overrides=STEP_OVERRIDES)
+    tag = mlflow.get_run(run_id).data.tags["imgsearch.attributes.registered"]
+    assert tag == f"{ATTRIBUTES_MODEL} v1 on {EXTRACTOR_MODEL} v{ours.version}"
+    (version,) = client.search_model_versions(f"name = '{ATTRIBUTES_MODEL}'")
+    assert version.tags[TAG_EXTRACTOR_VERSION] == str(ours.version) == "2"
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias(ATTRIBUTES_MODEL, "champion")
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(
+        extract_run_id: str, split_run_id: str, overrides: Any = None, profile: Any = None
+    ) -> str:
+        seen.update(overrides=overrides)
+        return "run-id"
+
+    monkeypatch.setattr(step, "run", fake_run)
+    argv = ["--extract-run-id", extract_id, "--split-run-id", split_id]
+    step.main([*argv, "--no-register"])
+    assert seen["overrides"] == {"attributes.model": "", "attributes.register": False}
+    seen.clear()
+    step.main(argv)
+    assert "attributes.register" not in seen["overrides"]
+    monkeypatch.undo()
+    off = {**STEP_OVERRIDES, "attributes.register": False}
+    run_id = step.run(extract_id, split_id, overrides=off)
+    assert mlflow.get_run(run_id).data.tags["imgsearch.attributes.registered"] == (
+        "no: register is false"
+    )
+    assert len(client.search_model_versions(f"name = '{ATTRIBUTES_MODEL}'")) == 1
 
 
 def test_heads_are_skipped_for_a_catalog_without_their_columns(
