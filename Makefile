@@ -40,6 +40,7 @@ lint: setup
 	$(BIN)/ruff check imgsearch steps registry monitoring app tests benchmarks
 	$(BIN)/ruff format --check imgsearch steps registry monitoring app tests benchmarks
 	$(BIN)/mypy imgsearch
+	$(BIN)/mypy --explicit-package-bases registry app
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_validate_preprocess

@@ -225,11 +225,11 @@ class IndexModel(PythonModel):
         """One vector per usable row (image, text, or both mixed), its row numbers, per-row
         errors, and the rows that hold a text (they skip flagged images)."""
         if not text_queries.has_text(model_input):
-            images, errors = decode_images(
+            images, image_only_errors = decode_images(
                 _image_values(model_input), allow_paths=self.allow_paths, limits=self.limits
             )
             emb, rows = _embed(self.serving, images)
-            return emb, rows, errors, set()
+            return emb, rows, image_only_errors, set()
         if self.text is None:
             raise _invalid("this index model has no text encoder: send images, or run `align`")
         texts, langs = text_queries.text_cells(model_input, len(model_input))

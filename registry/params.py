@@ -24,7 +24,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from imgsearch.config import from_dict
 from imgsearch.search.ranking import RankingConfig
@@ -75,7 +75,7 @@ def index_signature(
             inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), params=ParamSchema(specs)
         )
     specs.append(ParamSpec(TEXT_WEIGHT, "double", text_queries.DEFAULT_TEXT_WEIGHT))
-    columns = [
+    columns: list[ColSpec | TensorSpec] = [
         ColSpec("string", name, required=False)
         for name in (IMAGE_COLUMN, text_queries.TEXT_COLUMN, text_queries.LANG_COLUMN)
     ]

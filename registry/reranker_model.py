@@ -35,7 +35,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
-from mlflow.types.schema import ColSpec, Schema
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from imgsearch import schema
 from imgsearch.search.reranker import LearnedReranker
@@ -90,7 +90,7 @@ class RerankerModel(PythonModel):
 
 
 def reranker_signature() -> ModelSignature:
-    columns = [
+    columns: list[ColSpec | TensorSpec] = [
         ColSpec("long", "query", required=False),
         ColSpec("long", "rank", required=False),
         ColSpec("string", schema.IMAGE_ID),

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
-from mlflow.types.schema import ColSpec, Schema
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from imgsearch.embed.text_query import META_FILE, load_text_encoder
 from imgsearch.errors import ConfigError, ExtractorMismatchError
@@ -87,7 +87,7 @@ class TextModel(PythonModel):
 
 
 def text_signature() -> ModelSignature:
-    columns = [
+    columns: list[ColSpec | TensorSpec] = [
         ColSpec("string", text_queries.TEXT_COLUMN),
         ColSpec("string", text_queries.LANG_COLUMN, required=False),
     ]

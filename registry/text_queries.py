@@ -60,7 +60,7 @@ def text_cells(model_input: Any, n_rows: int) -> tuple[list[str | None], list[st
     """``(texts, langs)`` per input row (None where a row has none)."""
     if isinstance(model_input, pd.DataFrame) and TEXT_COLUMN in model_input.columns:
         texts = [_cell(v) for v in model_input[TEXT_COLUMN]]
-        langs = (
+        langs: list[str | None] = (
             [_cell(v) for v in model_input[LANG_COLUMN]]
             if LANG_COLUMN in model_input.columns
             else [None] * len(texts)
