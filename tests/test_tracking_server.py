@@ -62,6 +62,9 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # set_experiment keeps the id in a module global; restore it at teardown, or later tests'
+    # fluent runs go to an experiment id that their own stores do not have
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     experiment = mlflow.set_experiment(f"server-test-{uuid.uuid4().hex[:8]}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment.experiment_id)
     yield uri
