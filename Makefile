@@ -9,7 +9,7 @@ EXPERIMENT ?= imgsearch
 # no progress bar for each of the many small artifact downloads
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 
-.PHONY: setup demo drift test test-all lint bench ui serve search-ui clean
+.PHONY: setup demo drift rerank test test-all lint bench ui serve search-ui clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ demo: setup
 # after `make demo`: one vendor's drawings as new data (drift) and an A/A split (no drift)
 drift: setup
 	$(BIN)/python -m monitoring.drift_try
+
+# after `make demo`: simulated users on the champion index's own catalog; a reranker trained,
+# compared with the first stage on held-out queries, registered as imgsearch-reranker and
+# promoted to champion only when it wins (then `make serve`, the page and the CLI rerank with it)
+rerank: setup
+	$(BIN)/mlflow run . --env-manager local --experiment-name $(EXPERIMENT) -e rerank -P source=simulate
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -9,7 +9,10 @@ active. Both commands here put the running interpreter's ``bin`` folder first on
 registry, downloads that version and checks it against the checksums in its version tags
 (:func:`registry.integrity.download_verified`), then serves the checked copy. A tampered or
 unchecksummed version is refused before any of its code runs. The copy is removed when the
-server stops.
+server stops. Into that copy it bundles ``imgsearch-reranker@champion`` when that reranker was
+trained for the served index version (``--no-reranker``: not; :mod:`registry.served_rerank`),
+and it pins the registry's file checksums into the copy's config, so the model checks each file
+again right before parsing it.
 
 ``ui`` runs ``mlflow ui`` on the tracking store (``$MLFLOW_TRACKING_URI``, which the ``imgsearch``
 command defaults to the checkout's ``mlflow.db``).
@@ -93,6 +96,13 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
     p.add_argument("--port", type=int, default=5001, help="port (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (default: 1)")
+    p.add_argument(
+        "--reranker-alias",
+        default="champion",
+        help="rerank with imgsearch-reranker@ALIAS when it was trained for the served index "
+        "version (default: %(default)s)",
+    )
+    p.add_argument("--no-reranker", action="store_true", help="serve the first-stage ranking alone")
     return p
 
 
@@ -108,13 +118,14 @@ def serve(argv: Sequence[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="imgsearch-serve-"))
     try:
         try:
-            local, _ = download_verified(uri, tmp)
+            local, files = download_verified(uri, tmp)
         except ArtifactIntegrityError as exc:
             print(f"imgsearch serve: refused: {exc}", file=sys.stderr)
             return 2
         except Exception as exc:  # noqa: BLE001 - a missing model/alias: say which, no traceback
             print(f"imgsearch serve: cannot load {uri}: {exc}", file=sys.stderr)
             return 2
+        print(f"imgsearch serve: {_with_reranker(local, files, args)}", file=sys.stderr)
         print(
             f"imgsearch serve: {uri} checked against the registry; "
             f"http://{args.host}:{args.port}/invocations",
@@ -123,6 +134,22 @@ def serve(argv: Sequence[str] | None = None) -> int:
         return run_group(serve_command(local, args.host, args.port, args.workers), server_env())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _with_reranker(local: Path, files: dict[str, str], args: argparse.Namespace) -> str:
+    """Bundle the reranker of the served index version into the copy (or say why not); the
+    copy's checksums are pinned into its config either way (:mod:`registry.served_rerank`)."""
+    from registry import served_rerank as sr
+
+    if args.no_reranker or args.name != INDEX_MODEL:
+        sr.pin_checksums(local, files)
+        return "no reranker (--no-reranker, or not the index model)"
+    version = sr.downloaded_version(local)
+    if version is None:
+        sr.pin_checksums(local, files)
+        return "first-stage ranking only: the served version is unknown"
+    _, line = sr.bundle_reranker(local, version, files, alias=args.reranker_alias)
+    return line
 
 
 def ui(argv: Sequence[str] | None = None) -> int:

@@ -43,7 +43,7 @@ from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import fingerprint, load_extractor
 from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig, RankingTable, rank
-from registry import served_feedback, serving_guard, text_queries
+from registry import served_feedback, served_rerank, serving_guard, text_queries
 from registry.decoding import (
     CALIBRATION_IMAGES,
     MAX_IMAGE_BYTES,
@@ -191,13 +191,16 @@ class IndexModel(PythonModel):
 
     Columns: ``query`` (input row number), ``rank`` (1-based), ``image_id``, ``item_id``,
     ``score`` (after ranking), ``similarity`` (cosine), ``item_name``, ``category``, the index's
-    other metadata columns, and ``error`` (``None``, or why that query has no results).
+    other metadata columns, and ``error`` (``None``, or why that query has no results). With a
+    bundled reranker (:mod:`registry.served_rerank`) ``rank`` is the reranked one, and
+    ``first_rank`` and ``rerank_score`` are answered too.
     """
 
     def load_context(self, context: Any) -> None:
         # the registry's checksums (not index.json's), before torch or FAISS parses a byte
-        text_parts = tuple(a for a in text_queries.TEXT_ARTIFACTS if a in context.artifacts)
-        verify_loaded(context, (ARTIFACT_EXTRACTOR, ARTIFACT_INDEX, *text_parts))
+        optional = (*text_queries.TEXT_ARTIFACTS, served_rerank.ARTIFACT_RERANKER)
+        parts = tuple(a for a in optional if a in context.artifacts)
+        verify_loaded(context, (ARTIFACT_EXTRACTOR, ARTIFACT_INDEX, *parts))
         self.extractor = load_extractor(Path(context.artifacts[ARTIFACT_EXTRACTOR]))
         self.extractor.eval()
         self.fingerprint = fingerprint(self.extractor)
@@ -217,6 +220,8 @@ class IndexModel(PythonModel):
         self.text = text_queries.TextSide.load(dict(context.artifacts), self.fingerprint)
         # optional: off unless the model config or the environment names a store
         self.impressions = served_feedback.ImpressionHook.from_context(context, ARTIFACT_INDEX)
+        # the champion reranker `imgsearch serve` bundled into its copy (registry.served_rerank)
+        self.reranker = served_rerank.ServedReranker.from_context(context)
         serving_guard.install()
 
     def _queries(
@@ -307,7 +312,12 @@ class IndexModel(PythonModel):
         frames: list[pd.DataFrame] = []
         if rows:
             emb = served_feedback.moved_queries(self.index, emb, feedback)
-            hits = self._rank(emb, rows, k, cfg, text_rows, feedback.disliked)
+            if self.reranker is None:
+                hits = self._rank(emb, rows, k, cfg, text_rows, feedback.disliked)
+            else:  # more candidates for the reranker to order; the top k are kept
+                depth = self.reranker.depth(k)
+                hits = self._rank(emb, rows, depth, cfg, text_rows, feedback.disliked)
+                hits = self.reranker.apply(hits, k)
             frames.append(hits)
             for i in sorted(set(rows) - set(hits[QUERY])):  # a query the filters left empty
                 errors[i] = "no_results: no gallery image passes the ranking filters"

@@ -42,6 +42,7 @@ from imgsearch.search.reranker import LearnedReranker
 from registry import integrity
 from registry.packaging import MODEL_CODE, code_paths, pip_requirements, quiet_input_example
 from registry.params import _invalid
+from registry.served_rerank import ARTIFACT_RERANKER, rerank_top
 from registry.tags import (
     CHALLENGER,
     CHAMPION,
@@ -57,7 +58,6 @@ from registry.versions import active_run_id, register_version
 log = logging.getLogger(__name__)
 
 RERANKER_MODEL = "imgsearch-reranker"
-ARTIFACT_RERANKER = "reranker"
 SIMILARITY = "similarity"
 TAG_KIND = "reranker_kind"
 TAG_GATE = "gate"
@@ -104,14 +104,7 @@ def reranker_signature() -> ModelSignature:
 def rerank_hits(reranker: Any, hits: pd.DataFrame, k: int) -> pd.DataFrame:
     """The index model's hits reordered by a loaded reranker pyfunc, cut to ``k`` per query;
     rows without a rank (a query's error row) are kept as they are."""
-    answered = hits[hits["rank"].notna()] if "rank" in hits.columns else hits
-    if answered.empty:
-        return hits
-    inner = reranker.unwrap_python_model().reranker
-    out = inner.rerank(answered.assign(rank=answered["rank"].astype(int)))
-    out = out[out["rank"] <= int(k)]
-    rest = hits.drop(index=answered.index)
-    return pd.concat([out, rest], ignore_index=True) if not rest.empty else out
+    return rerank_top(reranker.unwrap_python_model().reranker, hits, k)
 
 
 def _data_hash(reranker_dir: Path, train_ids: list[str]) -> str:

@@ -49,11 +49,9 @@ from registry.served_attributes import (
     load_attributes,
     predict_attributes,
 )
+from registry.served_rerank import RERANK_DEPTH
 
 log = logging.getLogger(__name__)
-
-#: candidates the first stage returns for the reranker to order (what it was trained on)
-RERANK_DEPTH = 20
 
 
 @dataclass

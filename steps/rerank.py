@@ -13,8 +13,8 @@ from (``--source``):
   with ``--catalog synthetic`` (measured only, nothing registered: it belongs to no index).
   Train sessions query the train items, held-out sessions the others.
 
-Produces: ``comparison.csv`` and metrics ``<ranking>.ndcg_at_10`` / ``<ranking>.map_at_r`` of the
-first stage, logistic, LambdaRank with and without position debiasing, Rocchio (simulation: the
+Produces: ``comparison.csv`` (and ``comparison.parquet``) and metrics ``<ranking>.ndcg_at_10`` /
+``<ranking>.map_at_r`` of the first stage, logistic, LambdaRank with and without position debiasing, Rocchio (simulation: the
 held-out list re-ordered by its own votes) and the ideal ranking on the held-out queries; the configured ranking registered as ``imgsearch-reranker`` (challenger),
 tagged with its index and extractor versions and checksums, and promoted to ``champion`` only
 when it beats the first stage on the held-out NDCG@10 (tags ``rerank.promoted`` / ``.reason``).
@@ -147,7 +147,8 @@ def run(overrides: dict[str, Any] | None = None, profile: str | None = None) -> 
         table, models = compare(train, test, vectors=vectors, ids=ids)
         if cfg.ranking not in models:
             raise ConfigError(f"rerank.ranking {cfg.ranking!r} is not one of {sorted(models)}")
-        log_df(table.reset_index(), "comparison.csv")
+        # Parquet plus a real CSV beside it (comparison.csv), which the MLflow UI shows
+        log_df(table.reset_index(), "comparison.parquet", view=True)
         log_metrics(
             {
                 **rr.comparison_metrics(table),
@@ -160,6 +161,7 @@ def run(overrides: dict[str, Any] | None = None, profile: str | None = None) -> 
         if index_version is None:
             mlflow.set_tag("rerank.promoted", "false")
             log.info("synthetic catalog: measured only, nothing registered\n%s", table)
+            print(report(table, active.info.run_id, "measured only, nothing registered"))
             return active.info.run_id
         with tempfile.TemporaryDirectory() as tmp:
             saved = models[cfg.ranking].save(Path(tmp) / rr.ARTIFACT_RERANKER)
@@ -177,7 +179,27 @@ def run(overrides: dict[str, Any] | None = None, profile: str | None = None) -> 
         mlflow.set_tags(
             {"rerank.promoted": str(promoted).lower(), "rerank.version": str(version.version)}
         )
+        verdict = "champion" if promoted else "registered as challenger, not promoted"
+        outcome = (
+            f"{rr.RERANKER_MODEL} v{version.version} for {cfg.index_name} v{index_version}: "
+            f"{verdict} ({decision.reason})"
+        )
+        print(report(table, active.info.run_id, outcome))
         return active.info.run_id
+
+
+def report(table: pd.DataFrame, run_id: str, outcome: str) -> str:
+    """What ``make rerank`` prints: the held-out comparison, where it is, what became champion."""
+    shown = table[[c for c in ("ndcg_at_10", "map_at_r", "n_queries") if c in table.columns]]
+    uri = mlflow.get_run(run_id).info.artifact_uri.rstrip("/")
+    return "\n".join(
+        [
+            "==> rerank: held-out queries (simulated users or the latest stored ones)",
+            shown.to_string(float_format=lambda x: f"{x:.4f}"),
+            f"comparison table: {uri}/comparison.csv (run {run_id})",
+            outcome,
+        ]
+    )
 
 
 OPTIONS = (

@@ -38,6 +38,10 @@ NEXT_COMMANDS = (
         "drift you can try: another vendor's drawings vs the others, and an A/A that is not drift",
     ),
     (
+        "make rerank",
+        "a learned reranker from simulated users, gated; `make serve` and the page then use it",
+    ),
+    (
         ".venv/bin/python -m monitoring.improve --limit N",
         "the continuous-improvement job (drift report, gated challenger); docs/monitoring.md: a scenario",
     ),

@@ -1,0 +1,165 @@
+"""``imgsearch serve`` bundles the champion reranker into its checked copy of the index model."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from imgsearch.search import click_sim
+from imgsearch.search.rerank_eval import compare
+from imgsearch.search.reranker import RerankerConfig
+from registry import reranker_model as rr
+from registry import served_rerank as sr
+from registry.integrity import ArtifactIntegrityError, download_verified, load_verified
+from tests.search_env import SearchEnv, free_port, get_env, run_process, tracking
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchEnv]:
+    """The shared search env; the rerankers registered here are removed afterwards (the page
+    and CLI tests of other modules expect the first-stage ranking)."""
+    env = get_env(tmp_path_factory)
+    yield env
+    client = MlflowClient(tracking_uri=env.uri, registry_uri=env.uri)
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        client.delete_registered_model(rr.RERANKER_MODEL)
+
+
+def _register(env: SearchEnv, tmp_path: Path, index_version: str, champion: bool) -> str:
+    """A logistic reranker trained on simulated sessions, registered for ``index_version``."""
+    vectors, meta = click_sim.synthetic_catalog(n_images=200, seed=3)
+    test_q = click_sim.query_split(meta)
+    rows = np.arange(len(meta))
+    train = click_sim.simulate(vectors, meta, rows[~test_q], seed=4)
+    test = click_sim.simulate(vectors, meta, rows[test_q], seed=5)
+    table, models = compare(
+        train, test, {"first_stage": None, "logistic": RerankerConfig("logistic")}
+    )
+    client = MlflowClient(tracking_uri=env.uri, registry_uri=env.uri)
+    with mlflow.start_run():
+        saved = models["logistic"].save(tmp_path / "reranker")
+        version = rr.log_reranker_model(
+            saved,
+            index_version=index_version,
+            table=table,
+            chosen="logistic",
+            train_ids=sorted(map(str, train["query_id"].unique())),
+            kind="logistic",
+            client=client,
+        )
+    if champion:
+        client.set_registered_model_alias(rr.RERANKER_MODEL, "champion", str(version.version))
+    return str(version.version)
+
+
+def _copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    return download_verified("models:/imgsearch-index@champion", tmp_path / "copy")
+
+
+def _query(env: SearchEnv) -> pd.DataFrame:
+    return pd.DataFrame({"image": [base64.b64encode(env.images[0]).decode()]})
+
+
+def test_serve_bundles_the_champion_reranker_of_the_served_index(
+    env: SearchEnv, tmp_path: Path
+) -> None:
+    index_version = str(env.pair.index.version)
+    with tracking(env.uri):
+        client = MlflowClient()
+        local, files = _copy(tmp_path)
+        assert sr.downloaded_version(local) == index_version
+        assert sr.bundle_reranker(local, index_version, files)[0] is None  # none registered
+
+        version = _register(env, tmp_path, index_version, champion=True)
+        local, files = _copy(tmp_path / "again")
+        got, line = sr.bundle_reranker(local, index_version, files, client=client)
+        assert got == version and f"v{version}" in line
+        served = mlflow.pyfunc.load_model(str(local))
+        answer = served.predict(_query(env), params={"k": 3})
+        assert answer["rank"].tolist() == [1, 2, 3]
+        assert {"first_rank", "rerank_score"} <= set(answer.columns)
+        assert answer["rerank_score"].is_monotonic_decreasing
+        assert served.unwrap_python_model().reranker.version == version
+
+        # the same order as the page / CLI path (first stage at depth 20, reranked, cut to k)
+        plain = load_verified(f"models:/imgsearch-index/{index_version}", client=client)
+        first = plain.predict(_query(env), params={"k": sr.RERANK_DEPTH})
+        assert "rerank_score" not in first.columns  # a registered version alone: no reranker
+        page = rr.rerank_hits(rr.load_reranker(index_version, client=client), first, 3)
+        assert answer["image_id"].tolist() == page["image_id"].tolist()
+
+        # a bundled file changed after the copy was checked is refused before it is parsed
+        spec = local / "artifacts" / sr.ARTIFACT_RERANKER / "reranker.json"
+        spec.write_text(spec.read_text().replace("logistic", "lambdarank"))
+        with pytest.raises(ArtifactIntegrityError, match="reranker"):
+            mlflow.pyfunc.load_model(str(local))
+
+
+def test_serve_refuses_a_reranker_of_another_index_or_old_code(
+    env: SearchEnv, tmp_path: Path
+) -> None:
+    index_version = str(env.pair.index.version)
+    with tracking(env.uri):
+        other = _register(env, tmp_path, index_version, champion=False)
+        client = MlflowClient()
+        client.set_model_version_tag(rr.RERANKER_MODEL, other, "index_version", "999")
+        client.set_registered_model_alias(rr.RERANKER_MODEL, "champion", other)
+        local, files = _copy(tmp_path)
+        got, line = sr.bundle_reranker(local, index_version, files, client=client)
+        assert got is None and "trained for" in line and "not used" in line
+        assert not (local / "artifacts" / sr.ARTIFACT_RERANKER).exists()
+        answer = mlflow.pyfunc.load_model(str(local)).predict(_query(env), params={"k": 3})
+        assert "rerank_score" not in answer.columns and len(answer) == 3
+
+        client.set_model_version_tag(rr.RERANKER_MODEL, other, "index_version", index_version)
+        local, files = _copy(tmp_path / "old")
+        shutil.rmtree(local / "code" / "registry")  # stands for code that predates the module
+        (local / "code" / "registry").mkdir()
+        got, line = sr.bundle_reranker(local, index_version, files, client=client)
+        assert got is None and "predates" in line
+
+
+def test_imgsearch_serve_answers_reranked_over_http(env: SearchEnv, tmp_path: Path) -> None:
+    """For real: ``imgsearch serve`` with a champion reranker answers ``rerank_score`` rows."""
+    index_version = str(env.pair.index.version)
+    with tracking(env.uri):
+        version = _register(env, tmp_path, index_version, champion=True)
+    port = free_port()
+    exe = Path(sys.executable).with_name("imgsearch")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "imgsearch.cli"]
+    base = f"http://127.0.0.1:{port}"
+    server_env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": env.uri,
+        "MLFLOW_REGISTRY_URI": env.uri,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    log_path = tmp_path / "serve.log"
+    with run_process(
+        [*cmd, "serve", "--port", str(port)],
+        url=base,
+        ready_url=f"{base}/ping",
+        log_path=log_path,
+        cwd=tmp_path,
+        env=server_env,
+    ):
+        png = base64.b64encode(env.images[2]).decode()
+        body = {"dataframe_split": {"columns": ["image"], "data": [[png]]}, "params": {"k": 4}}
+        answer = requests.post(f"{base}/invocations", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        rows = answer.json()["predictions"]
+        assert [r["rank"] for r in rows] == [1, 2, 3, 4]
+        assert all("rerank_score" in r and "first_rank" in r for r in rows)
+    assert f"reranked by {rr.RERANKER_MODEL} v{version}" in log_path.read_text()
