@@ -10,8 +10,9 @@ registry, downloads that version and checks it against the checksums in its vers
 (:func:`registry.integrity.download_verified`), then serves the checked copy. A tampered or
 unchecksummed version is refused before any of its code runs. The copy is removed when the
 server stops. Into that copy it bundles ``imgsearch-reranker@champion`` when that reranker was
-trained for the served index version (``--no-reranker``: not; :mod:`registry.served_rerank`),
-and it pins the registry's file checksums into the copy's config, so the model checks each file
+trained for the served index version (``--no-reranker``: not; :mod:`registry.served_rerank`)
+and the heads of ``imgsearch-attributes@champion`` when they were trained on its extractor
+version (``--no-attributes``: not; :mod:`registry.bundled_attributes`), and it pins the registry's file checksums into the copy's config, so the model checks each file
 again right before parsing it.
 
 ``ui`` runs ``mlflow ui`` on the tracking store (``$MLFLOW_TRACKING_URI``, which the ``imgsearch``
@@ -103,6 +104,15 @@ def _serve_parser() -> argparse.ArgumentParser:
         "version (default: %(default)s)",
     )
     p.add_argument("--no-reranker", action="store_true", help="serve the first-stage ranking alone")
+    p.add_argument(
+        "--attributes-alias",
+        default="champion",
+        help="add the query image's predicted attributes from imgsearch-attributes@ALIAS when "
+        "it was trained on the served index's extractor version (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-attributes", action="store_true", help="no predicted attributes in the answer"
+    )
     return p
 
 
@@ -125,7 +135,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - a missing model/alias: say which, no traceback
             print(f"imgsearch serve: cannot load {uri}: {exc}", file=sys.stderr)
             return 2
-        print(f"imgsearch serve: {_with_reranker(local, files, args)}", file=sys.stderr)
+        for line in _prepare(local, files, args):
+            print(f"imgsearch serve: {line}", file=sys.stderr)
         print(
             f"imgsearch serve: {uri} checked against the registry; "
             f"http://{args.host}:{args.port}/invocations",
@@ -136,20 +147,20 @@ def serve(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _with_reranker(local: Path, files: dict[str, str], args: argparse.Namespace) -> str:
-    """Bundle the reranker of the served index version into the copy (or say why not); the
-    copy's checksums are pinned into its config either way (:mod:`registry.served_rerank`)."""
+def _prepare(local: Path, files: dict[str, str], args: argparse.Namespace) -> list[str]:
+    """Bundle the reranker and attribute heads of the served index version into the copy (or
+    say why not) and pin the copy's checksums into its config (:mod:`registry.served_rerank`)."""
     from registry import served_rerank as sr
 
-    if args.no_reranker or args.name != INDEX_MODEL:
+    if args.name != INDEX_MODEL:
         sr.pin_checksums(local, files)
-        return "no reranker (--no-reranker, or not the index model)"
-    version = sr.downloaded_version(local)
-    if version is None:
-        sr.pin_checksums(local, files)
-        return "first-stage ranking only: the served version is unknown"
-    _, line = sr.bundle_reranker(local, version, files, alias=args.reranker_alias)
-    return line
+        return []
+    return sr.prepare_copy(
+        local,
+        files,
+        reranker_alias=None if args.no_reranker else args.reranker_alias,
+        attributes_alias=None if args.no_attributes else args.attributes_alias,
+    )
 
 
 def ui(argv: Sequence[str] | None = None) -> int:

@@ -43,7 +43,13 @@ from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import fingerprint, load_extractor
 from imgsearch.search.index import ImageIndex
 from imgsearch.search.ranking import RankingConfig, RankingTable, rank
-from registry import served_feedback, served_rerank, serving_guard, text_queries
+from registry import (
+    bundled_attributes,
+    served_feedback,
+    served_rerank,
+    serving_guard,
+    text_queries,
+)
 from registry.decoding import (
     CALIBRATION_IMAGES,
     MAX_IMAGE_BYTES,
@@ -193,12 +199,18 @@ class IndexModel(PythonModel):
     ``score`` (after ranking), ``similarity`` (cosine), ``item_name``, ``category``, the index's
     other metadata columns, and ``error`` (``None``, or why that query has no results). With a
     bundled reranker (:mod:`registry.served_rerank`) ``rank`` is the reranked one, and
-    ``first_rank`` and ``rerank_score`` are answered too.
+    ``first_rank`` and ``rerank_score`` are answered too; with bundled attribute heads
+    (:mod:`registry.bundled_attributes`) an image query's rows end with
+    ``predicted_<attribute>`` and ``predicted_<attribute>_probability``.
     """
 
     def load_context(self, context: Any) -> None:
         # the registry's checksums (not index.json's), before torch or FAISS parses a byte
-        optional = (*text_queries.TEXT_ARTIFACTS, served_rerank.ARTIFACT_RERANKER)
+        optional = (
+            *text_queries.TEXT_ARTIFACTS,
+            served_rerank.ARTIFACT_RERANKER,
+            bundled_attributes.ARTIFACT_ATTRIBUTES,
+        )
         parts = tuple(a for a in optional if a in context.artifacts)
         verify_loaded(context, (ARTIFACT_EXTRACTOR, ARTIFACT_INDEX, *parts))
         self.extractor = load_extractor(Path(context.artifacts[ARTIFACT_EXTRACTOR]))
@@ -222,6 +234,10 @@ class IndexModel(PythonModel):
         self.impressions = served_feedback.ImpressionHook.from_context(context, ARTIFACT_INDEX)
         # the champion reranker `imgsearch serve` bundled into its copy (registry.served_rerank)
         self.reranker = served_rerank.ServedReranker.from_context(context)
+        # the attribute heads it bundled (registry.bundled_attributes), on this extractor
+        self.attributes = bundled_attributes.BundledAttributes.from_context(
+            context, self.extractor, self.fingerprint
+        )
         serving_guard.install()
 
     def _queries(
@@ -335,6 +351,12 @@ class IndexModel(PythonModel):
             for c in out.columns
             if c not in leading and c != ERROR and c not in SERVER_ONLY_COLUMNS
         ]
-        out = _jsonable(out[[*leading, *rest, ERROR]].reset_index(drop=True))
+        out = out[[*leading, *rest, ERROR]].reset_index(drop=True)
+        if self.attributes is not None and not text_queries.has_text(model_input):
+            images, _ = decode_images(
+                _image_values(model_input), allow_paths=self.allow_paths, limits=self.limits
+            )
+            out = self.attributes.annotate(out, images)
+        out = _jsonable(out)
         self.impressions.log(model_input, out, feedback)
         return out

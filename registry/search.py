@@ -39,7 +39,7 @@ from PIL import Image
 from imgsearch import schema
 from imgsearch.config import from_dict, load_config
 from imgsearch.data.imageio import open_rgb, read_bytes
-from imgsearch.errors import ImageRejected, ImgsearchError
+from imgsearch.errors import ConfigError, ImageRejected, ImgsearchError
 from registry import models, reranker_model
 from registry.integrity import load_verified
 from registry.register import CHAMPION, EXTRACTOR_MODEL, INDEX_MODEL, TAG_EXTRACTOR_VERSION
@@ -190,10 +190,15 @@ def _reranker(index_version: str, alias: str, client: MlflowClient) -> tuple[Any
         mv = client.get_model_version_by_alias(name, alias)
         reranker_model.check_index(mv, index_version)
         model = load_verified(f"models:/{name}/{mv.version}", client=client)
+        if model.unwrap_python_model().reranker.cfg.attributes:
+            raise ConfigError(
+                f"{name} v{mv.version} was trained with attribute_agreement, which search does "
+                "not compute yet"
+            )
     except MlflowException:
         log.info("no %s@%s: first-stage ranking only", name, alias)
         return None, None
-    except ImgsearchError as exc:  # RerankerMismatchError, ArtifactIntegrityError
+    except ImgsearchError as exc:  # RerankerMismatchError, ArtifactIntegrityError, ConfigError
         log.warning("%s@%s not used: %s", name, alias, exc)
         return None, None
     log.info("reranking with %s v%s", name, mv.version)

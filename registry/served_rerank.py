@@ -35,6 +35,7 @@ from typing import Any
 
 import pandas as pd
 
+from imgsearch.errors import ConfigError
 from imgsearch.search.reranker import LearnedReranker
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,10 @@ class ServedReranker:
             return None
         config = dict(getattr(context, "model_config", None) or {})
         version = config.get(VERSION_KEY)
-        model = cls(
-            LearnedReranker.load(Path(artifacts[ARTIFACT_RERANKER])),
-            None if version in (None, "") else str(version),
-        )
+        reranker = LearnedReranker.load(Path(artifacts[ARTIFACT_RERANKER]))
+        if reranker.cfg.attributes:  # bundle_reranker never bundles one; refuse, never guess
+            raise ConfigError("a reranker trained with attribute_agreement cannot be served here")
+        model = cls(reranker, None if version in (None, "") else str(version))
         log.info("reranking with imgsearch-reranker v%s", model.version or "?")
         return model
 
@@ -114,15 +115,23 @@ def _write_mlmodel(model_dir: Path, data: dict[str, Any]) -> None:
     (Path(model_dir) / "MLmodel").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def downloaded_version(model_dir: Path) -> str | None:
-    """The version MLflow recorded beside a model it downloaded by ``models:/<name>/<version>``."""
+def _downloaded_meta(model_dir: Path) -> dict[str, Any]:
     import yaml
 
     meta = Path(model_dir) / "registered_model_meta"
-    if not meta.is_file():
-        return None
-    version = (yaml.safe_load(meta.read_text()) or {}).get("model_version")
+    data = yaml.safe_load(meta.read_text()) if meta.is_file() else None
+    return data if isinstance(data, dict) else {}
+
+
+def downloaded_version(model_dir: Path) -> str | None:
+    """The version MLflow recorded beside a model it downloaded by ``models:/<name>/<version>``."""
+    version = _downloaded_meta(model_dir).get("model_version")
     return None if version in (None, "") else str(version)
+
+
+def downloaded_name(model_dir: Path) -> str:
+    """The registered name recorded beside a downloaded model (default: the index model's)."""
+    return str(_downloaded_meta(model_dir).get("model_name") or "imgsearch-index")
 
 
 def supports_reranker(model_dir: Path) -> bool:
@@ -141,18 +150,31 @@ def pin_checksums(model_dir: Path, checksums: dict[str, str]) -> None:
     _write_mlmodel(model_dir, data)
 
 
+def add_artifact(model_dir: Path, name: str, source: Path, config: dict[str, str]) -> None:
+    """Copy ``source`` into a served copy as artifact ``name`` and set ``config`` keys."""
+    rel = f"artifacts/{name}"
+    if (Path(model_dir) / rel).exists():
+        raise FileExistsError(f"the served copy already has {rel}")
+    shutil.copytree(source, Path(model_dir) / rel)
+    data = _read_mlmodel(model_dir)
+    conf = _pyfunc_conf(data)
+    conf.setdefault("artifacts", {})[name] = {"path": rel}
+    conf.setdefault("config", {}).update(config)
+    _write_mlmodel(model_dir, data)
+
+
+def artifact_dir(model_dir: Path, name: str) -> Path | None:
+    """Where artifact ``name`` of a (downloaded) pyfunc model lives, or None."""
+    art = _pyfunc_conf(_read_mlmodel(model_dir)).get("artifacts", {}).get(name)
+    return Path(model_dir) / art["path"] if art else None
+
+
 def bundle_reranker(
-    model_dir: Path,
-    index_version: str,
-    checksums: dict[str, str],
-    *,
-    alias: str = "champion",
-    client: Any = None,
-) -> tuple[str | None, str]:
+    model_dir: Path, index_version: str, *, alias: str = "champion", client: Any = None
+) -> tuple[str | None, str, dict[str, str]]:
     """Put ``imgsearch-reranker@alias`` into the served copy ``model_dir`` of ``index_version``
-    (module docstring). ``checksums``: the index version's per-file checksums (from
-    ``download_verified``). Returns (the reranker version or None, a line saying what was done
-    or why not); the copy's checksums are pinned either way."""
+    (module docstring). Returns (the reranker version or None, a line saying what was done or
+    why not, the registry's checksums of the bundled files)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -162,12 +184,10 @@ def bundle_reranker(
 
     client = client or MlflowClient()
     name = reranker_model.RERANKER_MODEL
-    pinned = dict(checksums)
     try:
         mv = client.get_model_version_by_alias(name, alias)
     except MlflowException:
-        pin_checksums(model_dir, pinned)
-        return None, f"no {name}@{alias}: first-stage ranking only (`make rerank` trains one)"
+        return None, f"no {name}@{alias}: first-stage ranking only (`make rerank` trains one)", {}
     try:
         reranker_model.check_index(mv, index_version)
         if not supports_reranker(model_dir):
@@ -179,23 +199,52 @@ def bundle_reranker(
             local, files = download_verified(
                 f"models:/{name}/{mv.version}", Path(tmp), client=client
             )
-            art = _pyfunc_conf(_read_mlmodel(local)).get("artifacts", {}).get(ARTIFACT_RERANKER)
-            if not art:
+            source = artifact_dir(local, ARTIFACT_RERANKER)
+            if source is None:
                 raise ImgsearchError(f"{name} v{mv.version} has no {ARTIFACT_RERANKER} artifact")
-            rel = f"artifacts/{ARTIFACT_RERANKER}"
-            if (Path(model_dir) / rel).exists():
-                raise ImgsearchError(f"the served copy already has {rel}")
-            shutil.copytree(Path(local) / art["path"], Path(model_dir) / rel)
-    except ImgsearchError as exc:  # RerankerMismatchError, ArtifactIntegrityError, the above
-        pin_checksums(model_dir, pinned)
-        return None, f"{name}@{alias} v{mv.version} not used: {exc}"
+            if LearnedReranker.load(source).cfg.attributes:
+                raise ImgsearchError(
+                    "it was trained with attribute_agreement, which the served index model "
+                    "does not compute: retrain it without attributes to serve it"
+                )
+            add_artifact(model_dir, ARTIFACT_RERANKER, source, {VERSION_KEY: str(mv.version)})
+    except (ImgsearchError, FileExistsError) as exc:  # RerankerMismatchError, checksums, ...
+        return None, f"{name}@{alias} v{mv.version} not used: {exc}", {}
     prefix = f"sha256.{ARTIFACT_RERANKER}/"
-    pinned |= {k: v for k, v in files.items() if k.startswith(prefix)}
-    data = _read_mlmodel(model_dir)
-    conf = _pyfunc_conf(data)
-    conf.setdefault("artifacts", {})[ARTIFACT_RERANKER] = {"path": rel}
-    config = conf.setdefault("config", {})
-    config[VERSION_KEY] = str(mv.version)
-    _write_mlmodel(model_dir, data)
+    pinned = {k: v for k, v in files.items() if k.startswith(prefix)}
+    return str(mv.version), f"reranked by {name} v{mv.version} (@{alias})", pinned
+
+
+def prepare_copy(
+    model_dir: Path,
+    checksums: dict[str, str],
+    *,
+    reranker_alias: str | None = "champion",
+    attributes_alias: str | None = "champion",
+    client: Any = None,
+) -> list[str]:
+    """Everything ``imgsearch serve`` adds to its checked copy of an index version: the
+    reranker and the attribute heads of that version (``None`` alias: not), then the registry's
+    checksums of every file pinned into the copy's config. Returns one line per addition."""
+    from registry import bundled_attributes
+
+    pinned = dict(checksums)
+    lines = []
+    version = downloaded_version(model_dir)
+    if version is None:
+        lines.append("the served version is unknown: nothing bundled")
+    else:
+        if reranker_alias:
+            _, line, extra = bundle_reranker(
+                model_dir, version, alias=reranker_alias, client=client
+            )
+            lines.append(line)
+            pinned |= extra
+        if attributes_alias:
+            _, line, extra = bundled_attributes.bundle_attributes(
+                model_dir, version, alias=attributes_alias, client=client
+            )
+            lines.append(line)
+            pinned |= extra
     pin_checksums(model_dir, pinned)
-    return str(mv.version), f"reranked by {name} v{mv.version} (@{alias})"
+    return lines

@@ -190,7 +190,9 @@ def run(overrides: dict[str, Any] | None = None, profile: str | None = None) -> 
 
 def report(table: pd.DataFrame, run_id: str, outcome: str) -> str:
     """What ``make rerank`` prints: the held-out comparison, where it is, what became champion."""
-    shown = table[[c for c in ("ndcg_at_10", "map_at_r", "n_queries") if c in table.columns]]
+    shown = table[[c for c in ("ndcg_at_10", "map_at_r") if c in table.columns]].copy()
+    if "n_queries" in table.columns:
+        shown["n_queries"] = table["n_queries"].astype(int)
     uri = mlflow.get_run(run_id).info.artifact_uri.rstrip("/")
     return "\n".join(
         [

@@ -14,12 +14,14 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from imgsearch.errors import ConfigError
 from imgsearch.search import click_sim
 from imgsearch.search.rerank_eval import DEFAULT_CANDIDATES, compare
 from imgsearch.search.reranker import (
     FEATURES,
     LearnedReranker,
     RerankerConfig,
+    attribute_agreement,
     features,
     ranking_metrics,
     vote_rates,
@@ -334,3 +336,79 @@ def test_step_refuses_too_little_feedback(
     monkeypatch.setenv("IMGSEARCH_FEEDBACK_URL", f"sqlite:///{tmp_path / 'empty.db'}")
     with tracking(env.uri), pytest.raises(ConfigError, match="collect more feedback"):
         rerank.run(overrides={"rerank.source": "store"})
+
+
+# --- attribute agreement ---------------------------------------------------------------------------
+
+
+def _attribute_sessions(n_queries: int, seed: int, shown: int = 20) -> pd.DataFrame:
+    """Users want the query's vendor, which neither similarity nor vote rates show (a pool of
+    300 images with one vendor each, shown to queries of every vendor); an attributes model
+    predicts the query's vendor, right 80% of the time, with probability 0.5-0.9 on its guess."""
+    vendors = np.array(["apple", "google", "samsung"])
+    pool = np.random.default_rng(0).choice(vendors, 300)
+    rng = np.random.default_rng(seed)
+    clicks = np.array([0.05, 0.5, 0.9])
+    frames = []
+    for q in range(n_queries):
+        true = rng.choice(vendors)
+        guess = true if rng.random() < 0.8 else rng.choice(vendors)
+        p = rng.uniform(0.5, 0.9)
+        predicted = {"vendor": {v: (p if v == guess else (1 - p) / 2) for v in vendors}}
+        picked = rng.choice(len(pool), shown, replace=False)
+        cand = pool[picked]
+        grade = np.where(cand == true, 1 + (rng.random(shown) < 0.5), 0)
+        ranks = np.arange(1, shown + 1)
+        seen = rng.random(shown) < 1.0 / ranks
+        up = seen & (rng.random(shown) < clicks[grade])
+        frame = pd.DataFrame(
+            {
+                "query_id": f"q{seed}-{q}",
+                "rank": ranks,
+                "result_image_id": [f"img{i}" for i in picked],
+                "similarity": np.sort(rng.uniform(0.3, 0.9, shown))[::-1],
+                "popularity": rng.random(shown),
+                "category": "faces",
+                "vendor": cand,
+                "grade": grade,
+                "vote": up.astype(int),
+            }
+        )
+        frame["attribute_agreement"] = attribute_agreement(frame, predicted)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_attribute_agreement_is_the_predicted_probability_of_the_catalog_label() -> None:
+    cands = pd.DataFrame({"vendor": ["a", "b", None], "category": ["x", "y", "x"]})
+    predicted = {"vendor": {"a": 0.7, "b": 0.2}, "category": {"x": 0.9}, "missing": {"z": 1.0}}
+    got = attribute_agreement(cands, predicted)
+    np.testing.assert_allclose(got, [(0.7 + 0.9) / 2, (0.2 + 0.0) / 2, (0.0 + 0.9) / 2])
+    np.testing.assert_array_equal(attribute_agreement(cands, {"other": {"a": 1.0}}), [0, 0, 0])
+
+
+def test_a_preference_for_attribute_agreement_is_recovered_only_with_the_feature(
+    tmp_path: Path,
+) -> None:
+    train, test = _attribute_sessions(300, seed=1), _attribute_sessions(150, seed=2)
+    candidates = {
+        "first_stage": None,
+        "lambdarank": RerankerConfig(debias=True),
+        "lambdarank_attributes": RerankerConfig(debias=True, attributes=True),
+    }
+    table, models = compare(train, test, candidates)
+    with_attrs = table.loc["lambdarank_attributes", "ndcg_at_10"]
+    assert with_attrs > table.loc["lambdarank", "ndcg_at_10"] + 0.1, table
+    assert with_attrs > table.loc["first_stage", "ndcg_at_10"] + 0.1, table
+
+    model = LearnedReranker.load(models["lambdarank_attributes"].save(tmp_path / "r"))
+    assert model.feature_names[-1] == "attribute_agreement"
+    hits = test[test["query_id"] == test["query_id"].iloc[0]].rename(
+        columns={"result_image_id": "image_id"}
+    )
+    assert model.rerank(hits)["rank"].tolist() == list(range(1, 21))
+    with pytest.raises(ConfigError, match="attribute_agreement"):  # no attributes model: refused
+        model.rerank(hits.drop(columns="attribute_agreement"))
+    assert "attribute_agreement" not in models["lambdarank"].feature_names
+    with pytest.raises(ConfigError, match="attribute_agreement"):
+        compare(train.drop(columns="attribute_agreement"), test, candidates)

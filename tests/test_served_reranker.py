@@ -24,6 +24,7 @@ from registry import reranker_model as rr
 from registry import served_rerank as sr
 from registry.integrity import ArtifactIntegrityError, download_verified, load_verified
 from tests.search_env import SearchEnv, free_port, get_env, run_process, tracking
+from tests.test_reranker import _attribute_sessions
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +38,20 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchEnv]:
         client.delete_registered_model(rr.RERANKER_MODEL)
 
 
-def _register(env: SearchEnv, tmp_path: Path, index_version: str, champion: bool) -> str:
+def _register(
+    env: SearchEnv, tmp_path: Path, index_version: str, champion: bool, attributes: bool = False
+) -> str:
     """A logistic reranker trained on simulated sessions, registered for ``index_version``."""
-    vectors, meta = click_sim.synthetic_catalog(n_images=200, seed=3)
-    test_q = click_sim.query_split(meta)
-    rows = np.arange(len(meta))
-    train = click_sim.simulate(vectors, meta, rows[~test_q], seed=4)
-    test = click_sim.simulate(vectors, meta, rows[test_q], seed=5)
-    table, models = compare(
-        train, test, {"first_stage": None, "logistic": RerankerConfig("logistic")}
-    )
+    if attributes:
+        train, test = _attribute_sessions(60, seed=1), _attribute_sessions(30, seed=2)
+    else:
+        vectors, meta = click_sim.synthetic_catalog(n_images=200, seed=3)
+        test_q = click_sim.query_split(meta)
+        rows = np.arange(len(meta))
+        train = click_sim.simulate(vectors, meta, rows[~test_q], seed=4)
+        test = click_sim.simulate(vectors, meta, rows[test_q], seed=5)
+    config = RerankerConfig("logistic", attributes=attributes)
+    table, models = compare(train, test, {"first_stage": None, "logistic": config})
     client = MlflowClient(tracking_uri=env.uri, registry_uri=env.uri)
     with mlflow.start_run():
         saved = models["logistic"].save(tmp_path / "reranker")
@@ -80,12 +85,13 @@ def test_serve_bundles_the_champion_reranker_of_the_served_index(
         client = MlflowClient()
         local, files = _copy(tmp_path)
         assert sr.downloaded_version(local) == index_version
-        assert sr.bundle_reranker(local, index_version, files)[0] is None  # none registered
+        (line,) = sr.prepare_copy(local, files, attributes_alias=None)
+        assert line.startswith(f"no {rr.RERANKER_MODEL}@champion")
 
         version = _register(env, tmp_path, index_version, champion=True)
         local, files = _copy(tmp_path / "again")
-        got, line = sr.bundle_reranker(local, index_version, files, client=client)
-        assert got == version and f"v{version}" in line
+        (line,) = sr.prepare_copy(local, files, attributes_alias=None, client=client)
+        assert line == f"reranked by {rr.RERANKER_MODEL} v{version} (@champion)"
         served = mlflow.pyfunc.load_model(str(local))
         answer = served.predict(_query(env), params={"k": 3})
         assert answer["rank"].tolist() == [1, 2, 3]
@@ -117,8 +123,8 @@ def test_serve_refuses_a_reranker_of_another_index_or_old_code(
         client.set_model_version_tag(rr.RERANKER_MODEL, other, "index_version", "999")
         client.set_registered_model_alias(rr.RERANKER_MODEL, "champion", other)
         local, files = _copy(tmp_path)
-        got, line = sr.bundle_reranker(local, index_version, files, client=client)
-        assert got is None and "trained for" in line and "not used" in line
+        (line,) = sr.prepare_copy(local, files, attributes_alias=None, client=client)
+        assert "trained for" in line and "not used" in line
         assert not (local / "artifacts" / sr.ARTIFACT_RERANKER).exists()
         answer = mlflow.pyfunc.load_model(str(local)).predict(_query(env), params={"k": 3})
         assert "rerank_score" not in answer.columns and len(answer) == 3
@@ -127,8 +133,14 @@ def test_serve_refuses_a_reranker_of_another_index_or_old_code(
         local, files = _copy(tmp_path / "old")
         shutil.rmtree(local / "code" / "registry")  # stands for code that predates the module
         (local / "code" / "registry").mkdir()
-        got, line = sr.bundle_reranker(local, index_version, files, client=client)
-        assert got is None and "predates" in line
+        (line,) = sr.prepare_copy(local, files, attributes_alias=None, client=client)
+        assert "predates" in line
+
+        # one trained with attribute_agreement: the served index does not compute it, refused
+        _register(env, tmp_path / "attrs", index_version, champion=True, attributes=True)
+        local, files = _copy(tmp_path / "attrs")
+        (line,) = sr.prepare_copy(local, files, attributes_alias=None, client=client)
+        assert "attribute_agreement" in line
 
 
 def test_imgsearch_serve_answers_reranked_over_http(env: SearchEnv, tmp_path: Path) -> None:
@@ -163,3 +175,57 @@ def test_imgsearch_serve_answers_reranked_over_http(env: SearchEnv, tmp_path: Pa
         assert [r["rank"] for r in rows] == [1, 2, 3, 4]
         assert all("rerank_score" in r and "first_rank" in r for r in rows)
     assert f"reranked by {rr.RERANKER_MODEL} v{version}" in log_path.read_text()
+
+
+def test_served_copy_answers_the_query_images_predicted_attributes(
+    env: SearchEnv, tmp_path: Path
+) -> None:
+    """Heads of the served extractor version are bundled: each row of an image query carries
+    its query's top label and probability per attribute; heads of another extractor version are
+    not bundled, and a text query answers without them."""
+    from registry.attributes_model import ATTRIBUTES_MODEL
+    from registry.tags import TAG_EXTRACTOR_VERSION
+    from tests.test_search_cli import _register_heads
+
+    with tracking(env.uri):
+        client = MlflowClient()
+        try:
+            version = _register_heads(env, tmp_path)
+            local, files = _copy(tmp_path)
+            lines = sr.prepare_copy(local, files, reranker_alias=None, client=client)
+            assert lines == [f"predicted attributes from {ATTRIBUTES_MODEL} v{version} (@champion)"]
+            served = mlflow.pyfunc.load_model(str(local))
+            images = [base64.b64encode(env.images[i]).decode() for i in (0, 4)]
+            answer = served.predict(pd.DataFrame({"image": [*images, "garbage"]}), {"k": 2})
+            ok = answer[answer["error"].isna()]
+            assert ok.groupby("query")["predicted_category"].first().tolist() == ["cats", "dogs"]
+            assert ok.groupby("query")["predicted_item_name"].first().tolist() == [
+                "thing 0",
+                "thing 2",
+            ]
+            probs = ok["predicted_category_probability"].astype(float)
+            assert ((probs > 0) & (probs <= 1)).all()
+            bad = answer[answer["error"].notna()]
+            assert len(bad) == 1 and bad["predicted_category"].isna().all()
+            text = served.predict(pd.DataFrame({"text": ["cat"]}), {"k": 2})
+            assert "predicted_category" not in text.columns
+
+            # a tampered head file is refused before skops reads it
+            head = next((local / "artifacts" / "attributes").glob("*.skops"))
+            head.write_bytes(head.read_bytes() + b"\0")
+            with pytest.raises(ArtifactIntegrityError, match="attributes"):
+                mlflow.pyfunc.load_model(str(local))
+
+            client.set_model_version_tag(ATTRIBUTES_MODEL, version, TAG_EXTRACTOR_VERSION, "99")
+            local, files = _copy(tmp_path / "other")
+            (line,) = sr.prepare_copy(local, files, reranker_alias=None, client=client)
+            assert "not used" in line and "extractor v99" in line
+            assert (
+                "predicted_category"
+                not in mlflow.pyfunc.load_model(str(local))
+                .predict(pd.DataFrame({"image": images[:1]}), {"k": 2})
+                .columns
+            )
+        finally:  # the search env is shared by the session's other tests
+            with contextlib.suppress(mlflow.exceptions.MlflowException):
+                client.delete_registered_model(ATTRIBUTES_MODEL)

@@ -4,7 +4,10 @@ Sessions are rows of shown results (:func:`imgsearch.search.click_sim.simulate`,
 joined with votes by :func:`registry.impressions.labelled` plus index metadata): ``query_id``,
 ``rank``, ``result_image_id`` (as ``image_id`` for the features), ``similarity``,
 ``popularity``, ``category``, optionally ``query_category``, ``vote``, and ``grade`` (the true
-relevance, known only in simulation; otherwise the up votes are the relevance).
+relevance, known only in simulation; otherwise the up votes are the relevance). With an
+``attribute_agreement`` column (:func:`imgsearch.search.reranker.attribute_agreement` of each
+query's predicted attributes) a candidate configured with ``attributes=True`` uses it too; one
+asking for it without the column is refused.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import numpy as np
 import pandas as pd
 
 from imgsearch import schema
+from imgsearch.errors import ConfigError
 from imgsearch.search.relevance_feedback import rocchio
 from imgsearch.search.reranker import (
+    ATTRIBUTE_AGREEMENT,
+    FEATURES,
     LearnedReranker,
     RerankerConfig,
     features,
@@ -49,14 +55,16 @@ class Arrays:
 
 
 def arrays(sessions: pd.DataFrame, rates: pd.DataFrame | None) -> Arrays:
-    """Per query (in first-stage order) the features of its shown results."""
+    """Per query (in first-stage order) the features of its shown results (with
+    ``attribute_agreement`` last when the sessions have that column)."""
+    with_attributes = ATTRIBUTE_AGREEMENT in sessions.columns
     xs, ys, qs, ps, rel = [], [], [], [], []
     for qid, rows in sessions.groupby("query_id", sort=False):
         rows = rows.sort_values("rank", kind="stable")
         cands = rows.rename(columns={"result_image_id": schema.IMAGE_ID})
         qcat = rows["query_category"].iloc[0] if "query_category" in rows.columns else None
         qcat = None if qcat is None or pd.isna(qcat) else qcat
-        xs.append(features(cands, rates, qcat))
+        xs.append(features(cands, rates, qcat, attributes=with_attributes))
         votes = rows["vote"].to_numpy(dtype=np.int64)
         ys.append((votes > 0).astype(np.int64))
         qs.append(np.full(len(rows), str(qid), dtype=object))
@@ -68,14 +76,26 @@ def arrays(sessions: pd.DataFrame, rates: pd.DataFrame | None) -> Arrays:
     return Arrays(np.vstack(xs), np.concatenate(ys), np.concatenate(qs), np.concatenate(ps), rel)
 
 
+def _columns(config: RerankerConfig, data: Arrays) -> np.ndarray:
+    """The feature columns a model of ``config`` reads."""
+    if config.attributes:
+        if data.x.shape[1] == len(FEATURES):
+            raise ConfigError(
+                f"a reranker with attributes=True needs sessions with {ATTRIBUTE_AGREEMENT}"
+            )
+        return data.x
+    return data.x[:, : len(FEATURES)]
+
+
 def _orders(model: LearnedReranker | None, data: Arrays) -> list[np.ndarray]:
     out, start = [], 0
+    x = _columns(model.cfg, data) if model is not None else data.x
     for rel in data.relevance:
         n = len(rel)
         if model is None:
             out.append(np.arange(n))
         else:
-            out.append(model.order(data.x[start : start + n]))
+            out.append(model.order(x[start : start + n]))
         start += n
     return out
 
@@ -103,7 +123,8 @@ def ideal_orders(data: Arrays) -> list[np.ndarray]:
 
 
 def fit(config: RerankerConfig, train: Arrays) -> LearnedReranker:
-    return LearnedReranker(config).fit(train.x, train.labels, train.query_ids, train.positions)
+    x = _columns(config, train)
+    return LearnedReranker(config).fit(x, train.labels, train.query_ids, train.positions)
 
 
 def compare(

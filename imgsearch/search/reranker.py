@@ -10,7 +10,13 @@ examples). Per candidate of a query, the features (:data:`FEATURES`) are:
   ``(votes + m * prior) / (shown + m)`` (a Beta prior, ``m`` = :data:`PRIOR_STRENGTH`, prior =
   the global rate), so a rarely shown image sits near the global rate rather than at 0 or 1;
 * ``category_match``: 1 when the candidate's category is the query's (the query image's own
-  category when known, else the first-stage top hit's), else 0.
+  category when known, else the first-stage top hit's), else 0;
+* ``attribute_agreement`` (only in a reranker configured with ``attributes=True``): how much the
+  query's *predicted* attributes (``imgsearch-attributes``: label -> probability per attribute)
+  agree with the candidate's *catalog* attributes, :func:`attribute_agreement`. Where no
+  attributes model exists the feature is absent (the six above are the whole vector), never
+  filled with a constant; a reranker trained with it refuses candidates that lack it
+  (:class:`~imgsearch.errors.ConfigError`) instead of ranking on a made-up value.
 
 Two models, one interface (:class:`LearnedReranker`):
 
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,9 @@ from imgsearch.evaluate.metrics import per_query_metrics
 log = logging.getLogger(__name__)
 
 FEATURES = ("similarity", "first_rank", "popularity", "up_rate", "down_rate", "category_match")
+ATTRIBUTE_AGREEMENT = "attribute_agreement"
+#: the features of a reranker with ``attributes=True``
+ATTRIBUTE_FEATURES = (*FEATURES, ATTRIBUTE_AGREEMENT)
 PRIOR_STRENGTH = 10.0
 KINDS = ("lambdarank", "logistic")
 MODEL_FILE = "reranker.txt"
@@ -82,14 +91,46 @@ def vote_rates(labelled: pd.DataFrame, strength: float = PRIOR_STRENGTH) -> pd.D
     return out
 
 
-def features(
-    candidates: pd.DataFrame, rates: pd.DataFrame | None = None, query_category: Any = None
+def attribute_agreement(
+    candidates: pd.DataFrame, predicted: Mapping[str, Mapping[str, float]]
 ) -> np.ndarray:
-    """(C, len(FEATURES)) float64 features of one query's candidates.
+    """(C,) agreement of each candidate's catalog attributes with the query's predicted ones.
+
+    predicted: attribute -> {label: probability} for the query (the top labels the attributes
+    model gives; a label it did not list counts 0). Per candidate: the mean, over the predicted
+    attributes the candidates have a column for, of the probability the query's prediction gives
+    the candidate's own label (a missing catalog value counts 0). No such attribute: zeros.
+    """
+    names = [a for a in predicted if a in candidates.columns]
+    if not names:
+        return np.zeros(len(candidates))
+    total = np.zeros(len(candidates))
+    for name in names:
+        probs = {str(k): float(v) for k, v in predicted[name].items()}
+        labels = candidates[name].astype("string")
+        total += labels.map(probs).astype("Float64").fillna(0.0).to_numpy(dtype=np.float64)
+    return total / len(names)
+
+
+def features(
+    candidates: pd.DataFrame,
+    rates: pd.DataFrame | None = None,
+    query_category: Any = None,
+    attributes: bool = False,
+) -> np.ndarray:
+    """(C, len(FEATURES)) float64 features of one query's candidates; with ``attributes``
+    (C, len(ATTRIBUTE_FEATURES)), the last one read from the ``attribute_agreement`` column.
 
     candidates: first-stage rows in first-stage order with ``image_id``, ``similarity`` and
     optionally ``rank``, ``popularity``, ``category`` (missing: rank = row order, 0, no match).
+    Raises :class:`ConfigError` when ``attributes`` is asked for and the column is missing.
     """
+    if attributes and ATTRIBUTE_AGREEMENT not in candidates.columns:
+        raise ConfigError(
+            f"this reranker was trained with {ATTRIBUTE_AGREEMENT} (the query's predicted "
+            "attributes vs the candidates'): without an attributes model's predictions for the "
+            "query it refuses to rank"
+        )
     n = len(candidates)
     ids = candidates[schema.IMAGE_ID].astype(str)
     first_rank = (
@@ -114,17 +155,23 @@ def features(
         wanted = query_category if query_category is not None else cats.iloc[0]
         match = (cats == str(wanted)).fillna(False).to_numpy(dtype=np.float64)
     sim = pd.to_numeric(candidates["similarity"], errors="coerce").to_numpy(dtype=np.float64)
-    return np.column_stack([sim, first_rank, pop, up, down, match])
+    columns = [sim, first_rank, pop, up, down, match]
+    if attributes:
+        agree = pd.to_numeric(candidates[ATTRIBUTE_AGREEMENT], errors="coerce")
+        columns.append(agree.fillna(0.0).to_numpy(dtype=np.float64))
+    return np.column_stack(columns)
 
 
 # --- models ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RerankerConfig:
     """kind: ``lambdarank`` or ``logistic``; debias: LightGBM position-bias modelling (lambdarank
-    only); the LightGBM knobs are small on purpose (a few features, a few thousand rows)."""
+    only); attributes: use ``attribute_agreement`` too (module docstring); the LightGBM knobs are
+    small on purpose (a few features, a few thousand rows)."""
 
     kind: str = "lambdarank"
     debias: bool = True
+    attributes: bool = False
     num_trees: int = 150
     learning_rate: float = 0.05
     num_leaves: int = 15
@@ -164,6 +211,10 @@ class LearnedReranker:
         #: the ``up_rate`` / ``down_rate`` features from the same table as training did
         self.rates_: pd.DataFrame | None = None
 
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return ATTRIBUTE_FEATURES if self.cfg.attributes else FEATURES
+
     def fit(
         self,
         x: np.ndarray,
@@ -175,8 +226,9 @@ class LearnedReranker:
         of a query contiguous; positions: (N,) 1-based ranks the rows were shown at (debias)."""
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(labels, dtype=np.int64)
-        if x.ndim != 2 or x.shape[1] != len(FEATURES) or len(y) != len(x):
-            raise ValueError(f"x must be (N, {len(FEATURES)}) with N labels, got {x.shape}")
+        width = len(self.feature_names)
+        if x.ndim != 2 or x.shape[1] != width or len(y) != len(x):
+            raise ValueError(f"x must be (N, {width}) with N labels, got {x.shape}")
         if self.cfg.kind == "logistic":
             return self._fit_logistic(x, (y > 0).astype(np.int64))
         return self._fit_lambdarank(x, y, _group_sizes(query_ids), positions)
@@ -236,7 +288,7 @@ class LearnedReranker:
     def save(self, directory: Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        spec: dict[str, Any] = {"config": asdict(self.cfg), "features": list(FEATURES)}
+        spec: dict[str, Any] = {"config": asdict(self.cfg), "features": list(self.feature_names)}
         if self.cfg.kind == "logistic":
             if self.coef_ is None or self.mean_ is None or self.scale_ is None:
                 raise ValueError("reranker is not fitted")
@@ -262,9 +314,11 @@ class LearnedReranker:
     def load(cls, directory: Path) -> LearnedReranker:
         directory = Path(directory)
         spec = json.loads((directory / SPEC_FILE).read_text())
-        if tuple(spec.get("features", ())) != FEATURES:
-            raise ConfigError(f"reranker features {spec.get('features')} differ from {FEATURES}")
         model = cls(RerankerConfig(**spec["config"]))
+        if tuple(spec.get("features", ())) != model.feature_names:
+            raise ConfigError(
+                f"reranker features {spec.get('features')} differ from {model.feature_names}"
+            )
         if model.cfg.kind == "logistic":
             model.coef_ = np.asarray(spec["coef"], dtype=np.float64)
             model.intercept_ = float(spec["intercept"])
@@ -282,7 +336,8 @@ class LearnedReranker:
 
     def rerank(self, hits: pd.DataFrame, query_column: str = "query") -> pd.DataFrame:
         """First-stage hits (``image_id``, ``similarity``, ``rank``, optionally ``popularity``,
-        ``category``; several queries told apart by ``query_column``) reordered per query by
+        ``category``, and ``attribute_agreement``, which a reranker trained with it requires;
+        several queries told apart by ``query_column``) reordered per query by
         this model: ``rank`` renumbered, the old one kept as ``first_rank``, the model's score
         as ``rerank_score``."""
         if hits.empty:
@@ -291,7 +346,7 @@ class LearnedReranker:
         parts = []
         for _, group in hits.groupby(keys, sort=False):
             group = group.sort_values("rank", kind="stable") if "rank" in group else group
-            scores = self.score(features(group, self.rates_))
+            scores = self.score(features(group, self.rates_, attributes=self.cfg.attributes))
             order = np.argsort(-scores, kind="stable")
             out = group.iloc[order].copy()
             out[FIRST_RANK] = group["rank"].to_numpy()[order] if "rank" in group else order + 1
