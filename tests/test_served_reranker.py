@@ -141,6 +141,9 @@ def test_serve_refuses_a_reranker_of_another_index_or_old_code(
         local, files = _copy(tmp_path / "attrs")
         (line,) = sr.prepare_copy(local, files, attributes_alias=None, client=client)
         assert "attribute_agreement" in line
+        from registry.search import SearchConfig, load_served
+
+        assert load_served(SearchConfig(), client).reranker is None  # the page refuses it too
 
 
 def test_imgsearch_serve_answers_reranked_over_http(env: SearchEnv, tmp_path: Path) -> None:
