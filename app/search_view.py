@@ -10,7 +10,9 @@ grid (thumbnail, item name, the display attributes of ``search.caption_columns``
 category, score, similarity, and popularity only where the catalog has it; see :mod:`app.captions`)
 with thumbs up / down per result, stored by :mod:`registry.feedback`; every result list shown is
 stored as an impression (:mod:`registry.impressions`), and "Refine" searches again with this
-session's votes on the query (Rocchio relevance feedback; the thumbs-down results drop out). A file
+session's votes on the query (Rocchio relevance feedback; the thumbs-down results drop out). With
+``search.ab.enabled`` the grid is the online A/B's team-draft interleaved list (seeded by session
+and query, so a re-run shows the same list), stored with each result's team. A file
 that cannot be used (not an image, a decompression bomb, too large, empty...) gets a clear message
 and the page keeps working.
 
