@@ -10,7 +10,9 @@ grid (thumbnail, item name, the display attributes of ``search.caption_columns``
 category, score, similarity, and popularity only where the catalog has it; see :mod:`app.captions`)
 with thumbs up / down per result, stored by :mod:`registry.feedback`; every result list shown is
 stored as an impression (:mod:`registry.impressions`), and "Refine" searches again with this
-session's votes on the query (Rocchio relevance feedback; the thumbs-down results drop out). A file
+session's votes on the query (Rocchio relevance feedback; the thumbs-down results drop out). With
+``search.ab.enabled`` the grid is the online A/B's team-draft interleaved list (seeded by session
+and query, so a re-run shows the same list), stored with each result's team. A file
 that cannot be used (not an image, a decompression bomb, too large, empty...) gets a clear message
 and the page keeps working.
 
@@ -38,6 +40,7 @@ from app.session_feedback import (
 )
 from imgsearch import schema
 from imgsearch.errors import ImageRejected, ImgsearchError
+from imgsearch.search.interleave import ABConfig
 from registry.feedback import (
     DOWN,
     UP,
@@ -72,10 +75,18 @@ def served_model(
     extractor_name: str,
     allow_paths: bool,
     tracking_uri: str,
+    use_reranker: bool = True,
+    ab_challenger: str | None = None,
 ) -> Served:
-    """One loaded version per process; a promotion (the alias moves) loads the new one."""
+    """One loaded version per process; a promotion (the alias moves) loads the new one.
+    ``ab_challenger``: the A/B's challenger alias when the A/B is on (None: off)."""
     cfg = SearchConfig(
-        index_name=index_name, alias=alias, extractor_name=extractor_name, allow_paths=allow_paths
+        index_name=index_name,
+        alias=alias,
+        extractor_name=extractor_name,
+        allow_paths=allow_paths,
+        use_reranker=use_reranker,
+        ab=ABConfig(enabled=ab_challenger is not None, challenger=ab_challenger or "challenger"),
     )
     return load_served(cfg, version=version)
 
@@ -262,7 +273,14 @@ def main() -> None:
         uri = _tracking_uri()
         version = champion_version(cfg)
         served = served_model(
-            cfg.index_name, version, cfg.alias, cfg.extractor_name, cfg.allow_paths, uri
+            cfg.index_name,
+            version,
+            cfg.alias,
+            cfg.extractor_name,
+            cfg.allow_paths,
+            uri,
+            cfg.use_reranker,
+            cfg.ab.challenger if cfg.ab.enabled else None,
         )
     except (MlflowException, ImgsearchError, OSError) as exc:
         st.error(
@@ -297,11 +315,17 @@ def main() -> None:
     qsha = query_sha256(data)
     params = {**params, **feedback_params(qsha)}
     try:
-        hits = search(served, [data], params)
+        hits = search(served, [data], params, ab_key=_ab_key(qsha))
     except MlflowException as exc:
         right.error(f"Search failed: {exc.message}")
         return
     _answer(right, hits, served, catalog, store, cfg, qsha, params, query_image_id=query_image_id)
+
+
+def _ab_key(qsha: str) -> str:
+    """The A/B's coin for this session's query: a page re-run (every click) shows the same
+    interleaved list, another session gets its own draw."""
+    return f"{st.session_state['session']}:{qsha}"
 
 
 def _predicted_attributes(where: Any, served: Served, data: bytes) -> None:
@@ -332,7 +356,7 @@ def _text_search(
     qsha = text_query_sha256(words)
     params = {**params, **feedback_params(qsha)}
     try:
-        hits = search_text(served, [words], None, params)
+        hits = search_text(served, [words], None, params, ab_key=_ab_key(qsha))
     except MlflowException as exc:
         st.error(f"Search refused: {exc.message}")
         return

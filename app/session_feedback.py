@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from imgsearch.search.interleave import TEAM
 from registry.feedback import DOWN, UP, FeedbackStore
 from registry.impressions import Impression, ImpressionStore, Versions
 from registry.params import DISLIKED, LIKED
@@ -59,7 +60,8 @@ def record_impression(
     store: FeedbackStore,
 ) -> str:
     """The id of the result list shown; stored once per distinct list (Streamlit re-runs the
-    page on every click: a re-run showing the same list is the same impression)."""
+    page on every click: a re-run showing the same list is the same impression). An A/B list
+    (``served.ab``) is stored with each result's team and the two arms."""
     shown = tuple(hits["image_id"].astype(str)) if "image_id" in hits.columns else ()
     key = repr((qsha, shown, sorted(params.items())))
     seen: dict[str, str] = st.session_state.setdefault("impressions", {})
@@ -75,6 +77,11 @@ def record_impression(
             session=st.session_state["session"],
             query_image_id=query_image_id,
             query_text=query_text,
+            ab_arms=(
+                (served.ab.label_a, served.ab.label_b)
+                if served.ab is not None and TEAM in hits.columns
+                else None
+            ),
         )
         seen[key] = impression_store(store.url).record(impression)
     return seen[key]

@@ -41,6 +41,9 @@
    ``drift_detected``, ``drift_effect``, ``knn_novel_share``, ``knn_distance_ratio``, ``before.*`` / ``after.*``, and
    ``summary.json`` + ``summary.md``; then, and only then, the watermark advances (saved
    atomically under ``$IMGSEARCH_HOME/watermarks``; a copy is logged as ``watermark.json``).
+   Before the summary, the online A/B's report (:mod:`monitoring.ab_job`: ``ab_report.json``,
+   ``ab_*`` metrics, tag ``ab.verdict``) when A/B impressions exist; after the watermark, the
+   reranker's retraining (:mod:`monitoring.reranker_job`). Neither ever fails the job.
 
 A job killed at any point leaves the champion aliases (what is served) and the watermark as they
 were: the only writes that matter are the gate's alias moves (all-or-nothing) and the watermark
@@ -73,7 +76,7 @@ from mlflow.exceptions import MlflowException
 from imgsearch.config import from_dict, load_config
 from imgsearch.data.watermark import decide
 from imgsearch.errors import ImgsearchError
-from monitoring import reranker_job
+from monitoring import ab_job, reranker_job
 from monitoring.daemon import EXIT_LOCKED, IMPROVE_STAGE
 from monitoring.improve_job import ROLE, ImproveConfig, Job, Stopped
 from monitoring.improve_summary import JobState, record
@@ -129,6 +132,10 @@ def run(
             state.reason = f"{type(exc).__name__}: {exc}"
             record(state, failed=True)
             raise
+        if state.decision != "stopped":  # the online A/B's report (never fails the job)
+            ab = ab_job.report(profile, user)
+            if ab.startswith("failed"):
+                state.reason += f"; A/B report {ab}"
         record(state)
         if commit is not None:
             commit()  # the watermark moves only now: the decision is logged

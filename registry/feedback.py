@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -116,6 +117,21 @@ class Vote:
             raise ValueError(f"rank is 1-based, got {self.rank!r}")
 
 
+def add_missing_columns(engine: Engine, table: sa.Table, names: Sequence[str]) -> None:
+    """A table made by an older release gains the new nullable columns ``names`` (old rows:
+    NULL), so an existing SQLite or PostgreSQL store keeps working after an upgrade."""
+    have = {c["name"] for c in sa.inspect(engine).get_columns(table.name)}
+    for name in names:
+        if name not in have:
+            column = table.c[name]
+            ddl = sa.schema.DDL(
+                f"ALTER TABLE {table.name} ADD COLUMN {name} "
+                f"{column.type.compile(dialect=engine.dialect)}"
+            )  # constant names from the table definitions, never user input
+            with engine.begin() as conn:
+                conn.execute(ddl)
+
+
 class FeedbackStore:
     """The feedback table behind one SQLAlchemy URL; the table is created when missing."""
 
@@ -135,20 +151,7 @@ class FeedbackStore:
             engine = sa.create_engine(parsed)
         self.engine = engine
         metadata.create_all(self.engine, checkfirst=True)
-        self._add_missing_columns()
-
-    def _add_missing_columns(self) -> None:
-        """A table made by an older release gains the new nullable columns (old rows: NULL)."""
-        have = {c["name"] for c in sa.inspect(self.engine).get_columns(feedback_table.name)}
-        for name in _ADDED_COLUMNS:
-            if name not in have:
-                column = feedback_table.c[name]
-                ddl = sa.schema.DDL(
-                    f"ALTER TABLE {feedback_table.name} ADD COLUMN {name} "
-                    f"{column.type.compile(dialect=self.engine.dialect)}"
-                )  # constant names from this module, never user input
-                with self.engine.begin() as conn:
-                    conn.execute(ddl)
+        add_missing_columns(self.engine, feedback_table, _ADDED_COLUMNS)
 
     def record(self, vote: Vote, *, now: datetime | None = None) -> int:
         """Store one vote; returns its row id. Bound parameters only (never formatted SQL)."""

@@ -4,7 +4,8 @@ One row per result shown::
 
     impressions(id, created_at, query_id, session, source, query_sha256, query_image_id,
                 query_text, query_lang, rank, result_image_id, result_item_id, score,
-                similarity, index_version, extractor_version, text_version, reranker_version)
+                similarity, index_version, extractor_version, text_version, reranker_version,
+                ab_team, ab_arm_a, ab_arm_b)
 
 ``query_id`` (a random hex id) groups the rows of one answered query; a vote carries the same
 ``query_id`` (:mod:`registry.feedback`), so votes join the list they were cast on, and the rows
@@ -18,6 +19,12 @@ SQLAlchemy URL). The served model writes impressions only when its logging hook 
 (:func:`hook_url`): the load-time ``model_config`` key ``impressions_url`` or the environment
 variable ``IMGSEARCH_IMPRESSIONS_URL``; without either, a plain ``mlflow models serve`` writes
 nothing, and a store that fails never fails a request (a warning is logged).
+
+Online A/B (:mod:`imgsearch.search.interleave`): a team-draft interleaved list stores each shown
+result's team (``ab_team``: ``A`` / ``B``) and which ranking each arm was (``ab_arm_a`` /
+``ab_arm_b``, e.g. ``imgsearch-reranker v3`` / ``first_stage``); the three are NULL for a list
+shown without an A/B. A table made by an older release gains them when the store is opened
+(:func:`registry.feedback.add_missing_columns`).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from registry.feedback import FeedbackStore
+from imgsearch.search.interleave import ARM_A, ARM_B, TEAM
+from registry.feedback import FeedbackStore, add_missing_columns
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +72,13 @@ impressions_table = sa.Table(
     sa.Column("extractor_version", sa.String(64), nullable=True),
     sa.Column("text_version", sa.String(64), nullable=True),
     sa.Column("reranker_version", sa.String(64), nullable=True),
+    # the online A/B (imgsearch.search.interleave); NULL when the list was not interleaved
+    sa.Column(TEAM, sa.String(1), nullable=True),
+    sa.Column(ARM_A, sa.String(128), nullable=True),
+    sa.Column(ARM_B, sa.String(128), nullable=True),
 )
+#: columns added after the first release: added to an existing table when missing
+_ADDED_COLUMNS = (TEAM, ARM_A, ARM_B)
 COLUMNS = tuple(c.name for c in impressions_table.columns)
 
 
@@ -102,6 +116,7 @@ class Impression:
     query_image_id: str | None = None
     query_text: str | None = None
     query_lang: str | None = None
+    ab_arms: tuple[str, str] | None = None  # (arm A, arm B) of an interleaved list
 
     def __post_init__(self) -> None:
         if len(self.query_sha256) != 64:
@@ -109,6 +124,8 @@ class Impression:
         missing = {"rank", "image_id"} - set(self.results.columns)
         if missing:
             raise ValueError(f"results need columns {sorted(missing)}")
+        if self.ab_arms is not None and TEAM not in self.results.columns:
+            raise ValueError(f"an A/B impression needs the team of each result ({TEAM!r})")
 
 
 def _value(row: Mapping[str, Any], name: str, kind: type) -> Any:
@@ -125,11 +142,13 @@ class ImpressionStore:
         feedback = FeedbackStore(url, engine=engine)  # same URL rules; the votes table too
         self.url, self.engine = feedback.url, feedback.engine
         metadata.create_all(self.engine, checkfirst=True)
+        add_missing_columns(self.engine, impressions_table, _ADDED_COLUMNS)
 
     def record(self, impression: Impression, *, now: datetime | None = None) -> str:
         """Store every shown result of ``impression`` in one transaction; returns its query id."""
         when = now or datetime.now(timezone.utc)
         v = impression.versions
+        arm_a, arm_b = impression.ab_arms or (None, None)
         rows = []
         for r in impression.results.to_dict("records"):
             rows.append(
@@ -151,6 +170,9 @@ class ImpressionStore:
                     "extractor_version": v.extractor,
                     "text_version": v.text,
                     "reranker_version": v.reranker,
+                    TEAM: _value(r, TEAM, str) if impression.ab_arms else None,
+                    ARM_A: arm_a,
+                    ARM_B: arm_b,
                 }
             )
         if rows:
@@ -159,10 +181,13 @@ class ImpressionStore:
         return impression.query_id
 
     def impressions(
-        self, *, query_id: str | None = None, session: str | None = None
+        self, *, query_id: str | None = None, session: str | None = None, ab_only: bool = False
     ) -> pd.DataFrame:
-        """Shown results (optionally of one query or one session), in insertion order."""
+        """Shown results (optionally of one query or one session, or only those of A/B lists),
+        in insertion order."""
         stmt = sa.select(impressions_table).order_by(impressions_table.c.id)
+        if ab_only:
+            stmt = stmt.where(impressions_table.c[TEAM].is_not(None))
         if query_id is not None:
             stmt = stmt.where(impressions_table.c.query_id == query_id)
         if session is not None:

@@ -11,6 +11,10 @@ reported on stderr with its reason (``ImageRejected``: ``not_an_image``, ``decom
 ``file_too_large``, ``empty_file``...) and the others are still answered; the exit code is 0 when
 every query was answered, 1 when some were rejected, 2 when none could be.
 
+With ``search.ab.enabled`` both show the online A/B's team-draft interleaved list
+(:func:`ab_arms`, :func:`imgsearch.search.interleave.interleave_hits`): each result row carries its
+team in ``ab_team``.
+
 The Streamlit page (``app/search_page.py``) uses the same functions: :func:`load_served`
 resolves the alias to a version (so the versions shown are the ones that answer) and loads that
 version with ``model_config={"allow_paths": ...}``; :func:`read_query` checks a query's bytes
@@ -40,6 +44,7 @@ from imgsearch import schema
 from imgsearch.config import from_dict, load_config
 from imgsearch.data.imageio import open_rgb, read_bytes
 from imgsearch.errors import ConfigError, ImageRejected, ImgsearchError
+from imgsearch.search.interleave import TEAM, ABConfig, interleave_hits, rng_for
 from registry import models, reranker_model
 from registry.integrity import load_verified
 from registry.register import CHAMPION, EXTRACTOR_MODEL, INDEX_MODEL, TAG_EXTRACTOR_VERSION
@@ -72,6 +77,7 @@ class SearchConfig:
     caption_columns: catalog columns shown under each result on the page (those present).
     show_attributes: predict the query image's attributes with ``imgsearch-attributes@<alias>``
       when it was trained on the served extractor version (:mod:`registry.served_attributes`).
+    ab: the online A/B (:class:`ABConfig`; arms chosen by :func:`ab_arms`).
     """
 
     index_name: str = INDEX_MODEL
@@ -86,8 +92,11 @@ class SearchConfig:
     use_reranker: bool = True
     caption_columns: tuple[str, ...] = ("vendor", "category", "subcategory")
     show_attributes: bool = True
+    ab: ABConfig = field(default_factory=ABConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.ab, Mapping):  # the ``ab:`` section of configs/search.yaml
+            self.ab = from_dict(ABConfig, self.ab)
         if not 1 <= int(self.k) <= models.MAX_K:
             raise ValueError(f"k must be in [1, {models.MAX_K}], got {self.k}")
         if self.max_upload_mb <= 0:
@@ -119,15 +128,17 @@ class Served:
     reranker: Any = None  # a loaded imgsearch-reranker pyfunc for this index version, or None
     reranker_version: str | None = None
     attributes: ServedAttributes = field(default_factory=ServedAttributes)
+    ab: ABArms | None = None  # the online A/B when it is on (arm A is the ranking above)
 
     @property
     def label(self) -> str:
         ext = self.extractor_version or "?"
         rr = f", {reranker_model.RERANKER_MODEL} v{self.reranker_version}" if self.reranker else ""
         attrs = f", {self.attributes.label}" if self.attributes.model is not None else ""
+        ab = f"; A/B: {self.ab.label_a} vs {self.ab.label_b}" if self.ab else ""
         return (
             f"{self.index_name} v{self.index_version} (@{self.alias}), {self.extractor_name} v{ext}"
-            f"{rr}{attrs}"
+            f"{rr}{attrs}{ab}"
         )
 
     def catalog(self) -> pd.DataFrame:
@@ -161,6 +172,7 @@ def load_served(
     reranker, reranker_version = (
         _reranker(str(mv.version), cfg.alias, client) if cfg.use_reranker else (None, None)
     )
+    ab = ab_arms(cfg.ab, str(mv.version), reranker_version, client)
     extractor_version = (mv.tags or {}).get(TAG_EXTRACTOR_VERSION)
     attributes = (
         load_attributes(cfg.alias, extractor_version, client)
@@ -178,6 +190,7 @@ def load_served(
         reranker=reranker,
         reranker_version=reranker_version,
         attributes=attributes,
+        ab=ab,
     )
 
 
@@ -196,7 +209,7 @@ def _reranker(index_version: str, alias: str, client: MlflowClient) -> tuple[Any
                 "not compute yet"
             )
     except MlflowException:
-        log.info("no %s@%s: first-stage ranking only", name, alias)
+        log.info("no %s@%s for index v%s", name, alias, index_version)
         return None, None
     except ImgsearchError as exc:  # RerankerMismatchError, ArtifactIntegrityError, ConfigError
         log.warning("%s@%s not used: %s", name, alias, exc)
@@ -205,15 +218,67 @@ def _reranker(index_version: str, alias: str, client: MlflowClient) -> tuple[Any
     return model, str(mv.version)
 
 
-def _ranked(served: Served, frame: pd.DataFrame, params: Mapping[str, Any] | None) -> pd.DataFrame:
+FIRST_STAGE = "first_stage"  # an arm that is the index model's own ranking
+
+
+@dataclass
+class ABArms:
+    """The online A/B: arm A is what is served without it (the champion reranker, or the first
+    stage), arm B the challenger's ranking (``reranker`` None: the first stage)."""
+
+    label_a: str
+    label_b: str
+    reranker_b: Any = None
+
+
+def _arm_label(version: str | None) -> str:
+    return f"{reranker_model.RERANKER_MODEL} v{version}" if version else FIRST_STAGE
+
+
+def ab_arms(
+    cfg: ABConfig, index_version: str, served_reranker: str | None, client: MlflowClient
+) -> ABArms | None:
+    """Arm B for the served index version, or None (no A/B) when ``cfg`` is off or there is
+    nothing to compare: ``imgsearch-reranker@<cfg.challenger>`` when one is usable for this
+    index version and is not arm A's version; else the first stage when arm A is a reranker;
+    else (A is the first stage and no challenger) nothing."""
+    if not cfg.enabled:
+        return None
+    model, version = _reranker(index_version, cfg.challenger, client)
+    if model is not None and version != served_reranker:
+        arms = ABArms(_arm_label(served_reranker), _arm_label(version), model)
+    elif served_reranker is not None:
+        arms = ABArms(_arm_label(served_reranker), FIRST_STAGE)
+    else:
+        log.info("A/B on, but no challenger reranker for index v%s: no A/B", index_version)
+        return None
+    log.info("A/B: %s (A) vs %s (B), team-draft interleaved", arms.label_a, arms.label_b)
+    return arms
+
+
+def _ranked(
+    served: Served,
+    frame: pd.DataFrame,
+    params: Mapping[str, Any] | None,
+    ab_key: str | None = None,
+) -> pd.DataFrame:
     """The model's answer, reranked when ``served`` has a reranker: the first stage is asked for
-    at least :data:`RERANK_DEPTH` candidates, the reranker orders them, the top k are kept."""
+    at least :data:`RERANK_DEPTH` candidates, the reranker orders them, the top k are kept. With
+    the A/B on, arm A's and arm B's orders of the same candidates are team-draft interleaved
+    (the coin seeded by ``ab_key``: the same key shows the same list)."""
     clean = {k: v for k, v in dict(params or {}).items() if v is not None}
-    if served.reranker is None:
+    if served.reranker is None and served.ab is None:
         return served.model.predict(frame, params=clean)
     k = int(clean.get("k", served.param_defaults.get("k", models.DEFAULT_K)))
-    hits = served.model.predict(frame, params={**clean, "k": max(k, RERANK_DEPTH)})
-    return reranker_model.rerank_hits(served.reranker, hits, k)
+    depth = max(k, RERANK_DEPTH)
+    hits = served.model.predict(frame, params={**clean, "k": depth})
+    if served.ab is None:
+        return reranker_model.rerank_hits(served.reranker, hits, k)
+    arm_a = served.reranker
+    ordered_a = hits if arm_a is None else reranker_model.rerank_hits(arm_a, hits, depth)
+    arm_b = served.ab.reranker_b
+    ordered_b = hits if arm_b is None else reranker_model.rerank_hits(arm_b, hits, depth)
+    return interleave_hits(ordered_a, ordered_b, k, rng_for(ab_key))
 
 
 def read_query(source: bytes | str | Path, max_bytes: int = models.MAX_IMAGE_BYTES) -> bytes:
@@ -238,11 +303,16 @@ def preview(data: bytes) -> Image.Image:
 
 
 def search(
-    served: Served, queries: Sequence[bytes], params: Mapping[str, Any] | None = None
+    served: Served,
+    queries: Sequence[bytes],
+    params: Mapping[str, Any] | None = None,
+    *,
+    ab_key: str | None = None,
 ) -> pd.DataFrame:
-    """Ranked results for checked query bytes (one output row per (query, rank))."""
+    """Ranked results for checked query bytes (one output row per (query, rank)); ``ab_key``
+    seeds the A/B's interleaving when it is on."""
     frame = pd.DataFrame({models.IMAGE_COLUMN: [base64.b64encode(q).decode() for q in queries]})
-    return _ranked(served, frame, params)
+    return _ranked(served, frame, params, ab_key)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -257,6 +327,7 @@ _OUTPUT_COLUMNS = (
     "similarity",
     schema.ITEM_NAME,
     schema.CATEGORY,
+    TEAM,
     "error",
 )
 
@@ -311,12 +382,14 @@ def search_text(
     lang: str | None = None,
     params: Mapping[str, Any] | None = None,
     image: bytes | None = None,
+    *,
+    ab_key: str | None = None,
 ) -> pd.DataFrame:
     """Ranked results for text queries (one per text; ``image`` given: each mixed with it)."""
     frame = pd.DataFrame({"text": list(texts), "lang": [lang] * len(texts)})
     if image is not None:
         frame["image"] = base64.b64encode(image).decode()
-    return _ranked(served, frame, params)
+    return _ranked(served, frame, params, ab_key)
 
 
 def _render(df: pd.DataFrame, fmt: str) -> str:
