@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--features-cache", help=".npz of pooled + gram (written when missing)")
     parser.add_argument("--mlp", action="store_true", help="also the MLP head (slow)")
     parser.add_argument("--attributes", nargs="+", default=["category", "subcategory", "vendor"])
+    parser.add_argument("--sets", nargs="+", help="only these feature sets, e.g. finetuned+pooled")
     args = parser.parse_args()
 
     rows, sets = load_features(args)
@@ -223,7 +224,9 @@ def main() -> None:
     for attr in args.attributes:
         y = rows[attr].fillna("").astype(str).to_numpy()
         for names in candidates[attr]:
-            if any(n not in sets for n in names):
+            if any(n not in sets for n in names) or (
+                args.sets and "+".join(names) not in args.sets
+            ):
                 continue
             x = head_input(sets, names)
             feat = "+".join(names)
