@@ -32,6 +32,7 @@ from imgsearch.models.attribute_heads import (
     AttributeHead,
     HeadConfig,
     UntrustedModelError,
+    _estimator,
     load_heads,
     save_heads,
 )
@@ -90,6 +91,43 @@ def test_c_is_chosen_on_val_not_train() -> None:
     )
     assert set(head.val_accuracy_) == {1e-4, 1.0}
     assert head.c_ == max(head.val_accuracy_, key=lambda c: (head.val_accuracy_[c], -c))
+
+
+def test_class_weighting_is_chosen_on_val_and_saved(tmp_path: Path) -> None:
+    manifest, x = synthetic_catalog(seed=2)
+    tr, va = (manifest["split"] == s for s in ("train", "val"))
+    cfg = HeadConfig("kind", c_grid=(0.1, 1.0), class_weights=("balanced", "none"))
+    head = AttributeHead("kind", cfg).fit(x[tr], manifest["kind"][tr], x[va], manifest["kind"][va])
+    assert head.class_weight_ in ("balanced", "none") and head.c_ in (0.1, 1.0)
+    scores = {}
+    for c in (0.1, 1.0):
+        for w in ("balanced", "none"):
+            fitted = _estimator(cfg, c, w).fit(x[tr], manifest["kind"][tr].astype(str))
+            scores[(c, w)] = (fitted.predict(x[va]) == manifest["kind"][va].to_numpy()).mean()
+    assert scores[(head.c_, head.class_weight_)] == max(scores.values())
+    assert head.val_accuracy_ == {
+        c: max(scores[(c, "balanced")], scores[(c, "none")]) for c in (0.1, 1.0)
+    }
+    loaded, _ = load_heads(save_heads({"kind": head}, tmp_path / "h", {}))
+    assert loaded["kind"].class_weight_ == head.class_weight_
+    with pytest.raises(ConfigError, match="class_weights"):
+        HeadConfig("a", class_weights=("inverse",))
+
+
+def test_knn_head_chooses_k_on_val_and_round_trips(tmp_path: Path) -> None:
+    manifest, x = synthetic_catalog(seed=4)
+    cfg = AttributesConfig(
+        attributes={"kind": {"features": ["embedding"], "model": "knn"}}, k_grid=(3, 15)
+    )
+    result = train_attributes(manifest["image_id"], {"embedding": x}, manifest, cfg)
+    m = result.metrics
+    assert m["kind_c"] in (3.0, 15.0)  # the chosen k
+    assert m["kind_acc_at_1"] > m["kind_majority_acc_at_1"] + 0.2
+    head = result.heads["kind"]
+    loaded, _ = load_heads(save_heads(result.heads, tmp_path / "h", {}))
+    np.testing.assert_allclose(loaded["kind"].predict_proba(x[:5]), head.predict_proba(x[:5]))
+    with pytest.raises(ConfigError, match="k_grid"):
+        HeadConfig("a", model="knn", k_grid=(0,))
 
 
 def naive_top_k(y: list[str], scores: np.ndarray, classes: list[str], k: int) -> float:

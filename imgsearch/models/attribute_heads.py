@@ -2,10 +2,13 @@
 
 A head (:class:`AttributeHead`, scikit-learn style: ``fit`` returns self, learned attributes end
 in ``_``) is ``StandardScaler -> LogisticRegression(class_weight="balanced")`` by default (fast,
-calibrated probabilities), or ``StandardScaler -> MLPClassifier`` (``model: mlp``). Its
-regularisation is fitted on the train split and chosen on the val split: each ``C`` of
-``c_grid`` (the MLP's L2 penalty is ``alpha = 1 / C``) is fitted on train, the one with the
-best val accuracy@1 wins (ties: the smaller, more regularised ``C``), and the head is that fit.
+calibrated probabilities), ``StandardScaler -> MLPClassifier`` (``model: mlp``), or a cosine,
+distance-weighted ``KNeighborsClassifier`` (``model: knn``). Its settings are fitted on the train
+split and chosen on the val split: each ``C`` of ``c_grid`` (the MLP's L2 penalty is
+``alpha = 1 / C``; for the linear head, each ``C`` with each ``class_weight`` of
+``class_weights``, ``balanced`` or ``none``) or each ``k`` of ``k_grid`` is fitted on train, the
+one with the best val accuracy@1 wins (ties: the first, i.e. the smaller, more regularised
+``C``, ``balanced`` before ``none``, the smaller ``k``), and the head is that fit.
 
 A head reads the feature sets its :class:`HeadConfig` names (``embedding``: the extractor's
 output; ``pooled`` / ``gram``: see :mod:`imgsearch.embed.style`), each L2-normalised and then
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -36,7 +40,8 @@ from imgsearch.errors import ConfigError, ImgsearchError
 
 log = logging.getLogger(__name__)
 
-HEAD_MODELS = ("linear", "mlp")
+HEAD_MODELS = ("linear", "mlp", "knn")
+CLASS_WEIGHTS = ("balanced", "none")
 FEATURE_KINDS = ("embedding", "pooled", "gram")
 HEADS_FILE = "heads.json"
 _TRUSTED_MODULES = ("sklearn.", "numpy.", "builtins.")
@@ -57,6 +62,8 @@ class HeadConfig:
     hidden: tuple[int, ...] = (256,)  # MLP hidden widths
     max_iter: int = 2000
     seed: int = 0
+    class_weights: tuple[str, ...] = ("balanced",)  # linear: each tried with each C, chosen on val
+    k_grid: tuple[int, ...] = (5, 10, 20, 40)  # knn: neighbours, chosen on val
 
     def __post_init__(self) -> None:
         if self.model not in HEAD_MODELS:
@@ -66,6 +73,13 @@ class HeadConfig:
             raise ConfigError(f"head features {list(self.features)}: use some of {FEATURE_KINDS}")
         if not self.c_grid or any(float(c) <= 0 for c in self.c_grid):
             raise ConfigError(f"c_grid must be positive numbers, got {list(self.c_grid)}")
+        bad = sorted(set(self.class_weights) - set(CLASS_WEIGHTS))
+        if bad or not self.class_weights:
+            raise ConfigError(
+                f"class_weights {list(self.class_weights)}: use some of {CLASS_WEIGHTS}"
+            )
+        if not self.k_grid or any(int(k) < 1 for k in self.k_grid):
+            raise ConfigError(f"k_grid must be positive integers, got {list(self.k_grid)}")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], defaults: Mapping[str, Any]) -> HeadConfig:
@@ -74,7 +88,7 @@ class HeadConfig:
         unknown = sorted(set(merged) - known)
         if unknown:
             raise ConfigError(f"attribute head: unknown keys {unknown}; known: {sorted(known)}")
-        for key in ("features", "c_grid", "hidden"):
+        for key in ("features", "c_grid", "hidden", "class_weights", "k_grid"):
             if key in merged:
                 value = merged[key]
                 merged[key] = tuple([value] if isinstance(value, str | int | float) else value)
@@ -100,10 +114,20 @@ def head_input(features: Mapping[str, np.ndarray], names: Sequence[str]) -> np.n
     return np.concatenate(parts, axis=1)
 
 
-def _estimator(cfg: HeadConfig, c: float) -> Pipeline:
+def _estimator(cfg: HeadConfig, c: float, class_weight: str = "balanced") -> Pipeline:
+    """The pipeline of one setting: ``c`` is ``C`` (linear), ``1 / alpha`` (mlp) or ``k`` (knn)."""
+    if cfg.model == "knn":  # on the L2-normalised sets as they are: scaling would change cosine
+        return make_pipeline(
+            KNeighborsClassifier(
+                n_neighbors=int(c), metric="cosine", weights="distance", algorithm="brute"
+            )
+        )
     if cfg.model == "linear":
         model: Any = LogisticRegression(
-            C=c, class_weight="balanced", max_iter=cfg.max_iter, random_state=cfg.seed
+            C=c,
+            class_weight=None if class_weight == "none" else class_weight,
+            max_iter=cfg.max_iter,
+            random_state=cfg.seed,
         )
     else:  # MLPClassifier has no class_weight: balanced by the loss would need sample weights
         model = MLPClassifier(
@@ -123,8 +147,19 @@ class AttributeHead:
     name: str
     config: HeadConfig
     pipeline_: Pipeline | None = None
-    c_: float | None = None
-    val_accuracy_: dict[float, float] = field(default_factory=dict)
+    c_: float | None = None  # C (linear, mlp) or k (knn) of the chosen setting
+    class_weight_: str | None = None  # linear: the chosen class weighting
+    val_accuracy_: dict[float, float] = field(default_factory=dict)  # per C / k: best over weights
+
+    def _settings(self, n_train: int) -> list[tuple[float, str]]:
+        cfg = self.config
+        if cfg.model == "knn":
+            ks = sorted({min(int(k), n_train) for k in cfg.k_grid})
+            return [(float(k), "none") for k in ks]
+        weights = [w for w in CLASS_WEIGHTS if w in cfg.class_weights]
+        if cfg.model != "linear":
+            weights = ["balanced"]  # recorded only: the MLP has no class_weight
+        return [(float(c), w) for c in sorted(float(c) for c in cfg.c_grid) for w in weights]
 
     def fit(
         self,
@@ -138,22 +173,29 @@ class AttributeHead:
         y_tr = np.asarray(y_train).astype(str)
         if len(np.unique(y_tr)) < 2:
             raise ConfigError(f"attribute {self.name!r}: the train split has fewer than 2 classes")
-        grid = sorted(float(c) for c in self.config.c_grid)
+        grid = self._settings(len(y_tr))
         if x_val is None or y_val is None or len(x_val) == 0:
-            self.c_ = grid[len(grid) // 2]
-            self.pipeline_ = _estimator(self.config, self.c_).fit(x_train, y_tr)
+            self.c_, self.class_weight_ = grid[len(grid) // 2]
+            self.pipeline_ = _estimator(self.config, self.c_, self.class_weight_).fit(x_train, y_tr)
             return self
         y_v = np.asarray(y_val).astype(str)
-        best: tuple[float, Pipeline] | None = None
-        for c in grid:
-            fitted = _estimator(self.config, c).fit(x_train, y_tr)
+        best: tuple[float, str, float, Pipeline] | None = None
+        for c, weight in grid:
+            fitted = _estimator(self.config, c, weight).fit(x_train, y_tr)
             score = float(accuracy_score(y_v, fitted.predict(x_val)))
-            self.val_accuracy_[c] = score
-            if best is None or score > self.val_accuracy_[best[0]]:
-                best = (c, fitted)
+            self.val_accuracy_[c] = max(score, self.val_accuracy_.get(c, -1.0))
+            if best is None or score > best[2]:
+                best = (c, weight, score, fitted)
         assert best is not None
-        self.c_, self.pipeline_ = best
-        log.info("head %s: C=%g (val acc@1 %.3f)", self.name, self.c_, self.val_accuracy_[self.c_])
+        self.c_, self.class_weight_, score, self.pipeline_ = best
+        log.info(
+            "head %s: %s=%g %s (val acc@1 %.3f)",
+            self.name,
+            "k" if self.config.model == "knn" else "C",
+            self.c_,
+            self.class_weight_,
+            score,
+        )
         return self
 
     @property
@@ -195,6 +237,7 @@ def save_heads(
         described[name] = {
             "config": asdict(head.config),
             "c": head.c_,
+            "class_weight": head.class_weight_,
             "classes": [str(c) for c in head.classes_],
         }
     doc = {"heads": described, **dict(meta)}
@@ -223,5 +266,7 @@ def load_heads(directory: Path) -> tuple[dict[str, AttributeHead], dict[str, Any
             raise UntrustedModelError(f"{path}: refuses to load types {bad}")
         pipeline = sio.load(path, trusted=untrusted)
         cfg = HeadConfig.from_mapping(desc["config"], {})
-        heads[name] = AttributeHead(name, cfg, pipeline_=pipeline, c_=desc.get("c"))
+        heads[name] = AttributeHead(
+            name, cfg, pipeline_=pipeline, c_=desc.get("c"), class_weight_=desc.get("class_weight")
+        )
     return heads, {k: v for k, v in meta.items() if k != "heads"}

@@ -28,7 +28,7 @@ from imgsearch.models.attribute_heads import AttributeHead, HeadConfig, head_inp
 
 log = logging.getLogger(__name__)
 
-_HEAD_DEFAULT_KEYS = ("model", "c_grid", "hidden", "max_iter", "seed")
+_HEAD_DEFAULT_KEYS = ("model", "c_grid", "hidden", "max_iter", "seed", "class_weights", "k_grid")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class AttributesConfig:
     hidden: tuple[int, ...] = (256,)
     max_iter: int = 2000
     seed: int = 0
+    class_weights: tuple[str, ...] = ("balanced",)
+    k_grid: tuple[int, ...] = (5, 10, 20, 40)
     gram_blocks: tuple[int, ...] = (3, 6, 10)
     knn_k: int = 10
     ks: tuple[int, ...] = (1, 3)
@@ -143,7 +145,8 @@ def train_one(
     counts = pd.Series(labels[tr]).value_counts()
     metrics.update(
         {
-            "c": float(head.c_ or 0.0),
+            "c": float(head.c_ or 0.0),  # k for a knn head
+            "class_weight_balanced": float(head.class_weight_ == "balanced"),
             "val_acc_at_1": float(head.val_accuracy_.get(head.c_ or -1.0, np.nan)),
             "n_train": float(tr.sum()),
             "n_val": float(va.sum()),
