@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
@@ -71,3 +72,60 @@ def test_probe_is_deterministic_and_filters(theme: Path) -> None:
 def test_probe_needs_two_categories(theme: Path) -> None:
     with pytest.raises(ConfigError, match="two at least"):
         probe_catalog(theme, ProbeConfig(min_per_category=3, include=("places",)))
+
+
+def test_probe_scores_rank_the_probe_by_category(theme: Path) -> None:
+    from imgsearch.embed.extract import ExtractConfig
+    from imgsearch.evaluate.probe import probe_scores
+    from imgsearch.models.backbones import create_extractor
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    probe = probe_catalog(theme, ProbeConfig(min_per_category=3))
+    extractor = create_extractor("mobilenet_v2", weights="none")
+    metrics, quarantine = probe_scores(
+        extractor, probe, ks=(1, 5), extract_cfg=ExtractConfig(num_workers=0, threads=1)
+    )
+    assert metrics["probe_n_queries"] == len(probe.manifest) == 8
+    for name in ("probe_map_at_r", "probe_precision_at_5", "probe_hit_at_1"):
+        assert 0.0 <= metrics[name] <= 1.0
+    assert metrics["probe_n_categories"] == 2 and metrics["probe_n_unreadable"] == 0
+    assert len(quarantine) == len(probe.quarantine)
+
+
+def test_evaluate_step_logs_probe_figures_beside_the_test_figures(
+    theme: Path, mlflow_store: str, tmp_path: Path
+) -> None:
+    import mlflow
+
+    from imgsearch.embed.files import save_embeddings
+    from imgsearch.models.backbones import create_extractor, save_extractor
+    from steps import evaluate as evaluate_step
+
+    rng = np.random.default_rng(0)
+    ids = [f"img{i}" for i in range(12)]
+    manifest = pd.DataFrame(
+        {"image_id": ids, "item_id": [f"it{i // 3}" for i in range(12)], "split": "test"}
+    )
+    with mlflow.start_run(run_name="split") as split_run:
+        manifest.to_parquet(tmp_path / "manifest.parquet")
+        mlflow.log_artifact(str(tmp_path / "manifest.parquet"))
+    with mlflow.start_run(run_name="extract") as extract_run:
+        emb = rng.normal(size=(12, 8)).astype(np.float32)
+        save_embeddings(tmp_path / "embeddings.parquet", ids, emb)
+        mlflow.log_artifact(str(tmp_path / "embeddings.parquet"))
+        ext_dir = save_extractor(create_extractor("mobilenet_v2", "none"), tmp_path / "extractor")
+        mlflow.log_artifacts(str(ext_dir), "extractor")
+    overrides = {
+        "evaluate.probe_dir": str(theme),
+        "evaluate.probe_min_per_category": 3,
+        "evaluate.plots": False,
+        "evaluate.report": False,
+        "evaluate.feature_quality": False,
+    }
+    run_id = evaluate_step.run(extract_run.info.run_id, split_run.info.run_id, overrides)
+    metrics = mlflow.get_run(run_id).data.metrics
+    assert "map_at_r" in metrics and 0.0 <= metrics["probe_map_at_r"] <= 1.0
+    assert "probe_precision_at_10" in metrics and metrics["probe_n_categories"] == 2
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert "probe_quarantine.parquet" in names
