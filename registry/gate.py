@@ -55,6 +55,9 @@ class PromoteConfig:
     ``require_same_test_split``: refuse unless both evaluations measured the same test split.
     ``extends_index``: the challenger only adds images to the champion's index with the same
     extractor version (see :func:`promote`): it must not regress, instead of beating.
+    ``probe_min_ratio``: when set, the challenger's out-of-domain probe figure ``probe_metric``
+    (logged by the evaluate step with ``evaluate.probe_dir``) must be at least this ratio of the
+    champion's (1.0: the probe may not fall); an evaluation without it is refused. None: off.
     """
 
     metric: str = "map_at_r"
@@ -67,6 +70,8 @@ class PromoteConfig:
     smoke_k: int = 3
     require_same_test_split: bool = True
     extends_index: bool = False
+    probe_metric: str = "probe_map_at_r"
+    probe_min_ratio: float | None = None
     index_name: str = INDEX_MODEL
     extractor_name: str = EXTRACTOR_MODEL
 
@@ -82,6 +87,7 @@ class PromotionDecision:
     champion_value: float | None = None
     extractor_version: str | None = None  # the challenger's extractor version
     smoke: dict[str, Any] = field(default_factory=dict)
+    probe: dict[str, float] = field(default_factory=dict)  # challenger/champion probe figures
 
     @property
     def delta(self) -> float | None:
@@ -309,7 +315,47 @@ def beats_champion(
             f"{theirs.value:.6g} by more than min_delta={cfg.min_delta:g}{tie}"
         )
         return False
+    if cfg.probe_min_ratio is not None:
+        why = probe_falls(client, cfg, decision, ours, theirs)
+        if why is not None:
+            decision.reason = why
+            return False
     return True
+
+
+def probe_falls(
+    client: MlflowClient,
+    cfg: PromoteConfig,
+    decision: PromotionDecision,
+    ours: Measured,
+    theirs: Measured,
+) -> str | None:
+    """None when the challenger's probe figure is at least ``probe_min_ratio`` x the champion's
+    (both read from the evaluate runs their test figures were traced to), else why not. A run
+    that logged no probe figure cannot pass: the gate asked for a check it cannot make."""
+    assert cfg.probe_min_ratio is not None
+    name = cfg.probe_metric
+    values: dict[str, float] = {}
+    for who, measured in (("challenger", ours), ("champion", theirs)):
+        run = store_call(
+            f"read evaluate run {measured.evaluate_run}", client.get_run, measured.evaluate_run
+        )
+        value = run.data.metrics.get(name)
+        if value is None or not np.isfinite(value):
+            return (
+                f"probe_min_ratio is set but the {who}'s evaluate run {measured.evaluate_run} "
+                f"logged no {name} (evaluate with evaluate.probe_dir set)"
+            )
+        values[who] = float(value)
+    decision.probe = values
+    floor = cfg.probe_min_ratio * values["champion"]
+    higher = cfg.higher_is_better
+    if (values["challenger"] < floor) if higher else (values["challenger"] > floor):
+        return (
+            f"challenger {name}={values['challenger']:.6g} falls below probe_min_ratio="
+            f"{cfg.probe_min_ratio:g} x champion {values['champion']:.6g} on the out-of-domain probe"
+        )
+    return None
 
 
 def smoke_passes(

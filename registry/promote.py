@@ -11,7 +11,9 @@ with) as ``champion`` only when (RELIABILITY 10):
    default 1e-4 in ``configs/promote.yaml``), so a tie never promotes (no champion yet: promote);
 3. the pair is consistent (the extractor version's fingerprint is the one the index records),
    and the challenger was never rolled back (``rolled_back_at``);
-4. a smoke check passes: the challenger loads through
+4. with ``probe_min_ratio`` set (off by default), the challenger's out-of-domain probe figure
+   (``probe_map_at_r`` of its evaluate run) is at least that ratio of the champion's;
+5. a smoke check passes: the challenger loads through
    :func:`registry.integrity.load_verified` (checksums against its version tags) and answers a
    query image with ranked, error-free results.
 
@@ -125,6 +127,8 @@ def promote(
     extractor_name: str = EXTRACTOR_MODEL,
     metric_prefixes: list[str] | None = None,
     extends_index: bool = False,
+    probe_min_ratio: float | None = None,
+    probe_metric: str = "probe_map_at_r",
 ) -> PromotionDecision:
     """Move ``champion`` to the ``challenger`` pair if it passes the gate; see the module doc.
 
@@ -132,6 +136,9 @@ def promote(
     the champion's own extractor version (the improve job's add path); it then only has to not
     regress on the frozen test split (a bigger gallery cannot be expected to score higher), and
     this relaxation applies only when the extractor versions really are the same.
+
+    ``probe_min_ratio`` (None: off): the challenger's out-of-domain probe figure ``probe_metric``,
+    read from its evaluate run, must also be at least this ratio of the champion's.
 
     Returns the decision (``promoted`` False with a reason when the gate refuses). Raises
     :class:`RegistryUnavailableError` when the store cannot be read or written (nothing changed).
@@ -148,6 +155,8 @@ def promote(
         smoke_k=smoke_k,
         require_same_test_split=require_same_test_split,
         extends_index=extends_index,
+        probe_metric=probe_metric,
+        probe_min_ratio=probe_min_ratio,
         index_name=index_name,
         extractor_name=extractor_name,
     )
@@ -228,4 +237,6 @@ def promote_with_config(
         extractor_name=cfg.extractor_name,
         metric_prefixes=cfg.metric_prefixes,
         extends_index=cfg.extends_index,
+        probe_min_ratio=cfg.probe_min_ratio,
+        probe_metric=cfg.probe_metric,
     )

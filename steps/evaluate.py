@@ -10,6 +10,11 @@ Produces: metrics ``hit_at_{k}``, ``precision_at_{k}``, ``recall_at_{k}``, ``map
 ``r_precision``, ``n_queries``..., ``fq_*`` (names are stable: baseline and fine-tuned runs are
 compared by them), ``per_category.csv``, ``per_query.parquet`` and, with ``plots: true``,
 ``plots/embeddings_tsne.png`` and ``plots/embeddings_umap.png``.
+
+With ``evaluate.probe_dir`` set (a folder of real images outside the catalog's domain, one
+folder per category, e.g. an icon theme), the extract run's ``extractor`` embeds it and the run
+also logs ``probe_map_at_r``, ``probe_precision_at_10``... (:mod:`imgsearch.evaluate.probe`) and
+``probe_quarantine.parquet``; ``promote.probe_min_ratio`` can then require them not to fall.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ import pandas as pd
 
 from imgsearch import schema
 from imgsearch.config import from_dict
+from imgsearch.data.probe import ProbeConfig, probe_catalog
 from imgsearch.embed.files import load_embeddings
 from imgsearch.evaluate.plots import embedding_plots
+from imgsearch.evaluate.probe import probe_scores
 from imgsearch.evaluate.report import evaluation_html
 from imgsearch.evaluate.retrieval import EvaluateConfig, evaluate
+from imgsearch.models.backbones import load_extractor
 from steps.common import (
     EMBEDDINGS_ARTIFACT,
     Option,
@@ -41,6 +49,8 @@ from steps.common import (
 from steps.runs import current_label
 
 log = logging.getLogger(__name__)
+
+EXTRACTOR_ARTIFACT = "extractor"  # what the extract step logs (registry: extractor_artifact)
 
 
 def run(
@@ -63,6 +73,8 @@ def run(
         result = evaluate(ids, emb, manifest, cfg)
         log_metrics(result.metrics)
         log_df(result.per_query, "per_query.parquet", view=True)
+        if cfg.probe_dir:
+            _probe(extract_run_id, cfg)
         title = f"{current_label() or 'evaluate'} (run {active.info.run_id[:8]})"
         if cfg.report:
             mlflow.log_text(_report(result, manifest, cfg, title), "report.html")
@@ -91,6 +103,19 @@ def run(
                 )
                 mlflow.log_artifacts(str(plot_dir), "plots")
         return active.info.run_id
+
+
+def _probe(extract_run_id: str, cfg: EvaluateConfig) -> None:
+    """The out-of-domain probe embedded with the extract run's extractor; its figures logged."""
+    assert cfg.probe_dir is not None
+    probe = probe_catalog(
+        Path(cfg.probe_dir),
+        ProbeConfig(min_per_category=cfg.probe_min_per_category, exclude=cfg.probe_exclude),
+    )
+    extractor = load_extractor(artifact_path(extract_run_id, EXTRACTOR_ARTIFACT))
+    metrics, quarantine = probe_scores(extractor, probe, cfg.ks)
+    log_metrics(metrics)
+    log_df(quarantine, "probe_quarantine.parquet", view=True)
 
 
 def _report(result: Any, manifest: pd.DataFrame, cfg: EvaluateConfig, title: str) -> str:

@@ -110,3 +110,37 @@ def test_rollback_aliases_and_no_flip_flop(env, pair) -> None:
     again = promote(client, smoke=False, **kw)  # nor does the next gate
     assert not again.promoted and "rolled back" in again.reason
     assert aliases(client, cfg.index_name)["champion"] == str(v1.index.version)
+
+
+def _probe(client, pair, value: float) -> None:
+    """Log the out-of-domain probe figure on the evaluate run the version's figures trace to."""
+    client.log_metric(pair.index.tags["evaluate_run_id"], "probe_map_at_r", value)
+
+
+def test_gate_refuses_a_challenger_whose_probe_falls(env, pair) -> None:
+    """Issue #16 section 3: with promote.probe_min_ratio set, a challenger better on the test split
+    but worse than ratio x the champion on the out-of-domain probe is refused; off by default."""
+    cfg, client, base = names(), env.client(), pair[1]
+    kw = {"index_name": cfg.index_name, "extractor_name": cfg.extractor_name, "smoke": False}
+    first = clone(env, base, cfg, 0.5)
+    _probe(client, first, 0.20)
+    assert promote(client, probe_min_ratio=0.97, **kw).promoted  # no champion: nothing to compare
+
+    forgets = clone(env, base, cfg, 0.7)
+    _probe(client, forgets, 0.18)  # 0.9x the champion's probe figure
+    before = aliases(client, cfg.index_name)
+    refused = promote(client, probe_min_ratio=0.97, **kw)
+    assert not refused.promoted and "probe_min_ratio=0.97" in refused.reason
+    assert refused.probe == {"challenger": 0.18, "champion": 0.20}
+    assert aliases(client, cfg.index_name) == before
+    assert promote(client, **kw).promoted  # the option is off by default
+
+    unmeasured = clone(env, base, cfg, 0.8)  # its evaluation logged no probe figure
+    refused = promote(client, probe_min_ratio=0.97, **kw)
+    assert not refused.promoted and "logged no probe_map_at_r" in refused.reason
+    assert aliases(client, cfg.index_name)["champion"] == str(forgets.index.version)
+    assert unmeasured.index.version
+
+    keeps = clone(env, base, cfg, 0.9)
+    _probe(client, keeps, 0.176)  # 0.978x
+    assert promote(client, probe_min_ratio=0.97, **kw).promoted

@@ -57,6 +57,11 @@ class EvaluateConfig:
     plot_methods: Sequence[str] = ("tsne", "umap")
     plot_max_points: int = 2000
     report: bool = True  # report.html: figures, example queries with thumbnails, worst queries
+    # out-of-domain probe (the evaluate step: imgsearch.evaluate.probe): a folder of real images,
+    # category = folder; None = no probe. probe_exclude: category folders left out.
+    probe_dir: str | None = None
+    probe_exclude: Sequence[str] = ()
+    probe_min_per_category: int = 10
 
     def __post_init__(self) -> None:
         if self.split not in (*schema.SPLITS, ALL_SPLITS):
@@ -69,6 +74,7 @@ class EvaluateConfig:
         if self.max_queries is not None and int(self.max_queries) < 1:
             raise ConfigError(f"evaluate.max_queries must be None or >= 1, got {self.max_queries}")
         self.plot_methods = tuple(self.plot_methods)
+        self.probe_exclude = tuple(str(c) for c in self.probe_exclude)
         unknown = set(self.plot_methods) - {"tsne", "umap"}
         if unknown:
             raise ConfigError(
