@@ -24,11 +24,37 @@ from imgsearch.search.reranker import (
     attribute_agreement,
     features,
     ranking_metrics,
+    rates_without,
+    vote_counts,
     vote_rates,
 )
 from registry import reranker_model as rr
 from registry.integrity import ArtifactIntegrityError
 from tests.search_env import SearchEnv, get_env, tracking
+
+
+def test_training_rows_vote_rates_leave_their_own_query_out() -> None:
+    """A training row's up_rate is computed without its own query's votes: the same rate as
+    from the other queries' rows alone (smoothed toward the same global prior)."""
+    df = pd.DataFrame(
+        {
+            "query_id": ["q1", "q1", "q2", "q2", "q3"],
+            "result_image_id": ["a", "b", "a", "b", "a"],
+            "vote": [1, 0, -1, 1, 1],
+        }
+    )
+    counts = vote_counts(df)
+    own = vote_counts(df[df["query_id"] == "q1"])
+    left_out = rates_without(counts, own)
+    # by hand: "a" elsewhere shown twice (q2 down, q3 up), "b" once (q2 up); prior from all 5 rows
+    p_up, p_down = 3 / 5, 1 / 5
+    assert left_out.loc["a", "up_rate"] == pytest.approx((1 + 10 * p_up) / (2 + 10))
+    assert left_out.loc["a", "down_rate"] == pytest.approx((1 + 10 * p_down) / (2 + 10))
+    assert left_out.loc["b", "up_rate"] == pytest.approx((1 + 10 * p_up) / (1 + 10))
+    # an image only this query showed falls back to the prior
+    solo = rates_without(counts, vote_counts(df[df["query_id"] == "q3"]))
+    assert solo.loc["a", "shown"] == 2
+    assert vote_rates(df).loc["a", "up_rate"] == pytest.approx((2 + 10 * p_up) / (3 + 10))
 
 
 def test_vote_rates_are_smoothed_toward_the_global_rate() -> None:

@@ -29,6 +29,8 @@ from imgsearch.search.reranker import (
     RerankerConfig,
     features,
     ranking_metrics,
+    rates_without,
+    vote_counts,
     vote_rates,
 )
 
@@ -54,9 +56,13 @@ class Arrays:
     relevance: list[np.ndarray]
 
 
-def arrays(sessions: pd.DataFrame, rates: pd.DataFrame | None) -> Arrays:
+def arrays(
+    sessions: pd.DataFrame, rates: pd.DataFrame | None, counts: pd.DataFrame | None = None
+) -> Arrays:
     """Per query (in first-stage order) the features of its shown results (with
-    ``attribute_agreement`` last when the sessions have that column)."""
+    ``attribute_agreement`` last when the sessions have that column). With ``counts`` (the
+    :func:`vote_counts` of these same sessions: training data) each query's vote rates leave
+    its own rows out, so a row's ``up_rate`` never contains the vote it is trained to predict."""
     with_attributes = ATTRIBUTE_AGREEMENT in sessions.columns
     xs, ys, qs, ps, rel = [], [], [], [], []
     for qid, rows in sessions.groupby("query_id", sort=False):
@@ -64,7 +70,8 @@ def arrays(sessions: pd.DataFrame, rates: pd.DataFrame | None) -> Arrays:
         cands = rows.rename(columns={"result_image_id": schema.IMAGE_ID})
         qcat = rows["query_category"].iloc[0] if "query_category" in rows.columns else None
         qcat = None if qcat is None or pd.isna(qcat) else qcat
-        xs.append(features(cands, rates, qcat, attributes=with_attributes))
+        own_rates = rates if counts is None else rates_without(counts, vote_counts(rows))
+        xs.append(features(cands, own_rates, qcat, attributes=with_attributes))
         votes = rows["vote"].to_numpy(dtype=np.int64)
         ys.append((votes > 0).astype(np.int64))
         qs.append(np.full(len(rows), str(qid), dtype=object))
@@ -145,7 +152,8 @@ def compare(
     if overlap:
         raise ValueError(f"{len(overlap)} query ids are in both train and test sessions")
     rates = vote_rates(train_sessions)
-    train, test = arrays(train_sessions, rates), arrays(test_sessions, rates)
+    train = arrays(train_sessions, rates, counts=vote_counts(train_sessions))
+    test = arrays(test_sessions, rates)
     rows, models = [], {}
     for name, config in candidates.items():
         model = None if config is None else fit(config, train)

@@ -65,6 +65,36 @@ RERANK_SCORE = "rerank_score"
 
 
 # --- features ------------------------------------------------------------------------------------
+def vote_counts(labelled: pd.DataFrame) -> pd.DataFrame:
+    """Per shown image: ``shown``, ``up`` and ``down`` counts; ``attrs["prior"]`` holds the
+    global (up, down) rates. ``labelled`` as for :func:`vote_rates`."""
+    if labelled.empty:
+        out = pd.DataFrame(columns=["shown", "up", "down"])
+        out.attrs["prior"] = (0.0, 0.0)
+        return out
+    vote = labelled["vote"].to_numpy()
+    g = labelled.assign(up=vote > 0, down=vote < 0).groupby(labelled["result_image_id"].astype(str))
+    out = pd.DataFrame({"shown": g.size(), "up": g["up"].sum(), "down": g["down"].sum()})
+    out.attrs["prior"] = (float(np.mean(vote > 0)), float(np.mean(vote < 0)))
+    return out
+
+
+def rates_from_counts(counts: pd.DataFrame, strength: float = PRIOR_STRENGTH) -> pd.DataFrame:
+    """:func:`vote_counts` -> smoothed ``shown``, ``up_rate``, ``down_rate`` (module docstring)."""
+    p_up, p_down = counts.attrs.get("prior", (0.0, 0.0))
+    shown = counts["shown"].astype(float)
+    out = pd.DataFrame(
+        {
+            "shown": counts["shown"],
+            "up_rate": (counts["up"] + strength * p_up) / (shown + strength),
+            "down_rate": (counts["down"] + strength * p_down) / (shown + strength),
+        },
+        index=counts.index,
+    )
+    out.attrs["prior"] = (p_up, p_down)
+    return out
+
+
 def vote_rates(labelled: pd.DataFrame, strength: float = PRIOR_STRENGTH) -> pd.DataFrame:
     """Per shown image: ``shown``, ``up_rate``, ``down_rate`` (smoothed; module docstring).
 
@@ -72,23 +102,16 @@ def vote_rates(labelled: pd.DataFrame, strength: float = PRIOR_STRENGTH) -> pd.D
     :func:`registry.impressions.labelled` gives them. The frame's ``attrs["prior"]`` holds the
     global (up, down) rates, the value of an image never shown.
     """
-    if labelled.empty:
-        out = pd.DataFrame(columns=["shown", "up_rate", "down_rate"])
-        out.attrs["prior"] = (0.0, 0.0)
-        return out
-    vote = labelled["vote"].to_numpy()
-    p_up, p_down = float(np.mean(vote > 0)), float(np.mean(vote < 0))
-    g = labelled.assign(up=vote > 0, down=vote < 0).groupby(labelled["result_image_id"].astype(str))
-    shown, up, down = g.size(), g["up"].sum(), g["down"].sum()
-    out = pd.DataFrame(
-        {
-            "shown": shown,
-            "up_rate": (up + strength * p_up) / (shown + strength),
-            "down_rate": (down + strength * p_down) / (shown + strength),
-        }
-    )
-    out.attrs["prior"] = (p_up, p_down)
-    return out
+    return rates_from_counts(vote_counts(labelled), strength)
+
+
+def rates_without(counts: pd.DataFrame, own: pd.DataFrame) -> pd.DataFrame:
+    """The rates of ``counts`` with one query's own rows (``own``, as :func:`vote_counts` gives
+    them) taken out: a training row's vote-rate features must not contain its own vote."""
+    rest = counts.reindex(own.index).fillna(0) - own
+    rest = rest.clip(lower=0)
+    rest.attrs["prior"] = counts.attrs.get("prior", (0.0, 0.0))
+    return rates_from_counts(rest)
 
 
 def attribute_agreement(
