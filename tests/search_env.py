@@ -290,3 +290,14 @@ def serve_model(
         wait=wait,
     ) as running:
         yield running
+
+
+def env_removing(tmp_path_factory: pytest.TempPathFactory, model_name: str) -> Iterator[SearchEnv]:
+    """The shared search env for a module that registers ``model_name`` (a reranker, say); the
+    registered model is deleted afterwards, so other modules' page and CLI tests see the
+    first-stage ranking they expect."""
+    env = get_env(tmp_path_factory)
+    yield env
+    client = MlflowClient(tracking_uri=env.uri, registry_uri=env.uri)
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        client.delete_registered_model(model_name)

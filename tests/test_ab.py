@@ -5,7 +5,6 @@ the job's run, a failing store going into the job's reason."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from registry import reranker_model as rr
 from registry.feedback import UP, FeedbackStore, Vote, query_sha256
 from registry.impressions import Impression, ImpressionStore, Versions
 from registry.search import FIRST_STAGE, SearchConfig, load_served, search
-from tests.search_env import SearchEnv, get_env, tracking
+from tests.search_env import SearchEnv, env_removing, tracking
 
 SHA = query_sha256(b"an A/B query")
 
@@ -83,13 +82,8 @@ def test_teams_are_stored_read_back_after_a_reopen_and_an_old_table_gains_the_co
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchEnv]:
-    """The shared search env; the rerankers registered here are removed afterwards, so the
-    other modules' page and CLI tests see the first-stage ranking they expect."""
-    env = get_env(tmp_path_factory)
-    yield env
-    client = MlflowClient(tracking_uri=env.uri, registry_uri=env.uri)
-    with contextlib.suppress(mlflow.exceptions.MlflowException):
-        client.delete_registered_model(rr.RERANKER_MODEL)
+    """The shared search env; the rerankers registered here are removed afterwards."""
+    yield from env_removing(tmp_path_factory, rr.RERANKER_MODEL)
 
 
 def _register(env: SearchEnv, root: Path, feature: str, weight: float) -> ModelVersion:

@@ -3,7 +3,6 @@ preference recovered, plain-text persistence, the gate, and the registry's index
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from imgsearch.search.reranker import (
 )
 from registry import reranker_model as rr
 from registry.integrity import ArtifactIntegrityError
-from tests.search_env import SearchEnv, get_env, tracking
+from tests.search_env import SearchEnv, env_removing, tracking
 
 
 def test_training_rows_vote_rates_leave_their_own_query_out() -> None:
@@ -168,13 +167,8 @@ def test_gate_refuses_a_worse_or_equal_reranker() -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchEnv]:
-    """The shared search env; the rerankers registered here are removed afterwards, so the
-    other modules' page and CLI tests see the first-stage ranking they expect."""
-    env = get_env(tmp_path_factory)
-    yield env
-    client = MlflowClient(tracking_uri=env.uri, registry_uri=env.uri)
-    with contextlib.suppress(mlflow.exceptions.MlflowException):
-        client.delete_registered_model(rr.RERANKER_MODEL)
+    """The shared search env; the rerankers registered here are removed afterwards."""
+    yield from env_removing(tmp_path_factory, rr.RERANKER_MODEL)
 
 
 def test_registered_reranker_is_tagged_gated_and_refused_for_another_index(

@@ -23,19 +23,14 @@ from imgsearch.search.reranker import RerankerConfig
 from registry import reranker_model as rr
 from registry import served_rerank as sr
 from registry.integrity import ArtifactIntegrityError, download_verified, load_verified
-from tests.search_env import SearchEnv, free_port, get_env, run_process, tracking
+from tests.search_env import SearchEnv, env_removing, free_port, run_process, tracking
 from tests.test_reranker import _attribute_sessions
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchEnv]:
-    """The shared search env; the rerankers registered here are removed afterwards (the page
-    and CLI tests of other modules expect the first-stage ranking)."""
-    env = get_env(tmp_path_factory)
-    yield env
-    client = MlflowClient(tracking_uri=env.uri, registry_uri=env.uri)
-    with contextlib.suppress(mlflow.exceptions.MlflowException):
-        client.delete_registered_model(rr.RERANKER_MODEL)
+    """The shared search env; the rerankers registered here are removed afterwards."""
+    yield from env_removing(tmp_path_factory, rr.RERANKER_MODEL)
 
 
 def _register(
