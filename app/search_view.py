@@ -53,13 +53,13 @@ from registry.feedback import (
 from registry.search import (
     SearchConfig,
     Served,
-    champion_version,
     load_search_config,
     load_served,
     preview,
     read_query,
     search,
     search_text,
+    served_versions,
 )
 from registry.served_attributes import attribute_summary, predict_attributes
 
@@ -70,7 +70,7 @@ UPLOAD, CATALOG = "Upload an image", "Pick from the catalog"
 @st.cache_resource(show_spinner="Loading the served model...", max_entries=2)
 def served_model(
     index_name: str,
-    version: str,
+    versions: tuple[str, ...],
     alias: str,
     extractor_name: str,
     allow_paths: bool,
@@ -78,8 +78,9 @@ def served_model(
     use_reranker: bool = True,
     ab_challenger: str | None = None,
 ) -> Served:
-    """One loaded version per process; a promotion (the alias moves) loads the new one.
-    ``ab_challenger``: the A/B's challenger alias when the A/B is on (None: off)."""
+    """One loaded model per process; a promotion (an alias of the index, the reranker, the A/B
+    challenger or the attribute heads moves: ``versions`` is :func:`served_versions`) loads the
+    new one. ``ab_challenger``: the A/B's challenger alias when the A/B is on (None: off)."""
     cfg = SearchConfig(
         index_name=index_name,
         alias=alias,
@@ -88,7 +89,7 @@ def served_model(
         use_reranker=use_reranker,
         ab=ABConfig(enabled=ab_challenger is not None, challenger=ab_challenger or "challenger"),
     )
-    return load_served(cfg, version=version)
+    return load_served(cfg, version=versions[0])
 
 
 @st.cache_resource
@@ -271,10 +272,9 @@ def main() -> None:
     cfg = load_search_config(os.environ.get("IMGSEARCH_PROFILE") or None)
     try:
         uri = _tracking_uri()
-        version = champion_version(cfg)
         served = served_model(
             cfg.index_name,
-            version,
+            served_versions(cfg),
             cfg.alias,
             cfg.extractor_name,
             cfg.allow_paths,

@@ -46,6 +46,7 @@ from imgsearch.data.imageio import open_rgb, read_bytes
 from imgsearch.errors import ConfigError, ImageRejected, ImgsearchError
 from imgsearch.search.interleave import TEAM, ABConfig, interleave_hits, rng_for
 from registry import models, reranker_model
+from registry.attributes_model import ATTRIBUTES_MODEL
 from registry.integrity import load_verified
 from registry.register import CHAMPION, EXTRACTOR_MODEL, INDEX_MODEL, TAG_EXTRACTOR_VERSION
 from registry.served_attributes import (
@@ -154,6 +155,28 @@ def champion_version(cfg: SearchConfig, client: MlflowClient | None = None) -> s
     """The version ``cfg.alias`` points at now (a cheap registry read, no model load)."""
     client = client or MlflowClient()
     return str(client.get_model_version_by_alias(cfg.index_name, cfg.alias).version)
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> str:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return ""
+
+
+def served_versions(cfg: SearchConfig, client: MlflowClient | None = None) -> tuple[str, ...]:
+    """What a loaded :class:`Served` is made of now, by cheap alias reads (no model load): the
+    index version, then the versions the reranker, the A/B challenger and the attribute heads'
+    aliases point at (``""`` where none or unused). A long-lived page keys its loaded model on
+    this, so a promoted reranker or heads are served without a restart, as a promoted index is."""
+    client = client or MlflowClient()
+    reranker = reranker_model.RERANKER_MODEL
+    return (
+        champion_version(cfg, client),
+        _alias_version(client, reranker, cfg.alias) if cfg.use_reranker else "",
+        _alias_version(client, reranker, cfg.ab.challenger) if cfg.ab.enabled else "",
+        _alias_version(client, ATTRIBUTES_MODEL, cfg.alias) if cfg.show_attributes else "",
+    )
 
 
 def load_served(

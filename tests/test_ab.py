@@ -24,7 +24,7 @@ from imgsearch.search.reranker import FEATURES, LearnedReranker, RerankerConfig
 from registry import reranker_model as rr
 from registry.feedback import UP, FeedbackStore, Vote, query_sha256
 from registry.impressions import Impression, ImpressionStore, Versions
-from registry.search import FIRST_STAGE, SearchConfig, load_served, search
+from registry.search import FIRST_STAGE, SearchConfig, load_served, search, served_versions
 from tests.search_env import SearchEnv, env_removing, tracking
 
 SHA = query_sha256(b"an A/B query")
@@ -123,6 +123,33 @@ def champion_reranker(
     version = _register(env, tmp_path_factory.mktemp("rerankers"), "first_rank", 1.0)
     client.set_registered_model_alias(rr.RERANKER_MODEL, "champion", version.version)
     yield version
+
+
+def test_the_pages_cache_key_moves_with_every_alias_it_serves(
+    env: SearchEnv, champion_reranker: ModelVersion, tmp_path: Path
+) -> None:
+    """The page keys its loaded model on :func:`served_versions`: a promoted reranker (not only a
+    promoted index) must change the key, so the page serves it without a restart."""
+    client = MlflowClient(tracking_uri=env.uri, registry_uri=env.uri)
+    on = SearchConfig(ab=ABConfig(enabled=True))
+    with tracking(env.uri):
+        before = served_versions(on, client)
+        assert before[:3] == (
+            str(env.pair.index.version),
+            str(champion_reranker.version),
+            str(champion_reranker.version),  # the challenger alias: the same version
+        )
+        assert served_versions(SearchConfig(use_reranker=False), client)[1:3] == ("", "")
+        other = _register(env, tmp_path, "similarity", 2.0)
+        client.set_registered_model_alias(rr.RERANKER_MODEL, "champion", other.version)
+        try:
+            after = served_versions(on, client)
+            assert after[0] == before[0] and after[1] == str(other.version)
+        finally:
+            for alias in ("champion", "challenger"):
+                client.set_registered_model_alias(
+                    rr.RERANKER_MODEL, alias, champion_reranker.version
+                )
 
 
 def test_arms_and_the_interleaved_search_path(
