@@ -252,3 +252,47 @@ def test_saved_onnx_model_runs_in_a_fresh_session(
     q = quantize(extractor, x[:8], threads=1)
     again = QuantizedExtractor(extractor.spec, q.save(tmp_path / "m.onnx").read_bytes(), threads=1)
     np.testing.assert_allclose(again(x).numpy(), q(x).numpy(), atol=1e-6)
+
+
+@pytest.mark.slow  # an MLflow sqlite store, a MobileNetV2 export and quantisation: ~1 min of CPU
+def test_step_logs_the_int8_decision(
+    manifest: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """steps.extract with precision int8: both MAP@Rs and the decision land in the run."""
+    import dataclasses
+
+    import mlflow
+
+    from imgsearch.embed.files import load_embeddings
+    from imgsearch.models.backbones import create_extractor, save_extractor
+    from steps import extract as step
+    from steps.common import artifact_path, log_df
+
+    small = create_extractor("mobilenet_v2", weights="none")
+    small = Extractor(
+        small.body, dataclasses.replace(small.spec, preprocess=PreprocessConfig(size=SIZE))
+    )
+    saved = save_extractor(small, tmp_path / "extractor")
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as pre_run:
+            log_df(manifest, "manifest.parquet")
+        overrides = {
+            "extract.precision": "int8",
+            "extract.num_workers": 0,
+            "extract.batch_size": 8,
+            "extract.int8": {"tolerance": 0.005, "calibration_images": 8},
+        }
+        run_id = step.run(pre_run.info.run_id, extractor_uri=str(saved), overrides=overrides)
+        data = mlflow.get_run(run_id).data
+        for key in ("int8_used", "int8_map_at_r_fp32", "int8_map_at_r_int8", "int8_map_at_r_drop"):
+            assert key in data.metrics, key
+        assert data.params["int8_reason"] and data.params["precision_requested"] == "int8"
+        used = data.metrics["int8_used"] == 1.0
+        assert data.params["precision_used"] == ("int8" if used else "fp32")
+        assert used == (data.metrics["int8_map_at_r_drop"] <= 0.005)
+        ids, emb = load_embeddings(artifact_path(run_id, "embeddings.parquet"))
+        assert len(ids) == len(manifest) and emb.shape[1] == small.spec.embedding_dim
+    finally:
+        mlflow.set_tracking_uri(None)
