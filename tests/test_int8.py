@@ -296,3 +296,16 @@ def test_step_logs_the_int8_decision(
         assert len(ids) == len(manifest) and emb.shape[1] == small.spec.embedding_dim
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_serving_int8_runs_on_onnx_runtime_and_degrades_without_it(
+    extractor: Extractor, manifest: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imgsearch.embed import query as serving
+
+    gallery = [Image.open(p).convert("RGB") for p in manifest["path"][:16]]
+    served = serving.prepare_serving(extractor, "int8", gallery=gallery)
+    assert served.mode == "int8" and isinstance(served.model, QuantizedExtractor), served.metrics
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    fallback = serving.prepare_serving(extractor, "int8", gallery=gallery)
+    assert fallback.mode == "fused" and "pip install onnxruntime" in fallback.metrics["int8_error"]
