@@ -45,8 +45,8 @@ from imgsearch.data.imageio import open_rgb
 from imgsearch.data.preprocess import to_tensor, to_uint8
 from imgsearch.embed import query as serving
 from imgsearch.embed.extract import ExtractConfig, available_cores, extract, resolve_parallelism
-from imgsearch.embed.int8 import Int8Config, calibration_rows, read_pixels
 from imgsearch.errors import WeightsUnavailableError
+from imgsearch.evaluate.int8 import Int8Config, calibration_rows, read_pixels
 from imgsearch.evaluate.quantization import quality_check
 from imgsearch.models.backbones import Extractor, create_extractor
 from imgsearch.models.quantize import QuantizedExtractor, quantize

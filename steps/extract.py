@@ -18,7 +18,7 @@ shard per partition, read the same way by every later stage), ``extractor/`` (``
 manifest), ``quarantine.parquet`` (this stage's failures, stage="extract"), param
 ``extractor_fingerprint`` and metrics ``n``, ``n_ok``, ``n_failed``, ``n_from_cache``,
 ``images_per_s``, ``seconds``, ``bf16_used``, ``compile_used``. With ``extract.precision: int8``
-(``imgsearch.embed.int8``): quantised with ONNX Runtime on train images, kept only when val MAP@R
+(``imgsearch.evaluate.int8``): quantised with ONNX Runtime on train images, kept only when val MAP@R
 stays within ``extract.int8.tolerance`` of fp32's, else fp32; metrics ``int8_used``,
 ``int8_map_at_r_fp32``, ``int8_map_at_r_int8``, ``int8_map_at_r_drop`` and param ``int8_reason``.
 """
@@ -37,7 +37,7 @@ from imgsearch import schema
 from imgsearch.config import from_dict
 from imgsearch.embed.extract import INT8, ExtractConfig, extract
 from imgsearch.embed.files import embedding_ids, save_embeddings
-from imgsearch.embed.int8 import extract_int8
+from imgsearch.evaluate.int8 import extract_int8
 from imgsearch.models.backbones import (
     Extractor,
     create_extractor,

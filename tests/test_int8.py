@@ -13,10 +13,10 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from imgsearch.data.preprocess import PreprocessConfig, to_tensor, to_uint8
-from imgsearch.embed import int8 as int8_mod
 from imgsearch.embed.extract import ExtractConfig, extract
-from imgsearch.embed.int8 import Int8Config, check_rows, extract_int8
 from imgsearch.errors import ConfigError
+from imgsearch.evaluate import int8 as int8_mod
+from imgsearch.evaluate.int8 import Int8Config, check_rows, extract_int8
 from imgsearch.evaluate.quantization import int8_scores, mixed_map_at_r, quality_check
 from imgsearch.evaluate.retrieval import retrieval_map_at_r
 from imgsearch.models.backbones import Extractor, ExtractorSpec

@@ -43,7 +43,7 @@ from imgsearch.models.quantize import QuantizedExtractor
 log = logging.getLogger(__name__)
 
 ENGINES = ("local", "spark")
-#: ``precision: int8`` (:mod:`imgsearch.embed.int8`): quantised, kept only if MAP@R holds.
+#: ``precision: int8`` (:mod:`imgsearch.evaluate.int8`): quantised, kept only if MAP@R holds.
 INT8 = "int8"
 
 
@@ -71,7 +71,7 @@ class ExtractConfig:
     device: str = "auto"
     engine: str = "local"
     spark: dict[str, Any] = field(default_factory=dict)
-    int8: dict[str, Any] = field(default_factory=dict)  # imgsearch.embed.int8.Int8Config
+    int8: dict[str, Any] = field(default_factory=dict)  # imgsearch.evaluate.int8.Int8Config
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

@@ -4,7 +4,7 @@ Same contract as :class:`~imgsearch.embed.mapper.Mapper` (uint8 pixels -> unit-n
 embeddings, :meth:`session` around the pass, ``metrics``), so every runner takes it unchanged;
 :func:`imgsearch.embed.extract.build_runner` picks it for a
 :class:`~imgsearch.models.quantize.QuantizedExtractor`. There is nothing to decide on the first
-batch: whether int8 is good enough was settled before (:mod:`imgsearch.embed.int8`).
+batch: whether int8 is good enough was settled before (:mod:`imgsearch.evaluate.int8`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ its own setting.
   (otherwise ``fused``; also when ONNX Runtime is missing, with the reason in ``int8_error``).
   Query vectors are then close to, not equal to, those the index was built with: opt in where
   the latency matters more. (It replaced torch's FX quantisation, deprecated with PyTorch's
-  quantised tensors.) Extraction's int8 is decided on MAP@R instead: :mod:`imgsearch.embed.int8`.
+  quantised tensors.) Extraction's int8 is decided on MAP@R instead: :mod:`imgsearch.evaluate.int8`.
 
 :func:`embed_images` is the plain reference of the query path (eval mode, fp32): the same
 ``to_uint8`` -> ``to_tensor`` -> extractor as batch extraction; :class:`ServingExtractor` gives what
