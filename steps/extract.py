@@ -128,6 +128,10 @@ def _extract_local(
     else:
         result = extract(extractor, manifest, cfg, out=tmp / "embeddings.npy")
     log_metrics(result.metrics)
+    if cfg.precision == INT8:  # the vectors' arithmetic, beside the extractor that made them
+        precision = str(result.metrics.get("precision_used", "fp32"))
+        mlflow.set_tag("imgsearch.extract.precision", precision)
+        metadata = {**metadata, "precision": precision}
     path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
     mlflow.log_artifact(str(path))
     return result.ids, result.failures

@@ -263,7 +263,7 @@ def test_step_logs_the_int8_decision(
 
     import mlflow
 
-    from imgsearch.embed.files import load_embeddings
+    from imgsearch.embed.files import embeddings_metadata, load_embeddings
     from imgsearch.models.backbones import create_extractor, save_extractor
     from steps import extract as step
     from steps.common import artifact_path, log_df
@@ -294,6 +294,9 @@ def test_step_logs_the_int8_decision(
         assert used == (data.metrics["int8_map_at_r_drop"] <= 0.005)
         ids, emb = load_embeddings(artifact_path(run_id, "embeddings.parquet"))
         assert len(ids) == len(manifest) and emb.shape[1] == small.spec.embedding_dim
+        meta = embeddings_metadata(artifact_path(run_id, "embeddings.parquet"))
+        assert meta["precision"] == data.params["precision_used"]
+        assert mlflow.get_run(run_id).data.tags["imgsearch.extract.precision"] == meta["precision"]
     finally:
         mlflow.set_tracking_uri(None)
 
