@@ -3,8 +3,8 @@
 One query = ``IndexModel.predict`` on a one-row DataFrame holding a base64 JPEG: base64 decode +
 safe image decode and normalisation + preprocessing + CNN forward + FAISS search + ranking
 (popularity, filters) + the output table. Measured for each backbone, serving mode
-(:mod:`imgsearch.embed.query`: ``eager`` fp32, ``fused`` BN-folded channels-last, ``int8`` FX static
-quantisation calibrated on gallery images) and torch thread count, on the same gallery and
+(:mod:`imgsearch.embed.query`: ``eager`` fp32, ``fused`` BN-folded channels-last, ``int8`` ONNX Runtime
+static quantisation calibrated on gallery images) and torch thread count, on the same gallery and
 queries; p50 / p95 printed side by side with the speed-up over ``eager`` at the same thread
 count and the min cosine of the mode's query embeddings against eager fp32 (never pass/fail).
 

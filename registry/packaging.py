@@ -48,6 +48,10 @@ _RUNTIME_DISTRIBUTIONS = (
     "skops",  # the attribute heads (registry.attributes_model)
     "efficientnet-pytorch",
     "efficientnet-lite-pytorch",
+    # serving_mode int8 (imgsearch.embed.query): ONNX Runtime quantisation, onnx/onnxscript to export
+    "onnxruntime",
+    "onnx",
+    "onnxscript",
     # text queries (registry.text_queries): the policy's stemmer and the text towers
     "snowballstemmer",
     "safetensors",

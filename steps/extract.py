@@ -17,7 +17,10 @@ shard per partition, read the same way by every later stage), ``extractor/`` (``
 ``imgsearch.models.backbones.load_extractor``), ``manifest.parquet`` (the embedded rows of the input
 manifest), ``quarantine.parquet`` (this stage's failures, stage="extract"), param
 ``extractor_fingerprint`` and metrics ``n``, ``n_ok``, ``n_failed``, ``n_from_cache``,
-``images_per_s``, ``seconds``, ``bf16_used``, ``compile_used``.
+``images_per_s``, ``seconds``, ``bf16_used``, ``compile_used``. With ``extract.precision: int8``
+(``imgsearch.evaluate.int8``): quantised with ONNX Runtime on train images, kept only when val MAP@R
+stays within ``extract.int8.tolerance`` of fp32's, else fp32; metrics ``int8_used``,
+``int8_map_at_r_fp32``, ``int8_map_at_r_int8``, ``int8_map_at_r_drop`` and param ``int8_reason``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import pandas as pd
 
 from imgsearch import schema
 from imgsearch.config import from_dict
-from imgsearch.embed.extract import ExtractConfig, extract
+from imgsearch.embed.extract import INT8, ExtractConfig, extract
 from imgsearch.embed.files import embedding_ids, save_embeddings
+from imgsearch.evaluate.int8 import extract_int8
 from imgsearch.models.backbones import (
     Extractor,
     create_extractor,
@@ -119,8 +123,15 @@ def _extract_local(
     metadata: dict[str, str],
 ) -> tuple[Any, pd.DataFrame]:
     # embeddings stream into a memmap, so memory stays flat however large the manifest is
-    result = extract(extractor, manifest, cfg, out=tmp / "embeddings.npy")
+    if cfg.precision == INT8:  # calibrated on train, kept only if val MAP@R holds, else fp32
+        result = extract_int8(extractor, manifest, cfg, out=tmp / "embeddings.npy")
+    else:
+        result = extract(extractor, manifest, cfg, out=tmp / "embeddings.npy")
     log_metrics(result.metrics)
+    if cfg.precision == INT8:  # the vectors' arithmetic, beside the extractor that made them
+        precision = str(result.metrics.get("precision_used", "fp32"))
+        mlflow.set_tag("imgsearch.extract.precision", precision)
+        metadata = {**metadata, "precision": precision}
     path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
     mlflow.log_artifact(str(path))
     return result.ids, result.failures
@@ -155,7 +166,7 @@ OPTIONS = (
         "--weights", "imagenet | none | checkpoint path (default: config)", key="extract.weights"
     ),
     Option("--batch-size", "images per forward pass (default: config)", key="extract.batch_size"),
-    Option("--precision", "fp32 | bf16 (default: config)", key="extract.precision"),
+    Option("--precision", "fp32 | bf16 | int8 (default: config)", key="extract.precision"),
     Option("--engine", "local | spark (default: config)", key="extract.engine"),
     Option("--spark-master", "Spark master URL (default: config)", key="extract.spark.master"),
 )

@@ -38,10 +38,13 @@ from imgsearch.embed.runner import Runner
 from imgsearch.embed.writer import EmbeddingWriter
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import Extractor
+from imgsearch.models.quantize import QuantizedExtractor
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("local", "spark")
+#: ``precision: int8`` (:mod:`imgsearch.evaluate.int8`): quantised, kept only if MAP@R holds.
+INT8 = "int8"
 
 
 @dataclass
@@ -68,6 +71,7 @@ class ExtractConfig:
     device: str = "auto"
     engine: str = "local"
     spark: dict[str, Any] = field(default_factory=dict)
+    int8: dict[str, Any] = field(default_factory=dict)  # imgsearch.evaluate.int8.Int8Config
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -90,10 +94,14 @@ class ExtractConfig:
                 raise ConfigError(
                     f"ExtractConfig.{name} must be 'auto' or an int >= {low}, got {value!r}"
                 )
-        if self.precision not in PRECISIONS:
+        if self.precision not in (*PRECISIONS, INT8):
             raise ConfigError(
-                f"ExtractConfig.precision must be one of {PRECISIONS}, got {self.precision!r}"
+                f"ExtractConfig.precision must be one of {(*PRECISIONS, INT8)}, got {self.precision!r}"
             )
+        if self.precision == INT8 and self.engine != "local":
+            raise ConfigError("ExtractConfig.precision int8 runs on the local engine only")
+        if not isinstance(self.int8, dict):
+            raise ConfigError(f"ExtractConfig.int8 must be a mapping, got {self.int8!r}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -146,7 +154,7 @@ def check_manifest(manifest: pd.DataFrame) -> None:
 
 
 def build_runner(
-    extractor: Extractor,
+    extractor: Extractor | QuantizedExtractor,
     cfg: ExtractConfig,
     workers: int,
     device: torch.device,
@@ -154,6 +162,17 @@ def build_runner(
 ) -> Runner:
     """The :class:`Runner` of ``cfg`` around a loaded ``extractor`` (every engine builds it here)."""
     dim = extractor.spec.embedding_dim
+    if isinstance(extractor, QuantizedExtractor):  # int8 (ONNX Runtime): its own mapper
+        from imgsearch.embed.quantized import QuantizedMapper
+
+        quantized = extractor
+        return Runner(
+            reader_builder=lambda: ManifestReader(
+                quantized.spec.preprocess, cfg.batch_size, workers
+            ),
+            mapper_builder=lambda: QuantizedMapper(quantized),
+            writer_builder=lambda rows: EmbeddingWriter(rows, dim, out),
+        )
     return Runner(
         reader_builder=lambda: ManifestReader(
             extractor.spec.preprocess, cfg.batch_size, workers, pin_memory=device.type == "cuda"
@@ -170,7 +189,7 @@ def build_runner(
 
 
 def extract(
-    extractor: Extractor,
+    extractor: Extractor | QuantizedExtractor,
     manifest: pd.DataFrame,
     cfg: ExtractConfig | None = None,
     *,

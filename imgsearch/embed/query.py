@@ -16,12 +16,13 @@ its own setting.
 - ``fused`` (default): BatchNorm folded into the preceding convolutions (``torch.fx``) and
   channels-last weights, so oneDNN runs its NHWC kernels. The same arithmetic up to rounding;
   kept only if it reproduces eager fp32 to cosine >= :data:`FUSED_MIN_COSINE` on probe images.
-- ``int8``: FX post-training static quantisation (x86/fbgemm backend, per-channel weights),
-  calibrated on gallery images. Kept only if every held-out gallery image embeds to cosine >=
-  :data:`INT8_MIN_COSINE` of eager fp32 (otherwise ``fused``). Query vectors are then close to,
-  not equal to, those the index was built with: opt in where the latency matters more.
-  (PyTorch has deprecated its quantised tensors in favour of torchao's PT2E flow; this eager
-  FX path still works in torch 2.14 and is what a successor should port.)
+- ``int8``: ONNX Runtime post-training static quantisation (QDQ, per-channel int8 weights,
+  uint8 activations; :mod:`imgsearch.models.quantize`), calibrated on gallery images. Kept only if
+  every held-out gallery image embeds to cosine >= :data:`INT8_MIN_COSINE` of eager fp32
+  (otherwise ``fused``; also when ONNX Runtime is missing, with the reason in ``int8_error``).
+  Query vectors are then close to, not equal to, those the index was built with: opt in where
+  the latency matters more. (It replaced torch's FX quantisation, deprecated with PyTorch's
+  quantised tensors.) Extraction's int8 is decided on MAP@R instead: :mod:`imgsearch.evaluate.int8`.
 
 :func:`embed_images` is the plain reference of the query path (eval mode, fp32): the same
 ``to_uint8`` -> ``to_tensor`` -> extractor as batch extraction; :class:`ServingExtractor` gives what
@@ -39,8 +40,7 @@ import copy
 import io
 import logging
 import os
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,7 @@ from imgsearch.data.preprocess import to_tensor, to_uint8
 from imgsearch.embed.mapper import min_cosine
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import Extractor
+from imgsearch.models.quantize import QuantizedExtractor, quantize
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class ServingExtractor:
     fingerprint is what the index was built with)."""
 
     extractor: Extractor
-    model: nn.Module
+    model: Callable[[torch.Tensor], torch.Tensor]  # the extractor, a fused copy, or int8 (ORT)
     mode: str
     memory_format: torch.memory_format = torch.contiguous_format
     threads: int = DEFAULT_THREADS
@@ -200,23 +201,12 @@ def fuse(extractor: Extractor) -> Extractor:
 
 
 def quantize_int8(
-    extractor: Extractor, calibration: torch.Tensor, batch_size: int = 8
-) -> Extractor:
-    """FX post-training static int8 quantisation of the body (x86 backend), observers calibrated
-    on ``calibration`` (preprocessed ``(N, 3, S, S)`` gallery images)."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
-    torch.backends.quantized.engine = engine
-    body = copy.deepcopy(extractor.body).eval()
-    with warnings.catch_warnings():  # the deprecation notice of quantised tensors, once per load
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
-        prepared = prepare_fx(body, get_default_qconfig_mapping(engine), (calibration[:1],))
-        with torch.inference_mode():
-            for start in range(0, len(calibration), batch_size):
-                prepared(calibration[start : start + batch_size])
-        return _wrap(extractor, convert_fx(prepared))
+    extractor: Extractor, calibration: torch.Tensor, threads: int = DEFAULT_THREADS
+) -> QuantizedExtractor:
+    """ONNX Runtime static int8 quantisation (:func:`imgsearch.models.quantize.quantize`),
+    calibrated on ``calibration`` (preprocessed ``(N, 3, S, S)`` gallery images); its session
+    runs ``threads`` intra-op threads (0: one per core)."""
+    return quantize(extractor, calibration, threads=threads)
 
 
 def _probe(extractor: Extractor, n: int = PROBE_IMAGES) -> torch.Tensor:
@@ -251,7 +241,7 @@ def prepare_serving(
         return served
     with torch_threads(threads):
         if mode == "int8":
-            int8 = _try_int8(extractor, gallery, metrics)
+            int8 = _try_int8(extractor, gallery, metrics, threads)
             if int8 is not None:
                 served.model, served.mode = int8, "int8"
                 metrics["mode"] = "int8"
@@ -284,8 +274,8 @@ def _try_fused(extractor: Extractor, metrics: dict[str, Any]) -> nn.Module | Non
 
 
 def _try_int8(
-    extractor: Extractor, gallery: Sequence[Image.Image], metrics: dict[str, Any]
-) -> nn.Module | None:
+    extractor: Extractor, gallery: Sequence[Image.Image], metrics: dict[str, Any], threads: int
+) -> QuantizedExtractor | None:
     if len(gallery) < INT8_MIN_IMAGES:
         reason = f"{len(gallery)} gallery images to calibrate on, {INT8_MIN_IMAGES} needed"
         log.warning("int8 not used: %s", reason)
@@ -294,7 +284,7 @@ def _try_int8(
     pixels = _pixels(gallery, extractor)
     calibration, held_out = pixels[0::2], pixels[1::2]
     try:
-        int8 = quantize_int8(extractor, calibration)
+        int8 = quantize_int8(extractor, calibration, threads)
         with torch.inference_mode():
             cosine = min_cosine(extractor(held_out), int8(held_out))
     except Exception as exc:  # noqa: BLE001 - an op without a quantised kernel, a backend missing

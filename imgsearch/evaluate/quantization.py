@@ -1,0 +1,129 @@
+"""Is an int8 extractor good enough? Retrieval quality of its embeddings against fp32's.
+
+A cosine between int8 and fp32 vectors says how far each vector moved, not whether the ranking
+survived: the decision is on MAP@R (:func:`imgsearch.evaluate.retrieval.retrieval_map_at_r`, the
+project's one implementation), the same images embedded both ways, grouped by item. Two int8
+figures are checked against fp32's, and the worse one decides:
+
+- ``map_at_r_int8``: int8 queries against the int8 gallery (everything int8);
+- ``map_at_r_mixed``: fp32 queries against the int8 gallery: what search gives when the index is
+  built from int8 embeddings but queries are embedded by the registered fp32 extractor (serving
+  stays fp32). Same protocol (leave-one-out, relevant = same item, ties by gallery order), ranked
+  here, scored by :func:`imgsearch.evaluate.metrics.per_query_metrics`.
+
+Computing and deciding are separate (:func:`int8_scores`, then :func:`mark`);
+:func:`quality_check` does both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from imgsearch.evaluate import metrics as M
+from imgsearch.evaluate.cross_modal import top_order
+from imgsearch.evaluate.metrics import l2_normalise
+from imgsearch.evaluate.retrieval import retrieval_map_at_r
+
+#: int8 is kept when its MAP@R is at most this much below fp32's (issue #16).
+DEFAULT_TOLERANCE = 0.005
+
+
+def mixed_map_at_r(
+    queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray | Sequence[Any]
+) -> float:
+    """MAP@R of ``queries[i]`` against ``gallery`` without row ``i`` (the same image in the other
+    precision); relevant = same label. NaN when no query has a relevant image."""
+    q, g = l2_normalise(queries), l2_normalise(gallery)
+    codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)[1]
+    counts = np.bincount(codes)
+    depth = max(int(counts.max()) - 1, 1) if len(counts) else 0
+    parts, n_rels = [], []
+    step = max(1, 2**24 // max(len(g), 1))
+    for start in range(0, len(q), step):
+        rows = np.arange(start, min(start + step, len(q)))
+        neg = -(q[rows] @ g.T)
+        neg[np.arange(len(rows)), rows] = np.inf  # never the query's own image
+        order = top_order(neg, min(depth, len(g) - 1))
+        n_rel = counts[codes[rows]] - 1
+        parts.append(M.per_query_metrics(codes[order] == codes[rows][:, None], n_rel, (1,)))
+        n_rels.append(n_rel)
+    if not parts:
+        return float("nan")
+    per_query = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    return float(M.aggregate(per_query, np.concatenate(n_rels))["map_at_r"])
+
+
+def int8_scores(
+    fp32_emb: np.ndarray,
+    int8_emb: np.ndarray,
+    labels: np.ndarray | Sequence[Any],
+    *,
+    max_queries: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """MAP@R of both embeddings of the same images (``labels``: their item ids) and cosines.
+
+    ``fp32_emb``, ``int8_emb``: ``(N, D)``, row ``i`` the same image. Returns ``map_at_r_fp32``,
+    ``map_at_r_int8``, ``map_at_r_mixed`` (fp32 queries, int8 gallery), ``map_at_r_drop``
+    (fp32 minus the worse of the two int8 figures; NaN when there is no query with a relevant
+    image), ``min_cosine``, ``mean_cosine`` and ``n_images``. ``max_queries`` samples the
+    queries of the int8/fp32 figures only (the mixed one uses every image). Raises
+    ``ValueError`` on shapes that do not match.
+    """
+    a = np.asarray(fp32_emb, dtype=np.float32)
+    b = np.asarray(int8_emb, dtype=np.float32)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"fp32 {a.shape} and int8 {b.shape} embeddings must both be (N, D)")
+    if len(labels) != len(a):
+        raise ValueError(f"{len(labels)} labels for {len(a)} embeddings")
+    fp32_map = retrieval_map_at_r(a, labels, max_queries=max_queries, seed=seed)
+    int8_map = retrieval_map_at_r(b, labels, max_queries=max_queries, seed=seed)
+    mixed_map = mixed_map_at_r(a, b, labels)
+    cosine = (l2_normalise(a) * l2_normalise(b)).sum(axis=1) if len(a) else np.zeros(0)
+    return {
+        "map_at_r_fp32": fp32_map,
+        "map_at_r_int8": int8_map,
+        "map_at_r_mixed": mixed_map,
+        "map_at_r_drop": fp32_map - min(int8_map, mixed_map),
+        "min_cosine": float(cosine.min()) if len(cosine) else math.nan,
+        "mean_cosine": float(cosine.mean()) if len(cosine) else math.nan,
+        "n_images": float(len(a)),
+    }
+
+
+def mark(scores: dict[str, float], tolerance: float = DEFAULT_TOLERANCE) -> tuple[bool, str]:
+    """``(keep, reason)``: keep int8 when both its MAP@Rs (int8 and mixed) are at most
+    ``tolerance`` below fp32's."""
+    drop = scores["map_at_r_drop"]
+    if not math.isfinite(drop):
+        return False, "MAP@R cannot be measured: no check image has another image of its item"
+    figures = (
+        f"int8 MAP@R {scores['map_at_r_int8']:.4f}, fp32 queries on int8 gallery "
+        f"{scores['map_at_r_mixed']:.4f}, fp32 {scores['map_at_r_fp32']:.4f}"
+    )
+    if drop > tolerance:
+        return False, f"{figures}: {drop:.4f} below fp32 (tolerance {tolerance})"
+    return True, f"{figures}: drop {drop:.4f} <= {tolerance}"
+
+
+def quality_check(
+    fp32_emb: np.ndarray,
+    int8_emb: np.ndarray,
+    labels: np.ndarray | Sequence[Any],
+    tolerance: float = DEFAULT_TOLERANCE,
+    *,
+    max_queries: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`int8_scores` plus the decision: ``keep`` (bool), ``reason`` (str), ``tolerance``."""
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    scores: dict[str, Any] = int8_scores(
+        fp32_emb, int8_emb, labels, max_queries=max_queries, seed=seed
+    )
+    keep, reason = mark(scores, tolerance)
+    return {**scores, "keep": keep, "reason": reason, "tolerance": float(tolerance)}
