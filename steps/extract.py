@@ -18,6 +18,12 @@ shard per partition, read the same way by every later stage), ``extractor/`` (``
 manifest), ``quarantine.parquet`` (this stage's failures, stage="extract"), param
 ``extractor_fingerprint`` and metrics ``n``, ``n_ok``, ``n_failed``, ``n_from_cache``,
 ``images_per_s``, ``seconds``, ``bf16_used``, ``compile_used``.
+
+With ``extract.extras`` (``auto``: the ``pooled``/``gram`` features ``configs/attributes.yaml``
+asks for, when ``attributes.in_main``), the local engine also writes ``extras/``
+(:mod:`imgsearch.embed.extras`: float16 features keyed by ``image_id`` from the same forward
+pass, with the kinds, ``gram_blocks`` and extractor fingerprint), which ``steps.attributes``
+reads instead of the images; tag ``imgsearch.extract.extras`` says whether and why (not).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import pandas as pd
 from imgsearch import schema
 from imgsearch.config import from_dict
 from imgsearch.embed.extract import ExtractConfig, extract
+from imgsearch.embed.extras import ExtrasSpec, ExtrasWriter
 from imgsearch.embed.files import embedding_ids, save_embeddings
 from imgsearch.models.backbones import (
     Extractor,
@@ -44,6 +51,9 @@ from imgsearch.models.backbones import (
 from steps.common import EMBEDDINGS_ARTIFACT, Option, cli, log_df, log_metrics, read_df, stage_run
 
 log = logging.getLogger(__name__)
+
+EXTRAS_ARTIFACT = "extras"  # steps.attributes reads it
+TAG_EXTRAS = "imgsearch.extract.extras"
 
 
 def read_manifest(preprocess_run_id: str, split_run_id: str | None = None) -> pd.DataFrame:
@@ -98,10 +108,16 @@ def run(
         metadata = {"extractor_fingerprint": fp, "extractor_name": extractor.spec.name}
         with tempfile.TemporaryDirectory() as tmp:
             extractor_dir = save_extractor(extractor, Path(tmp) / "extractor")
+            extras, why = ExtrasSpec.resolve(cfg.extras, all_cfg.get("attributes"))
             if cfg.engine == "spark":
+                if extras is not None:
+                    why = "the spark engine writes no extras"
                 ids, failures = _extract_spark(extractor_dir, manifest, cfg, Path(tmp), metadata)
+                mlflow.set_tag(TAG_EXTRAS, f"no: {why}")
             else:
-                ids, failures = _extract_local(extractor, manifest, cfg, Path(tmp), metadata)
+                ids, failures = _extract_local(
+                    extractor, manifest, cfg, Path(tmp), metadata, extras, why
+                )
             mlflow.log_artifacts(str(extractor_dir), "extractor")
         log_df(
             manifest[manifest[schema.IMAGE_ID].isin(set(ids))].reset_index(drop=True),
@@ -117,12 +133,24 @@ def _extract_local(
     cfg: ExtractConfig,
     tmp: Path,
     metadata: dict[str, str],
+    extras: ExtrasSpec | None = None,
+    why: str = "",
 ) -> tuple[Any, pd.DataFrame]:
     # embeddings stream into a memmap, so memory stays flat however large the manifest is
-    result = extract(extractor, manifest, cfg, out=tmp / "embeddings.npy")
+    result = extract(extractor, manifest, cfg, out=tmp / "embeddings.npy", extras=extras)
     log_metrics(result.metrics)
     path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
     mlflow.log_artifact(str(path))
+    if extras is not None and isinstance(result.writer, ExtrasWriter):
+        try:
+            folder = result.writer.save_extras(tmp / EXTRAS_ARTIFACT, extras, metadata)
+        except ValueError as exc:  # bf16/compile in use: the attribute step computes its own
+            why = str(exc)
+        else:
+            mlflow.log_artifacts(str(folder), EXTRAS_ARTIFACT)
+            mlflow.set_tag(TAG_EXTRAS, f"yes: {'+'.join(extras.kinds)} ({why})")
+            return result.ids, result.failures
+    mlflow.set_tag(TAG_EXTRAS, f"no: {why}")
     return result.ids, result.failures
 
 
