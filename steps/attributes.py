@@ -1,8 +1,9 @@
 """Attributes: one head per catalog attribute (category, subcategory, style...), scored on test.
 
-Inputs: ``--extract-run-id`` (its ``embeddings.parquet``, and its ``extractor/`` and
-``manifest.parquet`` when a head reads ``pooled`` or ``gram`` features, computed here in one
-forward pass), ``--split-run-id`` (its ``manifest.parquet``: ``split`` and the attribute
+Inputs: ``--extract-run-id`` (its ``embeddings.parquet``; when a head reads ``pooled`` or ``gram``
+features, its ``extras/`` (written by extraction in the same forward pass) when their kinds,
+``gram_blocks`` and extractor match, else its ``extractor/`` and ``manifest.parquet``, computed
+here in one forward pass; tag ``imgsearch.attributes.features`` says which and why), ``--split-run-id`` (its ``manifest.parquet``: ``split`` and the attribute
 columns), ``configs/attributes.yaml`` (``--model`` overrides it). The library is
 :mod:`imgsearch.train.attributes`: heads fitted on train, ``C`` chosen on val, figures on test
 (the split is by item, so no test item was seen in training).
@@ -39,6 +40,7 @@ from mlflow.exceptions import MlflowException
 
 from imgsearch import schema
 from imgsearch.config import from_dict, load_config
+from imgsearch.embed.extras import Extras, extras_mismatch, load_extras, read_meta
 from imgsearch.embed.files import embeddings_metadata, load_embeddings
 from imgsearch.embed.style import manifest_features
 from imgsearch.evaluate.classification import confusion_plot
@@ -57,12 +59,14 @@ from steps.common import (
     read_df,
     stage_run,
 )
+from steps.extract import EXTRAS_ARTIFACT, TAG_EXTRAS
 
 log = logging.getLogger(__name__)
 
 HEADS_ARTIFACT = "attributes"
 EXTRACTOR_ARTIFACT = "extractor"  # steps.extract writes it
 TAG_REGISTERED = "imgsearch.attributes.registered"
+TAG_FEATURES = "imgsearch.attributes.features"  # where pooled/gram features came from, and why
 
 
 def _manifest(extract_run_id: str, split_run_id: str) -> pd.DataFrame:
@@ -83,16 +87,27 @@ def _manifest(extract_run_id: str, split_run_id: str) -> pd.DataFrame:
 def compute_features(
     extract_run_id: str, manifest: pd.DataFrame, cfg: AttributesConfig
 ) -> tuple[list[str], dict[str, np.ndarray], str, pd.DataFrame]:
-    """``(ids, {kind: (N, D)}, extractor fingerprint, failures)`` for the kinds the heads read."""
+    """``(ids, {kind: (N, D)}, extractor fingerprint, failures)`` for the kinds the heads read:
+    the extract run's ``extras/`` when they match (kinds, gram_blocks, extractor), else
+    computed from the images in one forward pass (the reason logged and tagged)."""
     emb_path = artifact_path(extract_run_id, EMBEDDINGS_ARTIFACT)
-    ids, emb = load_embeddings(emb_path)
-    ids = [str(i) for i in ids]
+    loaded_ids, emb = load_embeddings(emb_path)
+    ids = [str(i) for i in loaded_ids]
     fp = embeddings_metadata(emb_path).get("extractor_fingerprint", "")
     kinds = cfg.feature_kinds()
     extra = [k for k in kinds if k != "embedding"]
     features: dict[str, np.ndarray] = {"embedding": emb} if "embedding" in kinds else {}
     if not extra:
+        mlflow.set_tag(TAG_FEATURES, "embeddings only")
         return ids, features, fp, pd.DataFrame()
+    saved, why = _saved_extras(extract_run_id, extra, cfg, fp, ids)
+    if saved is not None:
+        log.info("attributes: %s features from extract run %s's extras", extra, extract_run_id)
+        mlflow.set_tag(TAG_FEATURES, f"extract run extras ({'+'.join(extra)})")
+        features.update(saved.features)
+        return ids, features, fp, pd.DataFrame()
+    log.info("attributes: computing %s from the images: %s", extra, why)
+    mlflow.set_tag(TAG_FEATURES, f"computed: {why}")
     extractor = load_extractor(artifact_path(extract_run_id, EXTRACTOR_ARTIFACT))
     fp = fingerprint(extractor)
     rows = manifest.set_index(schema.IMAGE_ID).reindex(ids).reset_index()
@@ -102,6 +117,25 @@ def compute_features(
     features = {k: v[keep] for k, v in features.items()}
     features.update(computed.features)
     return computed.ids, features, fp, computed.failures
+
+
+def _saved_extras(
+    extract_run_id: str, kinds: list[str], cfg: AttributesConfig, fp: str, ids: list[str]
+) -> tuple[Extras | None, str]:
+    """The extract run's extras for ``kinds`` when they match, else ``(None, why not)``."""
+    try:
+        folder = artifact_path(extract_run_id, EXTRAS_ARTIFACT)
+        meta = read_meta(folder)
+    except (MlflowException, OSError, ValueError):
+        tag = MlflowClient().get_run(extract_run_id).data.tags.get(TAG_EXTRAS, "")
+        return None, f"the extract run has no extras ({tag or 'an older extract run'})"
+    why = extras_mismatch(meta, kinds, cfg.gram_blocks, fp)
+    if why:
+        return None, why
+    saved = load_extras(folder, kinds)
+    if saved.ids != ids:
+        return None, "the extras' image ids differ from the embeddings'"
+    return saved, ""
 
 
 def summary(result: AttributesResult, cfg: AttributesConfig) -> pd.DataFrame:

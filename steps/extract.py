@@ -21,6 +21,13 @@ manifest), ``quarantine.parquet`` (this stage's failures, stage="extract"), para
 (``imgsearch.evaluate.int8``): quantised with ONNX Runtime on train images, kept only when val MAP@R
 stays within ``extract.int8.tolerance`` of fp32's, else fp32; metrics ``int8_used``,
 ``int8_map_at_r_fp32``, ``int8_map_at_r_int8``, ``int8_map_at_r_drop`` and param ``int8_reason``.
+
+With ``extract.extras`` (``auto``: the ``pooled``/``gram`` features ``configs/attributes.yaml``
+asks for, when ``attributes.in_main``), the local engine also writes ``extras/``
+(:mod:`imgsearch.embed.extras`: float16 features keyed by ``image_id`` from the same forward
+pass, with the kinds, ``gram_blocks`` and extractor fingerprint), which ``steps.attributes``
+reads instead of the images; tag ``imgsearch.extract.extras`` says whether and why (not). int8
+extraction writes none (the heads read fp32 features; the attribute step computes them).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import pandas as pd
 from imgsearch import schema
 from imgsearch.config import from_dict
 from imgsearch.embed.extract import INT8, ExtractConfig, extract
+from imgsearch.embed.extras import ExtrasSpec, ExtrasWriter
 from imgsearch.embed.files import embedding_ids, save_embeddings
 from imgsearch.evaluate.int8 import extract_int8
 from imgsearch.models.backbones import (
@@ -48,6 +56,9 @@ from imgsearch.models.backbones import (
 from steps.common import EMBEDDINGS_ARTIFACT, Option, cli, log_df, log_metrics, read_df, stage_run
 
 log = logging.getLogger(__name__)
+
+EXTRAS_ARTIFACT = "extras"  # steps.attributes reads it
+TAG_EXTRAS = "imgsearch.extract.extras"
 
 
 def read_manifest(preprocess_run_id: str, split_run_id: str | None = None) -> pd.DataFrame:
@@ -102,10 +113,16 @@ def run(
         metadata = {"extractor_fingerprint": fp, "extractor_name": extractor.spec.name}
         with tempfile.TemporaryDirectory() as tmp:
             extractor_dir = save_extractor(extractor, Path(tmp) / "extractor")
+            extras, why = ExtrasSpec.resolve(cfg.extras, all_cfg.get("attributes"))
             if cfg.engine == "spark":
+                if extras is not None:
+                    why = "the spark engine writes no extras"
                 ids, failures = _extract_spark(extractor_dir, manifest, cfg, Path(tmp), metadata)
+                mlflow.set_tag(TAG_EXTRAS, f"no: {why}")
             else:
-                ids, failures = _extract_local(extractor, manifest, cfg, Path(tmp), metadata)
+                ids, failures = _extract_local(
+                    extractor, manifest, cfg, Path(tmp), metadata, extras, why
+                )
             mlflow.log_artifacts(str(extractor_dir), "extractor")
         log_df(
             manifest[manifest[schema.IMAGE_ID].isin(set(ids))].reset_index(drop=True),
@@ -121,12 +138,16 @@ def _extract_local(
     cfg: ExtractConfig,
     tmp: Path,
     metadata: dict[str, str],
+    extras: ExtrasSpec | None = None,
+    why: str = "",
 ) -> tuple[Any, pd.DataFrame]:
     # embeddings stream into a memmap, so memory stays flat however large the manifest is
     if cfg.precision == INT8:  # calibrated on train, kept only if val MAP@R holds, else fp32
         result = extract_int8(extractor, manifest, cfg, out=tmp / "embeddings.npy")
+        if extras is not None:
+            extras, why = None, "precision int8: the attribute step computes fp32 features"
     else:
-        result = extract(extractor, manifest, cfg, out=tmp / "embeddings.npy")
+        result = extract(extractor, manifest, cfg, out=tmp / "embeddings.npy", extras=extras)
     log_metrics(result.metrics)
     if cfg.precision == INT8:  # the vectors' arithmetic, beside the extractor that made them
         precision = str(result.metrics.get("precision_used", "fp32"))
@@ -134,6 +155,16 @@ def _extract_local(
         metadata = {**metadata, "precision": precision}
     path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
     mlflow.log_artifact(str(path))
+    if extras is not None and isinstance(result.writer, ExtrasWriter):
+        try:
+            folder = result.writer.save_extras(tmp / EXTRAS_ARTIFACT, extras, metadata)
+        except ValueError as exc:  # bf16/compile in use: the attribute step computes its own
+            why = str(exc)
+        else:
+            mlflow.log_artifacts(str(folder), EXTRAS_ARTIFACT)
+            mlflow.set_tag(TAG_EXTRAS, f"yes: {'+'.join(extras.kinds)} ({why})")
+            return result.ids, result.failures
+    mlflow.set_tag(TAG_EXTRAS, f"no: {why}")
     return result.ids, result.failures
 
 

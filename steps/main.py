@@ -78,10 +78,12 @@ def run(
         done("eda", eda.run(ids["validate"], ids["preprocess"], **kw))
         done("split", split.run(preprocess_run_id=ids["preprocess"], **kw))
 
-        def retrieval(prefix: str, extractor_uri: str | None) -> dict[str, float]:
+        def retrieval(
+            prefix: str, extractor_uri: str | None, chain_kw: dict[str, Any] = kw
+        ) -> dict[str, float]:
             """extract -> index -> evaluate -> register (-> promote) with one extractor."""
             runs = run_chain(
-                Chain(kw, done, names=ChainNames.prefixed(prefix)),
+                Chain(chain_kw, done, names=ChainNames.prefixed(prefix)),
                 data_run_id=ids["split"],
                 eval_split_run_id=ids["split"],
                 preprocess_run_id=ids["preprocess"],
@@ -95,7 +97,9 @@ def run(
             return metrics
 
         with labelled(f"baseline {backbone}", role="baseline"):
-            before = retrieval("", None)
+            # the attribute step reads the final extract run's extras: the baseline's would go unread
+            no_extras = {**kw, "overrides": {**kw["overrides"], "extract.extras": "none"}}
+            before = retrieval("", None, no_extras if finetune_ else kw)
         after: dict[str, float] | None = None
         if finetune_:
             with labelled(f"finetuned {backbone}", role="finetuned"):

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from imgsearch import schema
+from imgsearch.embed.extras import ExtrasMapper, ExtrasSpec, ExtrasWriter
 from imgsearch.embed.mapper import PRECISIONS, Mapper, resolve_device
 from imgsearch.embed.reader import ManifestReader
 from imgsearch.embed.runner import Runner
@@ -58,6 +59,8 @@ class ExtractConfig:
     ``engine``: ``"local"`` (:func:`extract`, this process) or ``"spark"``
     (:func:`imgsearch.embed.spark_runner.spark_extract`, one runner per partition); ``spark`` holds
     that engine's settings (:class:`imgsearch.embed.spark_runner.SparkConfig`: ``master``, ...).
+    ``extras``: which attribute features the extract *step* also writes (``auto``: what
+    ``configs/attributes.yaml`` reads; the local engine only), see :mod:`imgsearch.embed.extras`.
     """
 
     backbone: str = "mobilenet_v2"
@@ -72,6 +75,7 @@ class ExtractConfig:
     engine: str = "local"
     spark: dict[str, Any] = field(default_factory=dict)
     int8: dict[str, Any] = field(default_factory=dict)  # imgsearch.evaluate.int8.Int8Config
+    extras: Any = "auto"  # auto | none | [pooled, gram]: imgsearch.embed.extras.ExtrasSpec.resolve
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -115,6 +119,7 @@ class ExtractResult:
     embeddings: np.ndarray  # (N_ok, D) float32, unit L2 norm
     failures: pd.DataFrame  # quarantine schema, stage="extract"
     metrics: dict[str, Any] = field(default_factory=dict)
+    writer: EmbeddingWriter | None = None  # an ExtrasWriter when extras were asked for
 
 
 def available_cores() -> int:
@@ -159,10 +164,13 @@ def build_runner(
     workers: int,
     device: torch.device,
     out: Path | None = None,
+    extras: ExtrasSpec | None = None,
 ) -> Runner:
-    """The :class:`Runner` of ``cfg`` around a loaded ``extractor`` (every engine builds it here)."""
+    """The :class:`Runner` of ``cfg`` around a loaded ``extractor`` (every engine builds it here);
+    with ``extras``, its mapper and writer also compute and keep those features
+    (:mod:`imgsearch.embed.extras`)."""
     dim = extractor.spec.embedding_dim
-    if isinstance(extractor, QuantizedExtractor):  # int8 (ONNX Runtime): its own mapper
+    if isinstance(extractor, QuantizedExtractor):  # int8 (ONNX Runtime): its own mapper, no extras
         from imgsearch.embed.quantized import QuantizedMapper
 
         quantized = extractor
@@ -173,18 +181,25 @@ def build_runner(
             mapper_builder=lambda: QuantizedMapper(quantized),
             writer_builder=lambda rows: EmbeddingWriter(rows, dim, out),
         )
+
+    def mapper() -> Mapper:
+        options: dict[str, Any] = {
+            "precision": cfg.precision,
+            "compile": cfg.compile,
+            "channels_last": cfg.channels_last,
+        }
+        if extras is None:
+            return Mapper(extractor, device, **options)
+        return ExtrasMapper(extractor, device, spec=extras, **options)
+
     return Runner(
         reader_builder=lambda: ManifestReader(
             extractor.spec.preprocess, cfg.batch_size, workers, pin_memory=device.type == "cuda"
         ),
-        mapper_builder=lambda: Mapper(
-            extractor,
-            device,
-            precision=cfg.precision,
-            compile=cfg.compile,
-            channels_last=cfg.channels_last,
+        mapper_builder=mapper,
+        writer_builder=lambda rows: (
+            EmbeddingWriter(rows, dim, out) if extras is None else ExtrasWriter(rows, dim, out)
         ),
-        writer_builder=lambda rows: EmbeddingWriter(rows, dim, out),
     )
 
 
@@ -195,20 +210,22 @@ def extract(
     *,
     out: Path | None = None,
     progress: bool = True,
+    extras: ExtrasSpec | None = None,
 ) -> ExtractResult:
     """Embed every row of ``manifest`` (needs ``image_id`` and ``path``; uses ``pre_path`` when
     it matches). ``out``: stream embeddings into this ``.npy`` memmap instead of memory (the
     result's ``embeddings`` is then a view of it; its first ``len(ids)`` rows are the valid ones).
 
     The extractor is restored afterwards (device, memory format, train/eval mode; torch's
-    thread count too). Raises ``ValueError`` when a required column is missing.
+    thread count too). ``extras``: also compute those features in the same forward pass
+    (``result.writer.save_extras``, :mod:`imgsearch.embed.extras`). Raises ``ValueError`` when a required column is missing.
     """
     cfg = cfg or ExtractConfig()
     check_manifest(manifest)
     manifest = manifest.reset_index(drop=True)
     n = len(manifest)
     workers, threads = resolve_parallelism(cfg)
-    runner = build_runner(extractor, cfg, workers, resolve_device(cfg.device), out)
+    runner = build_runner(extractor, cfg, workers, resolve_device(cfg.device), out, extras)
     original_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -244,4 +261,6 @@ def extract(
         threads,
         metrics["precision_used"],
     )
-    return ExtractResult(ids=ids, embeddings=embeddings, failures=quarantine, metrics=metrics)
+    return ExtractResult(
+        ids=ids, embeddings=embeddings, failures=quarantine, metrics=metrics, writer=part.writer
+    )

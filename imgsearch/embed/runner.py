@@ -96,8 +96,10 @@ def _map_and_write(
                 manifest, batch.indices[j], "bad_embedding", "non-finite or zero vector", None
             )
         )
-    result.writer.write(
-        [image_ids[i] for i, ok in zip(batch.indices, finite, strict=True) if ok], emb[finite]
-    )
+    written = [image_ids[i] for i, ok in zip(batch.indices, finite, strict=True) if ok]
+    result.writer.write(written, emb[finite])
+    write_extras = getattr(result.writer, "write_extras", None)  # imgsearch.embed.extras
+    if write_extras is not None:
+        write_extras(written, getattr(mapper, "extras", None), finite)
     result.n_cached += batch.n_cached
     result.n_read += len(batch.indices)
