@@ -277,3 +277,22 @@ def test_served_attributes_reuse_the_query_images_decoded_for_the_embedding(
     )
     expected = decoding._jsonable(heads.annotate(plain, fresh))
     pd.testing.assert_frame_equal(answer, expected)
+
+
+def test_bundled_artifact_reads_the_path_and_version_from_the_pyfunc_context() -> None:
+    """One reader for every bundled artifact (reranker, attribute heads): its path, and its
+    version from the model config (None when missing or empty); None without the artifact."""
+    from types import SimpleNamespace
+
+    ctx = SimpleNamespace(
+        artifacts={"reranker": "/copy/artifacts/reranker", "attributes": "/copy/a"},
+        model_config={sr.VERSION_KEY: 3, "attributes_version": ""},
+    )
+    assert sr.bundled_artifact(ctx, "reranker", sr.VERSION_KEY) == (
+        Path("/copy/artifacts/reranker"),
+        "3",
+    )
+    assert sr.bundled_artifact(ctx, "attributes", "attributes_version") == (Path("/copy/a"), None)
+    assert sr.bundled_artifact(ctx, "text", "text_version") is None
+    assert sr.bundled_artifact(SimpleNamespace(), "reranker", sr.VERSION_KEY) is None
+    assert sr.ServedReranker.from_context(SimpleNamespace(artifacts={})) is None
