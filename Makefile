@@ -46,7 +46,7 @@ lint: setup
 	$(BIN)/ruff check imgsearch steps registry monitoring app tests benchmarks
 	$(BIN)/ruff format --check imgsearch steps registry monitoring app tests benchmarks
 	$(BIN)/mypy imgsearch
-	$(BIN)/mypy --explicit-package-bases registry app
+	$(BIN)/mypy --explicit-package-bases registry app steps monitoring
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_validate_preprocess

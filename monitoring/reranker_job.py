@@ -17,6 +17,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from imgsearch.config import from_dict, load_config
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 def new_votes(client: MlflowClient, store: FeedbackStore, index_version: str) -> int:
     """Votes on ``index_version`` newer than the newest reranker version trained for it."""
     votes = store.votes(index_version=index_version)
+    versions: list[ModelVersion]  # a PagedList, or none when the search fails
     try:
         versions = client.search_model_versions(
             f"name = '{RERANKER_MODEL}' and tags.{TAG_INDEX_VERSION} = '{int(index_version)}'"

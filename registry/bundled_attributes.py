@@ -24,6 +24,7 @@ from PIL import Image
 
 from imgsearch.embed.attributes_query import AttributePredictor
 from imgsearch.models.backbones import Extractor
+from registry.served_rerank import add_artifact, artifact_dir, bundled_artifact, downloaded_name
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,13 @@ class BundledAttributes:
     ) -> BundledAttributes | None:
         """The bundled heads (checked by the caller's ``verify_loaded``), or None. Heads of
         another extractor are refused (``ExtractorMismatchError``)."""
-        artifacts = getattr(context, "artifacts", None) or {}
-        if ARTIFACT_ATTRIBUTES not in artifacts:
+        bundled = bundled_artifact(context, ARTIFACT_ATTRIBUTES, VERSION_KEY)
+        if bundled is None:
             return None
-        config = dict(getattr(context, "model_config", None) or {})
-        version = config.get(VERSION_KEY)
-        predictor = AttributePredictor.load(
-            Path(artifacts[ARTIFACT_ATTRIBUTES]), extractor, extractor_fp
-        )
+        path, version = bundled
+        predictor = AttributePredictor.load(path, extractor, extractor_fp)
         log.info("predicted attributes from imgsearch-attributes v%s", version or "?")
-        return cls(predictor, None if version in (None, "") else str(version))
+        return cls(predictor, version)
 
     def annotate(
         self, out: pd.DataFrame, images: Sequence[Image.Image | None], query: str = "query"
@@ -93,7 +91,6 @@ def bundle_attributes(
     from imgsearch.errors import ImgsearchError
     from registry.attributes_model import ATTRIBUTES_MODEL
     from registry.integrity import download_verified
-    from registry.served_rerank import add_artifact, artifact_dir, downloaded_name
     from registry.tags import TAG_EXTRACTOR_VERSION
 
     client = client or MlflowClient()

@@ -37,6 +37,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, Schema
+from PIL import Image
 
 from imgsearch import schema
 from imgsearch.errors import ConfigError
@@ -242,15 +243,16 @@ class IndexModel(PythonModel):
 
     def _queries(
         self, model_input: Any, text_weight: float
-    ) -> tuple[np.ndarray, list[int], list[str | None], set[int]]:
+    ) -> tuple[np.ndarray, list[int], list[str | None], set[int], list[Image.Image | None]]:
         """One vector per usable row (image, text, or both mixed), its row numbers, per-row
-        errors, and the rows that hold a text (they skip flagged images)."""
+        errors, the rows that hold a text (they skip flagged images), and the decoded images of
+        an image-only request (empty otherwise), for the attribute heads to reuse."""
         if not text_queries.has_text(model_input):
             images, image_only_errors = decode_images(
                 _image_values(model_input), allow_paths=self.allow_paths, limits=self.limits
             )
             emb, rows = _embed(self.serving, images)
-            return emb, rows, image_only_errors, set()
+            return emb, rows, image_only_errors, set(), images
         if self.text is None:
             raise _invalid("this index model has no text encoder: send images, or run `align`")
         texts, langs = text_queries.text_cells(model_input, len(model_input))
@@ -283,7 +285,7 @@ class IndexModel(PythonModel):
         if not vectors:
             reasons = "; ".join(f"row {i}: {e}" for i, e in enumerate(errors[:5]) if e)
             raise _invalid(f"no usable query in the request ({reasons})")
-        return np.stack(vectors).astype(np.float32), rows, errors, set(text_emb)
+        return np.stack(vectors).astype(np.float32), rows, errors, set(text_emb), []
 
     def _rank(
         self,
@@ -324,7 +326,7 @@ class IndexModel(PythonModel):
             raise _invalid(f"{TEXT_WEIGHT} must be in [0, 1], got {text_weight}")
         feedback = feedback_for_request(params)  # liked / disliked / session, popped
         k, cfg = ranking_for_request(self.ranking, params, self.default_k)
-        emb, rows, errors, text_rows = self._queries(model_input, text_weight)
+        emb, rows, errors, text_rows, images = self._queries(model_input, text_weight)
         frames: list[pd.DataFrame] = []
         if rows:
             emb = served_feedback.moved_queries(self.index, emb, feedback)
@@ -352,10 +354,7 @@ class IndexModel(PythonModel):
             if c not in leading and c != ERROR and c not in SERVER_ONLY_COLUMNS
         ]
         out = out[[*leading, *rest, ERROR]].reset_index(drop=True)
-        if self.attributes is not None and not text_queries.has_text(model_input):
-            images, _ = decode_images(
-                _image_values(model_input), allow_paths=self.allow_paths, limits=self.limits
-            )
+        if self.attributes is not None and images:  # an image-only request, decoded once
             out = self.attributes.annotate(out, images)
         out = _jsonable(out)
         self.impressions.log(model_input, out, feedback)

@@ -59,15 +59,14 @@ class ServedReranker:
     def from_context(cls, context: Any) -> ServedReranker | None:
         """The bundled reranker of a served copy, or None when the copy has none. Its files
         must already have been checked (``verify_loaded``) by the caller."""
-        artifacts = getattr(context, "artifacts", None) or {}
-        if ARTIFACT_RERANKER not in artifacts:
+        bundled = bundled_artifact(context, ARTIFACT_RERANKER, VERSION_KEY)
+        if bundled is None:
             return None
-        config = dict(getattr(context, "model_config", None) or {})
-        version = config.get(VERSION_KEY)
-        reranker = LearnedReranker.load(Path(artifacts[ARTIFACT_RERANKER]))
+        path, version = bundled
+        reranker = LearnedReranker.load(path)
         if reranker.cfg.attributes:  # bundle_reranker never bundles one; refuse, never guess
             raise ConfigError("a reranker trained with attribute_agreement cannot be served here")
-        model = cls(reranker, None if version in (None, "") else str(version))
+        model = cls(reranker, version)
         log.info("reranking with imgsearch-reranker v%s", model.version or "?")
         return model
 
@@ -161,6 +160,18 @@ def add_artifact(model_dir: Path, name: str, source: Path, config: dict[str, str
     conf.setdefault("artifacts", {})[name] = {"path": rel}
     conf.setdefault("config", {}).update(config)
     _write_mlmodel(model_dir, data)
+
+
+def bundled_artifact(context: Any, name: str, version_key: str) -> tuple[Path, str | None] | None:
+    """In a pyfunc's ``load_context``: where the artifact ``name`` that :func:`add_artifact`
+    bundled into a served copy lives, and the registry version its ``version_key`` config
+    records (None when unrecorded); None when the copy has no such artifact."""
+    artifacts = getattr(context, "artifacts", None) or {}
+    if name not in artifacts:
+        return None
+    config = dict(getattr(context, "model_config", None) or {})
+    version = config.get(version_key)
+    return Path(artifacts[name]), None if version in (None, "") else str(version)
 
 
 def artifact_dir(model_dir: Path, name: str) -> Path | None:

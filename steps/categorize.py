@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 STEP_KEYS = ("member_texts", "keywords_per_image", "gallery", "in_main")
 
 
-def _images(extract_run_id: str, ids: Sequence[str]) -> pd.DataFrame:
+def _images(extract_run_id: str, ids: Sequence[str] | np.ndarray) -> pd.DataFrame:
     """The extract run's manifest rows in embedding order (only ``image_id`` when it has none)."""
     order = pd.DataFrame({schema.IMAGE_ID: [str(i) for i in ids]})
     try:

@@ -60,7 +60,8 @@ def run(
     with labelled(f"{backbone} ({profile})" if profile else backbone):
         started = start_labelled_run("main")
     with started as parent:
-        log_settings(params)
+        # the switches spelt as on the command line (-P finetune=false): one param, not two
+        log_settings({**params, "finetune": _switch(finetune_), "promote": _switch(promote_)})
         mlflow.set_tag(NOTE_TAG, description(params))
         ids: dict[str, str] = {}
         gates: list[str] = []
@@ -209,6 +210,10 @@ OPTIONS = (
         empty_is_none=False,
     ),
 )
+
+
+def _switch(on: bool) -> str:
+    return "true" if on else "false"
 
 
 def _switches(kwargs: dict[str, Any], overrides: dict[str, Any]) -> None:

@@ -99,6 +99,58 @@ def test_ingest_validate_promote_run_with_defaults_and_a_parameter(
     assert client.get_run(promote).data.tags["promote.promoted"] == "false"
 
 
+def test_main_run_records_the_settings_in_effect_not_empty_placeholders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mlflow run . -P backbone=... -P finetune=false`` of ``main``: the run MLflow makes holds
+    the given values, and ``steps.main`` adds the others with the values in effect, each under
+    its own name (no ``''`` placeholder, no ``cfg.`` twin). MLflow's own code makes the run and
+    the command; the pipeline is stopped once the settings are logged."""
+    import shlex
+
+    import mlflow
+    from mlflow.projects import _project_spec
+    from mlflow.projects.utils import _create_run
+
+    import steps.main as main_step
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("IMGSEARCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("IMGSEARCH_PROFILE", raising=False)
+    mlflow.set_tracking_uri(uri)
+    given = {"backbone": "mobilenet_v2", "finetune": "false"}
+    try:
+        experiment = mlflow.create_experiment("entry-points")
+        run = _create_run(str(ROOT), experiment, str(ROOT), None, "main", given)
+        command = (
+            _project_spec.load_project(str(ROOT))
+            .get_entry_point("main")
+            .compute_command(given, str(tmp_path))
+        )
+        program, argv = shlex.split(command)[:3], shlex.split(command)[3:]
+        assert program == ["python", "-m", "steps.main"]
+
+        class Stop(Exception):
+            pass
+
+        def stop(**_: object) -> str:
+            raise Stop
+
+        monkeypatch.setattr(main_step.ingest, "run", stop)
+        monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+        with pytest.raises(Stop):
+            main_step.cli(main_step.run, None, main_step.OPTIONS, argv, adjust=main_step._switches)
+        params = MlflowClient().get_run(run.info.run_id).data.params
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert params["backbone"] == "mobilenet_v2" and params["finetune"] == "false"
+    assert params["profile"] == "default" and params["promote"] == "true"
+    assert params["weights"] and params["factory"] and params["limit"] == "all"
+    assert not [k for k, v in params.items() if v in ("''", "")], params
+    assert not [k for k in params if k.startswith("cfg.")], params
+
+
 @pytest.mark.slow
 def test_every_other_entry_point_runs(project: dict[str, str]) -> None:
     """The whole chain entry point by entry point, then rollback, drift and improve."""

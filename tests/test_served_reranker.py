@@ -227,3 +227,72 @@ def test_served_copy_answers_the_query_images_predicted_attributes(
         finally:  # the search env is shared by the session's other tests
             with contextlib.suppress(mlflow.exceptions.MlflowException):
                 client.delete_registered_model(ATTRIBUTES_MODEL)
+
+
+def test_served_attributes_reuse_the_query_images_decoded_for_the_embedding(
+    env: SearchEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With bundled heads, each query image is decoded once per request (not again for the
+    heads), and the answer is the one the heads give on a fresh decode of the same images."""
+    from registry.attributes_model import ATTRIBUTES_MODEL
+    from tests.test_search_cli import _register_heads
+
+    with tracking(env.uri):
+        client = MlflowClient()
+        try:
+            _register_heads(env, tmp_path)
+            local, files = _copy(tmp_path)
+            sr.prepare_copy(local, files, reranker_alias=None, client=client)
+            served = mlflow.pyfunc.load_model(str(local))
+        finally:  # the search env is shared by the session's other tests
+            with contextlib.suppress(mlflow.exceptions.MlflowException):
+                client.delete_registered_model(ATTRIBUTES_MODEL)
+    model = served.unwrap_python_model()
+    assert model.attributes is not None
+    # the modules the loaded copy runs (MLflow may import them afresh from the copy's code/)
+    models_mod = sys.modules[type(model).__module__]
+    decoding = sys.modules[models_mod.decode_images.__module__]
+    decoded: list[object] = []
+    real_open = decoding.open_rgb
+
+    def counting_open(*args: object, **kwargs: object) -> object:
+        decoded.append(args[0])
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "open_rgb", counting_open)
+    images = [base64.b64encode(env.images[i]).decode() for i in (0, 4)]
+    frame = pd.DataFrame({"image": [*images, "garbage"]})
+    answer = served.predict(frame, {"k": 2})
+    assert len(decoded) == 2  # the two good images, once each ("garbage" fails before decoding)
+    assert answer["predicted_category"].notna().sum() == 4
+
+    # the same answer as heads run on their own decode of the images
+    heads, model.attributes = model.attributes, None
+    try:
+        plain = served.predict(frame, {"k": 2})
+    finally:
+        model.attributes = heads
+    fresh, _ = decoding.decode_images(
+        list(frame["image"]), allow_paths=model.allow_paths, limits=model.limits
+    )
+    expected = decoding._jsonable(heads.annotate(plain, fresh))
+    pd.testing.assert_frame_equal(answer, expected)
+
+
+def test_bundled_artifact_reads_the_path_and_version_from_the_pyfunc_context() -> None:
+    """One reader for every bundled artifact (reranker, attribute heads): its path, and its
+    version from the model config (None when missing or empty); None without the artifact."""
+    from types import SimpleNamespace
+
+    ctx = SimpleNamespace(
+        artifacts={"reranker": "/copy/artifacts/reranker", "attributes": "/copy/a"},
+        model_config={sr.VERSION_KEY: 3, "attributes_version": ""},
+    )
+    assert sr.bundled_artifact(ctx, "reranker", sr.VERSION_KEY) == (
+        Path("/copy/artifacts/reranker"),
+        "3",
+    )
+    assert sr.bundled_artifact(ctx, "attributes", "attributes_version") == (Path("/copy/a"), None)
+    assert sr.bundled_artifact(ctx, "text", "text_version") is None
+    assert sr.bundled_artifact(SimpleNamespace(), "reranker", sr.VERSION_KEY) is None
+    assert sr.ServedReranker.from_context(SimpleNamespace(artifacts={})) is None
