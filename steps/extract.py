@@ -18,6 +18,13 @@ shard per partition, read the same way by every later stage), ``extractor/`` (``
 manifest), ``quarantine.parquet`` (this stage's failures, stage="extract"), param
 ``extractor_fingerprint`` and metrics ``n``, ``n_ok``, ``n_failed``, ``n_from_cache``,
 ``images_per_s``, ``seconds``, ``bf16_used``, ``compile_used``.
+
+Frozen trunk (:mod:`imgsearch.embed.trunk`, ``configs/trunk.yaml``): with ``--write-trunk`` the
+pass also logs ``trunk/``, the outputs of the blocks fine-tuning will freeze
+(``finetune.freeze_blocks``, ``finetune.cache_dtype``) for every readable image, and tags
+``imgsearch.trunk.written``; with ``--trunk-uri`` (``runs:/<baseline extract run>/trunk``) an
+extractor whose frozen part has that artifact's fingerprint runs only its later blocks for the
+images in it (metrics ``n_from_trunk``, ``trunk_check_min_cosine``). Local engine only.
 """
 
 from __future__ import annotations
@@ -34,6 +41,15 @@ from imgsearch import schema
 from imgsearch.config import from_dict
 from imgsearch.embed.extract import ExtractConfig, extract
 from imgsearch.embed.files import embedding_ids, save_embeddings
+from imgsearch.embed.trunk import (
+    TRUNK_ARTIFACT,
+    TrunkConfig,
+    TrunkStore,
+    check_splittable,
+    extract_from_trunk,
+    extract_writing_trunk,
+)
+from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import (
     Extractor,
     create_extractor,
@@ -41,6 +57,7 @@ from imgsearch.models.backbones import (
     load_extractor,
     save_extractor,
 )
+from imgsearch.train.config import FinetuneConfig
 from steps.common import EMBEDDINGS_ARTIFACT, Option, cli, log_df, log_metrics, read_df, stage_run
 
 log = logging.getLogger(__name__)
@@ -73,6 +90,8 @@ def run(
     extractor_uri: str | None = None,
     overrides: dict[str, Any] | None = None,
     profile: str | None = None,
+    trunk_uri: str | None = None,
+    write_trunk: bool = False,
 ) -> str:
     with stage_run("extract", overrides, profile) as (active, all_cfg):
         mlflow.set_tag("imgsearch.input.preprocess_run_id", preprocess_run_id)
@@ -98,8 +117,11 @@ def run(
         metadata = {"extractor_fingerprint": fp, "extractor_name": extractor.spec.name}
         with tempfile.TemporaryDirectory() as tmp:
             extractor_dir = save_extractor(extractor, Path(tmp) / "extractor")
+            trunk = trunk_plan(extractor, cfg, all_cfg, trunk_uri, write_trunk)
             if cfg.engine == "spark":
                 ids, failures = _extract_spark(extractor_dir, manifest, cfg, Path(tmp), metadata)
+            elif trunk is not None:
+                ids, failures = _extract_trunk(extractor, manifest, cfg, Path(tmp), metadata, trunk)
             else:
                 ids, failures = _extract_local(extractor, manifest, cfg, Path(tmp), metadata)
             mlflow.log_artifacts(str(extractor_dir), "extractor")
@@ -120,6 +142,74 @@ def _extract_local(
 ) -> tuple[Any, pd.DataFrame]:
     # embeddings stream into a memmap, so memory stays flat however large the manifest is
     result = extract(extractor, manifest, cfg, out=tmp / "embeddings.npy")
+    log_metrics(result.metrics)
+    path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
+    mlflow.log_artifact(str(path))
+    return result.ids, result.failures
+
+
+TrunkPlan = tuple[TrunkStore | tuple[int, str], float]
+
+
+def trunk_plan(
+    extractor: Extractor,
+    cfg: ExtractConfig,
+    all_cfg: dict[str, Any],
+    trunk_uri: str | None,
+    write_trunk: bool,
+) -> TrunkPlan | None:
+    """What to do with the frozen trunk: ``(a TrunkStore to start from, or (blocks, dtype) to
+    write; trunk.min_cosine)``, or None (a plain pass; the reason is logged and tagged)."""
+    tcfg = from_dict(TrunkConfig, all_cfg.get("trunk"))
+    if not (trunk_uri and tcfg.reuse) and not (write_trunk and tcfg.write):
+        return None
+    why = ""
+    if cfg.engine != "local":
+        why = f"engine {cfg.engine} runs full passes"
+    elif trunk_uri and tcfg.reuse:
+        mlflow.set_tag("imgsearch.input.trunk_uri", trunk_uri)
+        store = TrunkStore(Path(mlflow.artifacts.download_artifacts(artifact_uri=trunk_uri)))
+        if store.matches(extractor):
+            mlflow.set_tag("imgsearch.trunk.reused", "true")
+            return store, tcfg.min_cosine
+        why = "its frozen part is not this extractor's (fingerprint)"
+    else:
+        ft = from_dict(FinetuneConfig, all_cfg.get("finetune"))
+        blocks = ft.blocks_to_freeze(extractor.spec.name)
+        if not ft.caches_trunk(extractor.spec.name):
+            why = "fine-tuning does not cache frozen blocks (finetune.augment/cache_frozen)"
+        elif cfg.precision != "fp32" or cfg.compile:
+            why = "extract.precision bf16 / compile change the trunk's outputs"
+        else:
+            try:
+                check_splittable(extractor, blocks)
+                return (blocks, ft.cache_dtype), tcfg.min_cosine
+            except ConfigError as exc:
+                why = str(exc)
+    log.warning("extract: trunk outputs not used: %s", why)
+    mlflow.set_tag("imgsearch.trunk.skipped", why[:250])
+    return None
+
+
+def _extract_trunk(
+    extractor: Extractor,
+    manifest: pd.DataFrame,
+    cfg: ExtractConfig,
+    tmp: Path,
+    metadata: dict[str, str],
+    plan: TrunkPlan,
+) -> tuple[Any, pd.DataFrame]:
+    """The local pass that writes ``trunk/`` (``(blocks, dtype)``) or starts from a store."""
+    out = tmp / "embeddings.npy"
+    trunk, min_cosine = plan
+    if isinstance(trunk, TrunkStore):
+        result = extract_from_trunk(extractor, manifest, cfg, trunk, out=out, min_cosine=min_cosine)
+    else:
+        result, written = extract_writing_trunk(
+            extractor, manifest, cfg, tmp / TRUNK_ARTIFACT, *trunk, out=out
+        )
+        mlflow.log_artifacts(str(written), TRUNK_ARTIFACT)
+        mlflow.set_tag("imgsearch.trunk.written", "true")
     log_metrics(result.metrics)
     path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
     mlflow.log_artifact(str(path))
@@ -158,6 +248,8 @@ OPTIONS = (
     Option("--precision", "fp32 | bf16 (default: config)", key="extract.precision"),
     Option("--engine", "local | spark (default: config)", key="extract.engine"),
     Option("--spark-master", "Spark master URL (default: config)", key="extract.spark.master"),
+    Option("--trunk-uri", "trunk artifact to start from (runs:/<baseline extract run>/trunk)"),
+    Option("--write-trunk", "also log trunk/: the frozen blocks' outputs", flag_only=True),
 )
 
 

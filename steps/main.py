@@ -78,7 +78,9 @@ def run(
         done("eda", eda.run(ids["validate"], ids["preprocess"], **kw))
         done("split", split.run(preprocess_run_id=ids["preprocess"], **kw))
 
-        def retrieval(prefix: str, extractor_uri: str | None) -> dict[str, float]:
+        def retrieval(
+            prefix: str, extractor_uri: str | None, trunk_uri: str | None = None
+        ) -> dict[str, float]:
             """extract -> index -> evaluate -> register (-> promote) with one extractor."""
             runs = run_chain(
                 Chain(kw, done, names=ChainNames.prefixed(prefix)),
@@ -88,6 +90,8 @@ def run(
                 extractor_uri=extractor_uri,
                 texts_run_id=ids["ingest"],
                 do_promote=promote_,
+                trunk_uri=trunk_uri,
+                write_trunk=finetune_ and not prefix,
             )
             metrics = mlflow.get_run(runs.evaluate).data.metrics
             log_metrics({f"{prefix}test.{k}": metrics[k] for k in HEADLINE if k in metrics})
@@ -99,16 +103,18 @@ def run(
         after: dict[str, float] | None = None
         if finetune_:
             with labelled(f"finetuned {backbone}", role="finetuned"):
+                trunk = _trunk_uri(ids["extract"])
                 ft = done(
                     "finetune",
                     finetune.run(
                         ids["split"],
                         preprocess_run_id=ids["preprocess"],
                         extractor_uri=f"runs:/{ids['extract']}/extractor",
+                        trunk_uri=trunk,
                         **kw,
                     ),
                 )
-                after = retrieval("finetuned.", f"runs:/{ft}/extractor")
+                after = retrieval("finetuned.", f"runs:/{ft}/extractor", trunk)
             table = before_after(ids["evaluate"], ids["finetuned.evaluate"])
             log_df(table, "before_after.parquet")
             # the same table readable in the MLflow UI's artifact viewer
@@ -125,6 +131,13 @@ def run(
         announce("done")
         print(summary, flush=True)
         return parent.info.run_id
+
+
+def _trunk_uri(extract_run_id: str) -> str | None:
+    """``runs:/<id>/trunk`` when the baseline extraction wrote the frozen blocks' outputs
+    (:mod:`imgsearch.embed.trunk`): fine-tuning and the re-extraction then skip those blocks."""
+    tags = mlflow.get_run(extract_run_id).data.tags
+    return f"runs:/{extract_run_id}/trunk" if tags.get("imgsearch.trunk.written") else None
 
 
 def _categorize(ids: dict[str, str], prefix: str, kw: dict[str, Any]) -> str | None:
