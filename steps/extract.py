@@ -170,7 +170,9 @@ def trunk_plan(
         mlflow.set_tag("imgsearch.input.trunk_uri", trunk_uri)
         store = TrunkStore(Path(mlflow.artifacts.download_artifacts(artifact_uri=trunk_uri)))
         if store.matches(extractor):
-            mlflow.set_tag("imgsearch.trunk.reused", "true")
+            mlflow.set_tags(
+                {"imgsearch.trunk.reused": "true", "imgsearch.trunk.fingerprint": store.fingerprint}
+            )
             return store, tcfg.min_cosine
         why = "its frozen part is not this extractor's (fingerprint)"
     else:
@@ -209,7 +211,12 @@ def _extract_trunk(
             extractor, manifest, cfg, tmp / TRUNK_ARTIFACT, *trunk, out=out
         )
         mlflow.log_artifacts(str(written), TRUNK_ARTIFACT)
-        mlflow.set_tag("imgsearch.trunk.written", "true")
+        mlflow.set_tags(
+            {
+                "imgsearch.trunk.written": "true",
+                "imgsearch.trunk.fingerprint": TrunkStore(written).fingerprint,
+            }
+        )
     log_metrics(result.metrics)
     path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
     mlflow.log_artifact(str(path))
