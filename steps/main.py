@@ -3,6 +3,9 @@
 ingest -> validate -> preprocess -> eda -> split -> extract -> index -> evaluate -> align ->
 register -> promote, then, unless ``--no-finetune``: finetune (from the baseline extractor, on
 train, early-stopped on val) -> extract -> index -> evaluate -> align -> register -> promote.
+With fine-tuning, the baseline extract also logs ``trunk/`` (the frozen blocks' outputs,
+:mod:`imgsearch.embed.trunk`), handed to finetune and the second extract as
+``runs:/<extract run>/trunk``: they skip those blocks when the frozen part's fingerprint matches.
 ``align`` (text search) runs when the catalog has item texts (``configs/align.yaml``). The gate promotes the fine-tuned
 models only when they match or beat the baseline on the frozen test split.
 
