@@ -180,6 +180,8 @@ def trunk_plan(
         blocks = ft.blocks_to_freeze(extractor.spec.name)
         if not ft.caches_trunk(extractor.spec.name):
             why = "fine-tuning does not cache frozen blocks (finetune.augment/cache_frozen)"
+        elif ft.train_size and ft.train_size != extractor.spec.preprocess.size:
+            why = f"fine-tuning trains at {ft.train_size} px, not {extractor.spec.preprocess.size}"
         elif cfg.precision != "fp32" or cfg.compile:
             why = "extract.precision bf16 / compile change the trunk's outputs"
         else:

@@ -224,6 +224,7 @@ def test_finetune_reads_the_frozen_outputs_instead_of_computing_them(
         return real_forward(self, x)
 
     monkeypatch.setattr(nn.Sequential, "forward", counting)
+    monkeypatch.setattr("imgsearch.train.inputs.STORE_CHUNK", 7)  # copied in several chunks
     reused = finetune(tiny_extractor(), catalog, fast_cfg(**kw), trunk=store)
     # only split_at's 2-image probe ran the trunk (the unreadable row never reaches it)
     assert seen == [2]

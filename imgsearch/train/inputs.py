@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 FAILURE_STAGE = "finetune"
 #: Rows read per batch when images are loaded whole (the reader's batching, not the training's).
 READ_BATCH = 64
+#: Rows copied at a time from a trunk artifact into the training tensor.
+STORE_CHUNK = 2048
 
 Loaded = tuple[torch.Tensor, np.ndarray, pd.DataFrame]
 
@@ -311,7 +313,6 @@ def stored_trunk_outputs(
     have = positions >= 0
     if not have.any():
         return (*compute(rows), 0)
-    stored = store.rows(positions[have])
     missing = np.flatnonzero(~have)
     ok = have.copy()
     failed = schema.empty_quarantine()
@@ -319,11 +320,15 @@ def stored_trunk_outputs(
     if len(missing):
         computed, computed_ok, failed = compute(rows.iloc[missing].reset_index(drop=True))
         ok[missing[computed_ok]] = True
-    out = torch.empty((int(ok.sum()), *stored.shape[1:]), dtype=stored.dtype)
+    first = store.rows(positions[have][:1])
+    out = torch.empty((int(ok.sum()), *first.shape[1:]), dtype=first.dtype)
     rank = np.cumsum(ok) - 1  # row i of rows -> row rank[i] of out
-    out[torch.from_numpy(rank[have])] = stored
+    stored = np.flatnonzero(have)
+    for start in range(0, len(stored), STORE_CHUNK):  # in chunks: never two copies in memory
+        chunk = stored[start : start + STORE_CHUNK]
+        out[torch.from_numpy(rank[chunk])] = store.rows(positions[chunk])
     if computed is not None and len(computed):
-        out[torch.from_numpy(rank[missing[computed_ok]])] = computed.to(stored.dtype)
+        out[torch.from_numpy(rank[missing[computed_ok]])] = computed.to(first.dtype)
     return out, ok, failed, int(have.sum())
 
 
