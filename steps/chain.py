@@ -73,6 +73,8 @@ def run_chain(
     register_with: Callable[[str, str, str, str | None], str] | None = None,
     after_evaluate: Callable[[str], None] | None = None,
     do_promote: bool = True,
+    trunk_uri: str | None = None,
+    write_trunk: bool = False,
 ) -> ChainRuns:
     """Run the chain; returns the run id of each step.
 
@@ -84,7 +86,9 @@ def run_chain(
     registered index answers text queries too. ``extractor_run_id``: where the extractor of
     ``extract_run_id``'s embeddings lives when that run has none (merged embeddings).
     ``register_with(extract, index, evaluate, align) -> run_id`` replaces ``steps.register.run``;
-    ``after_evaluate(extract_run_id)`` runs between evaluate and register.
+    ``after_evaluate(extract_run_id)`` runs between evaluate and register. ``trunk_uri`` /
+    ``write_trunk``: the extract step starts from / writes the frozen trunk's outputs
+    (:mod:`imgsearch.embed.trunk`).
     """
     kw = dict(chain.kw)
     if extract_run_id is None:
@@ -94,6 +98,8 @@ def run_chain(
                 preprocess_run_id or data_run_id,
                 split_run_id=data_run_id,
                 extractor_uri=extractor_uri,
+                trunk_uri=trunk_uri,
+                write_trunk=write_trunk,
                 **kw,
             ),
         )

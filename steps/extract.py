@@ -28,6 +28,15 @@ asks for, when ``attributes.in_main``), the local engine also writes ``extras/``
 pass, with the kinds, ``gram_blocks`` and extractor fingerprint), which ``steps.attributes``
 reads instead of the images; tag ``imgsearch.extract.extras`` says whether and why (not). int8
 extraction writes none (the heads read fp32 features; the attribute step computes them).
+
+Frozen trunk (:mod:`imgsearch.embed.trunk`, ``configs/trunk.yaml``): with ``--write-trunk`` the
+pass also logs ``trunk/``, the outputs of the blocks fine-tuning will freeze
+(``finetune.freeze_blocks``, ``finetune.cache_dtype``) for every readable image, and tags
+``imgsearch.trunk.written``; with ``--trunk-uri`` (``runs:/<baseline extract run>/trunk``) an
+extractor whose frozen part has that artifact's fingerprint runs only its later blocks for the
+images in it (metrics ``n_from_trunk``, ``trunk_check_min_cosine``). Local engine only; not
+with extras wanted (their Gram blocks lie inside the trunk: a full pass computes them, and saves
+the attribute step more than the trunk saves here) nor with int8.
 """
 
 from __future__ import annotations
@@ -45,6 +54,15 @@ from imgsearch.config import from_dict
 from imgsearch.embed.extract import INT8, ExtractConfig, extract
 from imgsearch.embed.extras import ExtrasSpec, ExtrasWriter
 from imgsearch.embed.files import embedding_ids, save_embeddings
+from imgsearch.embed.trunk import (
+    TRUNK_ARTIFACT,
+    TrunkConfig,
+    TrunkStore,
+    check_splittable,
+    extract_from_trunk,
+    extract_writing_trunk,
+)
+from imgsearch.errors import ConfigError
 from imgsearch.evaluate.int8 import extract_int8
 from imgsearch.models.backbones import (
     Extractor,
@@ -53,6 +71,7 @@ from imgsearch.models.backbones import (
     load_extractor,
     save_extractor,
 )
+from imgsearch.train.config import FinetuneConfig
 from steps.common import EMBEDDINGS_ARTIFACT, Option, cli, log_df, log_metrics, read_df, stage_run
 
 log = logging.getLogger(__name__)
@@ -88,6 +107,8 @@ def run(
     extractor_uri: str | None = None,
     overrides: dict[str, Any] | None = None,
     profile: str | None = None,
+    trunk_uri: str | None = None,
+    write_trunk: bool = False,
 ) -> str:
     with stage_run("extract", overrides, profile) as (active, all_cfg):
         mlflow.set_tag("imgsearch.input.preprocess_run_id", preprocess_run_id)
@@ -114,11 +135,14 @@ def run(
         with tempfile.TemporaryDirectory() as tmp:
             extractor_dir = save_extractor(extractor, Path(tmp) / "extractor")
             extras, why = ExtrasSpec.resolve(cfg.extras, all_cfg.get("attributes"))
+            trunk = trunk_plan(extractor, cfg, all_cfg, trunk_uri, write_trunk, extras)
             if cfg.engine == "spark":
                 if extras is not None:
                     why = "the spark engine writes no extras"
                 ids, failures = _extract_spark(extractor_dir, manifest, cfg, Path(tmp), metadata)
                 mlflow.set_tag(TAG_EXTRAS, f"no: {why}")
+            elif trunk is not None:
+                ids, failures = _extract_trunk(extractor, manifest, cfg, Path(tmp), metadata, trunk)
             else:
                 ids, failures = _extract_local(
                     extractor, manifest, cfg, Path(tmp), metadata, extras, why
@@ -168,6 +192,88 @@ def _extract_local(
     return result.ids, result.failures
 
 
+TrunkPlan = tuple[TrunkStore | tuple[int, str], float]
+
+
+def trunk_plan(
+    extractor: Extractor,
+    cfg: ExtractConfig,
+    all_cfg: dict[str, Any],
+    trunk_uri: str | None,
+    write_trunk: bool,
+    extras: ExtrasSpec | None = None,
+) -> TrunkPlan | None:
+    """What to do with the frozen trunk: ``(a TrunkStore to start from, or (blocks, dtype) to
+    write; trunk.min_cosine)``, or None (a plain pass; the reason is logged and tagged)."""
+    tcfg = from_dict(TrunkConfig, all_cfg.get("trunk"))
+    if not (trunk_uri and tcfg.reuse) and not (write_trunk and tcfg.write):
+        return None
+    why = ""
+    if cfg.engine != "local":
+        why = f"engine {cfg.engine} runs full passes"
+    elif cfg.precision == INT8:
+        why = "extract.precision int8 runs its own quantised model"
+    elif extras is not None:
+        why = "extras wanted: their Gram blocks are inside the trunk, so a full pass computes them"
+    elif trunk_uri and tcfg.reuse:
+        mlflow.set_tag("imgsearch.input.trunk_uri", trunk_uri)
+        store = TrunkStore(Path(mlflow.artifacts.download_artifacts(artifact_uri=trunk_uri)))
+        if store.matches(extractor):
+            mlflow.set_tags(
+                {"imgsearch.trunk.reused": "true", "imgsearch.trunk.fingerprint": store.fingerprint}
+            )
+            return store, tcfg.min_cosine
+        why = "its frozen part is not this extractor's (fingerprint)"
+    else:
+        ft = from_dict(FinetuneConfig, all_cfg.get("finetune"))
+        blocks = ft.blocks_to_freeze(extractor.spec.name)
+        if not ft.caches_trunk(extractor.spec.name):
+            why = "fine-tuning does not cache frozen blocks (finetune.augment/cache_frozen)"
+        elif ft.train_size and ft.train_size != extractor.spec.preprocess.size:
+            why = f"fine-tuning trains at {ft.train_size} px, not {extractor.spec.preprocess.size}"
+        elif cfg.precision != "fp32" or cfg.compile:
+            why = "extract.precision bf16 / compile change the trunk's outputs"
+        else:
+            try:
+                check_splittable(extractor, blocks)
+                return (blocks, ft.cache_dtype), tcfg.min_cosine
+            except ConfigError as exc:
+                why = str(exc)
+    log.warning("extract: trunk outputs not used: %s", why)
+    mlflow.set_tag("imgsearch.trunk.skipped", why[:250])
+    return None
+
+
+def _extract_trunk(
+    extractor: Extractor,
+    manifest: pd.DataFrame,
+    cfg: ExtractConfig,
+    tmp: Path,
+    metadata: dict[str, str],
+    plan: TrunkPlan,
+) -> tuple[Any, pd.DataFrame]:
+    """The local pass that writes ``trunk/`` (``(blocks, dtype)``) or starts from a store."""
+    out = tmp / "embeddings.npy"
+    trunk, min_cosine = plan
+    if isinstance(trunk, TrunkStore):
+        result = extract_from_trunk(extractor, manifest, cfg, trunk, out=out, min_cosine=min_cosine)
+    else:
+        result, written = extract_writing_trunk(
+            extractor, manifest, cfg, tmp / TRUNK_ARTIFACT, *trunk, out=out
+        )
+        mlflow.log_artifacts(str(written), TRUNK_ARTIFACT)
+        mlflow.set_tags(
+            {
+                "imgsearch.trunk.written": "true",
+                "imgsearch.trunk.fingerprint": TrunkStore(written).fingerprint,
+            }
+        )
+    log_metrics(result.metrics)
+    path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
+    mlflow.log_artifact(str(path))
+    return result.ids, result.failures
+
+
 def _extract_spark(
     extractor_dir: Path,
     manifest: pd.DataFrame,
@@ -200,6 +306,8 @@ OPTIONS = (
     Option("--precision", "fp32 | bf16 | int8 (default: config)", key="extract.precision"),
     Option("--engine", "local | spark (default: config)", key="extract.engine"),
     Option("--spark-master", "Spark master URL (default: config)", key="extract.spark.master"),
+    Option("--trunk-uri", "trunk artifact to start from (runs:/<baseline extract run>/trunk)"),
+    Option("--write-trunk", "also log trunk/: the frozen blocks' outputs", flag_only=True),
 )
 
 

@@ -16,6 +16,10 @@ extractor returns), ``val_map_at_r_backbone``, ``val_map_at_r_head``, ``images_p
 ``imgsearch.models.backbones.load_extractor``) with param ``extractor_fingerprint``; ``history.csv``;
 ``quarantine.parquet`` (images that could not be read, stage="finetune").
 
+``--trunk-uri`` (``runs:/<baseline extract run>/trunk``, see :mod:`imgsearch.embed.trunk`): the
+frozen blocks' outputs are read from that artifact when it was made by exactly this extractor's
+frozen blocks at ``cache_dtype`` (metric ``n_from_trunk``), instead of being computed.
+
 Checkpoints go to ``checkpoint_dir`` or, when it is null, to
 ``$IMGSEARCH_HOME/checkpoints/finetune/<key>`` where the key hashes the split run, the starting
 extractor and the config: running the same step again after a crash resumes where it stopped.
@@ -33,6 +37,7 @@ from typing import Any
 import mlflow
 
 from imgsearch.config import from_dict, home_dir
+from imgsearch.embed.trunk import TrunkConfig, TrunkStore
 from imgsearch.models.backbones import create_extractor, fingerprint, save_extractor
 from imgsearch.train.finetune import FinetuneConfig, finetune
 from steps.common import Option, cli, log_df, log_metrics, stage_run
@@ -56,6 +61,7 @@ def run(
     extractor_uri: str | None = None,
     overrides: dict[str, Any] | None = None,
     profile: str | None = None,
+    trunk_uri: str | None = None,
 ) -> str:
     with stage_run("finetune", overrides, profile) as (active, all_cfg):
         mlflow.set_tag("imgsearch.input.split_run_id", split_run_id)
@@ -86,7 +92,8 @@ def run(
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
-        result = finetune(start, manifest, cfg, on_epoch=on_epoch)
+        trunk = open_trunk_uri(trunk_uri, all_cfg)
+        result = finetune(start, manifest, cfg, on_epoch=on_epoch, trunk=trunk)
         log_metrics(result.metrics)
         mlflow.set_tag("imgsearch.train.finetune.stop_reason", result.stop_reason)
         fp = fingerprint(result.extractor)
@@ -108,6 +115,14 @@ def run(
         return active.info.run_id
 
 
+def open_trunk_uri(trunk_uri: str | None, all_cfg: dict[str, Any]) -> TrunkStore | None:
+    """The trunk artifact at ``trunk_uri`` (None without one, or with ``trunk.reuse`` off)."""
+    if not trunk_uri or not from_dict(TrunkConfig, all_cfg.get("trunk")).reuse:
+        return None
+    mlflow.set_tag("imgsearch.input.trunk_uri", trunk_uri)
+    return TrunkStore(Path(mlflow.artifacts.download_artifacts(artifact_uri=trunk_uri)))
+
+
 OPTIONS = (
     Option("--split-run-id", "run whose manifest.parquet has split", required=True),
     Option("--preprocess-run-id", "run whose manifest.parquet has pre_path (optional)"),
@@ -124,6 +139,7 @@ OPTIONS = (
         "--train-size", "training resolution in px (default: config)", key="finetune.train_size"
     ),
     Option("--max-minutes", "time budget (default: config)", key="finetune.max_minutes"),
+    Option("--trunk-uri", "frozen blocks' outputs to start from (runs:/<extract run>/trunk)"),
 )
 
 

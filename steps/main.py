@@ -3,6 +3,9 @@
 ingest -> validate -> preprocess -> eda -> split -> extract -> index -> evaluate -> align ->
 register -> promote, then, unless ``--no-finetune``: finetune (from the baseline extractor, on
 train, early-stopped on val) -> extract -> index -> evaluate -> align -> register -> promote.
+With fine-tuning, the baseline extract also logs ``trunk/`` (the frozen blocks' outputs,
+:mod:`imgsearch.embed.trunk`), handed to finetune and the second extract as
+``runs:/<extract run>/trunk``: they skip those blocks when the frozen part's fingerprint matches.
 ``align`` (text search) runs when the catalog has item texts (``configs/align.yaml``). The gate promotes the fine-tuned
 models only when they match or beat the baseline on the frozen test split.
 
@@ -80,7 +83,10 @@ def run(
         done("split", split.run(preprocess_run_id=ids["preprocess"], **kw))
 
         def retrieval(
-            prefix: str, extractor_uri: str | None, chain_kw: dict[str, Any] = kw
+            prefix: str,
+            extractor_uri: str | None,
+            chain_kw: dict[str, Any] = kw,
+            trunk_uri: str | None = None,
         ) -> dict[str, float]:
             """extract -> index -> evaluate -> register (-> promote) with one extractor."""
             runs = run_chain(
@@ -91,6 +97,8 @@ def run(
                 extractor_uri=extractor_uri,
                 texts_run_id=ids["ingest"],
                 do_promote=promote_,
+                trunk_uri=trunk_uri,
+                write_trunk=finetune_ and not prefix,
             )
             metrics = mlflow.get_run(runs.evaluate).data.metrics
             log_metrics({f"{prefix}test.{k}": metrics[k] for k in HEADLINE if k in metrics})
@@ -104,16 +112,18 @@ def run(
         after: dict[str, float] | None = None
         if finetune_:
             with labelled(f"finetuned {backbone}", role="finetuned"):
+                trunk = _trunk_uri(ids["extract"])
                 ft = done(
                     "finetune",
                     finetune.run(
                         ids["split"],
                         preprocess_run_id=ids["preprocess"],
                         extractor_uri=f"runs:/{ids['extract']}/extractor",
+                        trunk_uri=trunk,
                         **kw,
                     ),
                 )
-                after = retrieval("finetuned.", f"runs:/{ft}/extractor")
+                after = retrieval("finetuned.", f"runs:/{ft}/extractor", kw, trunk)
             table = before_after(ids["evaluate"], ids["finetuned.evaluate"])
             log_df(table, "before_after.parquet")
             # the same table readable in the MLflow UI's artifact viewer
@@ -130,6 +140,13 @@ def run(
         announce("done")
         print(summary, flush=True)
         return parent.info.run_id
+
+
+def _trunk_uri(extract_run_id: str) -> str | None:
+    """``runs:/<id>/trunk`` when the baseline extraction wrote the frozen blocks' outputs
+    (:mod:`imgsearch.embed.trunk`): fine-tuning and the re-extraction then skip those blocks."""
+    tags = mlflow.get_run(extract_run_id).data.tags
+    return f"runs:/{extract_run_id}/trunk" if tags.get("imgsearch.trunk.written") else None
 
 
 def _categorize(ids: dict[str, str], prefix: str, kw: dict[str, Any]) -> str | None:

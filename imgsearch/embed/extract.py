@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,7 @@ def extract(
     out: Path | None = None,
     progress: bool = True,
     extras: ExtrasSpec | None = None,
+    make_runner: Callable[[int, torch.device], Runner] | None = None,
 ) -> ExtractResult:
     """Embed every row of ``manifest`` (needs ``image_id`` and ``path``; uses ``pre_path`` when
     it matches). ``out``: stream embeddings into this ``.npy`` memmap instead of memory (the
@@ -218,14 +220,26 @@ def extract(
 
     The extractor is restored afterwards (device, memory format, train/eval mode; torch's
     thread count too). ``extras``: also compute those features in the same forward pass
-    (``result.writer.save_extras``, :mod:`imgsearch.embed.extras`). Raises ``ValueError`` when a required column is missing.
+    (``result.writer.save_extras``, :mod:`imgsearch.embed.extras`). Raises ``ValueError`` when a
+    required column is missing.
+
+    ``make_runner(workers, device)``: another :class:`Runner` for the pass (default
+    :func:`build_runner`; :mod:`imgsearch.embed.trunk` passes one that also keeps the frozen
+    trunk's outputs, or one that starts from them; ``extras`` must then be None).
     """
     cfg = cfg or ExtractConfig()
     check_manifest(manifest)
     manifest = manifest.reset_index(drop=True)
     n = len(manifest)
     workers, threads = resolve_parallelism(cfg)
-    runner = build_runner(extractor, cfg, workers, resolve_device(cfg.device), out, extras)
+    if make_runner is not None and extras is not None:
+        raise ValueError("extract: extras are computed by the default runner only")
+    device = resolve_device(cfg.device)
+    runner = (
+        make_runner(workers, device)
+        if make_runner is not None
+        else build_runner(extractor, cfg, workers, device, out, extras)
+    )
     original_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from imgsearch import schema
 from imgsearch.data.preprocess import PreprocessConfig
 from imgsearch.embed.reader import ImageDataset, ReadItem, collate, failure_row, manifest_column
+from imgsearch.embed.trunk import TrunkStore
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import REGISTRY, Extractor, backbone_blocks
 from imgsearch.train.augment import augment_batch, train_transform
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 FAILURE_STAGE = "finetune"
 #: Rows read per batch when images are loaded whole (the reader's batching, not the training's).
 READ_BATCH = 64
+#: Rows copied at a time from a trunk artifact into the training tensor.
+STORE_CHUNK = 2048
 
 Loaded = tuple[torch.Tensor, np.ndarray, pd.DataFrame]
 
@@ -256,6 +259,7 @@ class TrainInputs:
     transform: Callable[[torch.Tensor], torch.Tensor] | None  # None: no pixel augmentation
     top: Top | None
     memory_format: torch.memory_format
+    n_from_trunk: int = 0  # rows whose frozen-block outputs came from a trunk artifact
 
     @property
     def n_items(self) -> int:
@@ -298,16 +302,84 @@ def _trunk(model: Extractor, cfg: FinetuneConfig) -> tuple[nn.Sequential, Top] |
         return None
 
 
-def prepare_inputs(model: Extractor, manifest: pd.DataFrame, cfg: FinetuneConfig) -> TrainInputs:
+def stored_trunk_outputs(
+    rows: pd.DataFrame,
+    store: TrunkStore,
+    compute: Callable[[pd.DataFrame], Loaded],
+) -> tuple[torch.Tensor, np.ndarray, pd.DataFrame, int]:
+    """:func:`trunk_outputs` of ``rows`` taken from ``store`` where it holds them (same image
+    id and sha256), ``compute(missing rows)`` for the rest; also returns how many came from it."""
+    positions = store.positions(rows)
+    have = positions >= 0
+    if not have.any():
+        return (*compute(rows), 0)
+    missing = np.flatnonzero(~have)
+    ok = have.copy()
+    failed = schema.empty_quarantine()
+    computed: torch.Tensor | None = None
+    if len(missing):
+        computed, computed_ok, failed = compute(rows.iloc[missing].reset_index(drop=True))
+        ok[missing[computed_ok]] = True
+    first = store.rows(positions[have][:1])
+    out = torch.empty((int(ok.sum()), *first.shape[1:]), dtype=first.dtype)
+    rank = np.cumsum(ok) - 1  # row i of rows -> row rank[i] of out
+    stored = np.flatnonzero(have)
+    for start in range(0, len(stored), STORE_CHUNK):  # in chunks: never two copies in memory
+        chunk = stored[start : start + STORE_CHUNK]
+        out[torch.from_numpy(rank[chunk])] = store.rows(positions[chunk])
+    if computed is not None and len(computed):
+        out[torch.from_numpy(rank[missing[computed_ok]])] = computed.to(first.dtype)
+    return out, ok, failed, int(have.sum())
+
+
+def prepare_inputs(
+    model: Extractor,
+    manifest: pd.DataFrame,
+    cfg: FinetuneConfig,
+    trunk: TrunkStore | None = None,
+) -> TrainInputs:
     """Read the ``train`` and ``val`` rows of ``manifest`` at ``model``'s resolution (through the
-    frozen trunk when it is cached). Raises :class:`ConfigError` with fewer than 2 train items."""
+    frozen trunk when it is cached). Raises :class:`ConfigError` with fewer than 2 train items.
+
+    ``trunk``: the baseline extraction's trunk artifact (:mod:`imgsearch.embed.trunk`); used when
+    the frozen blocks are cached and its fingerprint is that of ``model``'s frozen blocks at
+    ``cache_dtype``, so their outputs are read instead of computed (the rows it lacks are
+    computed as before)."""
     pre_cfg = model.spec.preprocess
     train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
     split = _trunk(model, cfg)
+    n_from_trunk = 0
     if split is not None:
         args = (split[0], cfg.eval_batch_size, CACHE_DTYPES[cfg.cache_dtype], cfg.channels_last)
-        train_x, train_ok, train_fail = trunk_outputs(train_rows, pre_cfg, *args)
-        val_x, val_ok, val_fail = trunk_outputs(val_rows, pre_cfg, *args)
+        k = cfg.blocks_to_freeze(model.spec.name)
+        if (
+            trunk is not None
+            and (trunk.blocks, trunk.dtype) == (k, cfg.cache_dtype)
+            and (trunk.matches(model))
+        ):
+
+            def compute(rows: pd.DataFrame) -> Loaded:
+                return trunk_outputs(rows, pre_cfg, *args)
+
+            train_x, train_ok, train_fail, n_train = stored_trunk_outputs(
+                train_rows, trunk, compute
+            )
+            val_x, val_ok, val_fail, n_val = stored_trunk_outputs(val_rows, trunk, compute)
+            n_from_trunk = n_train + n_val
+            log.info(
+                "finetune: frozen blocks' outputs of %d images from the trunk artifact",
+                n_from_trunk,
+            )
+        else:
+            if trunk is not None:
+                log.warning(
+                    "finetune: the trunk artifact was made by another frozen part "
+                    "(blocks %d, %s, fingerprint differs): computing the outputs",
+                    trunk.blocks,
+                    trunk.dtype,
+                )
+            train_x, train_ok, train_fail = trunk_outputs(train_rows, pre_cfg, *args)
+            val_x, val_ok, val_fail = trunk_outputs(val_rows, pre_cfg, *args)
     else:
         train_x, train_ok, train_fail = load_images(train_rows, pre_cfg)
         val_x, val_ok, val_fail = load_images(val_rows, pre_cfg)
@@ -336,6 +408,7 @@ def prepare_inputs(model: Extractor, manifest: pd.DataFrame, cfg: FinetuneConfig
         transform=train_transform(aug, size, mean, std) if aug is not None else None,
         top=split[1] if split is not None else None,
         memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
+        n_from_trunk=n_from_trunk,
     )
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from imgsearch import schema
+from imgsearch.embed.trunk import TrunkStore
 from imgsearch.errors import ConfigError, ImgsearchError
 from imgsearch.models.backbones import Extractor, fingerprint
 from imgsearch.train.checkpoint import (
@@ -214,7 +215,11 @@ class Run:
 
 
 def build_run(
-    extractor: Extractor, manifest: pd.DataFrame, cfg: FinetuneConfig, start_head: nn.Module | None
+    extractor: Extractor,
+    manifest: pd.DataFrame,
+    cfg: FinetuneConfig,
+    start_head: nn.Module | None,
+    trunk: TrunkStore | None = None,
 ) -> Run:
     """The model copy, its inputs, head, objective and optimizer (in this order: the head's
     initialisation draws from the seeded global RNG)."""
@@ -222,7 +227,7 @@ def build_run(
     load_start = time.perf_counter()
     n_frozen = cfg.blocks_to_freeze(extractor.spec.name)
     model, frozen = prepare_model(extractor, cfg.method, size, n_frozen)
-    inputs = prepare_inputs(model, manifest, cfg)
+    inputs = prepare_inputs(model, manifest, cfg, trunk)
     head = build_head(model.spec.embedding_dim, cfg.head_dims, start_head)
     out_dim = cfg.head_dims[-1] if cfg.head_dims else model.spec.embedding_dim
     parts = Parts(model, head, inputs, out_dim, cfg.seed)
@@ -378,6 +383,7 @@ def finetune(
     manifest: pd.DataFrame,
     cfg: FinetuneConfig,
     on_epoch: OnEpoch | None = None,
+    trunk: TrunkStore | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``extractor`` on the ``train`` rows of ``manifest``, early-stopped on ``val``.
 
@@ -390,6 +396,10 @@ def finetune(
     checkpoint made with another config), :class:`CheckpointError` (a checkpoint that is not
     plain data or comes from another starting extractor), :class:`ImgsearchError` when the loss
     diverges.
+
+    ``trunk``: the baseline extraction's trunk artifact; when it was made by exactly this
+    extractor's frozen blocks, their outputs are read from it instead of computed
+    (:func:`imgsearch.train.inputs.prepare_inputs`).
     """
     wall_start = time.perf_counter()
     _check_manifest(manifest)
@@ -402,7 +412,7 @@ def finetune(
     ckpt = checkpoint_path(cfg)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
         torch.manual_seed(cfg.seed)
-        run = build_run(extractor, manifest, cfg, start_head)
+        run = build_run(extractor, manifest, cfg, start_head, trunk)
         progress = start(run, ckpt, start_fp, on_epoch)
         train(run, progress, ckpt, start_fp, wall_start, on_epoch)
     frame = pd.DataFrame(progress.history)

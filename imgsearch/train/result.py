@@ -59,5 +59,6 @@ def summary(
         "n_train_items": float(inputs.n_items),
         "n_val_images": float(len(inputs.val_x)),
         "n_unreadable": float(len(inputs.failures)),
+        "n_from_trunk": float(inputs.n_from_trunk),
         "train_size": float(train_size),
     }
