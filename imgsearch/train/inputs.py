@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -244,7 +244,9 @@ def trunk_outputs(
 @dataclass
 class TrainInputs:
     """The train and val data of a run (uint8 images, or the frozen trunk's outputs when ``top``
-    is set), the item codes of the train images and the item labels of the val images."""
+    is set), the item codes of the train images and the item labels of the val images.
+    ``attribute_codes``: for each column of ``attribute_loss``, the train images' class codes
+    (``-1`` where the catalog has no value)."""
 
     model: Extractor
     train_x: torch.Tensor
@@ -256,6 +258,7 @@ class TrainInputs:
     transform: Callable[[torch.Tensor], torch.Tensor] | None  # None: no pixel augmentation
     top: Top | None
     memory_format: torch.memory_format
+    attribute_codes: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_items(self) -> int:
@@ -298,6 +301,26 @@ def _trunk(model: Extractor, cfg: FinetuneConfig) -> tuple[nn.Sequential, Top] |
         return None
 
 
+def attribute_codes(rows: pd.DataFrame, columns: Iterable[str]) -> dict[str, np.ndarray]:
+    """``column -> (len(rows),)`` int64 class codes of ``rows`` (``-1`` where missing).
+    :class:`ConfigError` for a column the manifest lacks or one with fewer than 2 classes."""
+    out: dict[str, np.ndarray] = {}
+    for column in columns:
+        if column not in rows.columns:
+            raise ConfigError(
+                f"finetune.attribute_loss names {column!r}, which the manifest does not have "
+                f"(columns: {sorted(rows.columns)})"
+            )
+        values = rows[column].astype("string")  # missing stays <NA>: code -1
+        codes = pd.factorize(values, use_na_sentinel=True)[0].astype(np.int64)
+        if int(codes.max(initial=-1)) + 1 < 2:
+            raise ConfigError(
+                f"finetune.attribute_loss: {column!r} has fewer than 2 classes in the train split"
+            )
+        out[column] = codes
+    return out
+
+
 def prepare_inputs(model: Extractor, manifest: pd.DataFrame, cfg: FinetuneConfig) -> TrainInputs:
     """Read the ``train`` and ``val`` rows of ``manifest`` at ``model``'s resolution (through the
     frozen trunk when it is cached). Raises :class:`ConfigError` with fewer than 2 train items."""
@@ -336,6 +359,9 @@ def prepare_inputs(model: Extractor, manifest: pd.DataFrame, cfg: FinetuneConfig
         transform=train_transform(aug, size, mean, std) if aug is not None else None,
         top=split[1] if split is not None else None,
         memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
+        attribute_codes=attribute_codes(
+            train_rows.loc[train_ok].reset_index(drop=True), cfg.attribute_loss
+        ),
     )
 
 
