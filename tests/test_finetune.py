@@ -38,6 +38,7 @@ from imgsearch.train.finetune import (
     load_checkpoint,
     load_images,
 )
+from imgsearch.train.inputs import attribute_codes
 from imgsearch.train.validation import val_scores
 from tests.train_data import (
     SIZE,
@@ -294,6 +295,33 @@ def test_bad_inputs_raise(catalog: pd.DataFrame) -> None:
     one_item = catalog[catalog[schema.ITEM_ID] == "circle-0"]
     with pytest.raises(ConfigError, match="at least 2 train items"):
         finetune(tiny_extractor(), one_item, fast_cfg())
+
+
+def test_attribute_codes_factorise_the_train_rows_and_mark_missing_values() -> None:
+    rows = pd.DataFrame({"category": ["b", "a", None, "b"], "one": ["x"] * 4})
+    codes = attribute_codes(rows, ["category"])["category"]
+    assert codes.tolist() == [0, 1, -1, 0]
+    with pytest.raises(ConfigError, match="fewer than 2 classes"):
+        attribute_codes(rows, ["one"])
+    with pytest.raises(ConfigError, match="does not have"):
+        attribute_codes(rows, ["subcategory"])
+
+
+def test_multi_task_fine_tuning_trains_and_resumes_its_classifiers(
+    catalog: pd.DataFrame, tmp_path: Path
+) -> None:
+    """SupCon plus a cross-entropy term on each item's shape (whether it helps is measured on the
+    demo catalog: benchmarks/README.md); here: it trains, and a checkpoint keeps the classifiers."""
+    shaped = catalog.assign(shape=catalog[schema.ITEM_ID].str.split("-").str[0])
+    cfg = fast_cfg(epochs=3, attribute_loss={"shape": 1.0}, checkpoint_dir=str(tmp_path))
+    result = finetune(tiny_extractor(), shaped, cfg)
+    losses = result.history["loss"].to_numpy()[1:]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert set(state["attribute_classifiers"]) == {"weights.shape"}
+    assert tuple(state["attribute_classifiers"]["weights.shape"].shape) == (6, 32)
+    with pytest.raises(ConfigError, match="does not have"):
+        finetune(tiny_extractor(), catalog, fast_cfg(attribute_loss={"shape": 1.0}))
 
 
 # --- checkpoints and resume -----------------------------------------------------------------------

@@ -60,6 +60,9 @@ def test_the_flat_names_and_their_plain_values_do_not_change() -> None:
     assert out["augment"]["crop_scale"] == [0.2, 1.0]  # the supcon preset, as plain values
     assert FinetuneConfig(**{**out, "augment": None}).to_dict() == out
     assert FinetuneConfig(augment=False).to_dict()["augment"] is False
+    multi = FinetuneConfig(attribute_loss={"category": 1}).to_dict()  # listed only when set
+    assert multi["attribute_loss"] == {"category": 1.0}
+    assert FinetuneConfig(**multi).to_dict() == multi
 
 
 def test_components_are_slices_of_the_flat_config() -> None:

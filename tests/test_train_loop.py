@@ -15,12 +15,14 @@ from imgsearch.train.inputs import PKSampler, RandomSampler
 from imgsearch.train.loop import EarlyStopping
 from imgsearch.train.objectives import (
     OBJECTIVES,
+    AttributeClassifiers,
     Batch,
     MoCoV2,
     Objective,
     Parts,
     SimCLR,
     SupCon,
+    attribute_loss,
     make_objective,
 )
 
@@ -85,6 +87,11 @@ class _Views:
     def __init__(self, model: nn.Module, n: int = 12, dim: int = 8) -> None:
         self.model = model
         self.data = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+        # two attributes of the 12 rows: 3 classes, and 2 classes with two rows unknown (-1)
+        self.attribute_codes = {
+            "colour": np.arange(n) % 3,
+            "size": np.array([0, 1, -1, 0, 1, 1, 0, -1, 1, 0, 0, 1][:n]),
+        }
 
     def pixels(self, idx: torch.Tensor) -> torch.Tensor:
         return self.data[idx] + 0.01 * torch.randn(len(idx), self.data.shape[1])
@@ -153,3 +160,85 @@ def test_moco_keeps_a_queue_and_a_momentum_encoder_across_steps() -> None:
     assert torch.equal(again.moco.queue, moco.moco.queue)
     with pytest.raises(AssertionError, match="after_step before loss"):
         moco.after_step()
+
+
+# --- multi-task: attribute cross-entropy beside SupCon ----------------------------------------------
+
+
+def _naive_attribute_loss(
+    logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], weights: dict[str, float]
+) -> float:
+    """Row by row: -log softmax(logits)[target], averaged over the rows with a known target."""
+    total = 0.0
+    for name, weight in weights.items():
+        terms = [
+            -math.log(math.exp(row[t]) / sum(math.exp(v) for v in row))
+            for row, t in zip(logits[name].tolist(), targets[name].tolist(), strict=True)
+            if t >= 0
+        ]
+        total += weight * (sum(terms) / len(terms) if terms else 0.0)
+    return total
+
+
+def test_attribute_loss_matches_a_row_by_row_reference() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = {"a": torch.randn(6, 3, generator=gen), "b": torch.randn(6, 4, generator=gen)}
+    targets = {"a": torch.tensor([0, 2, 1, -1, 0, 2]), "b": torch.tensor([-1, -1, 3, 0, 1, 2])}
+    weights = {"a": 1.0, "b": 0.5}
+    got = float(attribute_loss(logits, targets, weights))
+    assert got == pytest.approx(_naive_attribute_loss(logits, targets, weights), rel=1e-5)
+    unknown = {"a": torch.full((6,), -1), "b": torch.full((6,), -1)}
+    assert float(attribute_loss(logits, unknown, weights)) == 0.0  # nothing known: no term
+
+
+def test_cosine_classifier_logits_are_scaled_cosines() -> None:
+    clf = AttributeClassifiers(5, {"a": 3}, scale=10.0)
+    f = nn.functional.normalize(torch.randn(4, 5), dim=1)
+    w = nn.functional.normalize(clf.weights["a"].detach(), dim=1)
+    assert torch.allclose(clf(f)["a"], 10.0 * f @ w.T, atol=1e-6)
+    assert clf(f)["a"].abs().max() <= 10.0 + 1e-5
+
+
+def test_supcon_with_attribute_loss_adds_the_terms_and_trains_the_classifiers() -> None:
+    parts, model = _parts()
+    model.spec = type("Spec", (), {"embedding_dim": 6})()  # the body's width, as Extractor has
+    weights = {"colour": 1.0, "size": 0.5}
+    base = ObjectiveConfig(batch_size=8, images_per_item=2)
+    multi = ObjectiveConfig(batch_size=8, images_per_item=2, attribute_loss=weights)
+    plain, mt = SupCon(base, parts), SupCon(multi, parts)
+    assert plain.modules() == [] and plain.state_dict() == {}
+    assert mt.modules() == [mt.classifiers] and mt.classifiers is not None
+    assert {k: tuple(v.shape) for k, v in mt.classifiers.weights.items()} == {
+        "colour": (3, 6),
+        "size": (2, 6),
+    }
+    idx = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    batch = Batch(idx, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    torch.manual_seed(5)
+    plain_loss = plain.loss(batch)
+    torch.manual_seed(5)  # the same noisy views for both
+    features = parts.views.encode(idx)
+    targets = {k: torch.from_numpy(v)[idx] for k, v in parts.views.attribute_codes.items()}
+    logits = {k: v.detach() for k, v in mt.classifiers(features).items()}
+    expected = float(plain_loss.detach()) + _naive_attribute_loss(logits, targets, weights)
+    torch.manual_seed(5)
+    loss = mt.loss(batch)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-4)
+    loss.backward()
+    assert all(
+        w.grad is not None and w.grad.abs().sum() > 0 for w in mt.classifiers.weights.values()
+    )
+    again = SupCon(multi, parts)
+    again.load_state_dict(mt.state_dict())
+    assert all(
+        torch.equal(again.classifiers.weights[k], w) for k, w in mt.classifiers.weights.items()
+    )  # type: ignore[union-attr]
+
+
+def test_attribute_loss_is_a_supcon_term_only() -> None:
+    with pytest.raises(ConfigError, match="term of the supcon objective"):
+        ObjectiveConfig(method="simclr", attribute_loss={"category": 1.0})
+    with pytest.raises(ConfigError, match="attribute_loss"):
+        ObjectiveConfig(attribute_loss={"category": 0.0})
+    with pytest.raises(ConfigError, match="must map catalog columns"):
+        ObjectiveConfig(attribute_loss=["category"])  # type: ignore[arg-type]

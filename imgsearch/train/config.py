@@ -6,7 +6,7 @@ component of the training reads its own slice through a property, built (and val
 own small dataclass:
 
 - :class:`ObjectiveConfig` (``objective``): the method, its temperature, batch composition, MoCo's
-  queue and momentum, pixel augmentation.
+  queue and momentum, pixel augmentation, the attribute cross-entropy terms (multi-task).
 - :class:`HeadConfig` (``head``): the projection head's widths and whether the extractor keeps it.
 - :class:`OptimConfig` (``optim``): optimizer, learning rate, weight decay.
 - :class:`ScheduleConfig` (``schedule``): epochs, warm-up, time budget.
@@ -77,7 +77,9 @@ class ObjectiveConfig:
     """What the loss sees. ``batch_size``: images per step (supcon: ``batch_size //
     images_per_item`` items of ``images_per_item`` images each, PK sampling). ``augment``:
     :class:`AugmentConfig` fields over the paper preset of ``method`` (``None`` = the preset),
-    ``False`` = no pixel augmentation (supcon only: its positives are the item's other images)."""
+    ``False`` = no pixel augmentation (supcon only: its positives are the item's other images).
+    ``attribute_loss``: catalog column -> weight of a cross-entropy term on that attribute (supcon
+    only; multi-task fine-tuning, :class:`imgsearch.train.objectives.SupCon`); ``{}`` = none."""
 
     method: str = "supcon"
     temperature: float = 0.1
@@ -86,9 +88,11 @@ class ObjectiveConfig:
     moco_queue_size: int = 4096
     moco_momentum: float = 0.99
     augment: dict[str, Any] | bool | None = None
+    attribute_loss: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.method = check_choice("method", self.method, METHODS)
+        self.attribute_loss = _check_attribute_loss(self.attribute_loss, self.method)
         self.temperature = check_positive("temperature", self.temperature)
         check_int("batch_size", self.batch_size, 2)
         check_int("images_per_item", self.images_per_item, 1)
@@ -110,6 +114,22 @@ class ObjectiveConfig:
         return as_augment_config(
             self.augment if isinstance(self.augment, dict) else None, self.method
         )
+
+
+def _check_attribute_loss(weights: Any, method: str) -> dict[str, float]:
+    if weights is None:
+        return {}
+    if not isinstance(weights, Mapping):
+        raise ConfigError(
+            "finetune.attribute_loss must map catalog columns to loss weights, "
+            f"got {type(weights).__name__}"
+        )
+    out = {str(k): check_positive(f"attribute_loss.{k}", v) for k, v in weights.items()}
+    if out and method != "supcon":
+        raise ConfigError(
+            f"finetune.attribute_loss is a term of the supcon objective, not of {method}"
+        )
+    return out
 
 
 def _check_augment(augment: Any, method: str) -> dict[str, Any] | bool | None:
@@ -286,6 +306,7 @@ class FinetuneConfig:
     moco_momentum: float = 0.99
     images_per_item: int = 4
     augment: dict[str, Any] | bool | None = None
+    attribute_loss: dict[str, float] = dataclasses.field(default_factory=dict)
     cache_frozen: bool = True
     cache_dtype: str = "float16"
     seed: int = 0
@@ -359,4 +380,6 @@ class FinetuneConfig:
         out["head_dims"] = list(self.head_dims)
         aug = self.augment_config()
         out["augment"] = False if aug is None else aug.to_dict()
+        if not out["attribute_loss"]:  # unset, a checkpoint's config reads as it did before it
+            del out["attribute_loss"]
         return out

@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -247,7 +247,9 @@ def trunk_outputs(
 @dataclass
 class TrainInputs:
     """The train and val data of a run (uint8 images, or the frozen trunk's outputs when ``top``
-    is set), the item codes of the train images and the item labels of the val images."""
+    is set), the item codes of the train images and the item labels of the val images.
+    ``attribute_codes``: for each column of ``attribute_loss``, the train images' class codes
+    (``-1`` where the catalog has no value)."""
 
     model: Extractor
     train_x: torch.Tensor
@@ -260,6 +262,7 @@ class TrainInputs:
     top: Top | None
     memory_format: torch.memory_format
     n_from_trunk: int = 0  # rows whose frozen-block outputs came from a trunk artifact
+    attribute_codes: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_items(self) -> int:
@@ -300,6 +303,26 @@ def _trunk(model: Extractor, cfg: FinetuneConfig) -> tuple[nn.Sequential, Top] |
     except ConfigError as err:  # train as usual, only slower: every step runs every block
         log.warning("finetune: frozen blocks not cached: %s", err)
         return None
+
+
+def attribute_codes(rows: pd.DataFrame, columns: Iterable[str]) -> dict[str, np.ndarray]:
+    """``column -> (len(rows),)`` int64 class codes of ``rows`` (``-1`` where missing).
+    :class:`ConfigError` for a column the manifest lacks or one with fewer than 2 classes."""
+    out: dict[str, np.ndarray] = {}
+    for column in columns:
+        if column not in rows.columns:
+            raise ConfigError(
+                f"finetune.attribute_loss names {column!r}, which the manifest does not have "
+                f"(columns: {sorted(rows.columns)})"
+            )
+        values = rows[column].astype("string")  # missing stays <NA>: code -1
+        codes = pd.factorize(values, use_na_sentinel=True)[0].astype(np.int64)
+        if int(codes.max(initial=-1)) + 1 < 2:
+            raise ConfigError(
+                f"finetune.attribute_loss: {column!r} has fewer than 2 classes in the train split"
+            )
+        out[column] = codes
+    return out
 
 
 def stored_trunk_outputs(
@@ -409,6 +432,9 @@ def prepare_inputs(
         top=split[1] if split is not None else None,
         memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
         n_from_trunk=n_from_trunk,
+        attribute_codes=attribute_codes(
+            train_rows.loc[train_ok].reset_index(drop=True), cfg.attribute_loss
+        ),
     )
 
 

@@ -245,7 +245,9 @@ def build_run(
         steps_per_epoch,
         time.perf_counter() - load_start,
     )
-    optimizer, scheduler = build_optimizer([model, head], cfg.optim, cfg.schedule, steps_per_epoch)
+    optimizer, scheduler = build_optimizer(
+        [model, head, *objective.modules()], cfg.optim, cfg.schedule, steps_per_epoch
+    )
     generator = torch.Generator().manual_seed(cfg.seed)
     head_at_start = cfg.head.kept and start_head is not None
     return Run(

@@ -7,7 +7,10 @@ steps the optimizer, then :meth:`Objective.after_step`; it never asks which obje
 Add one by subclassing :class:`Objective` and adding it to :data:`OBJECTIVES`.
 
 - ``supcon`` (Khosla et al. 2020), item-aware: P items x K images per batch; the other images
-  of the same item are the positives (:func:`imgsearch.train.losses.supcon_loss`).
+  of the same item are the positives (:func:`imgsearch.train.losses.supcon_loss`). With
+  ``attribute_loss`` (column -> weight) it is multi-task: a cross-entropy term per catalog
+  attribute (category, subcategory, ...) on the backbone's pooled features, before the
+  projection head, where the attribute heads read them (:class:`AttributeClassifiers`).
 - ``simclr`` (Chen et al. 2020): two augmented views per image, NT-Xent; no labels.
 - ``moco`` (MoCo v2): queries from the trained encoder, keys from a momentum copy, negatives
   from a queue; no labels.
@@ -23,6 +26,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from imgsearch.errors import ConfigError
@@ -35,6 +39,8 @@ from imgsearch.train.losses import MoCo, nt_xent_loss, supcon_loss
 
 class Views(Protocol):
     """Where an objective gets its inputs (:class:`imgsearch.train.inputs.TrainInputs`)."""
+
+    attribute_codes: dict[str, np.ndarray]  # column -> train images' class codes (-1: missing)
 
     def encode(self, idx: torch.Tensor) -> torch.Tensor:
         """Embeddings of fresh views of train images ``idx`` through the trained model."""
@@ -96,18 +102,85 @@ class Objective(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - an optional hook
         """Restore what :meth:`state_dict` returned (read from the checkpoint's top level)."""
 
+    def modules(self) -> list[nn.Module]:
+        """Modules of the objective's own that the optimizer trains beside the model and head."""
+        return []
+
+
+class AttributeClassifiers(nn.Module):
+    """One cosine classifier per attribute on L2-normalised features (NormFace, Wang et al.
+    2017): ``logits = scale * normalize(W) @ f``, ``f`` ``(B, D)`` unit vectors, ``W`` ``(C, D)``.
+    With unit features a plain linear layer starts with near-zero logits and learns its scale
+    slowly at a fine-tuning learning rate; the fixed scale makes the softmax sharp from the start.
+    """
+
+    def __init__(self, dim: int, n_classes: dict[str, int], scale: float = 16.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.weights = nn.ParameterDict(
+            {name: nn.Parameter(torch.randn(c, dim) / dim**0.5) for name, c in n_classes.items()}
+        )
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(B, D)`` unit features -> ``{attribute: (B, C_attribute) logits}``."""
+        return {
+            name: self.scale * features @ F.normalize(w, dim=1).T
+            for name, w in self.weights.items()
+        }
+
+
+def attribute_loss(
+    logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], weights: dict[str, float]
+) -> torch.Tensor:
+    """``sum_a weights[a] * CE(logits[a], targets[a])`` over the rows whose target is known
+    (``>= 0``); an attribute with no known target in the batch adds nothing."""
+    total = next(iter(logits.values())).new_zeros(())
+    for name, weight in weights.items():
+        known = targets[name] >= 0
+        if bool(known.any()):
+            total = total + weight * F.cross_entropy(logits[name][known], targets[name][known])
+    return total
+
 
 class SupCon(Objective):
-    """Supervised contrastive loss on PK batches: positives are the item's other images."""
+    """Supervised contrastive loss on PK batches: positives are the item's other images; plus,
+    with ``attribute_loss``, the attribute cross-entropy terms on the pooled features."""
 
     def __init__(self, cfg: ObjectiveConfig, parts: Parts) -> None:
         super().__init__(cfg, parts)
         k = cfg.images_per_item
         self.sampler = PKSampler(cfg.batch_size // k, k)
+        self.attribute_targets = {
+            name: torch.from_numpy(parts.views.attribute_codes[name]) for name in cfg.attribute_loss
+        }
+        self.classifiers = (
+            AttributeClassifiers(
+                parts.model.spec.embedding_dim,
+                {name: int(c.max()) + 1 for name, c in self.attribute_targets.items()},
+            )
+            if cfg.attribute_loss
+            else None
+        )
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        z = self.head(self.views.encode(batch.idx))
-        return supcon_loss(z, batch.labels, self.cfg.temperature)
+        features = self.views.encode(batch.idx)
+        loss = supcon_loss(self.head(features), batch.labels, self.cfg.temperature)
+        if self.classifiers is None:
+            return loss
+        targets = {name: t[batch.idx] for name, t in self.attribute_targets.items()}
+        return loss + attribute_loss(self.classifiers(features), targets, self.cfg.attribute_loss)
+
+    def modules(self) -> list[nn.Module]:
+        return [] if self.classifiers is None else [self.classifiers]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.classifiers is None:
+            return {}
+        return {"attribute_classifiers": plain_state(self.classifiers)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.classifiers is not None:
+            self.classifiers.load_state_dict(state["attribute_classifiers"])
 
 
 class SimCLR(Objective):
