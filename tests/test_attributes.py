@@ -279,16 +279,14 @@ def test_saved_heads_round_trip_and_an_untrusted_file_is_refused(tmp_path: Path)
         load_heads(tmp_path / "h")
 
 
-def style_store(tmp_path: Path) -> tuple[str, str, torch.nn.Module]:
-    """An extract run (embeddings, extractor, manifest) and a split run of 40 two-vendor items."""
-    ext = tiny_extractor()
-    pics = tmp_path / "pics"
-    pics.mkdir()
+def two_vendor_catalog(folder: Path, n_items: int = 40) -> tuple[pd.DataFrame, list[Image.Image]]:
+    """Two vendors' drawings of ``n_items`` items (split by item) as PNGs in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
     rows, images = [], []
-    for i in range(40):
+    for i in range(n_items):
         split = "train" if i % 10 < 6 else ("val" if i % 10 < 8 else "test")
         for v in (0, 1):
-            path = pics / f"{i}_{v}.png"
+            path = folder / f"{i}_{v}.png"
             img = drawing(i % 3, v, 100 * i + v)
             img.save(path)
             images.append(img)
@@ -302,7 +300,13 @@ def style_store(tmp_path: Path) -> tuple[str, str, torch.nn.Module]:
                     "split": split,
                 }
             )
-    manifest = pd.DataFrame(rows)
+    return pd.DataFrame(rows), images
+
+
+def style_store(tmp_path: Path) -> tuple[str, str, torch.nn.Module]:
+    """An extract run (embeddings, extractor, manifest) and a split run of 40 two-vendor items."""
+    ext = tiny_extractor()
+    manifest, images = two_vendor_catalog(tmp_path / "pics")
     emb = image_features(ext, images, ["embedding"])["embedding"]
     fp = fingerprint(ext)
     with mlflow.start_run(run_name="extract") as ex:

@@ -18,30 +18,15 @@ from imgsearch.embed.style import manifest_features
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import fingerprint, save_extractor
 from steps.common import log_df
-from tests.test_attributes import STEP_OVERRIDES, drawing, tiny_extractor
+from tests.test_attributes import STEP_OVERRIDES, tiny_extractor, two_vendor_catalog
 
 CFG = ExtractConfig(batch_size=8, num_workers=0, threads=1)
 
 
 def catalog(folder: Path, n_items: int = 40) -> pd.DataFrame:
     """Two vendors' drawings of ``n_items`` items (split by item), plus one unreadable file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n_items):
-        split = "train" if i % 10 < 6 else ("val" if i % 10 < 8 else "test")
-        for v in (0, 1):
-            path = folder / f"{i}_{v}.png"
-            drawing(i % 3, v, 100 * i + v).save(path)
-            rows.append(
-                {
-                    "image_id": f"v{v}/{i}",
-                    "item_id": str(i),
-                    "path": str(path),
-                    "category": f"shape{i % 3}",
-                    "vendor": f"vendor{v}",
-                    "split": split,
-                }
-            )
+    manifest, _ = two_vendor_catalog(folder, n_items)
+    rows = manifest.to_dict("records")
     (folder / "broken.png").write_bytes(b"not an image")
     rows.insert(5, {**rows[0], "image_id": "broken", "path": str(folder / "broken.png")})
     return pd.DataFrame(rows)
