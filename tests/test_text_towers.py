@@ -96,6 +96,18 @@ def test_ngram_learns_from_train_texts_only() -> None:
         NgramTower(dim=500).fit(["cat", "dog"])
 
 
+def test_ngram_on_fewer_texts_than_dim_fits_what_they_support(tmp_path: Path) -> None:
+    """A small catalog (a demo with --limit 40) gets at most texts - 1 dimensions; the saved tower
+    says so and loads back (before, SVD returned fewer components than ``dim`` claimed and the
+    saved tower refused to load)."""
+    tower = NgramTower(dim=512).fit(TEXTS)
+    assert tower.dim == len(TEXTS) - 1 < 512
+    assert tower.encode(["cat"]).shape == (1, tower.dim)
+    again = NgramTower.load(tower.save(tmp_path / "t"))
+    assert again.dim == tower.dim
+    np.testing.assert_allclose(again.encode(["cat"]), tower.encode(["cat"]), atol=1e-6)
+
+
 def test_ngram_refuses_a_tampered_save(tmp_path: Path) -> None:
     tower = NgramTower(dim=12).fit(TEXTS)
     tower.save(tmp_path)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +97,29 @@ class NgramTower:
     def fit(self, texts: Sequence[str]) -> NgramTower:
         """Learn the n-gram vocabulary, idf and SVD from ``texts`` (train texts only).
 
-        Raises :class:`ConfigError` when the texts hold no more distinct n-grams than ``dim``
-        (lower ``dim``, or give more text)."""
+        An SVD has at most ``min(texts, n-grams) - 1`` useful dimensions: a smaller catalog than
+        ``dim`` asks for (a demo with ``--limit 40``) gets that many, with a warning, and the
+        tower's ``dim`` (saved with it) says so. Raises :class:`ConfigError` when that leaves
+        fewer than 2 (lower ``dim``, or give more text)."""
         texts = [normalise_text(t) for t in check_texts(texts, "ngram.fit")]
         vectorizer = self._vectorizer()
         x = vectorizer.fit_transform(texts)
         n_features = x.shape[1]
-        if n_features <= self.dim:
+        dim = min(self.params.dim, n_features - 1, len(texts) - 1)
+        if dim < 2:
             raise ConfigError(
-                f"ngram tower: {len(texts)} texts give {n_features} distinct n-grams, not more "
-                f"than dim={self.dim}; lower dim or fit on more text"
+                f"ngram tower: {len(texts)} texts give {n_features} distinct n-grams, too few "
+                f"for dim={self.params.dim}; lower dim or fit on more text"
             )
+        if dim < self.params.dim:
+            log.warning(
+                "ngram tower: %d texts with %d distinct n-grams support %d dims, not dim=%d",
+                len(texts),
+                n_features,
+                dim,
+                self.params.dim,
+            )
+            self.params = replace(self.params, dim=dim)
         svd = TruncatedSVD(n_components=self.dim, random_state=self.params.seed)
         svd.fit(x)
         self.vectorizer_ = vectorizer
