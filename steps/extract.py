@@ -135,6 +135,9 @@ def run(
         with tempfile.TemporaryDirectory() as tmp:
             extractor_dir = save_extractor(extractor, Path(tmp) / "extractor")
             extras, why = ExtrasSpec.resolve(cfg.extras, all_cfg.get("attributes"))
+            unfit = extras.unfit_for(extractor) if extras is not None else ""
+            if unfit:  # the attribute step says what is wrong when it runs; extraction goes on
+                extras, why = None, unfit
             trunk = trunk_plan(extractor, cfg, all_cfg, trunk_uri, write_trunk, extras)
             if cfg.engine == "spark":
                 if extras is not None:

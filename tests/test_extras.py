@@ -122,3 +122,28 @@ def test_attribute_step_reads_the_extract_runs_extras_and_falls_back_with_a_reas
         "computed: the extract run has no extras"
     )
     assert abs(data.metrics["vendor_acc_at_1"] - run.metrics["vendor_acc_at_1"]) <= 0.07
+
+
+def test_extras_another_backbone_cannot_give_are_skipped_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gram_blocks written for MobileNetV2 on a 3-block backbone: no extras (the attribute step
+    says what is wrong when it runs), never a failed extraction."""
+    from tests import train_data
+
+    train_data.register_tiny(monkeypatch)
+    ext = train_data.tiny_extractor()
+    fits = ExtrasSpec(("pooled", "gram"), (0, 1))
+    assert fits.unfit_for(ext) == ""
+    assert "gram_blocks [3, 6, 10]" in ExtrasSpec(("gram",), (3, 6, 10)).unfit_for(ext)
+    assert ExtrasSpec(("pooled",), ()).unfit_for(ext) == ""
+
+
+def test_extras_beyond_float16_are_not_stored(tmp_path: Path) -> None:
+    from imgsearch.embed.extras import ExtrasWriter
+
+    writer = ExtrasWriter(2, 4, None)
+    writer.write(["a", "b"], np.ones((2, 4), np.float32))
+    writer.write_extras(["a", "b"], {"gram": np.array([[1.0], [1e6]])}, np.array([True, True]))
+    with pytest.raises(ValueError, match="beyond float16"):
+        writer.save_extras(tmp_path / "x", ExtrasSpec(("gram",), (0,)), {})

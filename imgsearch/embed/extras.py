@@ -34,6 +34,7 @@ from imgsearch.embed.mapper import Mapper
 from imgsearch.embed.style import EXTRA_KINDS, features_of
 from imgsearch.embed.writer import EmbeddingWriter
 from imgsearch.errors import ConfigError
+from imgsearch.models.backbones import Extractor, backbone_blocks
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,18 @@ class ExtrasSpec:
         cls(tuple(setting), blocks)  # validates unknown kinds
         return cls(kinds, blocks if "gram" in kinds else ()), "extract.extras"
 
+    def unfit_for(self, extractor: Extractor) -> str:
+        """Why ``extractor`` cannot give these extras (``""``: it can): Gram blocks it does not
+        have (another backbone than the attribute config was written for)."""
+        if not self.gram_blocks:
+            return ""
+        try:
+            n = len(backbone_blocks(extractor))
+        except ConfigError as exc:
+            return f"gram features: {exc}"
+        bad = [b for b in self.gram_blocks if not -n <= b < n]
+        return f"gram_blocks {bad}: {extractor.spec.name} has {n} blocks" if bad else ""
+
     def meta(self) -> dict[str, Any]:
         return {"kinds": list(self.kinds), "gram_blocks": list(self.gram_blocks)}
 
@@ -135,7 +148,12 @@ class ExtrasWriter(EmbeddingWriter):
             self.reason = self.reason or "the mapper gave no extras"
             return
         for kind, arr in extras.items():
-            self.chunks.setdefault(kind, []).append(arr[keep].astype(STORE_DTYPE))
+            rows = arr[keep]
+            if rows.size and float(np.abs(rows).max()) > float(np.finfo(STORE_DTYPE).max):
+                # stored as inf they would poison the heads: the attribute step computes its own
+                self.reason = self.reason or f"{kind} values beyond {np.dtype(STORE_DTYPE).name}"
+                return
+            self.chunks.setdefault(kind, []).append(rows.astype(STORE_DTYPE))
         self.extra_ids.extend(ids)
 
     def save_extras(self, folder: Path, spec: ExtrasSpec, metadata: Mapping[str, str]) -> Path:
