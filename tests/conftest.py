@@ -6,6 +6,7 @@ a test that points MLflow at its own store cannot leak it into the next test.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,16 +15,31 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+# mlflow.set_experiment() writes the id into os.environ as well as into a module global: a test
+# that calls it would send every later test's runs to an experiment their own stores do not have
+_EXPERIMENT_ENV = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
 
 @pytest.fixture(autouse=True)
 def _mlflow_isolated() -> Iterator[None]:
-    """Restore MLflow's tracking/registry URIs and end stray active runs after every test."""
+    """Restore MLflow's tracking/registry URIs and active experiment (module global and
+    environment) and end stray active runs after every test."""
+    from mlflow.tracking import fluent
+
     tracking, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    experiment = fluent._active_experiment_id
+    env = {key: os.environ.get(key) for key in _EXPERIMENT_ENV}
     yield
     while mlflow.active_run() is not None:
         mlflow.end_run("FAILED")
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(registry)
+    fluent._active_experiment_id = experiment
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture()
