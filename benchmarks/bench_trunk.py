@@ -38,7 +38,8 @@ import torch
 from imgsearch import schema
 from imgsearch.config import from_dict, load_config
 from imgsearch.embed.extract import ExtractConfig, extract
-from imgsearch.embed.trunk import TrunkStore, extract_from_trunk, extract_writing_trunk
+from imgsearch.embed.trunk import TrunkStore, extract_writing_trunk
+from imgsearch.embed.trunk_read import extract_from_trunk
 from imgsearch.evaluate.retrieval import retrieval_map_at_r
 from imgsearch.models.backbones import create_extractor
 from imgsearch.train.finetune import FinetuneConfig, finetune

@@ -34,34 +34,37 @@ pass also logs ``trunk/``, the outputs of the blocks fine-tuning will freeze
 (``finetune.freeze_blocks``, ``finetune.cache_dtype``) for every readable image, and tags
 ``imgsearch.trunk.written``; with ``--trunk-uri`` (``runs:/<baseline extract run>/trunk``) an
 extractor whose frozen part has that artifact's fingerprint runs only its later blocks for the
-images in it (metrics ``n_from_trunk``, ``trunk_check_min_cosine``). Local engine only; not
-with extras wanted (their Gram blocks lie inside the trunk: a full pass computes them, and saves
-the attribute step more than the trunk saves here) nor with int8.
+images in it (metrics ``n_from_trunk``, ``trunk_check_min_cosine``). With extras wanted, the
+writing pass computes them in the same forward pass, and the re-extraction computes ``pooled`` in
+its partial pass and takes ``gram`` from the trunk's run's ``extras/`` (its Gram blocks lie
+inside the frozen part; else a full pass, the reason tagged). Local engine only; not with int8.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from imgsearch import schema
 from imgsearch.config import from_dict
-from imgsearch.embed.extract import INT8, ExtractConfig, extract
-from imgsearch.embed.extras import ExtrasSpec, ExtrasWriter
+from imgsearch.embed.extract import INT8, ExtractConfig, ExtractResult, extract
+from imgsearch.embed.extras import Extras, ExtrasSpec, ExtrasWriter
 from imgsearch.embed.files import embedding_ids, save_embeddings
 from imgsearch.embed.trunk import (
     TRUNK_ARTIFACT,
     TrunkConfig,
     TrunkStore,
     check_splittable,
-    extract_from_trunk,
     extract_writing_trunk,
 )
+from imgsearch.embed.trunk_read import extract_from_trunk, gram_source
 from imgsearch.errors import ConfigError
 from imgsearch.evaluate.int8 import extract_int8
 from imgsearch.models.backbones import (
@@ -145,7 +148,9 @@ def run(
                 ids, failures = _extract_spark(extractor_dir, manifest, cfg, Path(tmp), metadata)
                 mlflow.set_tag(TAG_EXTRAS, f"no: {why}")
             elif trunk is not None:
-                ids, failures = _extract_trunk(extractor, manifest, cfg, Path(tmp), metadata, trunk)
+                ids, failures = _extract_trunk(
+                    extractor, manifest, cfg, Path(tmp), metadata, trunk, extras, why
+                )
             else:
                 ids, failures = _extract_local(
                     extractor, manifest, cfg, Path(tmp), metadata, extras, why
@@ -182,6 +187,18 @@ def _extract_local(
         metadata = {**metadata, "precision": precision}
     path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
     mlflow.log_artifact(str(path))
+    _log_extras(result, extras, why, tmp, metadata)
+    return result.ids, result.failures
+
+
+def _log_extras(
+    result: ExtractResult,
+    extras: ExtrasSpec | None,
+    why: str,
+    tmp: Path,
+    metadata: dict[str, str],
+) -> None:
+    """Log ``extras/`` from the pass's writer, or tag why there are none."""
     if extras is not None and isinstance(result.writer, ExtrasWriter):
         try:
             folder = result.writer.save_extras(tmp / EXTRAS_ARTIFACT, extras, metadata)
@@ -190,12 +207,29 @@ def _extract_local(
         else:
             mlflow.log_artifacts(str(folder), EXTRAS_ARTIFACT)
             mlflow.set_tag(TAG_EXTRAS, f"yes: {'+'.join(extras.kinds)} ({why})")
-            return result.ids, result.failures
+            return
     mlflow.set_tag(TAG_EXTRAS, f"no: {why}")
-    return result.ids, result.failures
 
 
-TrunkPlan = tuple[TrunkStore | tuple[int, str], float]
+@dataclass
+class TrunkPlan:
+    """Start from ``trunk`` (a store) or write one (``(blocks, dtype)``); ``gram``: the writing
+    run's Gram features, when the extras want them (:func:`~imgsearch.embed.trunk_read.gram_source`)."""
+
+    trunk: TrunkStore | tuple[int, str]
+    min_cosine: float
+    gram: Extras | None = None
+
+
+def _sibling_extras(trunk_uri: str) -> Path | None:
+    """The ``extras/`` beside a ``.../trunk`` artifact (the same run wrote both), or None."""
+    if not trunk_uri.rstrip("/").endswith("/" + TRUNK_ARTIFACT):
+        return None
+    uri = trunk_uri.rstrip("/")[: -len(TRUNK_ARTIFACT)] + EXTRAS_ARTIFACT
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except (MlflowException, OSError):
+        return None
 
 
 def trunk_plan(
@@ -216,17 +250,20 @@ def trunk_plan(
         why = f"engine {cfg.engine} runs full passes"
     elif cfg.precision == INT8:
         why = "extract.precision int8 runs its own quantised model"
-    elif extras is not None:
-        why = "extras wanted: their Gram blocks are inside the trunk, so a full pass computes them"
     elif trunk_uri and tcfg.reuse:
         mlflow.set_tag("imgsearch.input.trunk_uri", trunk_uri)
         store = TrunkStore(Path(mlflow.artifacts.download_artifacts(artifact_uri=trunk_uri)))
-        if store.matches(extractor):
+        gram: Extras | None = None
+        if not store.matches(extractor):
+            why = "its frozen part is not this extractor's (fingerprint)"
+        elif extras is not None and "gram" in extras.kinds:
+            gram, why = gram_source(_sibling_extras(trunk_uri), store, extractor, extras)
+            why = f"extras gram: {why}, so a full pass computes them" if why else ""
+        if not why:
             mlflow.set_tags(
                 {"imgsearch.trunk.reused": "true", "imgsearch.trunk.fingerprint": store.fingerprint}
             )
-            return store, tcfg.min_cosine
-        why = "its frozen part is not this extractor's (fingerprint)"
+            return TrunkPlan(store, tcfg.min_cosine, gram)
     else:
         ft = from_dict(FinetuneConfig, all_cfg.get("finetune"))
         blocks = ft.blocks_to_freeze(extractor.spec.name)
@@ -239,7 +276,7 @@ def trunk_plan(
         else:
             try:
                 check_splittable(extractor, blocks)
-                return (blocks, ft.cache_dtype), tcfg.min_cosine
+                return TrunkPlan((blocks, ft.cache_dtype), tcfg.min_cosine)
             except ConfigError as exc:
                 why = str(exc)
     log.warning("extract: trunk outputs not used: %s", why)
@@ -254,15 +291,29 @@ def _extract_trunk(
     tmp: Path,
     metadata: dict[str, str],
     plan: TrunkPlan,
+    extras: ExtrasSpec | None = None,
+    why: str = "",
 ) -> tuple[Any, pd.DataFrame]:
-    """The local pass that writes ``trunk/`` (``(blocks, dtype)``) or starts from a store."""
+    """The local pass that writes ``trunk/`` (``(blocks, dtype)``) or starts from a store; with
+    ``extras``, their features too."""
     out = tmp / "embeddings.npy"
-    trunk, min_cosine = plan
+    trunk = plan.trunk
     if isinstance(trunk, TrunkStore):
-        result = extract_from_trunk(extractor, manifest, cfg, trunk, out=out, min_cosine=min_cosine)
+        result = extract_from_trunk(
+            extractor,
+            manifest,
+            cfg,
+            trunk,
+            out=out,
+            min_cosine=plan.min_cosine,
+            extras=extras,
+            gram=plan.gram,
+        )
+        if extras is not None and plan.gram is not None:
+            why = f"{why}; gram from the trunk's run"
     else:
         result, written = extract_writing_trunk(
-            extractor, manifest, cfg, tmp / TRUNK_ARTIFACT, *trunk, out=out
+            extractor, manifest, cfg, tmp / TRUNK_ARTIFACT, *trunk, out=out, extras=extras
         )
         mlflow.log_artifacts(str(written), TRUNK_ARTIFACT)
         mlflow.set_tags(
@@ -274,6 +325,7 @@ def _extract_trunk(
     log_metrics(result.metrics)
     path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
     mlflow.log_artifact(str(path))
+    _log_extras(result, extras, why, tmp, metadata)
     return result.ids, result.failures
 
 

@@ -5,7 +5,8 @@ register -> promote, then, unless ``--no-finetune``: finetune (from the baseline
 train, early-stopped on val) -> extract -> index -> evaluate -> align -> register -> promote.
 With fine-tuning, the baseline extract also logs ``trunk/`` (the frozen blocks' outputs,
 :mod:`imgsearch.embed.trunk`), handed to finetune and the second extract as
-``runs:/<extract run>/trunk``: they skip those blocks when the frozen part's fingerprint matches.
+``runs:/<extract run>/trunk``: they skip those blocks when the frozen part's fingerprint matches
+(the second extract takes the Gram features of ``extras/`` from the baseline's run too).
 ``align`` (text search) runs when the catalog has item texts (``configs/align.yaml``). The gate promotes the fine-tuned
 models only when they match or beat the baseline on the frozen test split.
 
@@ -106,9 +107,8 @@ def run(
             return metrics
 
         with labelled(f"baseline {backbone}", role="baseline"):
-            # the attribute step reads the final extract run's extras: the baseline's would go unread
-            no_extras = {**kw, "overrides": {**kw["overrides"], "extract.extras": "none"}}
-            before = retrieval("", None, no_extras if finetune_ else kw)
+            # its extras (same forward pass as the trunk) give the re-extraction the Gram features
+            before = retrieval("", None, kw)
         after: dict[str, float] | None = None
         if finetune_:
             with labelled(f"finetuned {backbone}", role="finetuned"):

@@ -19,15 +19,16 @@ from torch import nn
 from imgsearch import schema
 from imgsearch.data.preprocess import PreprocessConfig
 from imgsearch.embed.extract import ExtractConfig, extract
+from imgsearch.embed.extras import ExtrasSpec, ExtrasWriter, extras_mismatch, load_extras, read_meta
 from imgsearch.embed.trunk import (
     CHECK_ROWS,
     TrunkStore,
-    extract_from_trunk,
     extract_writing_trunk,
     trunk_fingerprint,
 )
+from imgsearch.embed.trunk_read import extract_from_trunk, gram_source
 from imgsearch.errors import ConfigError
-from imgsearch.models.backbones import Extractor, backbone_blocks, projection_head
+from imgsearch.models.backbones import Extractor, backbone_blocks, fingerprint, projection_head
 from imgsearch.train.finetune import finetune
 from tests.train_data import fast_cfg, register_tiny, shapes_catalog, tiny_extractor
 
@@ -259,6 +260,7 @@ def test_extract_step_writes_trunk_and_a_later_run_starts_from_its_uri(
     from imgsearch.models.backbones import save_extractor
     from steps import extract as step
     from steps.common import artifact_path, log_df
+    from steps.extract import TAG_EXTRAS
 
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -293,5 +295,99 @@ def test_extract_step_writes_trunk_and_a_later_run_starts_from_its_uri(
         run = mlflow.get_run(other)
         assert "fingerprint" in run.data.tags["imgsearch.trunk.skipped"]
         assert "n_from_trunk" not in run.data.metrics
+
+        # with extras wanted: the baseline writes them beside the trunk, the re-extraction takes
+        # its gram from there and computes pooled; the attribute step's check accepts them
+        with_extras = {**overrides, "extract.extras": ["pooled", "gram"]}
+        with_extras["attributes.gram_blocks"] = [0, 1]
+        base = step.run(pre, extractor_uri=str(base_dir), overrides=with_extras, write_trunk=True)
+        assert mlflow.get_run(base).data.tags[TAG_EXTRAS].startswith("yes: pooled+gram")
+        uri = f"runs:/{base}/trunk"
+        tuned = step.run(pre, extractor_uri=str(tuned_dir), overrides=with_extras, trunk_uri=uri)
+        tags = mlflow.get_run(tuned).data.tags
+        assert tags["imgsearch.trunk.reused"] == "true"
+        assert "gram from the trunk's run" in tags[TAG_EXTRAS]
+        folder = artifact_path(tuned, "extras")
+        tuned_fp = fingerprint(finetuned_like(tiny_extractor()))
+        assert extras_mismatch(read_meta(folder), ["pooled", "gram"], [0, 1], tuned_fp) == ""
+        saved = load_extras(folder, ["gram"])
+        base_gram = load_extras(artifact_path(base, "extras"), ["gram"])
+        assert saved.ids == base_gram.ids == list(ids)
+        np.testing.assert_array_equal(saved.features["gram"], base_gram.features["gram"])
     finally:
         mlflow.set_tracking_uri(None)
+
+
+# --- extras beside the trunk -------------------------------------------------------------------
+
+SPEC = ExtrasSpec(("pooled", "gram"), (0, 1))  # both Gram blocks inside the trunk (K = 2)
+
+
+def _saved(result: object, folder: Path, ext: Extractor, kinds: tuple[str, ...] = SPEC.kinds):
+    writer = result.writer  # type: ignore[attr-defined]
+    assert isinstance(writer, ExtrasWriter), writer
+    spec = ExtrasSpec(kinds, SPEC.gram_blocks)
+    return load_extras(
+        writer.save_extras(folder, spec, {"extractor_fingerprint": fingerprint(ext)}), kinds
+    )
+
+
+def test_extras_ride_along_the_trunk_and_its_re_extraction(
+    catalog: pd.DataFrame, tmp_path: Path, count: list[Counter]
+) -> None:
+    """The writing pass keeps the extras of the plain pass; the re-extraction computes pooled in
+    its partial pass and takes gram from them: both equal a full pass of the fine-tuned extractor
+    (float16 tolerance), the frozen blocks seeing only the check rows, the failed row still one (no extras)."""
+    base = tiny_extractor()
+    written, path = extract_writing_trunk(
+        base, catalog, CFG, tmp_path / "trunk", K, "float16", progress=False, extras=SPEC
+    )
+    plain = extract(base, catalog, CFG, progress=False, extras=SPEC)
+    base_extras = _saved(written, tmp_path / "base_extras", base)
+    reference = _saved(plain, tmp_path / "plain_extras", base)
+    assert base_extras.ids == reference.ids == list(plain.ids)
+    for kind in SPEC.kinds:
+        np.testing.assert_array_equal(base_extras.features[kind], reference.features[kind])
+
+    store = TrunkStore(path)
+    tuned = finetuned_like(base)
+    gram, why = gram_source(tmp_path / "base_extras", store, tuned, SPEC)
+    assert why == "" and gram is not None
+    counter = Counter(tuned)
+    count.append(counter)
+    res = extract_from_trunk(tuned, catalog, CFG, store, progress=False, extras=SPEC, gram=gram)
+    assert counter.images == CHECK_ROWS  # the unreadable row fails again before the blocks
+    assert list(res.failures[schema.IMAGE_ID]) == ["broken"]
+    got = _saved(res, tmp_path / "tuned_extras", tuned)
+    full = _saved(
+        extract(tuned, catalog, CFG, progress=False, extras=SPEC), tmp_path / "full", tuned
+    )
+    assert got.ids == full.ids == list(res.ids)
+    for kind in SPEC.kinds:
+        np.testing.assert_allclose(got.features[kind], full.features[kind], rtol=1e-2, atol=5e-3)
+
+
+def test_gram_from_the_trunks_run_only_when_it_can_stand_for_this_extractor(
+    catalog: pd.DataFrame, tmp_path: Path
+) -> None:
+    base = tiny_extractor()
+    written, path = extract_writing_trunk(
+        base, catalog, CFG, tmp_path / "trunk", K, "float16", progress=False, extras=SPEC
+    )
+    folder = tmp_path / "extras"
+    _saved(written, folder, base)
+    store, tuned = TrunkStore(path), finetuned_like(base)
+    assert gram_source(None, store, tuned, SPEC)[1] == "the trunk's run wrote no extras"
+    late = ExtrasSpec(("gram",), (0, 2))  # block 2 trains: its Gram statistics change
+    assert "after the trunk" in gram_source(folder, store, tuned, late)[1]
+    assert "gram_blocks" in gram_source(folder, store, tuned, ExtrasSpec(("gram",), (1,)))[1]
+    assert "fingerprint" in gram_source(folder, store, tiny_extractor(seed=5), SPEC)[1]
+    with pytest.raises(ConfigError, match="gram"):
+        extract_from_trunk(tuned, catalog, CFG, store, progress=False, extras=SPEC)
+    # gram alone: the partial pass adds nothing, the writer holds the baseline's rows
+    gram, _ = gram_source(folder, store, tuned, SPEC)
+    only = ExtrasSpec(("gram",), SPEC.gram_blocks)
+    res = extract_from_trunk(tuned, catalog, CFG, store, progress=False, extras=only, gram=gram)
+    assert gram is not None
+    saved = _saved(res, tmp_path / "only", tuned, ("gram",))
+    np.testing.assert_array_equal(saved.features["gram"], gram.features["gram"].astype(np.float16))

@@ -34,6 +34,12 @@ Numbers (MobileNetV2, 224 px, ``k = 13``): block 12's output is 96x14x14 per ima
 float16. The writer runs inside the extraction's forward pass (a forward hook on block ``k-1``),
 so the baseline extraction costs no extra network time, only the write.
 
+The attribute features (:mod:`imgsearch.embed.extras`) ride along: the writing pass computes
+them in the same forward pass (:class:`CapturingExtrasMapper`); the re-extraction
+(:mod:`imgsearch.embed.trunk_read`) computes ``pooled`` in blocks ``[k:]`` and takes ``gram``
+from the writing run's extras when every Gram block lies inside the frozen part (then the two
+extractors' Gram statistics are the same function of the image).
+
 Spark runs keep doing full passes (nothing here is used by :mod:`imgsearch.embed.spark_runner`).
 """
 
@@ -42,12 +48,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,15 +61,14 @@ from torch import nn
 
 from imgsearch import schema
 from imgsearch.embed.extract import ExtractConfig, ExtractResult, build_runner, extract
+from imgsearch.embed.extras import ExtrasMapper, ExtrasSpec
 from imgsearch.embed.mapper import Mapper
-from imgsearch.embed.reader import Batch, ManifestReader
 from imgsearch.embed.runner import (
     PartitionResult,
     Runner,
     _map_and_write,
     _record_failures,
 )
-from imgsearch.embed.writer import EmbeddingWriter
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import REGISTRY, Extractor, backbone_blocks
 
@@ -143,12 +147,18 @@ class Rest(nn.Module):
         self.head = extractor.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parts(x)[1]
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled, embedding)``: the normalised pooled backbone features (the ``pooled``
+        extra, as :func:`imgsearch.embed.style.features_of` gives it) and the embedding."""
         features = self.blocks(x)
         pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(features, 1), 1)
-        emb = nn.functional.normalize(pooled.float(), dim=1)
+        pooled = nn.functional.normalize(pooled.float(), dim=1)
+        emb = pooled
         if self.head is not None:
-            emb = nn.functional.normalize(self.head(emb).float(), dim=1)
-        return emb
+            emb = nn.functional.normalize(self.head(pooled).float(), dim=1)
+        return pooled, emb
 
 
 # --- the artifact ----------------------------------------------------------------------------------
@@ -298,6 +308,12 @@ class CapturingMapper(Mapper):
         return out
 
 
+class CapturingExtrasMapper(CapturingMapper, ExtrasMapper):
+    """A :class:`CapturingMapper` that also keeps the batch's attribute features
+    (:class:`~imgsearch.embed.extras.ExtrasMapper`, ``spec=``): trunk outputs, embeddings and
+    extras from one forward pass (the trunk hook sees the pass that computes the extras)."""
+
+
 @dataclass
 class TrunkRunner(Runner):
     """:class:`Runner` whose mapper is a :class:`CapturingMapper`: every row that was read gets
@@ -350,11 +366,13 @@ def extract_writing_trunk(
     *,
     out: Path | None = None,
     progress: bool = True,
+    extras: ExtrasSpec | None = None,
 ) -> tuple[ExtractResult, Path]:
     """:func:`imgsearch.embed.extract.extract`, also writing blocks ``[:blocks]``' outputs of
     every readable row to ``directory`` (see the module docstring). The embeddings are those of
-    the plain pass: the same forward pass, observed. Raises :class:`ConfigError` when the
-    backbone cannot be split there or the pass is not fp32 eager."""
+    the plain pass: the same forward pass, observed. ``extras``: the attribute features too
+    (``result.writer`` is then an :class:`~imgsearch.embed.extras.ExtrasWriter`). Raises
+    :class:`ConfigError` when the backbone cannot be split there or the pass is not fp32 eager."""
     check_splittable(extractor, blocks)
     meta = {
         "fingerprint": trunk_fingerprint(extractor, blocks, dtype),
@@ -365,16 +383,18 @@ def extract_writing_trunk(
     holder: dict[str, TrunkRunner] = {}
 
     def make_runner(workers: int, device: torch.device) -> Runner:
-        plain = build_runner(extractor, cfg, workers, device, out)
+        plain = build_runner(extractor, cfg, workers, device, out, extras)
+        options: dict[str, Any] = {
+            "precision": cfg.precision,
+            "compile": cfg.compile,
+            "channels_last": cfg.channels_last,
+        }
         runner = TrunkRunner(
             reader_builder=plain.reader_builder,
-            mapper_builder=lambda: CapturingMapper(
-                extractor,
-                device,
-                blocks,
-                precision=cfg.precision,
-                compile=cfg.compile,
-                channels_last=cfg.channels_last,
+            mapper_builder=lambda: (
+                CapturingMapper(extractor, device, blocks, **options)
+                if extras is None
+                else CapturingExtrasMapper(extractor, device, blocks, spec=extras, **options)
             ),
             writer_builder=plain.writer_builder,
             trunk_writer_builder=lambda n: TrunkWriter(directory, n, dtype, meta),
@@ -388,155 +408,3 @@ def extract_writing_trunk(
     path = writer.finish()
     result.metrics["trunk_rows_written"] = float(len(writer.ids))
     return result, path
-
-
-# --- reading: the re-extraction -------------------------------------------------------------------
-
-
-@dataclass
-class TrunkReader:
-    """Reads a manifest slice's rows from a :class:`TrunkStore` (every row must be in it) as
-    :class:`~imgsearch.embed.reader.Batch` es whose ``pixels`` are trunk outputs."""
-
-    store: TrunkStore
-    batch_size: int = 64
-
-    def __call__(self, manifest: pd.DataFrame) -> Iterable[Batch]:
-        positions = self.store.positions(manifest)
-        if (positions < 0).any():
-            raise ValueError("TrunkReader: rows missing from the trunk artifact")
-        for start in range(0, len(manifest), self.batch_size):
-            pos = positions[start : start + self.batch_size]
-            indices = list(range(start, start + len(pos)))
-            yield Batch(indices, self.store.rows(pos), len(pos), [])
-
-
-class RestMapper(Mapper):
-    """Trunk outputs -> embeddings through :class:`Rest` (fp32, eager)."""
-
-    def __init__(self, extractor: Extractor, device: torch.device, blocks: int, **kw: Any) -> None:
-        super().__init__(extractor, device, **kw)
-        self.rest = Rest(extractor, blocks)
-
-    def __call__(self, rows: torch.Tensor) -> np.ndarray:
-        x = rows.to(self.device).float().contiguous(memory_format=self.memory_format)
-        return self.rest(x).float().cpu().numpy()
-
-
-def extract_from_trunk(
-    extractor: Extractor,
-    manifest: pd.DataFrame,
-    cfg: ExtractConfig,
-    store: TrunkStore,
-    *,
-    out: Path | None = None,
-    progress: bool = True,
-    min_cosine: float = TrunkConfig.min_cosine,
-) -> ExtractResult:
-    """Embed ``manifest`` with ``extractor``, running only blocks ``[store.blocks:]`` (and the
-    head) for the rows ``store`` holds; the other rows take the full pass (and fail as they
-    would there). Rows come back in manifest order, as from :func:`extract`.
-
-    :data:`CHECK_ROWS` cached rows also take the full pass; when an embedding made from the
-    cached outputs is further than ``min_cosine`` from it, everything takes the full pass.
-    Raises :class:`ConfigError` when ``store`` was not made by ``extractor``'s frozen part.
-    """
-    if not store.matches(extractor):
-        raise ConfigError("the trunk artifact was made by another frozen part (fingerprint)")
-    manifest = manifest.reset_index(drop=True)
-    start = time.perf_counter()
-    positions = store.positions(manifest)
-    cached, rest = manifest[positions >= 0], manifest[positions < 0]
-    tmp = out.parent if out is not None else None
-
-    def make_runner(workers: int, device: torch.device) -> Runner:
-        dim = extractor.spec.embedding_dim
-        return Runner(
-            # any reader of Batch es will do; the Runner is annotated with the usual one
-            reader_builder=lambda: cast(ManifestReader, TrunkReader(store, cfg.batch_size)),
-            mapper_builder=lambda: RestMapper(
-                extractor, device, store.blocks, channels_last=cfg.channels_last
-            ),
-            writer_builder=lambda n: EmbeddingWriter(
-                n, dim, tmp / "from_trunk.npy" if tmp else None
-            ),
-        )
-
-    parts: list[ExtractResult] = []
-    check = float("nan")
-    if len(cached):
-        top = extract(extractor, cached, cfg, progress=progress, make_runner=make_runner)
-        check = _check_rows(extractor, cached.head(CHECK_ROWS), top, cfg)
-        if not check >= min_cosine:
-            log.warning(
-                "embeddings from the trunk artifact differ from the full pass (min cosine %.6f "
-                "< %.4f): running the full pass for every row",
-                check,
-                min_cosine,
-            )
-            result = extract(extractor, manifest, cfg, out=out, progress=progress)
-            result.metrics.update({"trunk_check_min_cosine": check, "n_from_trunk": 0.0})
-            return result
-        parts.append(top)
-    if len(rest):
-        log.info("%d rows not in the trunk artifact: full pass for them", len(rest))
-        parts.append(
-            extract(
-                extractor,
-                rest,
-                cfg,
-                progress=progress,
-                out=tmp / "not_in_trunk.npy" if tmp else None,
-            )
-        )
-    result = _merge(manifest, parts, extractor.spec.embedding_dim, out)
-    seconds = time.perf_counter() - start
-    result.metrics.update(
-        {
-            "n": float(len(manifest)),
-            "n_from_trunk": float(len(cached)),
-            "n_not_in_trunk": float(len(rest)),
-            "trunk_check_min_cosine": check,
-            "seconds": seconds,
-            "images_per_s": len(manifest) / seconds if seconds > 0 else 0.0,
-        }
-    )
-    return result
-
-
-def _check_rows(
-    extractor: Extractor, rows: pd.DataFrame, top: ExtractResult, cfg: ExtractConfig
-) -> float:
-    """Smallest cosine between the full pass and ``top``'s embeddings on ``rows``."""
-    full = extract(extractor, rows, cfg, progress=False)
-    index = {i: r for r, i in enumerate(top.ids)}
-    pairs = [(r, index[i]) for r, i in enumerate(full.ids) if i in index]
-    if not pairs:
-        return float("nan")
-    a = full.embeddings[[p for p, _ in pairs]]
-    b = top.embeddings[[q for _, q in pairs]]
-    return float((a * b).sum(axis=1).min())
-
-
-def _merge(
-    manifest: pd.DataFrame, parts: list[ExtractResult], dim: int, out: Path | None
-) -> ExtractResult:
-    """One result in manifest order from results over disjoint slices of it."""
-    where = {i: (k, r) for k, part in enumerate(parts) for r, i in enumerate(part.ids)}
-    order = [str(i) for i in manifest[schema.IMAGE_ID] if str(i) in where]
-    writer = EmbeddingWriter(len(order), dim, out)
-    chunk = 4096
-    for s in range(0, len(order), chunk):
-        ids = order[s : s + chunk]
-        rows = np.stack([parts[where[i][0]].embeddings[where[i][1]] for i in ids]) if ids else None
-        if rows is not None:
-            writer.write(ids, rows)
-    ids_arr, emb = writer.finish()
-    failures = [p.failures for p in parts if len(p.failures)]
-    metrics: dict[str, Any] = {}
-    for part in reversed(parts):  # the first part's (the trunk pass's) settings win
-        metrics.update(part.metrics)
-    metrics["n_ok"] = float(len(ids_arr))
-    metrics["n_failed"] = float(sum(len(f) for f in failures))
-    quarantine = pd.concat(failures, ignore_index=True) if failures else schema.empty_quarantine()
-    return ExtractResult(ids=ids_arr, embeddings=emb, failures=quarantine, metrics=metrics)
