@@ -185,6 +185,18 @@ def _extract_local(
         precision = str(result.metrics.get("precision_used", "fp32"))
         mlflow.set_tag("imgsearch.extract.precision", precision)
         metadata = {**metadata, "precision": precision}
+    return _log_outputs(result, extras, why, tmp, metadata)
+
+
+def _log_outputs(
+    result: ExtractResult,
+    extras: ExtrasSpec | None,
+    why: str,
+    tmp: Path,
+    metadata: dict[str, str],
+) -> tuple[Any, pd.DataFrame]:
+    """Log the embeddings, and ``extras/`` from the pass's writer or the tag saying why there are
+    none; returns the ids and the failures."""
     path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
     mlflow.log_artifact(str(path))
     _log_extras(result, extras, why, tmp, metadata)
@@ -323,10 +335,7 @@ def _extract_trunk(
             }
         )
     log_metrics(result.metrics)
-    path = save_embeddings(tmp / EMBEDDINGS_ARTIFACT, result.ids, result.embeddings, metadata)
-    mlflow.log_artifact(str(path))
-    _log_extras(result, extras, why, tmp, metadata)
-    return result.ids, result.failures
+    return _log_outputs(result, extras, why, tmp, metadata)
 
 
 def _extract_spark(
