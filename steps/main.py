@@ -84,14 +84,11 @@ def run(
         done("split", split.run(preprocess_run_id=ids["preprocess"], **kw))
 
         def retrieval(
-            prefix: str,
-            extractor_uri: str | None,
-            chain_kw: dict[str, Any] = kw,
-            trunk_uri: str | None = None,
+            prefix: str, extractor_uri: str | None, trunk_uri: str | None = None
         ) -> dict[str, float]:
             """extract -> index -> evaluate -> register (-> promote) with one extractor."""
             runs = run_chain(
-                Chain(chain_kw, done, names=ChainNames.prefixed(prefix)),
+                Chain(kw, done, names=ChainNames.prefixed(prefix)),
                 data_run_id=ids["split"],
                 eval_split_run_id=ids["split"],
                 preprocess_run_id=ids["preprocess"],
@@ -108,7 +105,7 @@ def run(
 
         with labelled(f"baseline {backbone}", role="baseline"):
             # its extras (same forward pass as the trunk) give the re-extraction the Gram features
-            before = retrieval("", None, kw)
+            before = retrieval("", None)
         after: dict[str, float] | None = None
         if finetune_:
             with labelled(f"finetuned {backbone}", role="finetuned"):
@@ -123,7 +120,7 @@ def run(
                         **kw,
                     ),
                 )
-                after = retrieval("finetuned.", f"runs:/{ft}/extractor", kw, trunk)
+                after = retrieval("finetuned.", f"runs:/{ft}/extractor", trunk)
             table = before_after(ids["evaluate"], ids["finetuned.evaluate"])
             log_df(table, "before_after.parquet")
             # the same table readable in the MLflow UI's artifact viewer

@@ -28,6 +28,7 @@ from imgsearch.embed.extras import (
     Extras,
     ExtrasSpec,
     ExtrasWriter,
+    extras_mismatch,
     load_extras,
     read_meta,
 )
@@ -55,14 +56,10 @@ def gram_source(
         return None, f"gram blocks {late} lie after the trunk's {store.blocks} blocks"
     if extras_dir is None or not (Path(extras_dir) / META_FILE).is_file():
         return None, "the trunk's run wrote no extras"
-    meta = read_meta(Path(extras_dir))
-    if "gram" not in (meta.get("kinds") or []):
-        return None, f"the trunk's run's extras hold {meta.get('kinds')}, not gram"
-    if list(meta.get("gram_blocks") or []) != list(spec.gram_blocks):
-        return (
-            None,
-            f"its extras' gram_blocks {meta.get('gram_blocks')} != {list(spec.gram_blocks)}",
-        )
+    # the writing run's fingerprint is the baseline's: the trunk match below stands for it
+    why = extras_mismatch(read_meta(Path(extras_dir)), ["gram"], spec.gram_blocks, "")
+    if why:
+        return None, why
     if not store.matches(extractor):
         return None, "the trunk was made by another frozen part (fingerprint)"
     return load_extras(Path(extras_dir), ["gram"]), ""
