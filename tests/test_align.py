@@ -11,7 +11,7 @@ import pytest
 
 from imgsearch.errors import ConfigError
 from imgsearch.evaluate.text_search import evaluate_text_search, headline, text_queries
-from imgsearch.train.align import AlignConfig, align, project
+from imgsearch.train.align import AlignConfig, _Groups, align, project
 
 COLOURS = ["red", "green", "blue", "black", "white", "yellow"]
 SHAPES = ["cat", "car", "tree", "house", "ball", "fish", "star"]
@@ -77,6 +77,23 @@ def test_alignment_beats_chance_on_unseen_items(batch_by: str) -> None:
     table = headline(m)
     assert set(table["kind"]) == {"label", "tags"} and set(table["lang"]) == {"en"}
     assert scores.per_query["top_ids"].str.count(";").eq(4).all()  # top-5 ids per query
+
+
+def test_groups_draw_one_row_of_each_item_uniformly() -> None:
+    """Against the obvious reference (each item's rows by a scan): a draw is always one of the
+    item's own rows, and every row of an item comes up about equally often."""
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, 7, size=60)
+    index[:7] = np.arange(7)  # every item has a row
+    groups = _Groups(index, 7)
+    for item in range(7):
+        assert sorted(groups[item]) == [r for r in range(60) if index[r] == item]
+    items = np.repeat(np.arange(7), 4000)
+    drawn = groups.draw(items, np.random.default_rng(1))
+    assert (index[drawn] == items).all()
+    for item in range(7):
+        counts = np.bincount(drawn[items == item], minlength=60)[groups[item]]
+        assert counts.min() > 0.8 * 4000 / len(counts) and counts.max() < 1.2 * 4000 / len(counts)
 
 
 def test_training_never_sees_test_items():

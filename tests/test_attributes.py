@@ -33,6 +33,7 @@ from imgsearch.models.attribute_heads import (
     HeadConfig,
     UntrustedModelError,
     _estimator,
+    _fits,
     load_heads,
     save_heads,
 )
@@ -112,6 +113,41 @@ def test_class_weighting_is_chosen_on_val_and_saved(tmp_path: Path) -> None:
     assert loaded["kind"].class_weight_ == head.class_weight_
     with pytest.raises(ConfigError, match="class_weights"):
         HeadConfig("a", class_weights=("inverse",))
+
+
+def test_the_warm_started_c_path_fits_what_cold_fits_do() -> None:
+    """The linear head walks each weighting's C path from the previous solution: against a cold
+    fit of every setting (the obvious reference), the same probabilities and predictions."""
+    manifest, x = synthetic_catalog(seed=3, dim=40)
+    tr, te = (manifest["split"] == s for s in ("train", "test"))
+    y = manifest["kind"][tr].astype(str).to_numpy()
+    cfg = HeadConfig("kind", c_grid=(0.01, 0.1, 1.0, 10.0), class_weights=("balanced", "none"))
+    grid = AttributeHead("kind", cfg)._settings(int(tr.sum()))
+    warm = list(_fits(cfg, grid, x[tr], y))
+    assert [(c, w) for c, w, _ in warm] == grid
+
+    def objective(pipe: Any, weight: str) -> float:
+        """What LogisticRegression minimises: C * sum of weighted log-losses + |W|^2 / 2."""
+        model = pipe[-1]
+        proba = pipe.predict_proba(x[tr])
+        rows = np.searchsorted(model.classes_, y)
+        w = np.ones(len(y))
+        if weight == "balanced":
+            counts = pd.Series(y).value_counts()
+            w = np.asarray([len(y) / (len(counts) * counts[v]) for v in y])
+        loss = -(w * np.log(proba[np.arange(len(y)), rows])).sum()
+        return float(model.C * loss + 0.5 * (model.coef_**2).sum())
+
+    for c, weight, fitted in warm:
+        cold = _estimator(cfg, c, weight).fit(x[tr], y)
+        assert fitted[-1].C == c and not fitted[-1].warm_start
+        # at least as near the optimum as a cold start (lbfgs stops at its tolerance)
+        assert objective(fitted, weight) <= objective(cold, weight) * (1 + 1e-3)
+        np.testing.assert_allclose(
+            fitted.predict_proba(x[te]), cold.predict_proba(x[te]), atol=0.05
+        )
+        assert (fitted.predict(x[te]) == cold.predict(x[te])).mean() >= 0.98
+    assert warm[0][2] is not warm[2][2] and warm[0][2][-1] is not warm[2][2][-1]
 
 
 def test_knn_head_chooses_k_on_val_and_round_trips(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from imgsearch.models.backbones import (
     load_extractor,
     save_extractor,
 )
+from imgsearch.train import inputs as train_inputs
 from imgsearch.train.augment import eval_transform
 from imgsearch.train.finetune import (
     CHECKPOINT_FILE,
@@ -38,7 +39,7 @@ from imgsearch.train.finetune import (
     load_checkpoint,
     load_images,
 )
-from imgsearch.train.inputs import attribute_codes
+from imgsearch.train.inputs import attribute_codes, train_autocast
 from imgsearch.train.validation import val_scores
 from tests.train_data import (
     SIZE,
@@ -145,6 +146,56 @@ def test_cached_trunk_trains_exactly_like_the_full_forward(catalog: pd.DataFrame
     assert half.history["val_map_at_r"].iloc[-1] == pytest.approx(
         cached.history["val_map_at_r"].iloc[-1], abs=0.05
     )
+
+
+def test_bfloat16_steps_train_like_float32_and_fall_back_where_the_cpu_lacks_it(
+    catalog: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train_dtype bfloat16: the training steps' convolutions compute in bfloat16 (seen by a
+    hook), the loss still falls, validation and the returned weights stay float32; without
+    native bfloat16 the run is the float32 one, exactly, and the reason says why."""
+    kw: dict[str, object] = {"augment": False, "freeze_blocks": 1, "epochs": 3, "head_dims": [16]}
+    fp32 = finetune(tiny_extractor(), catalog, fast_cfg(**kw))
+    monkeypatch.setattr(train_inputs, "native_bf16", lambda: False)
+    assert train_autocast("bfloat16") == (
+        False,
+        "bfloat16 asked, but this CPU has no native bfloat16 (float32 runs)",
+    )
+    fallback = finetune(tiny_extractor(), catalog, fast_cfg(**kw, train_dtype="bfloat16"))
+    pd.testing.assert_frame_equal(
+        fallback.history[["loss", "val_map_at_r"]], fp32.history[["loss", "val_map_at_r"]]
+    )
+    assert fallback.metrics["train_bf16"] == 0.0
+
+    monkeypatch.setattr(train_inputs, "native_bf16", lambda: True)
+    seen: set[torch.dtype] = set()
+    original = train_inputs.TrainInputs.encode
+
+    def spying_encode(self: train_inputs.TrainInputs, idx: torch.Tensor) -> torch.Tensor:
+        assert self.top is not None
+        conv = next(m for m in self.top.modules() if isinstance(m, torch.nn.Conv2d))
+        hook = conv.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+        try:
+            out = original(self, idx)
+        finally:
+            hook.remove()
+        assert out.dtype == torch.float32
+        return out
+
+    monkeypatch.setattr(train_inputs.TrainInputs, "encode", spying_encode)
+    bf16 = finetune(tiny_extractor(), catalog, fast_cfg(**kw, train_dtype="bfloat16"))
+    assert seen == {torch.bfloat16} and bf16.metrics["train_bf16"] == 1.0
+    losses = bf16.history["loss"].to_numpy()[1:]
+    assert losses[-1] < losses[0]
+    assert not np.allclose(losses, fp32.history["loss"].to_numpy()[1:], rtol=0, atol=1e-7)
+    assert np.allclose(losses, fp32.history["loss"].to_numpy()[1:], rtol=0.05)
+    assert all(
+        v.dtype == torch.float32
+        for v in bf16.extractor.state_dict().values()
+        if v.is_floating_point()
+    )
+    with pytest.raises(ConfigError, match="train_dtype"):
+        fast_cfg(train_dtype="float16")
 
 
 def test_freeze_blocks_per_backbone_and_uncachable_bodies_train_uncached(

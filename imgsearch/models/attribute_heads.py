@@ -21,14 +21,17 @@ holding any type outside scikit-learn and numpy (``UntrustedModelError``).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from joblib import Parallel, delayed
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score
 from sklearn.neighbors import KNeighborsClassifier
@@ -140,6 +143,46 @@ def _estimator(cfg: HeadConfig, c: float, class_weight: str = "balanced") -> Pip
     return make_pipeline(StandardScaler(), model)
 
 
+def _c_path(
+    cfg: HeadConfig, path: Sequence[float], weight: str, xs: np.ndarray, y: np.ndarray
+) -> list[LogisticRegression]:
+    """One class weighting's models along ``path`` (ascending ``C``), each fit starting from the
+    previous ``C``'s solution."""
+    model = _estimator(cfg, path[0], weight)[-1].set_params(warm_start=True)
+    out = []
+    for c in path:
+        model.set_params(C=c).fit(xs, y)
+        out.append(copy.deepcopy(model).set_params(warm_start=False))
+    return out
+
+
+def _fits(
+    cfg: HeadConfig, grid: Sequence[tuple[float, str]], x: np.ndarray, y: np.ndarray
+) -> list[tuple[float, str, Pipeline]]:
+    """Each setting of ``grid`` fitted on ``(x, y)``, in grid order. The linear head walks each
+    class weighting's ``C`` path upwards from the previous ``C``'s solution (the scaler is fitted
+    once; the problem is convex, so a warm start changes the iterations, not the optimum within
+    the solver's tolerance), the weightings' paths in parallel threads."""
+    if cfg.model != "linear":
+        return [(c, w, _estimator(cfg, c, w).fit(x, y)) for c, w in grid]
+    scaler = StandardScaler().fit(x)
+    xs = scaler.transform(x)
+    weights = list(dict.fromkeys(w for _, w in grid))
+    paths = {w: sorted({c for c, v in grid if v == w}) for w in weights}
+    fitted = Parallel(n_jobs=min(len(weights), os.cpu_count() or 1), prefer="threads")(
+        delayed(_c_path)(cfg, paths[w], w, xs, y) for w in weights
+    )
+    models = {
+        (c, w): m
+        for w, path_models in zip(weights, fitted, strict=True)
+        for c, m in zip(paths[w], path_models, strict=True)
+    }
+    return [
+        (c, w, Pipeline([("standardscaler", scaler), ("logisticregression", models[(c, w)])]))
+        for c, w in grid
+    ]
+
+
 @dataclass
 class AttributeHead:
     """A classifier of one attribute; ``fit(x_train, y_train, x_val, y_val)`` picks ``C`` on val."""
@@ -180,8 +223,7 @@ class AttributeHead:
             return self
         y_v = np.asarray(y_val).astype(str)
         best: tuple[float, str, float, Pipeline] | None = None
-        for c, weight in grid:
-            fitted = _estimator(self.config, c, weight).fit(x_train, y_tr)
+        for c, weight, fitted in _fits(self.config, grid, x_train, y_tr):
             score = float(accuracy_score(y_v, fitted.predict(x_val)))
             self.val_accuracy_[c] = max(score, self.val_accuracy_.get(c, -1.0))
             if best is None or score > best[2]:

@@ -126,10 +126,20 @@ def _side(texts: pd.DataFrame, images: pd.DataFrame, emb: np.ndarray, tower: Tex
     )
 
 
-def _groups(index: np.ndarray, n: int) -> list[np.ndarray]:
-    order = np.argsort(index, kind="stable")
-    bounds = np.searchsorted(index[order], np.arange(n + 1))
-    return [order[bounds[i] : bounds[i + 1]] for i in range(n)]
+class _Groups:
+    """The rows of each item (``index``: item code per row), as one sorted array and bounds."""
+
+    def __init__(self, index: np.ndarray, n: int) -> None:
+        self.order = np.argsort(index, kind="stable")
+        self.bounds = np.searchsorted(index[self.order], np.arange(n + 1))
+
+    def __getitem__(self, item: int) -> np.ndarray:
+        return self.order[self.bounds[item] : self.bounds[item + 1]]
+
+    def draw(self, items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One uniformly drawn row of each of ``items`` (every item has at least one row)."""
+        start = self.bounds[items]
+        return self.order[start + rng.integers(0, self.bounds[items + 1] - start)]
 
 
 class _Batches:
@@ -138,9 +148,9 @@ class _Batches:
     def __init__(self, side: _Side, cfg: AlignConfig) -> None:
         n = len(side.items)
         self.side, self.cfg = side, cfg
-        self.texts_of = _groups(side.text_items, n)
-        self.images_of = _groups(side.img_items, n)
-        proto = np.stack([side.img_emb[g].mean(axis=0) for g in self.images_of])
+        self.texts_of = _Groups(side.text_items, n)
+        self.images_of = _Groups(side.img_items, n)
+        proto = np.stack([side.img_emb[self.images_of[i]].mean(axis=0) for i in range(n)])
         self.prototypes = torch.from_numpy(l2_normalise(proto.astype(np.float32)))
         self.feats = torch.from_numpy(side.text_feats)
         self.images = torch.from_numpy(side.img_emb)
@@ -157,8 +167,8 @@ class _Batches:
             batch = order[start : start + size]
             if len(batch) < 2:
                 continue
-            t = [self.texts_of[i][self.rng.integers(len(self.texts_of[i]))] for i in batch]
-            out.append(self._pairs(torch.as_tensor(t), batch))
+            t = self.texts_of.draw(batch, self.rng)
+            out.append(self._pairs(torch.from_numpy(t), batch))
         return out
 
     def _text_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -180,8 +190,7 @@ class _Batches:
         if self.cfg.image_target == "prototype":
             img = self.prototypes[torch.from_numpy(items)]
         else:
-            m = [self.images_of[i][self.rng.integers(len(self.images_of[i]))] for i in items]
-            img = self.images[torch.as_tensor(m)]
+            img = self.images[torch.from_numpy(self.images_of.draw(items, self.rng))]
         return self.feats[t], img, torch.from_numpy(np.asarray(items, dtype=np.int64))
 
 

@@ -33,6 +33,7 @@ from imgsearch.train.augment import AugmentConfig, as_augment_config
 METHODS = ("supcon", "simclr", "moco")
 OPTIMIZERS = ("adamw", "sgd")
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+TRAIN_DTYPES = ("float32", "bfloat16")
 
 
 # --- checks shared by the components ----------------------------------------------------------------
@@ -260,15 +261,23 @@ class StoppingConfig:
 @dataclass
 class InputConfig:
     """``train_size``: training (and then extraction) resolution, ``None`` = the extractor's;
-    ``eval_batch_size``; ``channels_last``: NHWC convolutions (faster on CPU)."""
+    ``eval_batch_size``; ``channels_last``: NHWC convolutions (faster on CPU).
+    ``train_dtype``: the compute dtype of the training steps' forward and backward passes
+    (``bfloat16``: autocast, weights, optimizer, loss and validation stay float32; used only
+    where the CPU computes bfloat16 natively, see :func:`imgsearch.train.inputs.train_autocast`)."""
 
     train_size: int | None = None
     eval_batch_size: int = 128
     channels_last: bool = True
+    train_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_optional_int("train_size", self.train_size, 8)
         check_int("eval_batch_size", self.eval_batch_size, 1)
+        if self.train_dtype not in TRAIN_DTYPES:
+            raise ConfigError(
+                f"finetune.train_dtype must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}"
+            )
 
 
 # --- the flat facade --------------------------------------------------------------------------------
@@ -314,6 +323,7 @@ class FinetuneConfig:
     max_minutes: float | None = None
     eval_batch_size: int = 128
     channels_last: bool = True
+    train_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_int("seed", self.seed, 0)
@@ -382,4 +392,6 @@ class FinetuneConfig:
         out["augment"] = False if aug is None else aug.to_dict()
         if not out["attribute_loss"]:  # unset, a checkpoint's config reads as it did before it
             del out["attribute_loss"]
+        if out["train_dtype"] == "float32":  # ditto
+            del out["train_dtype"]
         return out

@@ -263,6 +263,7 @@ class TrainInputs:
     memory_format: torch.memory_format
     n_from_trunk: int = 0  # rows whose frozen-block outputs came from a trunk artifact
     attribute_codes: dict[str, np.ndarray] = field(default_factory=dict)
+    bf16: bool = False  # training steps' forward (and so backward) under bfloat16 autocast
 
     @property
     def n_items(self) -> int:
@@ -277,10 +278,15 @@ class TrainInputs:
         return x.contiguous(memory_format=self.memory_format)
 
     def encode(self, idx: torch.Tensor) -> torch.Tensor:
-        """Embeddings of fresh views of train images ``idx`` through the trained model."""
-        if self.top is not None:
-            return self.top(self.train_x[idx].float().contiguous(memory_format=self.memory_format))
-        return self.model(self.pixels(idx))
+        """Embeddings (float32) of fresh views of train images ``idx`` through the trained model;
+        with ``bf16`` its convolutions compute in bfloat16 (the weights stay float32)."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            if self.top is not None:
+                x = self.train_x[idx].float().contiguous(memory_format=self.memory_format)
+                out = self.top(x)
+            else:
+                out = self.model(self.pixels(idx))
+        return out.float()
 
     def encode_val(self, batch: torch.Tensor) -> torch.Tensor:
         """Embeddings of a batch of ``val_x`` (the model in eval mode)."""
@@ -369,6 +375,9 @@ def prepare_inputs(
     ``cache_dtype``, so their outputs are read instead of computed (the rows it lacks are
     computed as before)."""
     pre_cfg = model.spec.preprocess
+    bf16, reason = train_autocast(cfg.train_dtype)
+    if cfg.train_dtype != "float32":
+        log.info("finetune: %s", reason)
     train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
     split = _trunk(model, cfg)
     n_from_trunk = 0
@@ -435,11 +444,30 @@ def prepare_inputs(
         attribute_codes=attribute_codes(
             train_rows.loc[train_ok].reset_index(drop=True), cfg.attribute_loss
         ),
+        bf16=bf16,
     )
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def train_autocast(train_dtype: str) -> tuple[bool, str]:
+    """``(bf16 used, reason)`` for ``finetune.train_dtype``: bfloat16 is used only where the CPU
+    computes it natively, else float32 runs and the reason says why."""
+    if train_dtype != "bfloat16":
+        return False, "train_dtype float32"
+    if not native_bf16():
+        return False, "bfloat16 asked, but this CPU has no native bfloat16 (float32 runs)"
+    return True, "bfloat16 autocast (native on this CPU)"
 
 
 def describe(inputs: TrainInputs, cfg: FinetuneConfig) -> str:
     """How the run's inputs are made, for the log."""
+    dtype = "bfloat16" if inputs.bf16 else "float32"
     if inputs.top is not None:
-        return f"blocks [:{cfg.blocks_to_freeze(inputs.model.spec.name)}] cached"
-    return "augmented" if cfg.augment is not False else "not augmented"
+        return f"blocks [:{cfg.blocks_to_freeze(inputs.model.spec.name)}] cached, {dtype} steps"
+    return ("augmented" if cfg.augment is not False else "not augmented") + f", {dtype} steps"

@@ -60,5 +60,6 @@ def summary(
         "n_val_images": float(len(inputs.val_x)),
         "n_unreadable": float(len(inputs.failures)),
         "n_from_trunk": float(inputs.n_from_trunk),
+        "train_bf16": float(inputs.bf16),
         "train_size": float(train_size),
     }
