@@ -7,7 +7,9 @@ then fine-tunes the baseline extractor with ``train_dtype`` float32 and bfloat16
 For each run it prints the training images/s, the wall and CPU time, the epochs, the best epoch
 and val MAP@R (what chooses), and the test MAP@R of the re-extraction from the trunk (every test
 image queries the others, relevant = same item: reported, never used to choose). Then the
-ratios bfloat16 / float32. Figures only, never pass/fail.
+ratios bfloat16 / float32, and for each round the test MAP@R difference with a paired bootstrap
+over test items (per-query AP@R of the same queries, items resampled; 95% interval), so a
+difference can be read against the noise of 382 test emoji. Figures only, never pass/fail.
 
 bfloat16 runs only where the CPU computes it natively (:func:`imgsearch.train.inputs.native_bf16`);
 elsewhere both rows are float32 and the printout says so.
@@ -29,15 +31,50 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from benchmarks.bench_trunk import test_map_at_r
+from imgsearch import schema
 from imgsearch.config import from_dict, load_config
 from imgsearch.embed.extract import ExtractConfig
 from imgsearch.embed.trunk import TrunkStore
 from imgsearch.embed.trunk_read import extract_from_trunk
+from imgsearch.evaluate import metrics as M
+from imgsearch.evaluate.retrieval import rank_relevance
 from imgsearch.models.backbones import load_extractor
 from imgsearch.train.finetune import FinetuneConfig, finetune
 from imgsearch.train.inputs import native_bf16
 from steps.extract import read_manifest
+
+
+def test_ap_at_r(
+    ids: np.ndarray, emb: np.ndarray, manifest: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(AP@R per test image, its item)`` in ``ids`` order: each test image queries the others."""
+    test = manifest[manifest[schema.SPLIT].astype(str) == "test"]
+    item = dict(
+        zip(test[schema.IMAGE_ID].astype(str), test[schema.ITEM_ID].astype(str), strict=True)
+    )
+    keep = np.array([i for i, x in enumerate(ids) if str(x) in item], dtype=np.int64)
+    labels = np.array([item[str(ids[i])] for i in keep])
+    ap = [
+        M.per_query_metrics(rel, n_rel, (1,))["ap_at_r"]
+        for _, _, rel, n_rel in rank_relevance(M.l2_normalise(emb[keep]), labels)
+    ]
+    return np.concatenate(ap), labels
+
+
+def paired_interval(
+    a: np.ndarray, b: np.ndarray, items: np.ndarray, n: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% interval of mean(b) - mean(a) over the same queries, test items resampled."""
+    ok = ~(np.isnan(a) | np.isnan(b))
+    names = np.unique(items[ok])
+    rows = {name: np.flatnonzero(ok & (items == name)) for name in names}
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n):
+        pick = np.concatenate([rows[name] for name in rng.choice(names, len(names))])
+        diffs.append(b[pick].mean() - a[pick].mean())
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def main() -> None:
@@ -69,6 +106,7 @@ def main() -> None:
             f"native bfloat16 on this CPU: {native_bf16()}"
         )
         rows: list[dict[str, Any]] = []
+        per_query: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
         for round_ in range(args.rounds):
             for dtype in ("float32", "bfloat16"):
                 cfg = from_dict(FinetuneConfig, {**base_cfg, "train_dtype": dtype})
@@ -79,6 +117,8 @@ def main() -> None:
                     result.extractor, manifest, ecfg, store, out=tmp / "r.npy", progress=False
                 )
                 m = result.metrics
+                ap, items = test_ap_at_r(np.asarray(emb.ids), np.asarray(emb.embeddings), manifest)
+                per_query[(round_, dtype)] = (ap, items)
                 rows.append(
                     {
                         "round": round_,
@@ -90,12 +130,17 @@ def main() -> None:
                         "epochs": int(m["epochs_run"]),
                         "best_epoch": int(m["best_epoch"]),
                         "best_val_map_at_r": m["best_val_map_at_r"],
-                        "test_map_at_r": test_map_at_r(
-                            np.asarray(emb.ids), np.asarray(emb.embeddings), manifest
-                        ),
+                        "test_map_at_r": float(np.nanmean(ap)),
                     }
                 )
                 print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
+            (a, items), (b, _) = per_query[(round_, "float32")], per_query[(round_, "bfloat16")]
+            low, high = paired_interval(a, b, items)
+            print(
+                f"round {round_}: test MAP@R bfloat16 - float32 {np.nanmean(b) - np.nanmean(a):+.4f}, "
+                f"paired bootstrap over test items 95% [{low:+.4f}, {high:+.4f}]",
+                flush=True,
+            )
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format="%.4f"))
     mean = table.groupby("train_dtype")[["img_per_s", "wall_s", "best_val_map_at_r"]].mean()
