@@ -11,7 +11,7 @@ ratios bfloat16 / float32, and for each round the test MAP@R difference with a p
 over test items (per-query AP@R of the same queries, items resampled; 95% interval), so a
 difference can be read against the noise of 382 test emoji. Figures only, never pass/fail.
 
-bfloat16 runs only where the CPU computes it natively (:func:`imgsearch.train.inputs.native_bf16`);
+bfloat16 runs only where the CPU computes it natively (:func:`imgsearch.train.precision.native_bf16`);
 elsewhere both rows are float32 and the printout says so.
 
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db python -m benchmarks.bench_train_dtype \\
@@ -40,7 +40,7 @@ from imgsearch.evaluate import metrics as M
 from imgsearch.evaluate.retrieval import rank_relevance
 from imgsearch.models.backbones import load_extractor
 from imgsearch.train.finetune import FinetuneConfig, finetune
-from imgsearch.train.inputs import native_bf16
+from imgsearch.train.precision import native_bf16
 from steps.extract import read_manifest
 
 

@@ -31,6 +31,7 @@ from imgsearch.models.backbones import (
     save_extractor,
 )
 from imgsearch.train import inputs as train_inputs
+from imgsearch.train import precision
 from imgsearch.train.augment import eval_transform
 from imgsearch.train.finetune import (
     CHECKPOINT_FILE,
@@ -39,7 +40,8 @@ from imgsearch.train.finetune import (
     load_checkpoint,
     load_images,
 )
-from imgsearch.train.inputs import attribute_codes, train_autocast
+from imgsearch.train.inputs import attribute_codes
+from imgsearch.train.precision import train_autocast
 from imgsearch.train.validation import val_scores
 from tests.train_data import (
     SIZE,
@@ -156,7 +158,7 @@ def test_bfloat16_steps_train_like_float32_and_fall_back_where_the_cpu_lacks_it(
     native bfloat16 the run is the float32 one, exactly, and the reason says why."""
     kw: dict[str, object] = {"augment": False, "freeze_blocks": 1, "epochs": 3, "head_dims": [16]}
     fp32 = finetune(tiny_extractor(), catalog, fast_cfg(**kw))
-    monkeypatch.setattr(train_inputs, "native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
     assert train_autocast("bfloat16") == (
         False,
         "bfloat16 asked, but this CPU has no native bfloat16 (float32 runs)",
@@ -167,7 +169,7 @@ def test_bfloat16_steps_train_like_float32_and_fall_back_where_the_cpu_lacks_it(
     )
     assert fallback.metrics["train_bf16"] == 0.0
 
-    monkeypatch.setattr(train_inputs, "native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
     seen: set[torch.dtype] = set()
     original = train_inputs.TrainInputs.encode
 

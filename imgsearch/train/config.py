@@ -264,7 +264,7 @@ class InputConfig:
     ``eval_batch_size``; ``channels_last``: NHWC convolutions (faster on CPU).
     ``train_dtype``: the compute dtype of the training steps' forward and backward passes
     (``bfloat16``: autocast, weights, optimizer, loss and validation stay float32; used only
-    where the CPU computes bfloat16 natively, see :func:`imgsearch.train.inputs.train_autocast`)."""
+    where the CPU computes bfloat16 natively, see :func:`imgsearch.train.precision.train_autocast`)."""
 
     train_size: int | None = None
     eval_batch_size: int = 128
