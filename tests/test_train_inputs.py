@@ -14,14 +14,8 @@ from imgsearch import schema
 from imgsearch.data.preprocess import PreprocessConfig
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import Extractor
-from imgsearch.train.inputs import (
-    load_images,
-    normaliser,
-    pk_batches,
-    random_batches,
-    split_at,
-    trunk_outputs,
-)
+from imgsearch.train.inputs import load_images, normaliser, split_at, trunk_outputs
+from imgsearch.train.samplers import pk_batches, random_batches
 from tests.train_data import SIZE, TinyBody, register_tiny, shapes_catalog, tiny_extractor
 
 

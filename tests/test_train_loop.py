@@ -11,7 +11,6 @@ from torch import nn
 
 from imgsearch.errors import ConfigError
 from imgsearch.train.config import METHODS, ObjectiveConfig, StoppingConfig
-from imgsearch.train.inputs import PKSampler, RandomSampler
 from imgsearch.train.loop import EarlyStopping
 from imgsearch.train.objectives import (
     OBJECTIVES,
@@ -25,6 +24,7 @@ from imgsearch.train.objectives import (
     attribute_loss,
     make_objective,
 )
+from imgsearch.train.samplers import PKSampler, RandomSampler
 
 
 def _row(metric: float, std: float = 0.1) -> dict[str, float]:

@@ -77,10 +77,11 @@ from imgsearch.train.checkpoint import (
     save_checkpoint,
 )
 from imgsearch.train.config import CACHE_DTYPES, METHODS, OPTIMIZERS, FinetuneConfig
-from imgsearch.train.inputs import load_images, pk_batches, random_batches, split_at, trunk_outputs
+from imgsearch.train.inputs import load_images, split_at, trunk_outputs
 from imgsearch.train.loop import EarlyStopping, finetune
 from imgsearch.train.parts import attach_head, extractor_head_dims
 from imgsearch.train.result import FinetuneResult
+from imgsearch.train.samplers import pk_batches, random_batches
 
 __all__ = [
     "CACHE_DTYPES",

@@ -3,7 +3,6 @@
 - :func:`load_images`: manifest rows as uint8 ``(N, 3, S, S)``, read by the embedding reader
   (:class:`imgsearch.embed.reader.ImageDataset`: ``pre_path`` when it was made with exactly this
   preprocessing, else ``path`` decoded), unreadable rows as quarantine rows (stage ``finetune``).
-- :func:`pk_batches` / :func:`random_batches` and their samplers: one epoch of batch indices.
 - :func:`split_at` / :func:`trunk_outputs`: without pixel augmentation the frozen blocks always see
   the same inputs, so their outputs are computed once and each step runs only the rest.
 - :class:`TrainInputs`: the train and val data of a run, and how train indices become fresh views
@@ -98,69 +97,6 @@ def normaliser(cfg: PreprocessConfig) -> v2.Compose:
     return v2.Compose(
         [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
     )
-
-
-# --- batches --------------------------------------------------------------------------------------
-
-
-def pk_batches(codes: np.ndarray, p: int, k: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """One epoch of PK batches: every item once, in random order, P items x K images per batch.
-
-    ``codes`` (N,) are the item codes of the images. An item with >= K images gives K distinct
-    ones at random; one with fewer gives all of them plus random repeats. The last batch is
-    dropped when it has fewer than P items (unless it is the only one).
-    """
-    codes = np.asarray(codes)
-    members = [torch.from_numpy(np.flatnonzero(codes == c)) for c in np.unique(codes)]
-    order = torch.randperm(len(members), generator=generator).tolist()
-    p = min(p, len(members))
-    batches = []
-    for start in range(0, len(order) - p + 1, p):
-        picks = []
-        for item in order[start : start + p]:
-            m = members[item]
-            if len(m) >= k:
-                picks.append(m[torch.randperm(len(m), generator=generator)[:k]])
-            else:
-                extra = m[torch.randint(len(m), (k - len(m),), generator=generator)]
-                picks.append(torch.cat([m, extra]))
-        batches.append(torch.cat(picks))
-    return batches
-
-
-def random_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """One epoch of shuffled batches of ``batch_size`` images (the last partial batch dropped)."""
-    perm = torch.randperm(n, generator=generator)
-    size = min(batch_size, n)
-    return [perm[i : i + size] for i in range(0, n - size + 1, size)]
-
-
-@dataclass(frozen=True)
-class PKSampler:
-    """P items x K images per batch (:func:`pk_batches`), for item-aware objectives."""
-
-    p: int
-    k: int
-
-    def batches(self, codes: np.ndarray, generator: torch.Generator) -> list[torch.Tensor]:
-        return pk_batches(codes, self.p, self.k, generator)
-
-    def steps_per_epoch(self, codes: np.ndarray) -> int:
-        n_items = len(np.unique(codes))
-        return max(1, n_items // min(n_items, self.p))
-
-
-@dataclass(frozen=True)
-class RandomSampler:
-    """Shuffled batches of ``batch_size`` images (:func:`random_batches`)."""
-
-    batch_size: int
-
-    def batches(self, codes: np.ndarray, generator: torch.Generator) -> list[torch.Tensor]:
-        return random_batches(len(codes), self.batch_size, generator)
-
-    def steps_per_epoch(self, codes: np.ndarray) -> int:
-        return max(1, len(codes) // min(self.batch_size, len(codes)))
 
 
 # --- the frozen-trunk cache -----------------------------------------------------------------------

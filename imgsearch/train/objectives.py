@@ -33,8 +33,8 @@ from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import Extractor
 from imgsearch.train.checkpoint import plain_state
 from imgsearch.train.config import ObjectiveConfig
-from imgsearch.train.inputs import PKSampler, RandomSampler
 from imgsearch.train.losses import MoCo, nt_xent_loss, supcon_loss
+from imgsearch.train.samplers import PKSampler, RandomSampler
 
 
 class Views(Protocol):
