@@ -26,6 +26,7 @@ from imgsearch.data.imageio import open_rgb, read_bytes
 from imgsearch.data.limits import DecodeLimits, RequestTooLarge, check_request
 from imgsearch.embed import query as serving
 from imgsearch.errors import ConfigError, ImageRejected
+from imgsearch.evaluate.quantization import DEFAULT_TOLERANCE, whole_items
 from imgsearch.models.backbones import Extractor
 from registry.params import IMAGE_COLUMN, _invalid
 
@@ -161,26 +162,51 @@ def _embed(
     return np.asarray(emb, dtype=np.float32), rows
 
 
-#: Gallery images read (from the index's ``path`` column) to calibrate and check int8.
+#: Gallery images read (from the index's ``path`` column) for int8: some to calibrate on, whole
+#: items to check MAP@R on (items with two or more images).
 CALIBRATION_IMAGES = 32
+CHECK_IMAGES = 128
 
 
-def gallery_images(meta: pd.DataFrame, n: int = CALIBRATION_IMAGES) -> list[Image.Image]:
-    """Up to ``n`` decoded gallery images (a fixed sample of the index's ``path`` column); files
-    that cannot be read are skipped: ``int8`` then falls back when too few remain."""
-    if schema.PATH not in meta.columns or meta.empty:
-        return []
-    paths = meta[schema.PATH].dropna().astype(str)
-    sample = paths.sample(min(len(paths), 4 * n), random_state=0) if len(paths) > n else paths
+def _read(paths: pd.Series, limit: int | None = None) -> tuple[list[Image.Image], list[int]]:
+    """The images of ``paths`` that decode (up to ``limit``), and their positions; unreadable
+    ones are skipped."""
     images: list[Image.Image] = []
-    for path in sample:
+    positions: list[int] = []
+    for position, path in enumerate(paths.astype(str)):
+        if limit is not None and len(images) >= limit:
+            break
         try:
             images.append(open_rgb(read_bytes(path, MAX_IMAGE_BYTES)))
         except (ImageRejected, OSError, ValueError):
             continue
-        if len(images) >= n:
-            break
-    return images
+        positions.append(position)
+    return images, positions
+
+
+def gallery_images(
+    meta: pd.DataFrame,
+    calibration: int = CALIBRATION_IMAGES,
+    check: int = CHECK_IMAGES,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> serving.Int8Images:
+    """Decoded gallery images for serving's int8 (fixed seeded samples of the index's rows):
+    ``check`` = whole items with two or more images (``item_id``; up to ``check`` images),
+    ``calibration`` = up to ``calibration`` other images. Files that cannot be read are skipped:
+    int8 then falls back when too few remain."""
+    if schema.PATH not in meta.columns or meta.empty:
+        return serving.Int8Images(tolerance=tolerance)
+    rows = meta[meta[schema.PATH].notna()].reset_index(drop=True)
+    items = rows[schema.ITEM_ID] if schema.ITEM_ID in rows.columns else rows[schema.PATH]
+    chosen = whole_items(items, check, seed=0, min_images=2)
+    check_rows = rows[chosen]
+    check_images, positions = _read(check_rows[schema.PATH])
+    labels = items[chosen].astype(str).to_numpy()[positions].tolist()
+    rest = rows[~chosen]
+    if len(rest) > 4 * calibration:
+        rest = rest.sample(4 * calibration, random_state=0)
+    calibration_images, _ = _read(rest[schema.PATH], calibration)
+    return serving.Int8Images(calibration_images, check_images, labels, tolerance=tolerance)
 
 
 def prepare_serving(
@@ -191,7 +217,10 @@ def prepare_serving(
     config = getattr(context, "model_config", None) or {}
     threads = serving.resolve_threads(config.get("torch_threads"))
     mode = serving.resolve_mode(config.get("serving_mode"))
-    images = gallery_images(gallery) if mode == "int8" and gallery is not None else []
+    images = None
+    if mode == "int8" and gallery is not None:
+        tolerance = float(config.get("int8_tolerance", DEFAULT_TOLERANCE))
+        images = gallery_images(gallery, tolerance=tolerance)
     served = serving.prepare_serving(extractor, mode, threads=threads, gallery=images)
     log.info("serving %s, %d torch thread(s): %s", served.mode, threads, served.metrics)
     return served

@@ -14,6 +14,7 @@ from typing import Any
 import imgsearch
 from imgsearch.data.limits import DecodeLimits
 from imgsearch.embed import query as serving
+from imgsearch.evaluate.quantization import DEFAULT_TOLERANCE
 from imgsearch.models.backbones import fingerprint, load_extractor
 from registry import integrity, models
 
@@ -23,6 +24,8 @@ SERVING_CONFIG: dict[str, Any] = {
     "allow_paths": False,
     "torch_threads": serving.DEFAULT_THREADS,
     "serving_mode": serving.DEFAULT_MODE,
+    # serving_mode int8 is kept when its MAP@R on gallery items is at most this below fp32's
+    "int8_tolerance": DEFAULT_TOLERANCE,
     # request bounds (rows, pixels per image and per request): see imgsearch.data.limits
     **DecodeLimits().as_config(),
     # filled in at load time by registry.integrity.load_verified, from the version's tags

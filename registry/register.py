@@ -245,9 +245,13 @@ def log_index_model(
     client: MlflowClient | None = None,
     text_artifacts: Mapping[str, Path] | None = None,
     description: str | None = None,
+    serving_mode: str | None = None,
 ) -> ModelVersion:
     """Log the index + its extractor + ranking config as an :class:`~registry.models.IndexModel`
     in the active run and register it as ``name``.
+
+    ``serving_mode`` (default: ``SERVING_CONFIG``'s) is the query path the model config asks for;
+    ``int8`` is still checked on gallery items at load (:mod:`imgsearch.embed.query`).
 
     ``text_artifacts`` (``text_encoder`` and optionally ``restricted_policy``,
     ``restricted_flags``; :mod:`registry.text_queries`) make it answer text queries; a text
@@ -302,7 +306,11 @@ def log_index_model(
                     code_paths=code_paths(),
                     signature=models.index_signature(ranking_cfg, default_k, bool(text_artifacts)),
                     pip_requirements=pip_requirements(),
-                    model_config={**SERVING_CONFIG, "default_k": int(default_k)},
+                    model_config={
+                        **SERVING_CONFIG,
+                        "default_k": int(default_k),
+                        "serving_mode": serving_mode or SERVING_CONFIG["serving_mode"],
+                    },
                 )
 
     version, _ = register_version(client, name, source, hash_, fp, tags, alias, _log, description)
@@ -335,9 +343,11 @@ def register_pair(
     client: MlflowClient | None = None,
     text_artifacts: Mapping[str, Path] | None = None,
     description: str | None = None,
+    serving_mode: str | None = None,
 ) -> RegisteredPair:
     """Register the extractor, then the index tagged with the extractor's version, then tag the
     extractor with the index's version; alias both ``cfg.alias``. Idempotent.
+    ``serving_mode``: the index model's query path (:func:`log_index_model`).
 
     The data hash is that of the index metadata; ``metrics`` (test split) go on both versions.
     """
@@ -371,6 +381,7 @@ def register_pair(
         client=client,
         text_artifacts=text_artifacts,
         description=description and f"Index (FAISS + ranking) of {description}",
+        serving_mode=serving_mode,
     )
     reused = (ext.tags or {}).get(TAG_INDEX_VERSION) == str(idx.version)
     ensure_tags(client, ext, {TAG_INDEX_VERSION: str(idx.version)})

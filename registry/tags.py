@@ -47,6 +47,10 @@ HEADLINE_METRICS = ("map_at_r", "hit_at_1", "hit_at_10", "map", "recall_at_10")
 #: tags an upstream run records about its inputs (steps.extract / index / evaluate)
 INPUT_EXTRACT_RUN = "imgsearch.input.extract_run_id"
 INPUT_SPLIT_RUN = "imgsearch.input.split_run_id"
+#: the precision the gallery was embedded in (steps.extract: fp32, bf16, or int8 kept on val
+#: MAP@R); carried onto the registered versions with the int8 decision's figures and reason
+TAG_EXTRACT_PRECISION = "imgsearch.extract.precision"
+EXTRACT_INT8_PREFIX = "imgsearch.extract."
 #: set at registration, never rewritten afterwards
 #: promotion and rollback history (registry.promote, registry.rollback)
 TAG_PREVIOUS_CHAMPION = "previous_champion"

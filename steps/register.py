@@ -15,6 +15,12 @@ Produces: versions of ``imgsearch-extractor`` and ``imgsearch-index`` tagged wit
 version, the source runs, the data hash, the extractor fingerprint and ``metric.<name>``; both
 aliased ``challenger``. A retried step reuses the versions it made (idempotent). Logs
 ``registered.json`` and params ``extractor_version`` / ``index_version``.
+
+The extract run's precision travels with the pair: tag ``imgsearch.extract.precision`` (the
+precision its gallery vectors were embedded in) and, when it asked for int8, the decision's
+reason and MAP@R figures (``imgsearch.extract.int8_*``). An extract run that kept int8 (its val
+MAP@R within tolerance of fp32's) registers an index model whose ``serving_mode`` is ``int8``,
+which serving checks again on gallery items at load (``imgsearch.embed.query``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from registry.register import (
     register_pair,
     select_metrics,
 )
+from registry.tags import EXTRACT_INT8_PREFIX, TAG_EXTRACT_PRECISION
 from registry.text_model import log_text_model
 from registry.text_queries import TEXT_ARTIFACTS
 from registry.versions import describe
@@ -57,6 +64,24 @@ def _ranking(index_run_id: str, cfg: RegisterConfig, all_cfg: dict[str, Any]) ->
         )
     section = all_cfg.get("ranking")
     return from_dict(RankingConfig, section if isinstance(section, dict) else {})
+
+
+#: the extract run's int8 figures carried onto the registered versions
+INT8_FIGURES = ("int8_used", "int8_map_at_r_fp32", "int8_map_at_r_int8", "int8_map_at_r_mixed")
+
+
+def precision_tags(extract_run_id: str) -> tuple[dict[str, str], str | None]:
+    """The extract run's precision and int8 decision as version tags, and the index model's
+    serving mode (``int8`` when the run kept int8, else None = the default)."""
+    data = mlflow.get_run(extract_run_id).data
+    precision = data.tags.get(TAG_EXTRACT_PRECISION) or data.params.get("precision_used", "fp32")
+    tags = {TAG_EXTRACT_PRECISION: precision}
+    if "int8_reason" in data.params:
+        tags[EXTRACT_INT8_PREFIX + "int8_reason"] = data.params["int8_reason"]
+        for key in INT8_FIGURES:
+            if key in data.metrics:
+                tags[EXTRACT_INT8_PREFIX + key] = f"{data.metrics[key]:.4f}"
+    return tags, ("int8" if precision == "int8" else None)
 
 
 def _description(evaluate_run_id: str, cfg: RegisterConfig, all_cfg: dict[str, Any]) -> str:
@@ -93,6 +118,8 @@ def run(
         metrics, tags = evaluation(
             evaluate_run_id, cfg, extract_run_id=extract_run_id, index_run_id=index_run_id
         )
+        carried, serving_mode = precision_tags(extract_run_id)
+        tags = {**tags, **carried}
         pair = register_pair(
             extractor_dir,
             index_dir,
@@ -104,6 +131,7 @@ def run(
             cfg=cfg,
             text_artifacts=texts,
             description=_description(evaluate_run_id, cfg, all_cfg),
+            serving_mode=serving_mode,
         )
         summary = pair.summary()
         if align_run_id:

@@ -17,7 +17,7 @@ from imgsearch.embed.extract import ExtractConfig, extract
 from imgsearch.errors import ConfigError
 from imgsearch.evaluate import int8 as int8_mod
 from imgsearch.evaluate.int8 import Int8Config, check_rows, extract_int8
-from imgsearch.evaluate.quantization import int8_scores, mixed_map_at_r, quality_check
+from imgsearch.evaluate.quantization import int8_scores, mixed_map_at_r, quality_check, whole_items
 from imgsearch.evaluate.retrieval import retrieval_map_at_r
 from imgsearch.models.backbones import Extractor, ExtractorSpec
 from imgsearch.models.quantize import (
@@ -297,6 +297,14 @@ def test_step_logs_the_int8_decision(
         meta = embeddings_metadata(artifact_path(run_id, "embeddings.parquet"))
         assert meta["precision"] == data.params["precision_used"]
         assert mlflow.get_run(run_id).data.tags["imgsearch.extract.precision"] == meta["precision"]
+        # the decision travels to the registered versions, and int8 to the index's serving mode
+        from steps.register import precision_tags
+
+        tags, serving_mode = precision_tags(run_id)
+        assert tags["imgsearch.extract.precision"] == meta["precision"]
+        assert tags["imgsearch.extract.int8_reason"] == data.params["int8_reason"]
+        assert float(tags["imgsearch.extract.int8_used"]) == data.metrics["int8_used"]
+        assert serving_mode == ("int8" if used else None)
     finally:
         mlflow.set_tracking_uri(None)
 
@@ -305,10 +313,50 @@ def test_serving_int8_runs_on_onnx_runtime_and_degrades_without_it(
     extractor: Extractor, manifest: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from imgsearch.embed import query as serving
+    from registry.decoding import gallery_images
 
-    gallery = [Image.open(p).convert("RGB") for p in manifest["path"][:16]]
+    gallery = gallery_images(manifest, calibration=6, check=12)  # the index's meta: path, item_id
+    assert len(gallery.calibration) == 6 and len(gallery.check) == 12
+    assert set(pd.Series(gallery.labels).value_counts()) == {3}  # whole items
     served = serving.prepare_serving(extractor, "int8", gallery=gallery)
     assert served.mode == "int8" and isinstance(served.model, QuantizedExtractor), served.metrics
+    assert served.metrics["int8_map_at_r_drop"] <= 0.005
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     fallback = serving.prepare_serving(extractor, "int8", gallery=gallery)
     assert fallback.mode == "fused" and "pip install onnxruntime" in fallback.metrics["int8_error"]
+
+
+def test_gallery_sample_skips_unreadable_files_and_single_image_items(
+    manifest: pd.DataFrame,
+) -> None:
+    from registry.decoding import gallery_images
+
+    meta = manifest.copy()
+    meta.loc[0, "path"] = "/nonexistent/x.png"  # unreadable: skipped, its item keeps 2 images
+    meta = pd.concat([meta, pd.DataFrame([{**meta.iloc[1].to_dict(), "item_id": "alone"}])])
+    gallery = gallery_images(meta, calibration=4, check=100)
+    assert "alone" not in gallery.labels and len(gallery.check) == len(gallery.labels) == 23
+    assert len(gallery.calibration) == 1  # the one-image item is the only other row
+    assert len(gallery_images(meta.drop(columns=["path"])).check) == 0
+
+
+def test_whole_items_takes_every_image_of_each_item_chosen() -> None:
+    items = pd.Series(["a"] * 3 + ["b"] * 2 + ["c"] + ["d"] * 4)
+    assert whole_items(items, 100).all()
+    assert whole_items(items, 100, min_images=2).tolist() == [True] * 5 + [False] + [True] * 4
+    mask = whole_items(items, 5, seed=3)
+    picked = items[mask]
+    assert 1 <= len(picked) <= 5
+    assert all((items == i).sum() == (picked == i).sum() for i in picked.unique())
+    assert whole_items(items, 5, seed=3).tolist() == mask.tolist()  # seeded
+
+
+def test_serving_direction_scores_int8_queries_on_the_fp32_gallery() -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 5, 25)
+    fp32 = rng.normal(size=(25, 8)) + 2 * np.eye(8)[labels]
+    int8 = fp32 + 0.7 * rng.normal(size=fp32.shape)
+    serving_side = int8_scores(fp32, int8, labels, int8_queries=True)
+    assert serving_side["map_at_r_mixed"] == pytest.approx(mixed_map_at_r(int8, fp32, labels))
+    extraction_side = int8_scores(fp32, int8, labels)
+    assert extraction_side["map_at_r_mixed"] == pytest.approx(mixed_map_at_r(fp32, int8, labels))

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image, ImageDraw
@@ -312,6 +313,17 @@ def test_register_tags_aliases_and_idempotent_retry(env: Env, pair) -> None:
     assert (again.extractor.version, again.index.version) == (ext.version, idx.version)
     assert len(client.search_model_versions(f"name = '{cfg.index_name}'")) == 1
     assert len(client.search_model_versions(f"name = '{cfg.extractor_name}'")) == 1
+
+
+def test_an_int8_pair_registers_an_index_that_asks_for_int8(env: Env) -> None:
+    cfg = names()
+    pair = register(env, cfg, 0.5, serving_mode="int8")
+    local = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{cfg.index_name}/{pair.index.version}")
+    )
+    config = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert config["config"]["serving_mode"] == "int8"
+    assert config["config"]["int8_tolerance"] == 0.005
 
 
 def test_registered_models_are_code_not_pickles(env: Env, pair) -> None:
@@ -648,6 +660,10 @@ def test_register_and_promote_steps(env: Env, monkeypatch: pytest.MonkeyPatch) -
     model = mlflow.pyfunc.load_model(f"models:/{cfg.index_name}@challenger")
     defaults = {p["name"]: p["default"] for p in model.metadata.get_params_schema().to_dict()}
     assert defaults["popularity_weight"] == 0.05  # the tuned ranking is what the model serves
+    # an extract run that logged no precision embedded in fp32: tagged so, served fused
+    assert idx.tags["imgsearch.extract.precision"] == ext.tags["imgsearch.extract.precision"]
+    assert idx.tags["imgsearch.extract.precision"] == "fp32"
+    assert model.model_config["serving_mode"] == "fused"
 
     register_step.run(*ids, overrides=overrides)  # a retry: no new versions
     assert len(client.search_model_versions(f"name = '{cfg.index_name}'")) == 1

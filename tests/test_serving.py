@@ -88,11 +88,28 @@ def test_fused_reproduces_eager(make: object) -> None:
     assert eager.model is ext and eager.mode == "eager"
 
 
-def test_int8_is_calibrated_on_the_gallery_and_checked() -> None:
+def _int8_images(n_items: int = 6, per_item: int = 3, seed: int = 1) -> serving.Int8Images:
+    """Calibration images, and check images of ``n_items`` items (noisy copies of one picture)."""
+    rng = np.random.default_rng(seed)
+    check, labels = [], []
+    for item in range(n_items):
+        base = rng.integers(0, 256, (40, 48, 3)).astype(np.int16)
+        for _ in range(per_item):
+            noisy = np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+            check.append(Image.fromarray(noisy))
+            labels.append(f"item{item}")
+    return serving.Int8Images(_images(8, seed=seed + 1), check, labels)
+
+
+def test_int8_is_calibrated_on_the_gallery_and_kept_on_map_at_r() -> None:
     ext = _tiny()
-    served = serving.prepare_serving(ext, "int8", gallery=_images(16, seed=1))
+    served = serving.prepare_serving(ext, "int8", gallery=_int8_images())
     assert served.mode == "int8", served.metrics
-    assert served.metrics["int8_min_cosine"] >= serving.INT8_MIN_COSINE
+    m = served.metrics
+    assert m["int8_check_images"] == 18 and m["int8_calibration_images"] == 8
+    assert m["int8_map_at_r_drop"] <= 0.005 and "drop" in m["int8_reason"]
+    assert "int8 queries on fp32 gallery" in m["int8_reason"]
+    assert 0 < m["int8_min_cosine"] <= 1  # recorded, not what decides
     queries = _images(4, seed=2)
     cosine = np.sum(served.embed(queries) * embed_images(ext, queries), axis=1)
     assert cosine.min() >= 0.98
@@ -102,11 +119,22 @@ def test_int8_falls_back_when_it_cannot_be_checked_or_fails_the_check(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ext = _tiny()
-    few = serving.prepare_serving(ext, "int8", gallery=_images(3))
-    assert few.mode == "fused" and "gallery images" in few.metrics["int8_error"]
-    monkeypatch.setattr(serving, "INT8_MIN_COSINE", 1.01)  # no quantised model can pass this
-    strict = serving.prepare_serving(ext, "int8", gallery=_images(16))
-    assert strict.mode == "fused" and "min cosine" in strict.metrics["int8_error"]
+    few = serving.prepare_serving(ext, "int8", gallery=serving.Int8Images(_images(3)))
+    assert few.mode == "fused" and "calibrate on" in few.metrics["int8_error"]
+    single = serving.Int8Images(_images(8), _images(4, seed=3), ["a", "b", "c", "d"])
+    lonely = serving.prepare_serving(ext, "int8", gallery=single)  # no item has two images
+    assert lonely.mode == "fused" and "cannot be measured" in lonely.metrics["int8_error"]
+
+    real_check = serving.quality_check
+
+    def worse_int8(fp32: np.ndarray, int8: np.ndarray, *args: object, **kw: object) -> object:
+        rng = np.random.default_rng(0)  # int8 vectors that lost the ranking
+        return real_check(fp32, rng.normal(size=int8.shape), *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serving, "quality_check", worse_int8)
+    strict = serving.prepare_serving(ext, "int8", gallery=_int8_images())
+    assert strict.mode == "fused" and "below fp32" in strict.metrics["int8_error"]
+    assert strict.metrics["int8_map_at_r_drop"] > 0.005
 
 
 def test_a_backbone_fx_cannot_trace_runs_eager() -> None:

@@ -17,16 +17,21 @@ its own setting.
   channels-last weights, so oneDNN runs its NHWC kernels. The same arithmetic up to rounding;
   kept only if it reproduces eager fp32 to cosine >= :data:`FUSED_MIN_COSINE` on probe images.
 - ``int8``: ONNX Runtime post-training static quantisation (QDQ, per-channel int8 weights,
-  uint8 activations; :mod:`imgsearch.models.quantize`), calibrated on gallery images. Kept only if
-  every held-out gallery image embeds to cosine >= :data:`INT8_MIN_COSINE` of eager fp32
-  (otherwise ``fused``; also when ONNX Runtime is missing, with the reason in ``int8_error``).
-  Query vectors are then close to, not equal to, those the index was built with: opt in where
-  the latency matters more. (It replaced torch's FX quantisation, deprecated with PyTorch's
-  quantised tensors.) Extraction's int8 is decided on MAP@R instead: :mod:`imgsearch.evaluate.int8`.
+  uint8 activations; :mod:`imgsearch.models.quantize`), calibrated on gallery images
+  (:class:`Int8Images`). Kept only where it keeps retrieval quality: whole gallery items (other
+  images than the calibration ones) are embedded in fp32 and in int8, and int8's MAP@R (int8
+  queries on the int8 vectors, and int8 queries on the fp32 vectors, which is what an index built
+  in fp32 then answers) must be within ``tolerance`` of fp32's
+  (:func:`imgsearch.evaluate.quantization.quality_check`, the check extraction's int8 uses). A
+  cosine says how far vectors moved, not whether the ranking survived: it is recorded
+  (``int8_min_cosine``), it does not decide. Otherwise ``fused``, the reason in ``int8_error``
+  (too few images, no item with two images to measure on, the check failed, ONNX Runtime
+  missing). Opt in where the latency matters more. (It replaced torch's FX quantisation,
+  deprecated with PyTorch's quantised tensors.)
 
 :func:`embed_images` is the plain reference of the query path (eval mode, fp32): the same
 ``to_uint8`` -> ``to_tensor`` -> extractor as batch extraction; :class:`ServingExtractor` gives what
-it gives, up to the recorded cosine.
+it gives, up to the recorded cosine (fused) or the checked MAP@R (int8).
 
 bf16 and ``torch.compile`` are not offered here: on CPUs without native bf16 (no AVX512-BF16 or
 AMX) bf16 is emulated and slower, and compiled ResNet50 was slower than eager on one thread after
@@ -53,6 +58,7 @@ from imgsearch.data import imageio
 from imgsearch.data.preprocess import to_tensor, to_uint8
 from imgsearch.embed.mapper import min_cosine
 from imgsearch.errors import ConfigError
+from imgsearch.evaluate.quantization import DEFAULT_TOLERANCE, quality_check
 from imgsearch.models.backbones import Extractor
 from imgsearch.models.quantize import QuantizedExtractor, quantize
 
@@ -65,10 +71,8 @@ MODES = ("eager", "fused", "int8")
 DEFAULT_MODE = "fused"
 #: Folding BN and reordering memory change only rounding.
 FUSED_MIN_COSINE = 0.9999
-#: int8 is an approximation: every held-out image must stay this close to eager fp32.
-INT8_MIN_COSINE = 0.99
-#: Fewest gallery images int8 needs (half calibrate, half check).
-INT8_MIN_IMAGES = 8
+#: Fewest gallery images int8 calibrates on.
+INT8_MIN_CALIBRATION = 4
 PROBE_IMAGES = 2
 
 
@@ -157,6 +161,22 @@ def _pixels(images: Sequence[Image.Image], extractor: Extractor) -> torch.Tensor
     return to_tensor(np.stack([to_uint8(as_rgb(img), pre) for img in images]), pre)
 
 
+@dataclass(frozen=True)
+class Int8Images:
+    """Decoded gallery images for serving's int8: ``calibration`` to quantise on, ``check`` (whole
+    items, ``labels`` their item ids) to compare MAP@R on; ``tolerance``: the largest MAP@R drop
+    that keeps int8."""
+
+    calibration: Sequence[Image.Image] = ()
+    check: Sequence[Image.Image] = ()
+    labels: Sequence[str] = ()
+    tolerance: float = DEFAULT_TOLERANCE
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.check):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.check)} check images")
+
+
 @dataclass
 class ServingExtractor:
     """An extractor prepared for queries: :meth:`embed` gives what ``embed_images`` gives (to the
@@ -222,14 +242,14 @@ def prepare_serving(
     mode: str = DEFAULT_MODE,
     *,
     threads: int = DEFAULT_THREADS,
-    gallery: Sequence[Image.Image] = (),
+    gallery: Int8Images | None = None,
 ) -> ServingExtractor:
     """The extractor ready for queries in ``mode`` (see the module docstring), each speed-up kept
-    only when it passes its cosine check against eager fp32; otherwise the next safer mode.
-    ``gallery``: decoded gallery images, needed by ``int8`` (calibration and check).
+    only when it passes its check against eager fp32 (``fused``: cosine; ``int8``: MAP@R);
+    otherwise the next safer mode. ``gallery``: the images ``int8`` calibrates and checks on.
 
-    ``metrics`` records the mode asked for and used, each check's min cosine and why a mode
-    was dropped.
+    ``metrics`` records the mode asked for and used, each check's figures and why a mode was
+    dropped.
     """
     if mode not in MODES:
         raise ConfigError(f"serving mode must be one of {MODES}, got {mode!r}")
@@ -274,27 +294,40 @@ def _try_fused(extractor: Extractor, metrics: dict[str, Any]) -> nn.Module | Non
 
 
 def _try_int8(
-    extractor: Extractor, gallery: Sequence[Image.Image], metrics: dict[str, Any], threads: int
+    extractor: Extractor, gallery: Int8Images | None, metrics: dict[str, Any], threads: int
 ) -> QuantizedExtractor | None:
-    if len(gallery) < INT8_MIN_IMAGES:
-        reason = f"{len(gallery)} gallery images to calibrate on, {INT8_MIN_IMAGES} needed"
-        log.warning("int8 not used: %s", reason)
-        metrics["int8_error"] = reason
+    gallery = gallery or Int8Images()
+    if len(gallery.calibration) < INT8_MIN_CALIBRATION or len(gallery.check) < 2:
+        _refuse_int8(
+            metrics,
+            f"{len(gallery.calibration)} gallery images to calibrate on and {len(gallery.check)} "
+            f"to check on; {INT8_MIN_CALIBRATION} and 2 (of one item) needed",
+        )
         return None
-    pixels = _pixels(gallery, extractor)
-    calibration, held_out = pixels[0::2], pixels[1::2]
     try:
-        int8 = quantize_int8(extractor, calibration, threads)
-        with torch.inference_mode():
-            cosine = min_cosine(extractor(held_out), int8(held_out))
+        int8 = quantize_int8(extractor, _pixels(gallery.calibration, extractor), threads)
+        reference = ServingExtractor(extractor, extractor, "eager", threads=threads)
+        quantized = ServingExtractor(extractor, int8, "int8", threads=threads)
+        fp32_emb, int8_emb = reference.embed(gallery.check), quantized.embed(gallery.check)
     except Exception as exc:  # noqa: BLE001 - an op without a quantised kernel, a backend missing
-        log.warning("int8 quantisation failed (%s: %s)", type(exc).__name__, exc)
-        metrics["int8_error"] = f"{type(exc).__name__}: {exc}"
+        _refuse_int8(metrics, f"{type(exc).__name__}: {exc}")
         return None
-    metrics["int8_min_cosine"] = cosine
-    metrics["int8_check_images"] = len(held_out)
-    if cosine < INT8_MIN_COSINE:
-        log.warning("int8 min cosine %.4f < %s on held-out gallery images", cosine, INT8_MIN_COSINE)
-        metrics["int8_error"] = f"min cosine {cosine:.4f} < {INT8_MIN_COSINE}"
+    result = quality_check(
+        fp32_emb, int8_emb, list(gallery.labels), gallery.tolerance, int8_queries=True
+    )
+    for key in ("map_at_r_fp32", "map_at_r_int8", "map_at_r_mixed", "map_at_r_drop"):
+        metrics[f"int8_{key}"] = result[key]
+    metrics["int8_min_cosine"] = result["min_cosine"]
+    metrics["int8_check_images"] = len(gallery.check)
+    metrics["int8_calibration_images"] = len(gallery.calibration)
+    metrics["int8_reason"] = result["reason"]
+    if not result["keep"]:
+        _refuse_int8(metrics, result["reason"])
         return None
+    log.info("int8 kept: %s", result["reason"])
     return int8
+
+
+def _refuse_int8(metrics: dict[str, Any], reason: str) -> None:
+    log.warning("int8 not used: %s", reason)
+    metrics["int8_error"] = reason

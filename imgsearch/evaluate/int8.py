@@ -41,7 +41,7 @@ from imgsearch.data.preprocess import to_tensor
 from imgsearch.embed.extract import ExtractConfig, ExtractResult, extract, resolve_parallelism
 from imgsearch.embed.reader import ManifestReader
 from imgsearch.errors import ConfigError
-from imgsearch.evaluate.quantization import DEFAULT_TOLERANCE, quality_check
+from imgsearch.evaluate.quantization import DEFAULT_TOLERANCE, quality_check, whole_items
 from imgsearch.models.backbones import Extractor
 from imgsearch.models.quantize import (
     QuantizationError,
@@ -103,14 +103,9 @@ def calibration_rows(manifest: pd.DataFrame, cfg: Int8Config) -> pd.DataFrame:
 def check_rows(manifest: pd.DataFrame, cfg: Int8Config) -> pd.DataFrame:
     """Rows of the check split, whole items in a seeded order, up to ``cfg.check_images``."""
     rows = manifest[manifest[schema.SPLIT] == cfg.check_split]
-    if len(rows) <= cfg.check_images:
-        return rows.reset_index(drop=True)
-    items = rows[schema.ITEM_ID].astype(str)
-    order = np.random.default_rng(cfg.seed).permutation(np.unique(items.to_numpy()))
-    sizes = items.value_counts()
-    cumulative = np.cumsum(sizes.reindex(order).to_numpy())
-    keep = set(order[: max(1, int(np.searchsorted(cumulative, cfg.check_images, side="right")))])
-    return rows[items.isin(keep)].reset_index(drop=True)
+    return rows[whole_items(rows[schema.ITEM_ID], cfg.check_images, cfg.seed)].reset_index(
+        drop=True
+    )
 
 
 def read_pixels(manifest: pd.DataFrame, extractor: Extractor, batch_size: int) -> torch.Tensor:

@@ -6,10 +6,14 @@ project's one implementation), the same images embedded both ways, grouped by it
 figures are checked against fp32's, and the worse one decides:
 
 - ``map_at_r_int8``: int8 queries against the int8 gallery (everything int8);
-- ``map_at_r_mixed``: fp32 queries against the int8 gallery: what search gives when the index is
-  built from int8 embeddings but queries are embedded by the registered fp32 extractor (serving
-  stays fp32). Same protocol (leave-one-out, relevant = same item, ties by gallery order), ranked
-  here, scored by :func:`imgsearch.evaluate.metrics.per_query_metrics`.
+- ``map_at_r_mixed``: one precision's queries against the other's gallery. For extraction
+  (``int8_queries=False``): fp32 queries against the int8 gallery, what search gives when the
+  index is built from int8 embeddings but queries are embedded by the registered fp32 extractor.
+  For serving (``int8_queries=True``): int8 queries against the fp32 gallery, what an int8 query
+  path gives over an index built in fp32. Same protocol (leave-one-out, relevant = same item,
+  ties by gallery order), ranked here, scored by :func:`imgsearch.evaluate.metrics.per_query_metrics`.
+
+:func:`whole_items` picks the check images: whole items (every image of each), seeded.
 
 Computing and deciding are separate (:func:`int8_scores`, then :func:`mark`);
 :func:`quality_check` does both.
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from imgsearch.evaluate import metrics as M
 from imgsearch.evaluate.cross_modal import top_order
@@ -30,6 +35,22 @@ from imgsearch.evaluate.retrieval import retrieval_map_at_r
 
 #: int8 is kept when its MAP@R is at most this much below fp32's (issue #16).
 DEFAULT_TOLERANCE = 0.005
+
+
+def whole_items(items: pd.Series, n: int, seed: int = 0, min_images: int = 1) -> np.ndarray:
+    """Boolean mask over ``items`` (one item id per image): whole items in a seeded order, as many
+    as fit in ``n`` images (at least one item); only items with ``min_images`` or more images.
+    Every image is taken when they all fit."""
+    ids = items.astype(str)
+    sizes = ids.value_counts()
+    sizes = sizes[sizes >= min_images]
+    eligible = ids.isin(sizes.index).to_numpy()
+    if int(sizes.sum()) <= n:
+        return eligible
+    order = np.random.default_rng(seed).permutation(np.sort(sizes.index.to_numpy()))
+    cumulative = np.cumsum(sizes.reindex(order).to_numpy())
+    keep = order[: max(1, int(np.searchsorted(cumulative, n, side="right")))]
+    return ids.isin(set(keep)).to_numpy()
 
 
 def mixed_map_at_r(
@@ -64,11 +85,13 @@ def int8_scores(
     *,
     max_queries: int | None = None,
     seed: int = 0,
+    int8_queries: bool = False,
 ) -> dict[str, float]:
     """MAP@R of both embeddings of the same images (``labels``: their item ids) and cosines.
 
     ``fp32_emb``, ``int8_emb``: ``(N, D)``, row ``i`` the same image. Returns ``map_at_r_fp32``,
-    ``map_at_r_int8``, ``map_at_r_mixed`` (fp32 queries, int8 gallery), ``map_at_r_drop``
+    ``map_at_r_int8``, ``map_at_r_mixed`` (fp32 queries on the int8 gallery, or with
+    ``int8_queries`` int8 queries on the fp32 gallery), ``map_at_r_drop``
     (fp32 minus the worse of the two int8 figures; NaN when there is no query with a relevant
     image), ``min_cosine``, ``mean_cosine`` and ``n_images``. ``max_queries`` samples the
     queries of the int8/fp32 figures only (the mixed one uses every image). Raises
@@ -82,7 +105,7 @@ def int8_scores(
         raise ValueError(f"{len(labels)} labels for {len(a)} embeddings")
     fp32_map = retrieval_map_at_r(a, labels, max_queries=max_queries, seed=seed)
     int8_map = retrieval_map_at_r(b, labels, max_queries=max_queries, seed=seed)
-    mixed_map = mixed_map_at_r(a, b, labels)
+    mixed_map = mixed_map_at_r(b, a, labels) if int8_queries else mixed_map_at_r(a, b, labels)
     cosine = (l2_normalise(a) * l2_normalise(b)).sum(axis=1) if len(a) else np.zeros(0)
     return {
         "map_at_r_fp32": fp32_map,
@@ -92,6 +115,7 @@ def int8_scores(
         "min_cosine": float(cosine.min()) if len(cosine) else math.nan,
         "mean_cosine": float(cosine.mean()) if len(cosine) else math.nan,
         "n_images": float(len(a)),
+        "int8_queries": float(int8_queries),
     }
 
 
@@ -101,8 +125,9 @@ def mark(scores: dict[str, float], tolerance: float = DEFAULT_TOLERANCE) -> tupl
     drop = scores["map_at_r_drop"]
     if not math.isfinite(drop):
         return False, "MAP@R cannot be measured: no check image has another image of its item"
+    mixed = "int8 queries on fp32" if scores.get("int8_queries") else "fp32 queries on int8"
     figures = (
-        f"int8 MAP@R {scores['map_at_r_int8']:.4f}, fp32 queries on int8 gallery "
+        f"int8 MAP@R {scores['map_at_r_int8']:.4f}, {mixed} gallery "
         f"{scores['map_at_r_mixed']:.4f}, fp32 {scores['map_at_r_fp32']:.4f}"
     )
     if drop > tolerance:
@@ -118,12 +143,13 @@ def quality_check(
     *,
     max_queries: int | None = None,
     seed: int = 0,
+    int8_queries: bool = False,
 ) -> dict[str, Any]:
     """:func:`int8_scores` plus the decision: ``keep`` (bool), ``reason`` (str), ``tolerance``."""
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     scores: dict[str, Any] = int8_scores(
-        fp32_emb, int8_emb, labels, max_queries=max_queries, seed=seed
+        fp32_emb, int8_emb, labels, max_queries=max_queries, seed=seed, int8_queries=int8_queries
     )
     keep, reason = mark(scores, tolerance)
     return {**scores, "keep": keep, "reason": reason, "tolerance": float(tolerance)}
