@@ -26,7 +26,7 @@ from imgsearch.data.imageio import open_rgb, read_bytes
 from imgsearch.data.limits import DecodeLimits, RequestTooLarge, check_request
 from imgsearch.embed import query as serving
 from imgsearch.errors import ConfigError, ImageRejected
-from imgsearch.evaluate.quantization import DEFAULT_TOLERANCE, whole_items
+from imgsearch.evaluate.quantization import DEFAULT_TOLERANCE, Search, whole_items
 from imgsearch.models.backbones import Extractor
 from registry.params import IMAGE_COLUMN, _invalid
 
@@ -189,38 +189,52 @@ def gallery_images(
     calibration: int = CALIBRATION_IMAGES,
     check: int = CHECK_IMAGES,
     tolerance: float = DEFAULT_TOLERANCE,
+    search: Search | None = None,
 ) -> serving.Int8Images:
-    """Decoded gallery images for serving's int8 (fixed seeded samples of the index's rows):
-    ``check`` = whole items with two or more images (``item_id``; up to ``check`` images),
-    ``calibration`` = up to ``calibration`` other images. Files that cannot be read are skipped:
-    int8 then falls back when too few remain."""
+    """Decoded gallery images for serving's int8 (fixed seeded samples of the index's rows, in
+    index order): ``check`` = whole items with two or more images (``item_id``; up to ``check``
+    images), ``calibration`` = up to ``calibration`` other images. With the index's ``search``,
+    the check ranks through the index (each image's own row left out). Files that cannot be
+    read are skipped: int8 then falls back when too few remain."""
     if schema.PATH not in meta.columns or meta.empty:
         return serving.Int8Images(tolerance=tolerance)
-    rows = meta[meta[schema.PATH].notna()].reset_index(drop=True)
-    items = rows[schema.ITEM_ID] if schema.ITEM_ID in rows.columns else rows[schema.PATH]
-    chosen = whole_items(items, check, seed=0, min_images=2)
-    check_rows = rows[chosen]
-    check_images, positions = _read(check_rows[schema.PATH])
-    labels = items[chosen].astype(str).to_numpy()[positions].tolist()
-    rest = rows[~chosen]
+    id_column = schema.ITEM_ID if schema.ITEM_ID in meta.columns else schema.PATH
+    gallery_labels = meta[id_column].astype(str).reset_index(drop=True)
+    readable = np.flatnonzero(meta[schema.PATH].notna().to_numpy())
+    chosen = readable[whole_items(gallery_labels.iloc[readable], check, seed=0, min_images=2)]
+    check_images, read = _read(meta[schema.PATH].iloc[chosen])
+    own = chosen[read]
+    rest = np.setdiff1d(readable, chosen)
     if len(rest) > 4 * calibration:
-        rest = rest.sample(4 * calibration, random_state=0)
-    calibration_images, _ = _read(rest[schema.PATH], calibration)
-    return serving.Int8Images(calibration_images, check_images, labels, tolerance=tolerance)
+        rest = np.sort(np.random.default_rng(0).choice(rest, 4 * calibration, replace=False))
+    calibration_images, _ = _read(meta[schema.PATH].iloc[rest], calibration)
+    return serving.Int8Images(
+        calibration_images,
+        check_images,
+        gallery_labels.iloc[own].tolist(),
+        tolerance,
+        own=own.tolist(),
+        gallery_labels=gallery_labels.tolist() if search is not None else [],
+        search=search,
+    )
 
 
 def prepare_serving(
-    extractor: Extractor, context: Any, gallery: pd.DataFrame | None = None
+    extractor: Extractor,
+    context: Any,
+    gallery: pd.DataFrame | None = None,
+    search: Search | None = None,
 ) -> serving.ServingExtractor:
     """The query-time forward pass, from the model config (``torch_threads``, ``serving_mode``)
-    and the environment variables that override it."""
+    and the environment variables that override it. ``gallery`` (the index's metadata) and
+    ``search`` (its search, positions only) are what ``int8`` calibrates and is checked on."""
     config = getattr(context, "model_config", None) or {}
     threads = serving.resolve_threads(config.get("torch_threads"))
     mode = serving.resolve_mode(config.get("serving_mode"))
     images = None
     if mode == "int8" and gallery is not None:
         tolerance = float(config.get("int8_tolerance", DEFAULT_TOLERANCE))
-        images = gallery_images(gallery, tolerance=tolerance)
+        images = gallery_images(gallery, tolerance=tolerance, search=search)
     served = serving.prepare_serving(extractor, mode, threads=threads, gallery=images)
     log.info("serving %s, %d torch thread(s): %s", served.mode, threads, served.metrics)
     return served

@@ -228,7 +228,10 @@ class IndexModel(PythonModel):
         config = getattr(context, "model_config", None) or {}
         self.default_k = int(config.get("default_k", DEFAULT_K))
         self.limits = _limits(context)
-        self.serving = prepare_serving(self.extractor, context, self.index.meta)
+        # int8 (on request) is checked by searching this index with fp32 and int8 queries
+        self.serving = prepare_serving(
+            self.extractor, context, self.index.meta, lambda q, k: self.index.search(q, k)[1]
+        )
         # refuses a text encoder aligned to another extractor (ExtractorMismatchError)
         self.text = text_queries.TextSide.load(dict(context.artifacts), self.fingerprint)
         # optional: off unless the model config or the environment names a store

@@ -17,7 +17,14 @@ from imgsearch.embed.extract import ExtractConfig, extract
 from imgsearch.errors import ConfigError
 from imgsearch.evaluate import int8 as int8_mod
 from imgsearch.evaluate.int8 import Int8Config, check_rows, extract_int8
-from imgsearch.evaluate.quantization import int8_scores, mixed_map_at_r, quality_check, whole_items
+from imgsearch.evaluate.quantization import (
+    int8_scores,
+    mixed_map_at_r,
+    quality_check,
+    searched_check,
+    searched_map_at_r,
+    whole_items,
+)
 from imgsearch.evaluate.retrieval import retrieval_map_at_r
 from imgsearch.models.backbones import Extractor, ExtractorSpec
 from imgsearch.models.quantize import (
@@ -309,6 +316,70 @@ def test_step_logs_the_int8_decision(
         mlflow.set_tracking_uri(None)
 
 
+def _exact_search(gallery: np.ndarray):  # noqa: ANN202 - a Search
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+
+    def search(q: np.ndarray, k: int) -> np.ndarray:
+        return np.argsort(-(q @ g.T), axis=1, kind="stable")[:, :k]
+
+    return search
+
+
+def _naive_searched_map_at_r(
+    q: np.ndarray, own: list[int], g: np.ndarray, labels: np.ndarray
+) -> float:
+    """Obviously correct: each query ranks every gallery row but its own, AP@R over the first R."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    aps = []
+    for i, row in enumerate(own):
+        others = [j for j in range(len(g)) if j != row]
+        ranked = sorted(others, key=lambda j: (-float(q[i] @ g[j]), j))
+        r = sum(labels[j] == labels[row] for j in others)
+        if r == 0:
+            continue
+        hits, total = 0, 0.0
+        for rank, j in enumerate(ranked[:r], start=1):
+            if labels[j] == labels[row]:
+                hits += 1
+                total += hits / rank
+        aps.append(total / r)
+    return float(np.mean(aps))
+
+
+def test_searched_map_at_r_matches_a_naive_reference() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 7, 60)
+    gallery = rng.normal(size=(60, 8)) + 1.5 * np.eye(8)[labels]
+    own = [int(i) for i in rng.choice(60, 20, replace=False)]
+    queries = gallery[own] + 0.6 * rng.normal(size=(20, 8))  # another precision's vectors
+    got = searched_map_at_r(queries, own, labels, _exact_search(gallery))
+    assert got == pytest.approx(_naive_searched_map_at_r(queries, own, gallery, labels))
+    # the gallery's own vectors as queries: the same as leave-one-out MAP@R on the gallery
+    every = list(range(60))
+    assert searched_map_at_r(gallery, every, labels, _exact_search(gallery)) == pytest.approx(
+        retrieval_map_at_r(gallery, labels)
+    )
+    lonely = searched_map_at_r(
+        gallery[:3], [0, 1, 2], ["a", "b", "c"] + ["d"] * 57, _exact_search(gallery)
+    )
+    assert np.isnan(lonely)
+
+
+def test_searched_check_keeps_close_queries_and_refuses_ones_that_lost_the_ranking() -> None:
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(30), 4)
+    gallery = rng.normal(size=(30, 16))[labels] + 0.5 * rng.normal(size=(120, 16))
+    own = list(range(0, 120, 3))
+    search = _exact_search(gallery)
+    close = gallery[own] + 1e-3 * rng.normal(size=(40, 16))
+    kept = searched_check(gallery[own], close, own, labels, search, tolerance=0.005)
+    assert kept["keep"] and abs(kept["map_at_r_drop"]) <= 0.005 and "on the index" in kept["reason"]
+    lost = rng.permutation(gallery[own])  # right shape, wrong images
+    refused = searched_check(gallery[own], lost, own, labels, search, tolerance=0.005)
+    assert not refused["keep"] and "below fp32" in refused["reason"]
+
+
 def test_serving_int8_runs_on_onnx_runtime_and_degrades_without_it(
     extractor: Extractor, manifest: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -321,6 +392,15 @@ def test_serving_int8_runs_on_onnx_runtime_and_degrades_without_it(
     served = serving.prepare_serving(extractor, "int8", gallery=gallery)
     assert served.mode == "int8" and isinstance(served.model, QuantizedExtractor), served.metrics
     assert served.metrics["int8_map_at_r_drop"] <= 0.005
+    assert served.metrics["int8_checked_on"] == "check images"  # no index given
+    # with the index's search: the check images rank through the whole gallery, as served
+    images = [Image.open(p).convert("RGB") for p in manifest["path"]]
+    vectors = serving.prepare_serving(extractor, "eager").embed(images)
+    indexed = gallery_images(manifest, calibration=6, check=12, search=_exact_search(vectors))
+    assert [manifest["item_id"][i] for i in indexed.own] == list(indexed.labels)
+    served = serving.prepare_serving(extractor, "int8", gallery=indexed)
+    assert served.metrics["int8_checked_on"] == "index", served.metrics
+    assert served.mode == "int8" and served.metrics["int8_map_at_r_drop"] <= 0.005
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     fallback = serving.prepare_serving(extractor, "int8", gallery=gallery)
     assert fallback.mode == "fused" and "pip install onnxruntime" in fallback.metrics["int8_error"]

@@ -18,11 +18,13 @@ its own setting.
   kept only if it reproduces eager fp32 to cosine >= :data:`FUSED_MIN_COSINE` on probe images.
 - ``int8``: ONNX Runtime post-training static quantisation (QDQ, per-channel int8 weights,
   uint8 activations; :mod:`imgsearch.models.quantize`), calibrated on gallery images
-  (:class:`Int8Images`). Kept only where it keeps retrieval quality: whole gallery items (other
-  images than the calibration ones) are embedded in fp32 and in int8, and int8's MAP@R (int8
-  queries on the int8 vectors, and int8 queries on the fp32 vectors, which is what an index built
-  in fp32 then answers) must be within ``tolerance`` of fp32's
-  (:func:`imgsearch.evaluate.quantization.quality_check`, the check extraction's int8 uses). A
+  (:class:`Int8Images`). Kept only where it keeps retrieval quality: images of whole gallery
+  items (not the calibration ones) are embedded in fp32 and in int8 and searched through the
+  index itself (every gallery image a distractor, the query's own row left out), and the MAP@R of
+  the int8 queries must be within ``tolerance`` of the fp32 queries'
+  (:func:`imgsearch.evaluate.quantization.searched_check`). Without an index to search (a bare
+  list of images), the two embeddings are compared among the check images
+  (:func:`~imgsearch.evaluate.quantization.quality_check`, extraction's check). A
   cosine says how far vectors moved, not whether the ranking survived: it is recorded
   (``int8_min_cosine``), it does not decide. Otherwise ``fused``, the reason in ``int8_error``
   (too few images, no item with two images to measure on, the check failed, ONNX Runtime
@@ -58,7 +60,12 @@ from imgsearch.data import imageio
 from imgsearch.data.preprocess import to_tensor, to_uint8
 from imgsearch.embed.mapper import min_cosine
 from imgsearch.errors import ConfigError
-from imgsearch.evaluate.quantization import DEFAULT_TOLERANCE, quality_check
+from imgsearch.evaluate.quantization import (
+    DEFAULT_TOLERANCE,
+    Search,
+    quality_check,
+    searched_check,
+)
 from imgsearch.models.backbones import Extractor
 from imgsearch.models.quantize import QuantizedExtractor, quantize
 
@@ -165,16 +172,23 @@ def _pixels(images: Sequence[Image.Image], extractor: Extractor) -> torch.Tensor
 class Int8Images:
     """Decoded gallery images for serving's int8: ``calibration`` to quantise on, ``check`` (whole
     items, ``labels`` their item ids) to compare MAP@R on; ``tolerance``: the largest MAP@R drop
-    that keeps int8."""
+    that keeps int8. With ``search`` (the index's), ``own`` (each check image's gallery
+    position) and ``gallery_labels`` (the item of every gallery position), the check queries
+    are ranked through the index, as served; without, among the check images."""
 
     calibration: Sequence[Image.Image] = ()
     check: Sequence[Image.Image] = ()
     labels: Sequence[str] = ()
     tolerance: float = DEFAULT_TOLERANCE
+    own: Sequence[int] = ()
+    gallery_labels: Sequence[str] = ()
+    search: Search | None = None
 
     def __post_init__(self) -> None:
         if len(self.labels) != len(self.check):
             raise ValueError(f"{len(self.labels)} labels for {len(self.check)} check images")
+        if self.search is not None and len(self.own) != len(self.check):
+            raise ValueError(f"{len(self.own)} gallery positions for {len(self.check)} images")
 
 
 @dataclass
@@ -312,11 +326,23 @@ def _try_int8(
     except Exception as exc:  # noqa: BLE001 - an op without a quantised kernel, a backend missing
         _refuse_int8(metrics, f"{type(exc).__name__}: {exc}")
         return None
-    result = quality_check(
-        fp32_emb, int8_emb, list(gallery.labels), gallery.tolerance, int8_queries=True
-    )
+    if gallery.search is not None:
+        result = searched_check(
+            fp32_emb,
+            int8_emb,
+            gallery.own,
+            gallery.gallery_labels,
+            gallery.search,
+            gallery.tolerance,
+        )
+    else:
+        result = quality_check(
+            fp32_emb, int8_emb, list(gallery.labels), gallery.tolerance, int8_queries=True
+        )
+    metrics["int8_checked_on"] = "index" if gallery.search is not None else "check images"
     for key in ("map_at_r_fp32", "map_at_r_int8", "map_at_r_mixed", "map_at_r_drop"):
-        metrics[f"int8_{key}"] = result[key]
+        if key in result:
+            metrics[f"int8_{key}"] = result[key]
     metrics["int8_min_cosine"] = result["min_cosine"]
     metrics["int8_check_images"] = len(gallery.check)
     metrics["int8_calibration_images"] = len(gallery.calibration)

@@ -17,12 +17,17 @@ figures are checked against fp32's, and the worse one decides:
 
 Computing and deciding are separate (:func:`int8_scores`, then :func:`mark`);
 :func:`quality_check` does both.
+
+Serving's int8 (:mod:`imgsearch.embed.query`) has the index itself: :func:`searched_check` ranks
+fp32 and int8 query vectors of gallery images through the index's own search (every gallery
+image a distractor, the query's own row left out) and compares their MAP@R, which is what the
+served model will give.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +40,10 @@ from imgsearch.evaluate.retrieval import retrieval_map_at_r
 
 #: int8 is kept when its MAP@R is at most this much below fp32's (issue #16).
 DEFAULT_TOLERANCE = 0.005
+
+#: An index's search: ``(Q, D)`` unit vectors and ``k`` -> ``(Q, k)`` gallery positions, best
+#: first (-1 where there is no result).
+Search = Callable[[np.ndarray, int], np.ndarray]
 
 
 def whole_items(items: pd.Series, n: int, seed: int = 0, min_images: int = 1) -> np.ndarray:
@@ -106,16 +115,24 @@ def int8_scores(
     fp32_map = retrieval_map_at_r(a, labels, max_queries=max_queries, seed=seed)
     int8_map = retrieval_map_at_r(b, labels, max_queries=max_queries, seed=seed)
     mixed_map = mixed_map_at_r(b, a, labels) if int8_queries else mixed_map_at_r(a, b, labels)
-    cosine = (l2_normalise(a) * l2_normalise(b)).sum(axis=1) if len(a) else np.zeros(0)
     return {
         "map_at_r_fp32": fp32_map,
         "map_at_r_int8": int8_map,
         "map_at_r_mixed": mixed_map,
         "map_at_r_drop": fp32_map - min(int8_map, mixed_map),
+        **_cosines(a, b),
+        "int8_queries": float(int8_queries),
+    }
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Row-wise cosine of the two embeddings of each image: ``min_cosine``, ``mean_cosine``,
+    ``n_images``."""
+    cosine = (l2_normalise(a) * l2_normalise(b)).sum(axis=1) if len(a) else np.zeros(0)
+    return {
         "min_cosine": float(cosine.min()) if len(cosine) else math.nan,
         "mean_cosine": float(cosine.mean()) if len(cosine) else math.nan,
         "n_images": float(len(a)),
-        "int8_queries": float(int8_queries),
     }
 
 
@@ -153,3 +170,73 @@ def quality_check(
     )
     keep, reason = mark(scores, tolerance)
     return {**scores, "keep": keep, "reason": reason, "tolerance": float(tolerance)}
+
+
+def searched_map_at_r(
+    queries: np.ndarray,
+    own: np.ndarray | Sequence[int],
+    gallery_labels: np.ndarray | Sequence[Any],
+    search: Search,
+) -> float:
+    """MAP@R of ``queries`` ranked by ``search`` over a gallery labelled ``gallery_labels``;
+    query ``i`` is the image at gallery position ``own[i]``: that row is left out of its results,
+    relevant = the other rows of its label. NaN when no query has a relevant row."""
+    codes = np.unique(np.asarray(gallery_labels).astype(str), return_inverse=True)[1]
+    counts = np.bincount(codes)
+    own_rows = np.asarray(own, dtype=np.int64)
+    if len(own_rows) != len(queries):
+        raise ValueError(f"{len(own_rows)} gallery positions for {len(queries)} queries")
+    query_codes = codes[own_rows]
+    n_rel = counts[query_codes] - 1
+    if not len(n_rel) or n_rel.max() < 1:
+        return float("nan")
+    depth = int(n_rel.max())
+    found = np.asarray(search(l2_normalise(queries), depth + 1), dtype=np.int64)
+    # the query's own row out (stable: the others keep their order), then the first `depth`
+    own_hit = found == own_rows[:, None]
+    order = np.argsort(own_hit, axis=1, kind="stable")[:, :depth]
+    ranked = np.take_along_axis(found, order, axis=1)
+    relevant = (ranked >= 0) & (codes[np.maximum(ranked, 0)] == query_codes[:, None])
+    per_query = M.per_query_metrics(relevant, n_rel, (1,))
+    return float(M.aggregate(per_query, n_rel)["map_at_r"])
+
+
+def searched_check(
+    fp32_emb: np.ndarray,
+    int8_emb: np.ndarray,
+    own: np.ndarray | Sequence[int],
+    gallery_labels: np.ndarray | Sequence[Any],
+    search: Search,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, Any]:
+    """:func:`searched_map_at_r` of fp32 and of int8 queries of the same gallery images, and the
+    decision: ``map_at_r_fp32``, ``map_at_r_int8``, ``map_at_r_drop``, ``min_cosine``,
+    ``mean_cosine``, ``n_images``, ``keep``, ``reason``, ``tolerance``."""
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    a = np.asarray(fp32_emb, dtype=np.float32)
+    b = np.asarray(int8_emb, dtype=np.float32)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"fp32 {a.shape} and int8 {b.shape} embeddings must both be (N, D)")
+    fp32_map = searched_map_at_r(a, own, gallery_labels, search)
+    int8_map = searched_map_at_r(b, own, gallery_labels, search)
+    drop = fp32_map - int8_map
+    figures = f"int8 queries MAP@R {int8_map:.4f}, fp32 queries {fp32_map:.4f} on the index"
+    if not math.isfinite(drop):
+        keep, reason = (
+            False,
+            "MAP@R cannot be measured: no check image has another image of its item",
+        )
+    elif drop > tolerance:
+        keep, reason = False, f"{figures}: {drop:.4f} below fp32 (tolerance {tolerance})"
+    else:
+        keep, reason = True, f"{figures}: drop {drop:.4f} <= {tolerance}"
+    return {
+        "map_at_r_fp32": fp32_map,
+        "map_at_r_int8": int8_map,
+        "map_at_r_drop": drop,
+        **_cosines(a, b),
+        "keep": keep,
+        "reason": reason,
+        "tolerance": float(tolerance),
+    }
