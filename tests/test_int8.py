@@ -142,20 +142,22 @@ def test_quality_check_keeps_a_close_embedding_and_refuses_a_broken_one() -> Non
     assert refused["map_at_r_fp32"] == pytest.approx(kept["map_at_r_fp32"])
 
 
-def _naive_mixed_map_at_r(q: np.ndarray, g: np.ndarray, labels: np.ndarray) -> float:
-    """Obviously correct: per query, sort the other gallery rows, AP@R over the first R."""
+def _naive_searched_map_at_r(
+    q: np.ndarray, own: list[int], g: np.ndarray, labels: np.ndarray
+) -> float:
+    """Obviously correct: each query ranks every gallery row but its own, AP@R over the first R."""
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     g = g / np.linalg.norm(g, axis=1, keepdims=True)
     aps = []
-    for i in range(len(q)):
-        others = [j for j in range(len(g)) if j != i]
+    for i, row in enumerate(own):
+        others = [j for j in range(len(g)) if j != row]
         ranked = sorted(others, key=lambda j: (-float(q[i] @ g[j]), j))
-        r = sum(labels[j] == labels[i] for j in others)
+        r = sum(labels[j] == labels[row] for j in others)
         if r == 0:
             continue
         hits, total = 0, 0.0
         for rank, j in enumerate(ranked[:r], start=1):
-            if labels[j] == labels[i]:
+            if labels[j] == labels[row]:
                 hits += 1
                 total += hits / rank
         aps.append(total / r)
@@ -168,7 +170,7 @@ def test_mixed_map_at_r_matches_a_naive_reference_and_the_one_implementation() -
     fp32 = rng.normal(size=(30, 8)) + 2 * np.eye(8)[labels % 8]
     int8 = fp32 + 0.5 * rng.normal(size=fp32.shape)
     assert mixed_map_at_r(fp32, int8, labels) == pytest.approx(
-        _naive_mixed_map_at_r(fp32, int8, labels)
+        _naive_searched_map_at_r(fp32, list(range(len(fp32))), int8, labels)
     )
     assert mixed_map_at_r(fp32, fp32, labels) == pytest.approx(retrieval_map_at_r(fp32, labels))
 
@@ -323,28 +325,6 @@ def _exact_search(gallery: np.ndarray):  # noqa: ANN202 - a Search
         return np.argsort(-(q @ g.T), axis=1, kind="stable")[:, :k]
 
     return search
-
-
-def _naive_searched_map_at_r(
-    q: np.ndarray, own: list[int], g: np.ndarray, labels: np.ndarray
-) -> float:
-    """Obviously correct: each query ranks every gallery row but its own, AP@R over the first R."""
-    q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    g = g / np.linalg.norm(g, axis=1, keepdims=True)
-    aps = []
-    for i, row in enumerate(own):
-        others = [j for j in range(len(g)) if j != row]
-        ranked = sorted(others, key=lambda j: (-float(q[i] @ g[j]), j))
-        r = sum(labels[j] == labels[row] for j in others)
-        if r == 0:
-            continue
-        hits, total = 0, 0.0
-        for rank, j in enumerate(ranked[:r], start=1):
-            if labels[j] == labels[row]:
-                hits += 1
-                total += hits / rank
-        aps.append(total / r)
-    return float(np.mean(aps))
 
 
 def test_searched_map_at_r_matches_a_naive_reference() -> None:
