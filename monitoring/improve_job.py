@@ -71,6 +71,7 @@ from steps.common import (
     log_metrics,
     read_df,
 )
+from steps.register import precision_tags
 from steps.runs import labelled, start_labelled_run
 
 log = logging.getLogger(__name__)
@@ -628,6 +629,8 @@ class Job:
                 {"index_run_id": index_run, "evaluate_run_id": evaluate_run, "mode": "index_only"}
             )
             metrics, tags = evaluation(evaluate_run, rc, index_run_id=index_run)
+            # the champion extractor's precision and int8 decision, as a full register carries
+            carried, serving_mode = precision_tags(champ.extractor_run)
             ranking_data = yaml.safe_load(artifact_path(index_run, rc.ranking_artifact).read_text())
             section = (
                 ranking_data.get("ranking", ranking_data) if isinstance(ranking_data, dict) else {}
@@ -639,7 +642,8 @@ class Job:
                 source_run_id=index_run,
                 extractor_version=champ.extractor_version,
                 metrics=metrics,
-                extra_tags=tags,
+                extra_tags={**tags, **carried},
+                serving_mode=serving_mode,
                 default_k=rc.default_k,
                 name=rc.index_name,
                 extractor_name=rc.extractor_name,

@@ -326,6 +326,15 @@ def test_a_new_domain_is_served_but_held_for_review(env: Env) -> None:
     assert "index" in steps and "register_index" in steps, sorted(steps)
     assert "**Alert**: new_domain" in mlflow.artifacts.load_text(f"runs:/{run_id}/summary.md")
     assert tags["imgsearch.improve.index_extended"] == "true"
+    # the extended index carries its extractor's precision, as a fully registered one does
+    extended = steps["register_index"].data.params["index_version"]
+    index_tags = client.get_model_version("imgsearch-index", extended).tags
+    extractor_tags = client.get_model_version(
+        "imgsearch-extractor", index_tags["extractor_version"]
+    ).tags
+    assert (
+        index_tags["imgsearch.extract.precision"] == extractor_tags["imgsearch.extract.precision"]
+    )
     # served, held: not "untrained" (which the next fine-tuning would take without asking)
     wm = mlflow.artifacts.load_dict(f"runs:/{run_id}/watermark.json")
     assert sum(i.endswith("dark.png") for i in wm["held"]) == n_new
