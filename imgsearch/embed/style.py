@@ -37,7 +37,7 @@ from imgsearch.data.preprocess import to_tensor, to_uint8
 from imgsearch.embed.query import as_rgb
 from imgsearch.embed.reader import ManifestReader, failure_row
 from imgsearch.errors import ConfigError
-from imgsearch.models.backbones import Extractor, backbone_blocks
+from imgsearch.models.backbones import Extractor, backbone_blocks, embed_pooled
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,7 @@ def features_of(
             if body.ndim != 2:
                 body = torch.flatten(F.adaptive_avg_pool2d(body, 1), 1)
             pooled = F.normalize(body.float(), dim=1)
-            head = extractor.head
-            emb = pooled if head is None else F.normalize(head(pooled).float(), dim=1)
+            emb = embed_pooled(pooled, extractor.head, extractor.spec.backbone_weight)
             if "embedding" in kinds:
                 out["embedding"] = emb.cpu().numpy()
             if "pooled" in kinds:

@@ -70,7 +70,7 @@ from imgsearch.embed.runner import (
     _record_failures,
 )
 from imgsearch.errors import ConfigError
-from imgsearch.models.backbones import REGISTRY, Extractor, backbone_blocks
+from imgsearch.models.backbones import REGISTRY, Extractor, backbone_blocks, embed_pooled
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class Rest(nn.Module):
         check_splittable(extractor, blocks)
         self.blocks = nn.Sequential(*backbone_blocks(extractor)[blocks:])
         self.head = extractor.head
+        self.backbone_weight = extractor.spec.backbone_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.parts(x)[1]
@@ -155,10 +156,7 @@ class Rest(nn.Module):
         features = self.blocks(x)
         pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(features, 1), 1)
         pooled = nn.functional.normalize(pooled.float(), dim=1)
-        emb = pooled
-        if self.head is not None:
-            emb = nn.functional.normalize(self.head(pooled).float(), dim=1)
-        return pooled, emb
+        return pooled, embed_pooled(pooled, self.head, self.backbone_weight)
 
 
 # --- the artifact ----------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,10 @@ class ExtractorSpec:
     ``head``: widths of a projection head after the backbone (a fine-tuned extractor may keep
     the head it was trained with, see :func:`projection_head`); ``()`` for none, and then
     ``embedding_dim`` is the backbone's, else ``head[-1]``.
+
+    ``backbone_weight``: ``w`` in ``[0, 1)``, with a head only: the backbone's pooled embedding is
+    kept beside the head's output (:func:`embed_pooled`), ``embedding_dim`` = the backbone's +
+    ``head[-1]``; ``0`` = the head's output alone.
     """
 
     name: str
@@ -78,6 +83,14 @@ class ExtractorSpec:
     embedding_dim: int
     preprocess: PreprocessConfig
     head: tuple[int, ...] = ()
+    backbone_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        w = self.backbone_weight
+        if not (isinstance(w, int | float) and 0.0 <= w < 1.0):
+            raise ConfigError(f"extractor spec: backbone_weight must be in [0, 1), got {w!r}")
+        if w and not self.head:
+            raise ConfigError("extractor spec: backbone_weight needs a head to keep beside")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -88,13 +101,15 @@ class ExtractorSpec:
         }
         if self.head:  # only when set: specs without a head keep their JSON (and fingerprints)
             out["head"] = list(self.head)
+        if self.backbone_weight:  # ditto
+            out["backbone_weight"] = float(self.backbone_weight)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExtractorSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
-        missing = sorted(known - set(data) - {"head"})
+        missing = sorted(known - set(data) - {"head", "backbone_weight"})
         if unknown or missing:
             raise ConfigError(f"extractor spec: unknown keys {unknown}, missing keys {missing}")
         return cls(
@@ -103,6 +118,7 @@ class ExtractorSpec:
             embedding_dim=int(data["embedding_dim"]),
             preprocess=PreprocessConfig.from_dict(data["preprocess"]),
             head=tuple(int(d) for d in data.get("head") or ()),
+            backbone_weight=float(data.get("backbone_weight") or 0.0),
         )
 
     def to_json(self) -> str:
@@ -122,11 +138,29 @@ def projection_head(dim: int, dims: Sequence[int]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def embed_pooled(
+    pooled: torch.Tensor, head: nn.Module | None, backbone_weight: float = 0.0
+) -> torch.Tensor:
+    """What an extractor returns from its L2-normalised pooled features ``(N, D)``: the features
+    themselves without a head; else the head's output, L2-normalised; with ``backbone_weight`` ``w
+    > 0``, ``[sqrt(w) * pooled, sqrt(1 - w) * head output]`` (unit norm, so the cosine of two such
+    embeddings is ``w cos(pooled) + (1 - w) cos(head)``: the pretrained-like backbone embedding
+    kept beside the fine-tuned head, which forgets less of what the backbone knew about images
+    unlike the catalog's; ``benchmarks/bench_forgetting.py``). The one place this is computed."""
+    if head is None:
+        return pooled
+    out = F.normalize(head(pooled).float(), dim=1)
+    if backbone_weight:
+        w = float(backbone_weight)
+        out = torch.cat([math.sqrt(w) * pooled.float(), math.sqrt(1.0 - w) * out], dim=1)
+    return out
+
+
 class Extractor(nn.Module):
     """``body`` is a backbone whose classifier is replaced by ``nn.Identity``, so it returns
     global-average-pooled features ``(N, D)``; :meth:`forward` L2-normalises them in float32.
     With a ``head`` (``spec.head`` set), the normalised features go through it and are
-    normalised again.
+    normalised again (and kept beside it with ``spec.backbone_weight``: :func:`embed_pooled`).
 
     State dict keys are ``body.<backbone key>`` (the backbone's own names, minus the classifier),
     plus ``head.<i>.*`` when there is a head.
@@ -145,10 +179,9 @@ class Extractor(nn.Module):
         features = self.body(x)
         if features.ndim != 2:  # a body that returns a feature map: pool it
             features = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
-        emb = F.normalize(features.float(), dim=1)
-        if self.head is not None:
-            emb = F.normalize(self.head(emb).float(), dim=1)
-        return emb
+        return embed_pooled(
+            F.normalize(features.float(), dim=1), self.head, self.spec.backbone_weight
+        )
 
 
 # --- builders -------------------------------------------------------------------------------------
@@ -412,7 +445,7 @@ def load_extractor(directory: Path) -> Extractor:
     if spec.name not in REGISTRY:
         raise ConfigError(f"{directory}: unknown backbone {spec.name!r}; known: {list_backbones()}")
     built = REGISTRY[spec.name].build(False)
-    dim = spec.head[-1] if spec.head else built.dim
+    dim = spec.head[-1] + (built.dim if spec.backbone_weight else 0) if spec.head else built.dim
     if dim != spec.embedding_dim:
         raise ConfigError(
             f"{directory}: spec says dim {spec.embedding_dim}, {spec.name} (head {list(spec.head)}) has {dim}"

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgsearch.errors import ConfigError, ImgsearchError
-from imgsearch.models.backbones import Extractor, ExtractorSpec
+from imgsearch.models.backbones import Extractor, ExtractorSpec, embed_pooled
 
 log = logging.getLogger(__name__)
 
@@ -299,10 +299,8 @@ class QuantizedExtractor:
         """``x``: ``(N, 3, S, S)`` float, normalised per ``spec.preprocess`` -> ``(N, D)`` float32,
         unit L2 norm (head applied in fp32 as :class:`Extractor` does)."""
         emb = F.normalize(torch.from_numpy(self.features(x)).float(), dim=1)
-        if self.head is not None:
-            with torch.inference_mode():
-                emb = F.normalize(self.head(emb).float(), dim=1)
-        return emb
+        with torch.inference_mode():
+            return embed_pooled(emb, self.head, self.spec.backbone_weight)
 
     def save(self, path: Path) -> Path:
         """Write the quantised body as an ``.onnx`` file (the head, if any, is not in it)."""

@@ -154,15 +154,30 @@ def _check_augment(augment: Any, method: str) -> dict[str, Any] | bool | None:
 class HeadConfig:
     """``head_dims``: widths of the projection head (``[512, 128]`` = Linear(D, 512), BN, ReLU,
     Linear(512, 128)); ``()`` puts the loss on the backbone embedding. ``keep_head``: the
-    returned extractor embeds through the trained head (and early stopping watches that)."""
+    returned extractor embeds through the trained head (and early stopping watches that).
+    ``keep_backbone``: ``w`` in ``[0, 1)``; with ``w > 0`` the returned extractor keeps its pooled
+    backbone embedding beside the kept head's output (``ExtractorSpec.backbone_weight``, cosine =
+    ``w cos(backbone) + (1 - w) cos(head)``): it forgets less of what the backbone knew about
+    images unlike the catalog's (issue 16, section 3). Training and early stopping are unchanged
+    (they watch the head); the pipeline's evaluation measures the kept embedding."""
 
     head_dims: Sequence[int] = (512, 128)
     keep_head: bool = False
+    keep_backbone: float = 0.0
 
     def __post_init__(self) -> None:
         self.head_dims = tuple(int(d) for d in self.head_dims)
         if any(d < 1 for d in self.head_dims):
             raise ConfigError(f"finetune.head_dims must be positive, got {self.head_dims}")
+        w = self.keep_backbone
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w < 1.0:
+            raise ConfigError(f"finetune.keep_backbone must be a number in [0, 1), got {w!r}")
+        self.keep_backbone = float(w)
+        if self.keep_backbone and not self.kept:
+            raise ConfigError(
+                "finetune.keep_backbone keeps the backbone embedding beside the head: it needs "
+                "keep_head: true and head_dims"
+            )
 
     @property
     def kept(self) -> bool:
@@ -304,6 +319,7 @@ class FinetuneConfig:
     temperature: float = 0.1
     head_dims: Sequence[int] = (512, 128)
     keep_head: bool = False
+    keep_backbone: float = 0.0
     freeze_blocks: int | dict[str, int] = 0
     freeze_bn: bool = True
     train_size: int | None = None
@@ -392,6 +408,8 @@ class FinetuneConfig:
         out["augment"] = False if aug is None else aug.to_dict()
         if not out["attribute_loss"]:  # unset, a checkpoint's config reads as it did before it
             del out["attribute_loss"]
+        if not out["keep_backbone"]:  # ditto
+            del out["keep_backbone"]
         if out["train_dtype"] == "float32":  # ditto
             del out["train_dtype"]
         return out

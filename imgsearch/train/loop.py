@@ -367,7 +367,7 @@ def best_extractor(run: Run, stopper: EarlyStopping) -> Extractor:
     model.eval()
     if stopper.best_head:
         run.head.load_state_dict(stopper.best_head)
-        model = attach_head(model, run.head, run.cfg.head_dims)
+        model = attach_head(model, run.head, run.cfg.head_dims, run.cfg.keep_backbone)
     return model
 
 

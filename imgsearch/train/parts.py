@@ -29,16 +29,25 @@ def split_head(extractor: Extractor) -> tuple[Extractor, nn.Module | None]:
     if extractor.head is None:
         return extractor, None
     linears = [m for m in extractor.head.modules() if isinstance(m, nn.Linear)]
-    spec = dataclasses.replace(extractor.spec, head=(), embedding_dim=linears[0].in_features)
+    spec = dataclasses.replace(
+        extractor.spec, head=(), embedding_dim=linears[0].in_features, backbone_weight=0.0
+    )
     return Extractor(extractor.body, spec), copy.deepcopy(extractor.head)
 
 
-def attach_head(model: Extractor, head: nn.Module, dims: Sequence[int]) -> Extractor:
+def attach_head(
+    model: Extractor, head: nn.Module, dims: Sequence[int], backbone_weight: float = 0.0
+) -> Extractor:
     """``model`` followed by the trained ``head`` (built by :func:`projection_head` with ``dims``):
     an extractor whose spec records the head, so :func:`imgsearch.models.backbones.load_extractor`
-    rebuilds it."""
+    rebuilds it; with ``backbone_weight > 0`` it keeps ``model``'s embedding beside the head's
+    (:func:`imgsearch.models.backbones.embed_pooled`)."""
+    kept = model.spec.embedding_dim if backbone_weight else 0
     spec = dataclasses.replace(
-        model.spec, embedding_dim=int(dims[-1]), head=tuple(int(d) for d in dims)
+        model.spec,
+        embedding_dim=int(dims[-1]) + kept,
+        head=tuple(int(d) for d in dims),
+        backbone_weight=float(backbone_weight),
     )
     return Extractor(model.body, spec, head=head.eval()).eval()
 
