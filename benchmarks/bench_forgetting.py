@@ -13,6 +13,8 @@ others of its set; relevant = same emoji on val/test, same category on the probe
 Rows:
 
 - ``baseline``: the ImageNet extractor (1280-d pooled backbone).
+- ``champion``: the fine-tuned extractor as it embeds (through its head; with
+  ``finetune.keep_backbone`` the pooled backbone embedding beside it, as ``concat`` below).
 - ``wise a=..``: WiSE-FT (Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022):
   backbone weights ``(1 - a) * pretrained + a * fine-tuned`` (only the trained blocks differ: the
   frozen ones are equal, checked), embedded two ways: ``head`` = through the fine-tuned
@@ -111,7 +113,7 @@ def main() -> None:
     parser.add_argument("--probe-dir", type=Path, default=Path("/usr/share/icons/Adwaita/96x96"))
     parser.add_argument("--probe-exclude", nargs="*", default=["apps", "legacy"])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1])
-    parser.add_argument("--concat-weights", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--concat-weights", type=float, nargs="*", default=[0.25, 0.5])
     parser.add_argument("--probe-min-ratio", type=float, default=0.97)
     parser.add_argument(
         "--centred", action="store_true", help="also concat with the backbone minus its val mean"
@@ -201,7 +203,16 @@ def main() -> None:
         backbones[a], heads[a] = bb, hh
         results[f"wise a={a:g} bb"] = figures(bb)
         results[f"wise a={a:g} head"] = figures(hh)
-    results = {"baseline": results["wise a=0 bb"], "champion": results["wise a=1 head"], **results}
+    # the champion as it embeds: the head alone, or (finetune.keep_backbone) the backbone beside it
+    w_kept = tuned.spec.backbone_weight
+    champion = (
+        figures({k: concat(backbones[1.0][k], heads[1.0][k], w_kept) for k in cached})
+        if w_kept
+        else results["wise a=1 head"]
+    )
+    results = {"baseline": results["wise a=0 bb"], "champion": champion, **results}
+    if w_kept:
+        print(f"champion keeps its backbone beside its head (backbone_weight {w_kept:g})")
     for w in args.concat_weights:
         for a in sorted(set(args.alphas)):
             b = backbones[a]
