@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from torch import nn
 
 from imgsearch.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from imgsearch.errors import ConfigError, WeightsUnavailableError
+from imgsearch.models.head import embed_pooled, projection_head
 from imgsearch.models.weights import (
     download_state_dict,
     safe_load,
@@ -124,36 +124,6 @@ class ExtractorSpec:
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no spaces): also what :func:`fingerprint` hashes."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-
-def projection_head(dim: int, dims: Sequence[int]) -> nn.Module:
-    """``Linear, BatchNorm1d, ReLU`` for each hidden width, then a ``Linear`` (SimCLR v2 / MoCo v2
-    style): the head :mod:`imgsearch.train.finetune` trains, rebuilt here when an extractor keeps it."""
-    layers: list[nn.Module] = []
-    width = dim
-    for hidden in dims[:-1]:
-        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
-        width = hidden
-    layers.append(nn.Linear(width, dims[-1]))
-    return nn.Sequential(*layers)
-
-
-def embed_pooled(
-    pooled: torch.Tensor, head: nn.Module | None, backbone_weight: float = 0.0
-) -> torch.Tensor:
-    """What an extractor returns from its L2-normalised pooled features ``(N, D)``: the features
-    themselves without a head; else the head's output, L2-normalised; with ``backbone_weight`` ``w
-    > 0``, ``[sqrt(w) * pooled, sqrt(1 - w) * head output]`` (unit norm, so the cosine of two such
-    embeddings is ``w cos(pooled) + (1 - w) cos(head)``: the pretrained-like backbone embedding
-    kept beside the fine-tuned head, which forgets less of what the backbone knew about images
-    unlike the catalog's; ``benchmarks/bench_forgetting.py``). The one place this is computed."""
-    if head is None:
-        return pooled
-    out = F.normalize(head(pooled).float(), dim=1)
-    if backbone_weight:
-        w = float(backbone_weight)
-        out = torch.cat([math.sqrt(w) * pooled.float(), math.sqrt(1.0 - w) * out], dim=1)
-    return out
 
 
 class Extractor(nn.Module):
