@@ -9,7 +9,7 @@ Prints (never pass/fail):
    Target (issue #16): ResNet50 @ 224 int8 pipeline >= 4x naive.
 2. per-query latency on one thread (p50 / p95): JPEG bytes -> ``open_rgb`` -> preprocessing ->
    forward -> exact FAISS search of a ``--gallery`` (10k) gallery, for fp32 eager, the serving
-   default ``fused`` (BN folded, channels-last; :mod:`imgsearch.embed.query`) and int8.
+   default ``fused`` (BN folded, channels-last; :mod:`imgsearch.search.query`) and int8.
    Targets: p50 <= 100 ms (ResNet50), <= 40 ms (MobileNetV2). The registered pyfunc adds
    base64 decoding, ranking and the output table (``benchmarks/bench_serving.py``).
 3. retrieval quality on real data: the emoji demo catalog (``steps.fetch_demo``; needs npm the
@@ -43,13 +43,13 @@ import torch
 from benchmarks.bench_extract import make_images, naive_loop
 from imgsearch.data.imageio import open_rgb
 from imgsearch.data.preprocess import to_tensor, to_uint8
-from imgsearch.embed import query as serving
 from imgsearch.embed.extract import ExtractConfig, available_cores, extract, resolve_parallelism
 from imgsearch.errors import WeightsUnavailableError
 from imgsearch.evaluate.int8 import Int8Config, calibration_rows, read_pixels
 from imgsearch.evaluate.quantization import quality_check
 from imgsearch.models.backbones import Extractor, create_extractor
 from imgsearch.models.quantize import QuantizedExtractor, quantize
+from imgsearch.search import query as serving
 
 TARGET_P50_MS = {"mobilenet_v2": 40.0, "resnet50": 100.0}
 

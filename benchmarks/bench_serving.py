@@ -3,7 +3,7 @@
 One query = ``IndexModel.predict`` on a one-row DataFrame holding a base64 JPEG: base64 decode +
 safe image decode and normalisation + preprocessing + CNN forward + FAISS search + ranking
 (popularity, filters) + the output table. Measured for each backbone, serving mode
-(:mod:`imgsearch.embed.query`: ``eager`` fp32, ``fused`` BN-folded channels-last, ``int8`` ONNX Runtime
+(:mod:`imgsearch.search.query`: ``eager`` fp32, ``fused`` BN-folded channels-last, ``int8`` ONNX Runtime
 static quantisation calibrated on gallery images) and torch thread count, on the same gallery and
 queries; p50 / p95 printed side by side with the speed-up over ``eager`` at the same thread
 count and the min cosine of the mode's query embeddings against eager fp32 (never pass/fail).
@@ -45,12 +45,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from imgsearch.data.imageio import open_rgb
-from imgsearch.embed import query as serving
-from imgsearch.embed.query import embed_images
 from imgsearch.errors import WeightsUnavailableError
 from imgsearch.models.backbones import Extractor, create_extractor, fingerprint, save_extractor
+from imgsearch.search import query as serving
 from imgsearch.search.factory import IndexConfig
 from imgsearch.search.index import ImageIndex
+from imgsearch.search.query import embed_images
 from imgsearch.search.ranking import RankingConfig
 from registry import models
 from registry.register import MODEL_CODE

@@ -24,10 +24,10 @@ from PIL import Image
 from imgsearch import schema
 from imgsearch.data.imageio import open_rgb, read_bytes
 from imgsearch.data.limits import DecodeLimits, RequestTooLarge, check_request
-from imgsearch.embed import query as serving
 from imgsearch.errors import ConfigError, ImageRejected
 from imgsearch.evaluate.quantization import DEFAULT_TOLERANCE, Search, whole_items
 from imgsearch.models.backbones import Extractor
+from imgsearch.search import query as serving
 from registry.params import IMAGE_COLUMN, _invalid
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ Bad input policy (the server keeps serving in every case):
 pair that does not belong together is refused at load time (``ExtractorMismatchError``), and a
 tampered index file is refused before FAISS reads it (``IndexIntegrityError``).
 
-Query-time speed (:mod:`imgsearch.embed.query`): each query runs on ``torch_threads`` intra-op threads
+Query-time speed (:mod:`imgsearch.search.query`): each query runs on ``torch_threads`` intra-op threads
 (default 1: steadiest on a shared host) through the ``serving_mode`` forward pass (default
 ``fused``: BN folded, channels-last; ``int8`` on request, calibrated on gallery images). Both come
 from the model config or the environment (``IMGSEARCH_TORCH_THREADS``, ``IMGSEARCH_SERVING_MODE``,

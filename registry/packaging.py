@@ -13,9 +13,9 @@ from typing import Any
 
 import imgsearch
 from imgsearch.data.limits import DecodeLimits
-from imgsearch.embed import query as serving
 from imgsearch.evaluate.quantization import DEFAULT_TOLERANCE
 from imgsearch.models.backbones import fingerprint, load_extractor
+from imgsearch.search import query as serving
 from registry import integrity, models
 
 # Logged with every model so that load-time model_config can override them (MLflow ignores keys
@@ -51,7 +51,7 @@ _RUNTIME_DISTRIBUTIONS = (
     "skops",  # the attribute heads (registry.attributes_model)
     "efficientnet-pytorch",
     "efficientnet-lite-pytorch",
-    # serving_mode int8 (imgsearch.embed.query): ONNX Runtime quantisation, onnx/onnxscript to export
+    # serving_mode int8 (imgsearch.search.query): ONNX Runtime quantisation, onnx/onnxscript to export
     "onnxruntime",
     "onnx",
     "onnxscript",

@@ -251,7 +251,7 @@ def log_index_model(
     in the active run and register it as ``name``.
 
     ``serving_mode`` (default: ``SERVING_CONFIG``'s) is the query path the model config asks for;
-    ``int8`` is still checked on gallery items at load (:mod:`imgsearch.embed.query`).
+    ``int8`` is still checked on gallery items at load (:mod:`imgsearch.search.query`).
 
     ``text_artifacts`` (``text_encoder`` and optionally ``restricted_policy``,
     ``restricted_flags``; :mod:`registry.text_queries`) make it answer text queries; a text

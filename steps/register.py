@@ -20,7 +20,7 @@ The extract run's precision travels with the pair: tag ``imgsearch.extract.preci
 precision its gallery vectors were embedded in) and, when it asked for int8, the decision's
 reason and MAP@R figures (``imgsearch.extract.int8_*``). An extract run that kept int8 (its val
 MAP@R within tolerance of fp32's) registers an index model whose ``serving_mode`` is ``int8``,
-which serving checks again on gallery items at load (``imgsearch.embed.query``).
+which serving checks again on gallery items at load (``imgsearch.search.query``).
 """
 
 from __future__ import annotations

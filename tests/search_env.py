@@ -32,13 +32,13 @@ from mlflow import MlflowClient
 
 from imgsearch.config import config_dir
 from imgsearch.data.imageio import open_rgb
-from imgsearch.embed.query import embed_images
 from imgsearch.embed.text_query import TextQueryEncoder
 from imgsearch.models.backbones import fingerprint, load_extractor
 from imgsearch.models.heads import HeadSpec, Projection
 from imgsearch.models.text import make_text_tower
 from imgsearch.search.factory import IndexConfig
 from imgsearch.search.index import ImageIndex
+from imgsearch.search.query import embed_images
 from imgsearch.search.ranking import RankingConfig
 from registry import text_queries as tq
 from registry.promote import promote

@@ -18,9 +18,9 @@ from imgsearch.embed import files as files_mod
 from imgsearch.embed import mapper as mapper_mod
 from imgsearch.embed.extract import ExtractConfig, extract, resolve_parallelism
 from imgsearch.embed.files import embeddings_metadata, load_embeddings, save_embeddings
-from imgsearch.embed.query import embed_images
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import Extractor, create_extractor
+from imgsearch.search.query import embed_images
 
 SIZE = 48  # small input: fast, and enough for a real conv net
 

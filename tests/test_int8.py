@@ -363,7 +363,7 @@ def test_searched_check_keeps_close_queries_and_refuses_ones_that_lost_the_ranki
 def test_serving_int8_runs_on_onnx_runtime_and_degrades_without_it(
     extractor: Extractor, manifest: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from imgsearch.embed import query as serving
+    from imgsearch.search import query as serving
     from registry.decoding import gallery_images
 
     gallery = gallery_images(manifest, calibration=6, check=12)  # the index's meta: path, item_id

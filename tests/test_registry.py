@@ -29,11 +29,11 @@ from PIL import Image, ImageDraw
 
 from imgsearch.data.imageio import open_rgb
 from imgsearch.data.preprocess import PreprocessConfig
-from imgsearch.embed.query import embed_images
 from imgsearch.errors import ExtractorMismatchError, IndexIntegrityError
 from imgsearch.models.backbones import create_extractor, fingerprint, save_extractor
 from imgsearch.search.factory import IndexConfig
 from imgsearch.search.index import ImageIndex
+from imgsearch.search.query import embed_images
 from imgsearch.search.ranking import RankingConfig
 from registry import models
 from registry.promote import (

@@ -1,4 +1,4 @@
-"""The query-time forward pass (:mod:`imgsearch.embed.query`): thread count and the gated speed-ups,
+"""The query-time forward pass (:mod:`imgsearch.search.query`): thread count and the gated speed-ups,
 on a tiny conv/BN network (fast) and a 64 px MobileNetV2."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from PIL import Image
 from torch import nn
 
 from imgsearch.data.preprocess import PreprocessConfig
-from imgsearch.embed import query as serving
-from imgsearch.embed.query import embed_images
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import Extractor, ExtractorSpec, create_extractor
+from imgsearch.search import query as serving
+from imgsearch.search.query import embed_images
 from registry import models
 
 

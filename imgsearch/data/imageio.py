@@ -338,3 +338,18 @@ def _png_structure_fixes(data: bytes) -> list[str]:
 def fix_codes(fixes: Sequence[str]) -> list[str]:
     """Metric-friendly codes: the part before ``:`` (``ext_mismatch:jpeg_as_png`` -> ``ext_mismatch``)."""
     return [f.split(":", 1)[0] for f in fixes]
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """RGB as :func:`open_rgb` would make it: other modes go through a lossless re-encode
+    (PNG, or TIFF for modes PNG cannot hold) and the same normalisation (alpha on the fixed
+    background, 16-bit scaling, palette/CMYK conversion)."""
+    if img.mode == "RGB":
+        return img
+    buffer = io.BytesIO()
+    try:
+        img.save(buffer, format="PNG")
+    except (OSError, KeyError, ValueError):
+        buffer = io.BytesIO()
+        img.save(buffer, format="TIFF")
+    return open_rgb(buffer.getvalue())

@@ -14,7 +14,7 @@ reuse them unchanged:
 
 :func:`extract` is the sequential runner: the whole manifest is one slice, torch's thread count
 and the number of reader processes come from :func:`resolve_parallelism`, and the metrics of the
-pass are gathered into an :class:`ExtractResult`. The query path is :mod:`imgsearch.embed.query`.
+pass are gathered into an :class:`ExtractResult`. The query path is :mod:`imgsearch.search.query`.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 from imgsearch import schema
+from imgsearch.data.imageio import as_rgb
 from imgsearch.data.preprocess import to_tensor, to_uint8
-from imgsearch.embed.query import as_rgb
 from imgsearch.embed.reader import ManifestReader, failure_row
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import Extractor, backbone_blocks, embed_pooled

@@ -18,7 +18,7 @@ figures are checked against fp32's, and the worse one decides:
 Computing and deciding are separate (:func:`int8_scores`, then :func:`mark`);
 :func:`quality_check` does both.
 
-Serving's int8 (:mod:`imgsearch.embed.query`) has the index itself: :func:`searched_check` ranks
+Serving's int8 (:mod:`imgsearch.search.query`) has the index itself: :func:`searched_check` ranks
 fp32 and int8 query vectors of gallery images through the index's own search (every gallery
 image a distractor, the query's own row left out) and compares their MAP@R, which is what the
 served model will give.

@@ -17,7 +17,7 @@ torchao 0.18's PT2E ``X86InductorQuantizer`` could not annotate ResNet50 on torc
 (``ValueError: Input partition has more than one output node`` at the conv + add + relu of each
 residual block), and its converted graph needs ``torch.compile`` (inductor, a C++ compiler and
 minutes of compiling) to be faster than fp32 at all. The FX path (``torch.ao.quantization``) is
-deprecated; :mod:`imgsearch.embed.query`'s ``int8`` serving mode used it and now uses this module.
+deprecated; :mod:`imgsearch.search.query`'s ``int8`` serving mode used it and now uses this module.
 
 Whether the int8 vectors are good enough is not decided here: that is retrieval quality, see
 :func:`imgsearch.evaluate.quantization.quality_check`.

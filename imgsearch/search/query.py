@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -56,7 +55,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from imgsearch.data import imageio
+from imgsearch.data.imageio import as_rgb
 from imgsearch.data.preprocess import to_tensor, to_uint8
 from imgsearch.embed.mapper import min_cosine
 from imgsearch.errors import ConfigError
@@ -122,21 +121,6 @@ def torch_threads(threads: int) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
-
-
-def as_rgb(img: Image.Image) -> Image.Image:
-    """RGB as :func:`imageio.open_rgb` would make it: other modes go through a lossless re-encode
-    (PNG, or TIFF for modes PNG cannot hold) and the same normalisation (alpha on the fixed
-    background, 16-bit scaling, palette/CMYK conversion)."""
-    if img.mode == "RGB":
-        return img
-    buffer = io.BytesIO()
-    try:
-        img.save(buffer, format="PNG")
-    except (OSError, KeyError, ValueError):
-        buffer = io.BytesIO()
-        img.save(buffer, format="TIFF")
-    return imageio.open_rgb(buffer.getvalue())
 
 
 def embed_images(
