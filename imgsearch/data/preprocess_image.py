@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,12 @@ def to_tensor(arr: np.ndarray | torch.Tensor, cfg: PreprocessConfig) -> torch.Te
     chw = tensor.movedim(-1, -3).contiguous()
     scaled = F.to_dtype(chw, torch.float32, scale=True)
     return F.normalize(scaled, mean=list(cfg.mean), std=list(cfg.std))
+
+
+def images_to_tensor(images: Sequence[Image.Image], cfg: PreprocessConfig) -> torch.Tensor:
+    """Decoded query images (any PIL mode: :func:`imageio.as_rgb`) -> ``(N, 3, S, S)``, exactly as
+    batch extraction preprocesses a file (:func:`to_uint8` then :func:`to_tensor`)."""
+    return to_tensor(np.stack([to_uint8(imageio.as_rgb(img), cfg) for img in images]), cfg)
 
 
 def load_uint8(path: str | Path) -> np.ndarray:

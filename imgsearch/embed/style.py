@@ -33,8 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from imgsearch import schema
-from imgsearch.data.imageio import as_rgb
-from imgsearch.data.preprocess import to_tensor, to_uint8
+from imgsearch.data.preprocess import images_to_tensor, to_tensor
 from imgsearch.embed.reader import ManifestReader, failure_row
 from imgsearch.errors import ConfigError
 from imgsearch.models.backbones import Extractor, backbone_blocks, embed_pooled
@@ -134,13 +133,12 @@ def image_features(
     gram_blocks: Sequence[int] = (),
 ) -> dict[str, np.ndarray]:
     """Decoded query images -> ``{kind: (N, D)}``, preprocessed the way serving embeds them."""
-    pre = extractor.spec.preprocess
-    pixels = np.stack([to_uint8(as_rgb(img), pre) for img in images])
+    pixels = images_to_tensor(images, extractor.spec.preprocess)
     device = next(extractor.parameters()).device
     was_training = extractor.training
     extractor.eval()
     try:
-        return features_of(extractor, to_tensor(pixels, pre).to(device), kinds, gram_blocks)
+        return features_of(extractor, pixels.to(device), kinds, gram_blocks)
     finally:
         extractor.train(was_training)
 

@@ -139,14 +139,18 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 def mark(scores: dict[str, float], tolerance: float = DEFAULT_TOLERANCE) -> tuple[bool, str]:
     """``(keep, reason)``: keep int8 when both its MAP@Rs (int8 and mixed) are at most
     ``tolerance`` below fp32's."""
-    drop = scores["map_at_r_drop"]
-    if not math.isfinite(drop):
-        return False, "MAP@R cannot be measured: no check image has another image of its item"
     mixed = "int8 queries on fp32" if scores.get("int8_queries") else "fp32 queries on int8"
     figures = (
         f"int8 MAP@R {scores['map_at_r_int8']:.4f}, {mixed} gallery "
         f"{scores['map_at_r_mixed']:.4f}, fp32 {scores['map_at_r_fp32']:.4f}"
     )
+    return _decide(scores["map_at_r_drop"], figures, tolerance)
+
+
+def _decide(drop: float, figures: str, tolerance: float) -> tuple[bool, str]:
+    """``(keep, reason)`` from the MAP@R drop of int8 (NaN: nothing to measure on)."""
+    if not math.isfinite(drop):
+        return False, "MAP@R cannot be measured: no check image has another image of its item"
     if drop > tolerance:
         return False, f"{figures}: {drop:.4f} below fp32 (tolerance {tolerance})"
     return True, f"{figures}: drop {drop:.4f} <= {tolerance}"
@@ -222,15 +226,7 @@ def searched_check(
     int8_map = searched_map_at_r(b, own, gallery_labels, search)
     drop = fp32_map - int8_map
     figures = f"int8 queries MAP@R {int8_map:.4f}, fp32 queries {fp32_map:.4f} on the index"
-    if not math.isfinite(drop):
-        keep, reason = (
-            False,
-            "MAP@R cannot be measured: no check image has another image of its item",
-        )
-    elif drop > tolerance:
-        keep, reason = False, f"{figures}: {drop:.4f} below fp32 (tolerance {tolerance})"
-    else:
-        keep, reason = True, f"{figures}: drop {drop:.4f} <= {tolerance}"
+    keep, reason = _decide(drop, figures, tolerance)
     return {
         "map_at_r_fp32": fp32_map,
         "map_at_r_int8": int8_map,

@@ -55,8 +55,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from imgsearch.data.imageio import as_rgb
-from imgsearch.data.preprocess import to_tensor, to_uint8
+from imgsearch.data.preprocess import images_to_tensor, to_tensor
 from imgsearch.embed.mapper import min_cosine
 from imgsearch.errors import ConfigError
 from imgsearch.evaluate.quantization import (
@@ -139,8 +138,7 @@ def embed_images(
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 chunk = images[start : start + batch_size]
-                pixels = np.stack([to_uint8(as_rgb(img), pre) for img in chunk])
-                x = to_tensor(pixels, pre).to(device)
+                x = images_to_tensor(chunk, pre).to(device)
                 out[start : start + len(chunk)] = extractor(x).float().cpu().numpy()
     finally:
         extractor.train(was_training)
@@ -148,8 +146,7 @@ def embed_images(
 
 
 def _pixels(images: Sequence[Image.Image], extractor: Extractor) -> torch.Tensor:
-    pre = extractor.spec.preprocess
-    return to_tensor(np.stack([to_uint8(as_rgb(img), pre) for img in images]), pre)
+    return images_to_tensor(images, extractor.spec.preprocess)
 
 
 @dataclass(frozen=True)
