@@ -114,7 +114,12 @@ def main() -> None:
     parser.add_argument("--probe-exclude", nargs="*", default=["apps", "legacy"])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1])
     parser.add_argument("--concat-weights", type=float, nargs="*", default=[0.25, 0.5])
-    parser.add_argument("--probe-min-ratio", type=float, default=0.97)
+    parser.add_argument(
+        "--probe-min-ratio",
+        type=float,
+        default=0.99,
+        help="the probe rule: half A's MAP@R at least this x the baseline's (1.0: may not fall)",
+    )
     parser.add_argument(
         "--centred", action="store_true", help="also concat with the backbone minus its val mean"
     )
@@ -232,14 +237,15 @@ def main() -> None:
     ref = results["baseline"]
     print(
         f"\n{'extractor':<24} {'val MAP@R':>9} {'test MAP@R':>16} {'probe MAP@R':>16} "
-        f"{'probe P@10':>16} {'probe A/B MAP@R':>16}"
+        f"{'probe P@10':>16} {'probe halves A/B MAP@R':>32}"
     )
     for name, f in results.items():
         print(
             f"{name:<24} {f['val']:9.3f} {f['test']:8.3f} ({f['test'] / ref['test']:4.2f}x) "
             f"{f['probe']:8.3f} ({f['probe'] / ref['probe']:4.2f}x) "
             f"{f['probe_p10']:8.3f} ({f['probe_p10'] / ref['probe_p10']:4.2f}x) "
-            f"{f['probe_a']:7.3f}/{f['probe_b']:.3f}"
+            f"{f['probe_a']:7.3f}/{f['probe_b']:.3f} "
+            f"({f['probe_a'] / ref['probe_a']:5.3f}x/{f['probe_b'] / ref['probe_b']:5.3f}x)"
         )
 
     def choose(names: list[str], ok: Callable[[dict[str, float]], bool]) -> str | None:

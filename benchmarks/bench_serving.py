@@ -8,7 +8,7 @@ static quantisation calibrated on gallery images) and torch thread count, on the
 queries; p50 / p95 printed side by side with the speed-up over ``eager`` at the same thread
 count and the min cosine of the mode's query embeddings against eager fp32 (never pass/fail).
 
-Targets on 2 cores: p50 <= 50 ms (MobileNetV2), <= 100 ms (ResNet50).
+Targets on 2 cores (issue 16): p50 <= 40 ms (MobileNetV2), <= 100 ms (ResNet50).
 
     python -m benchmarks.bench_serving                     # both backbones, 3 modes, 1 and 2 threads
     python -m benchmarks.bench_serving --backbones resnet50 --modes fused int8 --threads 1
@@ -20,9 +20,10 @@ than cores, OpenMP's spinning workers wait for each other at every layer (measur
 Random-init weights (``weights=none``) are as fast as pretrained ones, except for ``int8``'s
 accuracy: MobileNetV2 uses its offline ImageNet weights when available (a random-init MobileNetV2
 quantises to zeros and int8 is refused, as it should be). The gallery vectors are random unit
-vectors (search time depends on their number and dimension, not their values); the first
-``--calibration`` gallery rows point at synthetic JPEGs, four per item (the same drawing shifted
-a few pixels), that int8 calibrates on and checks its MAP@R on (:func:`registry.decoding.gallery_images`).
+vectors (search time depends on their number and dimension, not their values), except the first
+``--calibration`` rows: synthetic JPEGs, four per item (the same drawing shifted a few pixels),
+with their fp32 vectors, that int8 calibrates on and checks its MAP@R on through the index
+(:func:`registry.decoding.gallery_images`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from registry import models
 from registry.register import MODEL_CODE
 
 BACKBONES = ("mobilenet_v2", "resnet50")
-TARGET_P50_MS = {"mobilenet_v2": 50.0, "resnet50": 100.0}
+TARGET_P50_MS = {"mobilenet_v2": 40.0, "resnet50": 100.0}
 
 
 def query_jpegs(
@@ -98,8 +99,9 @@ def make_extractor(backbone: str) -> Extractor:
 
 
 def build_model(ext: Extractor, n_gallery: int, n_calibration: int, root: Path) -> Path:
-    """A saved (not registered) index pyfunc: extractor + index of random unit vectors, whose
-    first ``n_calibration`` rows have synthetic JPEG files (``path``) for int8 to calibrate on."""
+    """A saved (not registered) index pyfunc: extractor + index of random unit vectors, except
+    the first ``n_calibration`` rows: synthetic JPEG files (``path``, four per item) and their fp32
+    vectors, for int8 to calibrate and check its MAP@R on."""
     backbone = ext.spec.name
     ext_dir = root / backbone / "extractor"
     save_extractor(ext, ext_dir)
@@ -114,6 +116,10 @@ def build_model(ext: Extractor, n_gallery: int, n_calibration: int, root: Path) 
         path = gallery_dir / f"img{i}.jpg"
         path.write_bytes(base64.b64decode(data))
         paths[i] = str(path)
+    # the rows with files hold their images' fp32 vectors, as a built index would: int8's check
+    # searches them through the index (with random vectors there it would find nothing either way)
+    with_files = [p for p in paths if p is not None]
+    emb[: len(with_files)] = embed_images(ext, [open_rgb(p) for p in with_files])
     meta = pd.DataFrame(
         {
             "image_id": [f"img{i}" for i in range(n_gallery)],

@@ -360,6 +360,19 @@ def test_searched_check_keeps_close_queries_and_refuses_ones_that_lost_the_ranki
     assert not refused["keep"] and "below fp32" in refused["reason"]
 
 
+def test_searched_check_is_inconclusive_when_fp32_finds_nothing_on_the_index() -> None:
+    """An index whose vectors are not what the extractor makes of the check images (here: random
+    ones) gives fp32 and int8 the same MAP@R of ~0: no drop, and no evidence. int8 is refused."""
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(30), 4)
+    images = rng.normal(size=(30, 16))[labels] + 0.5 * rng.normal(size=(120, 16))
+    unrelated = _exact_search(rng.normal(size=(120, 16)))
+    own = list(range(0, 120, 3))
+    got = searched_check(images[own], images[own], own, labels, unrelated, tolerance=0.05)
+    assert got["map_at_r_drop"] == 0.0 and got["map_at_r_fp32"] <= 0.05
+    assert not got["keep"] and "inconclusive" in got["reason"]
+
+
 def test_serving_int8_runs_on_onnx_runtime_and_degrades_without_it(
     extractor: Extractor, manifest: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:

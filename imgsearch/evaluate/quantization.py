@@ -144,13 +144,21 @@ def mark(scores: dict[str, float], tolerance: float = DEFAULT_TOLERANCE) -> tupl
         f"int8 MAP@R {scores['map_at_r_int8']:.4f}, {mixed} gallery "
         f"{scores['map_at_r_mixed']:.4f}, fp32 {scores['map_at_r_fp32']:.4f}"
     )
-    return _decide(scores["map_at_r_drop"], figures, tolerance)
+    return _decide(scores["map_at_r_drop"], figures, tolerance, scores["map_at_r_fp32"])
 
 
-def _decide(drop: float, figures: str, tolerance: float) -> tuple[bool, str]:
-    """``(keep, reason)`` from the MAP@R drop of int8 (NaN: nothing to measure on)."""
+def _decide(drop: float, figures: str, tolerance: float, fp32_map: float) -> tuple[bool, str]:
+    """``(keep, reason)`` from the MAP@R drop of int8 (NaN: nothing to measure on). A check whose
+    fp32 MAP@R is itself at most ``tolerance`` cannot see a loss (int8 could lose everything and
+    stay within it): inconclusive, so fp32 runs; unless ``tolerance >= 1``, which accepts any loss
+    and so needs no evidence."""
     if not math.isfinite(drop):
         return False, "MAP@R cannot be measured: no check image has another image of its item"
+    if not fp32_map > tolerance and tolerance < 1:
+        return False, (
+            f"{figures}: inconclusive, fp32's own MAP@R {fp32_map:.4f} is within the tolerance "
+            f"{tolerance} of 0 (the check images' items are not found)"
+        )
     if drop > tolerance:
         return False, f"{figures}: {drop:.4f} below fp32 (tolerance {tolerance})"
     return True, f"{figures}: drop {drop:.4f} <= {tolerance}"
@@ -226,7 +234,7 @@ def searched_check(
     int8_map = searched_map_at_r(b, own, gallery_labels, search)
     drop = fp32_map - int8_map
     figures = f"int8 queries MAP@R {int8_map:.4f}, fp32 queries {fp32_map:.4f} on the index"
-    keep, reason = _decide(drop, figures, tolerance)
+    keep, reason = _decide(drop, figures, tolerance, fp32_map)
     return {
         "map_at_r_fp32": fp32_map,
         "map_at_r_int8": int8_map,
