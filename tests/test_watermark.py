@@ -177,7 +177,7 @@ def test_the_job_refits_the_attribute_heads_and_a_failure_is_only_reported(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from monitoring import improve_job
+    from monitoring import improve_challenger, improve_job
     from monitoring.improve_summary import JobState
     from registry.promote import PromoteConfig
     from registry.register import RegisterConfig
@@ -188,7 +188,7 @@ def test_the_job_refits_the_attribute_heads_and_a_failure_is_only_reported(
         calls.append((extract, split, kw))
         return "heads-run"
 
-    monkeypatch.setattr(improve_job.attributes_step, "run_if_configured", fit)
+    monkeypatch.setattr(improve_challenger.attributes_step, "run_if_configured", fit)
     job = improve_job.Job(
         improve_job.ImproveConfig(), PromoteConfig(), RegisterConfig(), "ci", {"k": 1},
         MlflowClient(), JobState(),
@@ -204,7 +204,7 @@ def test_the_job_refits_the_attribute_heads_and_a_failure_is_only_reported(
         def down(*_a: object, **_k: object) -> str:
             raise MlflowException("registry down")
 
-        monkeypatch.setattr(improve_job.attributes_step, "run_if_configured", down)
+        monkeypatch.setattr(improve_challenger.attributes_step, "run_if_configured", down)
         job.refit_attributes("extract-run", "combined-run")
     assert "attribute heads not refitted (MlflowException: registry down)" in job.state.reason
     tags = mlflow.get_run(parent.info.run_id).data.tags
