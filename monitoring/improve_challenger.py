@@ -58,7 +58,7 @@ from steps.register import precision_tags
 from steps.runs import labelled
 
 # The job's logger, whichever of its modules logs: its lines keep the name they always had.
-log = logging.getLogger("monitoring.improve_job")
+log = logging.getLogger(__name__)
 
 
 class Challenger:
