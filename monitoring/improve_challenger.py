@@ -57,7 +57,6 @@ from steps.common import artifact_path, log_df, log_metrics, read_df
 from steps.register import precision_tags
 from steps.runs import labelled
 
-# The job's logger, whichever of its modules logs: its lines keep the name they always had.
 log = logging.getLogger(__name__)
 
 

@@ -26,7 +26,6 @@ from imgsearch.errors import ConfigError
 from steps.common import HEADLINE
 from steps.runs import start_labelled_run
 
-# The job's logger, whichever of its modules logs: its lines keep the name they always had.
 log = logging.getLogger(__name__)
 
 ROLE = "improve"  # the imgsearch.role tag of the job's runs
