@@ -84,6 +84,7 @@ from monitoring.lock import JobAlreadyRunning, job_lock
 from monitoring.orphans import mark_orphans
 from registry.promote import PromoteConfig
 from registry.register import RegisterConfig
+from steps.artifacts import clear_downloads
 from steps.common import PROFILE_ENV, Option, log_settings, parse_cli, setup_logging
 from steps.runs import labelled, start_labelled_run
 
@@ -102,7 +103,17 @@ def run(
     *,
     client: MlflowClient | None = None,
 ) -> str:
-    """Run the job once (see the module docstring); returns the parent run id."""
+    """Run the job once (see the module docstring); returns the parent run id. What the job
+    downloaded from a remote artifact store is removed when it ends (:mod:`steps.artifacts`)."""
+    try:
+        return _run(profile, overrides, client=client)
+    finally:
+        clear_downloads()
+
+
+def _run(
+    profile: str | None, overrides: dict[str, Any] | None, *, client: MlflowClient | None
+) -> str:
     profile = profile or os.environ.get(PROFILE_ENV) or None
     user = {k: v for k, v in (overrides or {}).items() if v not in (None, "")}
     all_cfg = load_config(profile, user)

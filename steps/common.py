@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 
 from imgsearch.config import flatten, load_config
+from steps.artifacts import artifact_path
 from steps.runs import start_labelled_run
 
 log = logging.getLogger(__name__)
@@ -185,11 +186,6 @@ def log_df(df: pd.DataFrame, name: str, view: bool = False) -> None:
             csv = path.with_suffix(".csv")
             df.to_csv(csv, index=False, float_format="%.4g")
             mlflow.log_artifact(str(csv))
-
-
-def artifact_path(run_id: str, name: str) -> Path:
-    """Local path of artifact ``name`` of run ``run_id`` (downloaded when the store is remote)."""
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name))
 
 
 def read_df(run_id: str, name: str) -> pd.DataFrame:

@@ -75,6 +75,7 @@ from imgsearch.models.backbones import (
     save_extractor,
 )
 from imgsearch.train.config import FinetuneConfig
+from steps.artifacts import local_artifact
 from steps.common import EMBEDDINGS_ARTIFACT, Option, cli, log_df, log_metrics, read_df, stage_run
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def load_extractor_uri(uri: str) -> Extractor:
     """A local directory, or any MLflow artifact URI (``runs:/<id>/extractor``, ``s3://...``)."""
     local = Path(uri).expanduser()
     if not local.is_dir():
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        local = local_artifact(uri)
     return load_extractor(local)
 
 
@@ -239,7 +240,7 @@ def _sibling_extras(trunk_uri: str) -> Path | None:
         return None
     uri = trunk_uri.rstrip("/")[: -len(TRUNK_ARTIFACT)] + EXTRAS_ARTIFACT
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        return local_artifact(uri)
     except (MlflowException, OSError):
         return None
 
@@ -264,7 +265,7 @@ def trunk_plan(
         why = "extract.precision int8 runs its own quantised model"
     elif trunk_uri and tcfg.reuse:
         mlflow.set_tag("imgsearch.input.trunk_uri", trunk_uri)
-        store = TrunkStore(Path(mlflow.artifacts.download_artifacts(artifact_uri=trunk_uri)))
+        store = TrunkStore(local_artifact(trunk_uri))
         gram: Extras | None = None
         if not store.matches(extractor):
             why = "its frozen part is not this extractor's (fingerprint)"

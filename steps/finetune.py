@@ -40,6 +40,7 @@ from imgsearch.config import from_dict, home_dir
 from imgsearch.embed.trunk import TrunkConfig, TrunkStore
 from imgsearch.models.backbones import create_extractor, fingerprint, save_extractor
 from imgsearch.train.finetune import FinetuneConfig, finetune
+from steps.artifacts import local_artifact
 from steps.common import Option, cli, log_df, log_metrics, stage_run
 from steps.extract import load_extractor_uri, read_manifest
 
@@ -120,7 +121,7 @@ def open_trunk_uri(trunk_uri: str | None, all_cfg: dict[str, Any]) -> TrunkStore
     if not trunk_uri or not from_dict(TrunkConfig, all_cfg.get("trunk")).reuse:
         return None
     mlflow.set_tag("imgsearch.input.trunk_uri", trunk_uri)
-    return TrunkStore(Path(mlflow.artifacts.download_artifacts(artifact_uri=trunk_uri)))
+    return TrunkStore(local_artifact(trunk_uri))
 
 
 OPTIONS = (
