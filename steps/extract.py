@@ -99,10 +99,7 @@ def read_manifest(preprocess_run_id: str, split_run_id: str | None = None) -> pd
 
 def load_extractor_uri(uri: str) -> Extractor:
     """A local directory, or any MLflow artifact URI (``runs:/<id>/extractor``, ``s3://...``)."""
-    local = Path(uri).expanduser()
-    if not local.is_dir():
-        local = local_artifact(uri)
-    return load_extractor(local)
+    return load_extractor(local_artifact(uri))
 
 
 def run(
