@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
@@ -46,6 +45,7 @@ from sklearn.preprocessing import StandardScaler
 from imgsearch.embed.files import load_embeddings
 from imgsearch.evaluate.classification import top_k_accuracy
 from imgsearch.models.attribute_heads import head_input
+from steps.artifacts import artifact_path
 
 TARGETS = {"category": (0.85, 0.95), "subcategory": (0.70, 0.85), "vendor": (0.95, None)}
 C_GRID = (0.01, 0.1, 1.0)  # 10 dropped: the slowest to converge (not chosen in the full demo step)
@@ -54,7 +54,7 @@ Scorer = Callable[[np.ndarray], np.ndarray]
 
 
 def _artifact(run_id: str, name: str) -> str:
-    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name)
+    return str(artifact_path(run_id, name))
 
 
 def load_features(args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:

@@ -39,6 +39,7 @@ from imgsearch.models.attribute_heads import (
 )
 from imgsearch.models.backbones import create_extractor, fingerprint, save_extractor
 from imgsearch.train.attributes import AttributesConfig, train_attributes
+from steps.artifacts import local_artifact
 
 
 def synthetic_catalog(
@@ -380,7 +381,7 @@ def run_step(tmp_path: Path) -> tuple[str, Path, torch.nn.Module]:
 
     extract_id, split_id, ext = style_store(tmp_path)
     run_id = step.run(extract_id, split_id, overrides=STEP_OVERRIDES)
-    return run_id, Path(mlflow.artifacts.download_artifacts(run_id=run_id)), ext
+    return run_id, local_artifact(f"runs:/{run_id}"), ext
 
 
 def test_step_runs_on_a_tiny_store_and_its_heads_refuse_another_extractor(

@@ -20,6 +20,7 @@ from imgsearch.categorize.gallery import gallery_html
 from imgsearch.categorize.naming import ClassTfidf, group_keywords, label_votes, name_groups
 from imgsearch.embed.files import save_embeddings
 from imgsearch.errors import ConfigError
+from steps.artifacts import local_artifact
 
 
 def planted(
@@ -269,7 +270,7 @@ def test_step_runs_on_a_tiny_store(mlflow_store: str, tmp_path: Path) -> None:
     # keywords from member texts: each cluster's own shape tag ranks first
     assert m["cluster_keywords_en_precision_at_5"] > 0.3
     assert m["n_named_by_keywords"] == 6
-    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id))
+    local = local_artifact(f"runs:/{run_id}")
     cats = pd.read_parquet(local / "categories.parquet")
     fine_rows = cats[cats["level"] == "cluster"]
     assert fine_rows["keywords"].str.split(";").str[0].str.startswith("shape").all()

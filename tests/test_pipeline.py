@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from registry.promote import PromoteConfig
+from steps.artifacts import artifact_path
 from tests.conftest import make_folder_catalog
 
 RETRIEVAL = ("extract", "index", "evaluate", "align", "register", "promote")
@@ -143,9 +144,7 @@ def test_main_runs_every_stage_nested_and_registers(tmp_path: Path, mlflow_store
         parent.data.metrics["finetuned.test.map_at_r"],
     )
 
-    table = pd.read_parquet(
-        mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="before_after.parquet")
-    ).set_index("metric")
+    table = pd.read_parquet(artifact_path(parent_id, "before_after.parquet")).set_index("metric")
     assert table.loc["map_at_r", "baseline"] == pytest.approx(baseline)
     assert table.loc["map_at_r", "finetuned"] == pytest.approx(tuned)
     assert {"fq_nmi", "fq_ratio", "hit_at_1"} <= set(table.index)

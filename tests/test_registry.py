@@ -58,6 +58,7 @@ from registry.register import (
     register_pair,
     select_metrics,
 )
+from steps.artifacts import local_artifact
 
 N_IMAGES = 6
 _names = itertools.count()
@@ -318,9 +319,7 @@ def test_register_tags_aliases_and_idempotent_retry(env: Env, pair) -> None:
 def test_an_int8_pair_registers_an_index_that_asks_for_int8(env: Env) -> None:
     cfg = names()
     pair = register(env, cfg, 0.5, serving_mode="int8")
-    local = Path(
-        mlflow.artifacts.download_artifacts(f"models:/{cfg.index_name}/{pair.index.version}")
-    )
+    local = local_artifact(f"models:/{cfg.index_name}/{pair.index.version}")
     config = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert config["config"]["serving_mode"] == "int8"
     assert config["config"]["int8_tolerance"] == 0.005
@@ -333,7 +332,7 @@ def test_registered_models_are_code_not_pickles(env: Env, pair) -> None:
         (cfg.index_name, first.index.version),
         (cfg.extractor_name, first.extractor.version),
     ):
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
+        local = local_artifact(f"models:/{name}/{version}")
         assert not list(local.rglob("*.pkl")), name
         assert "python_model.pkl" not in (local / "MLmodel").read_text()
 
