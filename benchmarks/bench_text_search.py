@@ -41,7 +41,8 @@ def newest(client: MlflowClient, stage: str) -> str:
     return runs[0].info.run_id
 
 
-def inputs(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, object]:
+def inputs(args: argparse.Namespace, with_paths: bool = False) -> tuple:
+    """``(texts, images, embeddings)``, and each image's file path when ``with_paths``."""
     client = MlflowClient()
     extract = args.extract_run_id or newest(client, "extract")
     split = args.split_run_id or newest(client, "split")
@@ -54,6 +55,11 @@ def inputs(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, object
     )
     texts = check_texts(pd.read_parquet(path(run_id=ingest, artifact_path="texts.parquet")))
     print(f"runs: extract {extract}, split {split}, texts {ingest}; {len(texts)} texts")
+    if with_paths:
+        paths = images[["image_id"]].merge(
+            manifest[["image_id", "path"]].astype(str), on="image_id", how="left"
+        )["path"]
+        return texts, images, emb, paths
     return texts, images, emb
 
 
