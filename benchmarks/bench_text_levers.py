@@ -44,7 +44,7 @@ import pandas as pd
 import torchvision
 import yaml
 
-from benchmarks.bench_text_search import TARGETS, inputs
+from benchmarks.bench_text_search import TARGETS, add_run_args, inputs, print_table
 from imgsearch.data.demo import default_cache_dir, npm_pack
 from imgsearch.data.demo_texts import (
     TEXT_PACKAGE,
@@ -185,9 +185,7 @@ def main() -> None:
         "--levers", nargs="+", default=["default", "emojilib", "locales", "classnames", "conse"]
     )
     parser.add_argument("--locales", nargs="+", default=["uk"])
-    parser.add_argument("--extract-run-id")
-    parser.add_argument("--split-run-id")
-    parser.add_argument("--texts-run-id")
+    add_run_args(parser)
     args = parser.parse_args()
     texts, images, emb, paths = inputs(args, with_paths=True)
     emb = np.asarray(emb, dtype=np.float32)
@@ -219,34 +217,30 @@ def main() -> None:
     if "conse" in args.levers:
         minilm = make_text_tower("minilm")
         class_vecs = l2_normalise(np.asarray(minilm.encode(names), dtype=np.float32))
+
+        def conse(scale: float, lam: float) -> tuple[Encode, np.ndarray]:
+            """The query encoder and the gallery with the zero-shot term beside the aligned one."""
+            concept = l2_normalise((softmax(logits, scale) @ class_vecs).astype(np.float32))
+            words = lambda t: l2_normalise(np.asarray(minilm.encode(t), dtype=np.float32))  # noqa: E731
+            enc = lambda t: np.concatenate([encode(t), lam * words(t)], axis=1)  # noqa: E731
+            return enc, np.concatenate([l2_normalise(emb), concept], axis=1)
+
         best = (-1.0, 0.0, 0.0)
         for scale in SCALES:
-            concept = l2_normalise((softmax(logits, scale) @ class_vecs).astype(np.float32))
-            both = np.concatenate([l2_normalise(emb), concept], axis=1)
             for lam in LAMBDAS:
-                enc_c = lambda t, lam=lam: np.concatenate(  # noqa: E731
-                    [encode(t), lam * l2_normalise(np.asarray(minilm.encode(t), dtype=np.float32))],
-                    axis=1,
+                enc_c, both = conse(scale, lam)
+                val = scores(enc_c, texts, images, both, "val")
+                print(
+                    f"conse scale {scale} lambda {lam}: val English label MAP@R {val[val_en]:.4f}"
                 )
-                val = scores(enc_c, texts, images, both, "val")[val_en]
-                print(f"conse scale {scale} lambda {lam}: val English label MAP@R {val:.4f}")
-                if val > best[0]:
-                    best = (val, scale, lam)
+                best = max(best, (val[val_en], scale, lam))
         _, scale, lam = best
-        concept = l2_normalise((softmax(logits, scale) @ class_vecs).astype(np.float32))
-        both = np.concatenate([l2_normalise(emb), concept], axis=1)
-        enc_c = lambda t: np.concatenate(  # noqa: E731
-            [encode(t), lam * l2_normalise(np.asarray(minilm.encode(t), dtype=np.float32))], axis=1
-        )
+        enc_c, both = conse(scale, lam)
         info_c = {**info, "chosen on val (en MAP@R)": f"scale {scale}, lambda {lam}: {best[0]:.3f}"}
         rows.append(
             row("conse (English)", info_c, scores(enc_c, texts, images, both, "test"), ("en",))
         )
-    pd.set_option("display.width", 250)
-    print(pd.DataFrame(rows).round(3).to_string(index=False))
-    print(
-        "targets (label queries, test items): en hit@10 >= 0.70, MAP@R >= 0.35; ru >= 0.65, >= 0.30"
-    )
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -95,22 +95,30 @@ def run_config(spec: str, texts: pd.DataFrame, images: pd.DataFrame, emb: object
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--configs", nargs="+", default=["ngram", "minilm", "hybrid"])
-    parser.add_argument("--extract-run-id")
-    parser.add_argument("--split-run-id")
-    parser.add_argument("--texts-run-id")
-    args = parser.parse_args()
-    texts, images, emb = inputs(args)
-    rows = [run_config(spec, texts, images, emb) for spec in args.configs]
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The run ids a benchmark reads (default: the newest runs of each stage)."""
+    for name in ("--extract-run-id", "--split-run-id", "--texts-run-id"):
+        parser.add_argument(name)
+
+
+def print_table(rows: list[dict]) -> None:
+    """The rows as one table, then the issue's targets."""
     pd.set_option("display.width", 250)
     print(pd.DataFrame(rows).round(3).to_string(index=False))
     print(
         "targets (label queries, test items): en hit@10 >= 0.70, MAP@R >= 0.35; ru >= 0.65, >= 0.30"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--configs", nargs="+", default=["ngram", "minilm", "hybrid"])
+    add_run_args(parser)
+    args = parser.parse_args()
+    texts, images, emb = inputs(args)
+    print_table([run_config(spec, texts, images, emb) for spec in args.configs])
 
 
 if __name__ == "__main__":
