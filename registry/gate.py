@@ -88,6 +88,7 @@ class PromotionDecision:
     extractor_version: str | None = None  # the challenger's extractor version
     smoke: dict[str, Any] = field(default_factory=dict)
     probe: dict[str, float] = field(default_factory=dict)  # challenger/champion probe figures
+    extension: bool = False  # passed by the index-extension rule (not worse, same extractor)
 
     @property
     def delta(self) -> float | None:
@@ -308,6 +309,7 @@ def beats_champion(
                 f"{theirs.value:.6g} (same extractor v{extractor_v})"
             )
             return False
+        decision.extension = True
     elif not _better(ours.value, theirs.value, cfg.min_delta, cfg.higher_is_better):
         tie = " (a tie)" if ours.value == theirs.value else ""
         decision.reason = (

@@ -185,6 +185,12 @@ def promote(
     decision.promoted = True
     if champion_v is None:
         decision.reason = f"no champion yet: {index_name} v{challenger_v} promoted"
+    elif decision.extension:
+        decision.reason = (
+            f"index extension {metric}={decision.challenger_value:.6g} is not worse than champion "
+            f"{decision.champion_value:.6g} (same extractor v{decision.extractor_version}): "
+            f"v{challenger_v} replaces v{champion_v}"
+        )
     else:
         decision.reason = (
             f"challenger {metric}={decision.challenger_value:.6g} > champion "

@@ -326,6 +326,8 @@ def test_a_new_domain_is_served_but_held_for_review(env: Env) -> None:
     assert "index" in steps and "register_index" in steps, sorted(steps)
     assert "**Alert**: new_domain" in mlflow.artifacts.load_text(f"runs:/{run_id}/summary.md")
     assert tags["imgsearch.improve.index_extended"] == "true"
+    # the gate's reason names the rule that passed it (not a strict improvement it never checked)
+    assert "index extension map_at_r=" in reason and "is not worse than champion" in reason
     # the extended index carries its extractor's precision, as a fully registered one does
     extended = steps["register_index"].data.params["index_version"]
     index_tags = client.get_model_version("imgsearch-index", extended).tags
