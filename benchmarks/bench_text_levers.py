@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.special
 import torchvision
 import yaml
 
@@ -53,6 +54,7 @@ from imgsearch.data.demo_texts import (
     unpack_texts,
 )
 from imgsearch.data.imageio import open_rgb
+from imgsearch.errors import FetchError
 from imgsearch.evaluate.metrics import l2_normalise
 from imgsearch.evaluate.text_search import evaluate_text_search
 from imgsearch.models.backbones import create_extractor
@@ -76,7 +78,8 @@ def emojilib_texts(item_ids: Sequence[str]) -> pd.DataFrame:
     tgz = npm_pack(EMOJILIB, default_cache_dir() / "npm")
     with tarfile.open(tgz, "r:gz") as tar:
         member = tar.extractfile("package/dist/emoji-en-US.json")
-        assert member is not None, f"{tgz} has no dist/emoji-en-US.json"
+        if member is None:
+            raise FetchError(f"{tgz} has no dist/emoji-en-US.json")
         lib: dict[str, list[str]] = json.loads(member.read().decode("utf-8"))
     by_code = {norm_hexcode(i): str(i) for i in item_ids}
     rows = []
@@ -124,9 +127,7 @@ def imagenet_probe(images: pd.DataFrame, manifest_paths: pd.Series) -> tuple[np.
 
 
 def softmax(logits: np.ndarray, scale: float) -> np.ndarray:
-    z = logits * scale
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
+    return scipy.special.softmax(logits * scale, axis=1)
 
 
 def classname_pairs(

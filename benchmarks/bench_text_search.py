@@ -25,6 +25,7 @@ from imgsearch.embed.files import load_embeddings
 from imgsearch.evaluate.text_search import evaluate_text_search
 from imgsearch.models.text import make_text_tower
 from imgsearch.train.align import AlignConfig, align, check_texts, project
+from steps.artifacts import artifact_path
 
 TARGETS = {"en": (0.70, 0.35), "ru": (0.65, 0.30)}
 
@@ -47,13 +48,12 @@ def inputs(args: argparse.Namespace, with_paths: bool = False) -> tuple:
     extract = args.extract_run_id or newest(client, "extract")
     split = args.split_run_id or newest(client, "split")
     ingest = args.texts_run_id or newest(client, "ingest")
-    path = mlflow.artifacts.download_artifacts
-    ids, emb = load_embeddings(path(run_id=extract, artifact_path="embeddings.parquet"))
-    manifest = pd.read_parquet(path(run_id=split, artifact_path="manifest.parquet"))
+    ids, emb = load_embeddings(artifact_path(extract, "embeddings.parquet"))
+    manifest = pd.read_parquet(artifact_path(split, "manifest.parquet"))
     images = pd.DataFrame({"image_id": ids}).merge(
         manifest[["image_id", "item_id", "split"]].astype(str), on="image_id", how="left"
     )
-    texts = check_texts(pd.read_parquet(path(run_id=ingest, artifact_path="texts.parquet")))
+    texts = check_texts(pd.read_parquet(artifact_path(ingest, "texts.parquet")))
     print(f"runs: extract {extract}, split {split}, texts {ingest}; {len(texts)} texts")
     if with_paths:
         paths = images[["image_id"]].merge(
